@@ -1,0 +1,138 @@
+"""Typed settings for the services and the CLI, read from flags with environment-variable defaults.
+
+Every setting has one flag and one `VISIONTUNE_*` variable; the flag wins. The README's configuration
+table lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TRAINER_PORT = 50051
+DEFAULT_INFERENCE_PORT = 50052
+DEFAULT_S3_ENDPOINT = "127.0.0.1:9000"
+DEFAULT_BUCKET = "visiontune"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(f"VISIONTUNE_{name}")
+    return value if value not in (None, "") else default
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = _env(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_data_dir() -> Path:
+    return Path(_env("DATA_DIR") or Path.cwd() / ".visiontune")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the artifact bucket lives and how to authenticate to it."""
+
+    endpoint: str = DEFAULT_S3_ENDPOINT  # host:port, no scheme
+    access_key: str = ""
+    secret_key: str = ""
+    bucket: str = DEFAULT_BUCKET
+    secure: bool = False  # https when true
+    region: str = "us-east-1"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.secure else 'http'}://{self.endpoint}"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything one gRPC server process needs to start."""
+
+    host: str
+    port: int
+    data_dir: Path
+    s3: S3Settings
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_token: str | None = None  # bearer token; None disables authentication
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 10.0  # how long SIGTERM waits for in-flight calls
+    log_level: str = "INFO"
+    log_format: str = "json"  # json | text
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("S3 artifact store")
+    group.add_argument("--s3-endpoint", default=_env("S3_ENDPOINT", DEFAULT_S3_ENDPOINT),
+                       help="S3 endpoint host:port [VISIONTUNE_S3_ENDPOINT]")
+    group.add_argument("--s3-access-key", default=_env("S3_ACCESS_KEY", ""),
+                       help="S3 access key [VISIONTUNE_S3_ACCESS_KEY]")
+    group.add_argument("--s3-secret-key", default=_env("S3_SECRET_KEY", ""),
+                       help="S3 secret key [VISIONTUNE_S3_SECRET_KEY]")
+    group.add_argument("--s3-bucket", default=_env("S3_BUCKET", DEFAULT_BUCKET),
+                       help="artifact bucket [VISIONTUNE_S3_BUCKET]")
+    group.add_argument("--s3-secure", action=argparse.BooleanOptionalAction,
+                       default=_env_bool("S3_SECURE", False), help="use https [VISIONTUNE_S3_SECURE]")
+    group.add_argument("--s3-region", default=_env("S3_REGION", "us-east-1"),
+                       help="S3 region [VISIONTUNE_S3_REGION]")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, port_env: str) -> None:
+    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                        help="address to listen on [VISIONTUNE_HOST]")
+    parser.add_argument("--port", type=int, default=int(_env(port_env, str(default_port)) or default_port),
+                        help=f"port to listen on [VISIONTUNE_{port_env}]")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                        help="local state directory [VISIONTUNE_DATA_DIR]")
+    parser.add_argument("--tls-cert", type=Path, default=_env("TLS_CERT"),
+                        help="PEM certificate chain; enables TLS with --tls-key [VISIONTUNE_TLS_CERT]")
+    parser.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"),
+                        help="PEM private key [VISIONTUNE_TLS_KEY]")
+    parser.add_argument("--auth-token", default=_env("AUTH_TOKEN"),
+                        help="require 'authorization: Bearer TOKEN' on every call [VISIONTUNE_AUTH_TOKEN]")
+    parser.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", "64") or 64),
+                        help="largest request/response message in MiB [VISIONTUNE_MAX_MESSAGE_MB]")
+    parser.add_argument("--grace-seconds", type=float, default=float(_env("GRACE_SECONDS", "10") or 10),
+                        help="drain time for in-flight calls on SIGTERM [VISIONTUNE_GRACE_SECONDS]")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[VISIONTUNE_LOG_LEVEL]")
+    parser.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", "json"),
+                        help="[VISIONTUNE_LOG_FORMAT]")
+    add_s3_arguments(parser)
+
+
+def s3_settings_from_args(ns: argparse.Namespace) -> S3Settings:
+    return S3Settings(
+        endpoint=ns.s3_endpoint,
+        access_key=ns.s3_access_key,
+        secret_key=ns.s3_secret_key,
+        bucket=ns.s3_bucket,
+        secure=ns.s3_secure,
+        region=ns.s3_region,
+    )
+
+
+def server_settings_from_args(ns: argparse.Namespace) -> ServerSettings:
+    if (ns.tls_cert is None) != (ns.tls_key is None):
+        raise SystemExit("error: --tls-cert and --tls-key must be given together")
+    return ServerSettings(
+        host=ns.host,
+        port=ns.port,
+        data_dir=ns.data_dir,
+        s3=s3_settings_from_args(ns),
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        auth_token=ns.auth_token,
+        max_message_bytes=ns.max_message_mb * 1024 * 1024,
+        grace_seconds=ns.grace_seconds,
+        log_level=ns.log_level.upper(),
+        log_format=ns.log_format,
+    )

@@ -1,0 +1,746 @@
+"""The artifact store both services share: an S3 bucket reached through the `minio` SDK.
+
+Every call goes through one retry policy (exponential backoff with jitter, transient errors only) and
+every failure surfaces as a `StoreError` whose one-line message names the endpoint, the key and the cause.
+The urllib3 pool under the client has its own retries switched off, so this module's policy is the only
+one and a dead server fails within seconds.
+
+Model versions follow DESIGN.md §5: files under `models/{model}/versions/{version}/`, committed by
+writing `manifest.json` last. Readers see only versions that have a manifest, so a crash or a kill in the
+middle of an upload never exposes a torn model.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import mimetypes
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
+
+import minio
+import urllib3
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+
+from visiontune.names import check_id
+from visiontune.settings import S3Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PART_SIZE = 16 * 1024 * 1024  # multipart part size for uploads of unknown or large size
+MANIFEST = "manifest.json"
+_CHUNK = 1024 * 1024
+
+# What the minio SDK and the urllib3 pool under it raise for a failed request.
+_CLIENT_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
+_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
+_CREDENTIAL_CODES = frozenset({
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+    "AuthorizationHeaderMalformed", "InvalidSecurity",
+})
+_BUCKET_EXISTS_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+# A prefix nothing is stored under: listing it checks credentials and bucket access without reading data.
+_PROBE_PREFIX = ".visiontune-probe/"
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """An artifact-store operation failed; the message names the endpoint, the key and the cause."""
+
+    def __init__(
+        self, message: str, *, endpoint: str, key: str | None = None, cause: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.key = key
+        self.cause = cause
+
+
+class StoreConfigError(StoreError):
+    """Wrong credentials, a missing bucket or an endpoint that does not answer: fix the configuration."""
+
+
+class ObjectNotFound(StoreError):
+    """The key (or the committed model version) does not exist."""
+
+
+class StoreUnavailable(StoreError):
+    """The server did not answer, or answered with transient errors, on every attempt."""
+
+
+class StoreUnreachable(StoreConfigError, StoreUnavailable):
+    """`check()` found nobody answering at the endpoint: a wrong address, or a server that is down."""
+
+
+class ModelVersionExists(StoreError):
+    """The model version is already committed; committed versions are immutable."""
+
+
+# -- retries ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry transient failures."""
+
+    attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
+            raise ValueError("RetryPolicy backoffs must be >= 0 and the multiplier >= 1")
+
+    def backoff(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number `retry` (1-based): exponential, capped, half of it jittered."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        # "Equal jitter": never less than half the base, so a retry storm still backs off.
+        return base / 2 + rng.uniform(0, base / 2)
+
+
+def _status_of(exc: BaseException) -> int | None:
+    if isinstance(exc, S3Error):
+        response = getattr(exc, "response", None)
+        status = getattr(response, "status", None)
+        return status if isinstance(status, int) else None
+    if isinstance(exc, ServerError):
+        return exc.status_code
+    if isinstance(exc, InvalidResponseError):
+        code = getattr(exc, "_code", None)  # the SDK keeps the HTTP status only in this attribute
+        return code if isinstance(code, int) else None
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the connection failed or broke, or the server said "try again later"."""
+    if isinstance(exc, S3Error):
+        return exc.code in _TRANSIENT_CODES or _status_of(exc) in _TRANSIENT_STATUS
+    if isinstance(exc, (ServerError, InvalidResponseError)):
+        return _status_of(exc) in _TRANSIENT_STATUS
+    return isinstance(exc, (
+        urllib3.exceptions.MaxRetryError,
+        urllib3.exceptions.NewConnectionError,
+        urllib3.exceptions.ProtocolError,
+        urllib3.exceptions.TimeoutError,
+        urllib3.exceptions.IncompleteRead,
+        ConnectionError,
+        TimeoutError,
+    ))
+
+
+def retry_call(
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+) -> T:
+    """Call `fn` until it succeeds, retrying transient client errors; the last error propagates."""
+    rng = rng if rng is not None else random.Random()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except _CLIENT_ERRORS as exc:
+            if attempt >= policy.attempts or not is_transient(exc):
+                raise
+            delay = policy.backoff(attempt, rng)
+            log.debug("transient S3 error (attempt %d/%d), retrying in %.2fs: %s",
+                      attempt, policy.attempts, delay, exc)
+            sleep(delay)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, one-line cause for an SDK or connection error."""
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        return describe_error(exc.reason)
+    if isinstance(exc, S3Error):
+        return f"{exc.code}: {exc.message}" if exc.message else str(exc.code)
+    if isinstance(exc, ServerError):
+        return f"HTTP {exc.status_code} from the server"
+    if isinstance(exc, InvalidResponseError):
+        return f"not an S3 response (HTTP {_status_of(exc)})"
+    if isinstance(exc, urllib3.exceptions.NameResolutionError):
+        host = getattr(getattr(exc, "conn", None), "host", None)
+        return f"cannot resolve host {host!r}" if host else "cannot resolve host"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        text = str(exc)
+        if "refused" in text.lower():
+            return "connection refused"
+        return _one_line(text.split(": ", 1)[-1])
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return "connection timed out"
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return "read timed out"
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        inner = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], BaseException) else None
+        detail = f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)
+        return _one_line(f"connection broken ({detail})")
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+# -- values -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime | None
+    is_dir: bool = False  # a common prefix from a non-recursive listing
+
+
+class ReadableStream(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_http_client(
+    *, connect_timeout_s: float = 2.0, read_timeout_s: float = 60.0, maxsize: int = 16
+) -> urllib3.PoolManager:
+    """The urllib3 pool for the minio client: short connect timeout, no retries of its own."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
+        maxsize=maxsize,
+        # Our RetryPolicy governs; urllib3's retries would multiply attempts and hide the real cause.
+        retries=False,
+        cert_reqs="CERT_REQUIRED",
+    )
+
+
+def model_version_prefix(model: str, version: str) -> str:
+    """`models/{model}/versions/{version}/` after validating both IDs (ValueError otherwise)."""
+    check_id("model", model)
+    check_id("version", version)
+    return f"models/{model}/versions/{version}/"
+
+
+_RELPATH_SEGMENT = re.compile(r"^[^/\\]+$")
+
+
+def _check_relpath(relpath: str) -> str:
+    parts = relpath.split("/")
+    if (not relpath or relpath.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            or not all(_RELPATH_SEGMENT.match(p) for p in parts)):
+        raise ValueError(f"invalid artifact path {relpath!r}: use a relative path such as 'plots/loss.png'")
+    if relpath == MANIFEST:
+        raise ValueError(f"{MANIFEST!r} is written by commit(), not put directly")
+    return relpath
+
+
+# -- the store --------------------------------------------------------------------------------------------
+
+
+class _ObjectReader(io.RawIOBase):
+    """A GET response as a raw stream; read errors become StoreErrors."""
+
+    def __init__(self, response: Any, on_error: Callable[[BaseException], StoreError]) -> None:
+        super().__init__()
+        self._response = response
+        self._on_error = on_error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return int(self._response.readinto(buffer))
+        except _CLIENT_ERRORS as exc:
+            raise self._on_error(exc) from exc
+
+    def close(self) -> None:
+        if not self.closed:
+            # Close and hand the connection back to the pool even when the body was not read to the end.
+            self._response.close()
+            self._response.release_conn()
+        super().close()
+
+
+class ArtifactStore:
+    """One bucket on one S3 endpoint. Thread-safe: the minio client and its pool are."""
+
+    def __init__(
+        self,
+        client: minio.Minio,
+        bucket: str,
+        *,
+        endpoint: str,
+        retry: RetryPolicy = RetryPolicy(),
+        sleep: Callable[[float], None] = time.sleep,
+        access_key: str | None = None,
+    ) -> None:
+        self._client = client
+        self.bucket = bucket
+        self.endpoint = endpoint  # for messages: "http://host:port"
+        self.retry = retry
+        self._sleep = sleep
+        self._access_key = access_key
+        self._rng = random.Random()
+
+    @classmethod
+    def connect(
+        cls,
+        settings: S3Settings,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        sleep: Callable[[float], None] = time.sleep,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 60.0,
+    ) -> ArtifactStore:
+        client = minio.Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+            # A known region spares the SDK a GetBucketLocation round trip before the first request.
+            region=settings.region or None,
+            http_client=make_http_client(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s),
+        )
+        return cls(client, settings.bucket, endpoint=settings.url, retry=retry, sleep=sleep,
+                   access_key=settings.access_key)
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.endpoint}, bucket={self.bucket!r})"
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    def _where(self, key: str | None) -> str:
+        return f"'{self.bucket}/{key}'" if key else f"bucket '{self.bucket}'"
+
+    def _translate(self, exc: BaseException, op: str, key: str | None, attempts: int) -> StoreError:
+        cause = describe_error(exc)
+        ep = self.endpoint
+        code = exc.code if isinstance(exc, S3Error) else None
+        if code in ("NoSuchKey", "NoSuchObject"):
+            return ObjectNotFound(f"S3 at {ep}: object {self._where(key)} does not exist",
+                                  endpoint=ep, key=key, cause=cause)
+        if code == "NoSuchBucket":
+            during = f" ({op} '{key}')" if key else ""
+            return StoreConfigError(f"S3 at {ep}: bucket '{self.bucket}' does not exist{during}",
+                                    endpoint=ep, key=key, cause=cause)
+        if code in _CREDENTIAL_CODES:
+            who = f" (access key '{self._access_key}')" if self._access_key else ""
+            if code == "AccessDenied":
+                msg = f"S3 at {ep} denied {op} of {self._where(key)} to these credentials{who}: {code}"
+            else:
+                msg = f"S3 at {ep} rejected the credentials{who}: {code}"
+            return StoreConfigError(msg, endpoint=ep, key=key, cause=cause)
+        if is_transient(exc):
+            tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}"
+            return StoreUnavailable(f"S3 at {ep} unavailable: {op} {self._where(key)} failed{tries}: {cause}",
+                                    endpoint=ep, key=key, cause=cause)
+        return StoreError(f"S3 at {ep}: {op} {self._where(key)} failed: {cause}",
+                          endpoint=ep, key=key, cause=cause)
+
+    def _run(self, op: str, key: str | None, fn: Callable[[], T], *, retry: RetryPolicy | None = None) -> T:
+        attempts = 0
+
+        def counted() -> T:
+            nonlocal attempts
+            attempts += 1
+            return fn()
+
+        try:
+            return retry_call(counted, retry or self.retry, sleep=self._sleep, rng=self._rng)
+        except _CLIENT_ERRORS as exc:
+            raise self._translate(exc, op, key, attempts) from exc
+
+    @staticmethod
+    def _info(obj: Any) -> ObjectInfo:
+        return ObjectInfo(
+            key=str(obj.object_name),
+            size=int(obj.size or 0),
+            etag=str(obj.etag or ""),
+            last_modified=obj.last_modified,
+            is_dir=bool(obj.is_dir),
+        )
+
+    def _bucket_exists(self) -> bool:
+        """Probe the bucket with a GET listing (unlike HEAD, its errors carry the S3 error code)."""
+        def probe() -> bool:
+            try:
+                next(iter(self._client.list_objects(self.bucket, prefix=_PROBE_PREFIX)), None)
+            except S3Error as exc:
+                if exc.code == "NoSuchBucket":
+                    return False
+                raise
+            return True
+
+        return self._run("list", None, probe)
+
+    # -- bucket -------------------------------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing. Idempotent, and safe against a concurrent creator."""
+        if self._bucket_exists():
+            return
+
+        def create() -> None:
+            try:
+                self._client.make_bucket(self.bucket)
+            except S3Error as exc:
+                if exc.code not in _BUCKET_EXISTS_CODES:
+                    raise
+
+        try:
+            self._run("create bucket", None, create)
+        except StoreConfigError as err:
+            raise StoreConfigError(
+                f"S3 at {self.endpoint}: bucket '{self.bucket}' does not exist and cannot be created with "
+                f"these credentials: {err.cause}", endpoint=self.endpoint, cause=err.cause,
+            ) from err
+        log.info("created bucket %s at %s", self.bucket, self.endpoint)
+
+    def check(self) -> None:
+        """Verify the endpoint answers, the credentials are accepted and the bucket is readable.
+
+        Raises StoreConfigError with a one-line explanation; StoreUnreachable (also a StoreUnavailable)
+        when nobody answers at the endpoint.
+        """
+        try:
+            exists = self._bucket_exists()
+        except StoreUnavailable as err:
+            cause = err.cause or "no answer"
+            raise StoreUnreachable(f"S3 at {self.endpoint} is unreachable: {cause}",
+                                   endpoint=self.endpoint, cause=cause) from err
+        except StoreConfigError:
+            raise
+        except StoreError as err:
+            raise StoreConfigError(
+                f"S3 at {self.endpoint} did not accept a listing of bucket '{self.bucket}': {err.cause}",
+                endpoint=self.endpoint, cause=err.cause,
+            ) from err
+        if not exists:
+            raise StoreConfigError(
+                f"S3 at {self.endpoint}: bucket '{self.bucket}' does not exist (create it, or let the "
+                "service create it with credentials that may)", endpoint=self.endpoint,
+            )
+
+    # -- objects ------------------------------------------------------------------------------------------
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Upload `data` to `key`; returns the ETag."""
+        def put() -> str:
+            result = self._client.put_object(self.bucket, key, io.BytesIO(data), len(data),
+                                             content_type=content_type)
+            return str(result.etag)
+
+        return self._run("put", key, put)
+
+    def put_file(self, key: str, path: Path | str, content_type: str | None = None) -> str:
+        """Upload a local file (multipart above 16 MiB); returns the ETag."""
+        ctype = content_type or mimetypes.guess_type(str(path))[0] or "application/octet-stream"
+
+        def put() -> str:
+            result = self._client.fput_object(self.bucket, key, str(path), content_type=ctype,
+                                              part_size=PART_SIZE)
+            return str(result.etag)
+
+        return self._run("put", key, put)
+
+    def put_stream(
+        self, key: str, stream: ReadableStream, length: int = -1,
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        """Upload from a stream; `length=-1` when unknown (multipart, 16 MiB parts). Returns the ETag.
+
+        A seekable stream is rewound and retried on transient errors; any other one gets one attempt.
+        """
+        rewindable = isinstance(stream, io.IOBase) and stream.seekable()
+        start = stream.tell() if isinstance(stream, io.IOBase) and rewindable else 0
+        first = True
+
+        def put() -> str:
+            nonlocal first
+            if not first and isinstance(stream, io.IOBase):
+                stream.seek(start)
+            first = False
+            # The SDK only calls read(); BinaryIO is its annotation, not a requirement.
+            result = self._client.put_object(self.bucket, key, cast(BinaryIO, stream), length,
+                                             content_type=content_type, part_size=PART_SIZE)
+            return str(result.etag)
+
+        policy = self.retry if rewindable else RetryPolicy(attempts=1)
+        return self._run("put", key, put, retry=policy)
+
+    def get_bytes(self, key: str) -> bytes:
+        def get() -> bytes:
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._run("get", key, get)
+
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        """`with store.open(key) as f: f.read(n)`: a streaming read; the connection is released on exit."""
+        response = self._run("get", key, lambda: self._client.get_object(self.bucket, key))
+
+        def on_error(exc: BaseException) -> StoreError:
+            return self._translate(exc, "read", key, 1)
+
+        reader = io.BufferedReader(_ObjectReader(response, on_error), buffer_size=_CHUNK)
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+    def download_file(self, key: str, path: Path | str) -> Path:
+        """Download to `path` atomically: a temporary file beside it, renamed once complete."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        done = False
+        try:
+            with os.fdopen(fd, "wb") as out:
+                def download() -> None:
+                    out.seek(0)
+                    out.truncate()
+                    response = self._client.get_object(self.bucket, key)
+                    try:
+                        for chunk in response.stream(_CHUNK):
+                            out.write(chunk)
+                    finally:
+                        response.close()
+                        response.release_conn()
+
+                self._run("download", key, download)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, target)
+            done = True
+        finally:
+            if not done:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_name)
+        return target
+
+    def stat(self, key: str) -> ObjectInfo:
+        return self._info(self._run("stat", key, lambda: self._client.stat_object(self.bucket, key)))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str = "", recursive: bool = True) -> Iterator[ObjectInfo]:
+        """Objects under `prefix` in key order; a transient failure resumes after the last key yielded."""
+        last: str | None = None
+        failures = 0
+        while True:
+            start_after = last if recursive else None
+            try:
+                for obj in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=recursive,
+                                                     start_after=start_after):
+                    info = self._info(obj)
+                    if last is not None and info.key <= last:
+                        continue  # already yielded before the retry
+                    yield info
+                    last = info.key
+                    failures = 0
+                return
+            except _CLIENT_ERRORS as exc:
+                failures += 1
+                if failures >= self.retry.attempts or not is_transient(exc):
+                    raise self._translate(exc, "list", prefix, failures) from exc
+                self._sleep(self.retry.backoff(failures, self._rng))
+
+    def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing key is not an error (as in S3)."""
+        self._run("delete", key, lambda: self._client.remove_object(self.bucket, key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; returns how many. An empty prefix is refused."""
+        if not prefix:
+            raise ValueError("refusing to delete the whole bucket: give a non-empty prefix")
+        keys = [info.key for info in self.list(prefix, recursive=True)]
+        for start in range(0, len(keys), 1000):
+            batch = keys[start:start + 1000]
+
+            def remove(batch: builtins.list[str] = batch) -> builtins.list[Any]:
+                # The SDK returns a lazy iterator of per-key errors; the request runs when it is consumed.
+                objects = [DeleteObject(k) for k in batch]
+                return builtins.list(self._client.remove_objects(self.bucket, objects))
+
+            errors = self._run("delete", prefix, remove)
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"S3 at {self.endpoint}: deleting {len(errors)} of {len(batch)} objects under "
+                    f"'{self.bucket}/{prefix}' failed, e.g. {first.name}: {first.code}",
+                    endpoint=self.endpoint, key=first.name, cause=str(first.code),
+                )
+        return len(keys)
+
+    # -- model versions (DESIGN.md §5) ----------------------------------------------------------------
+
+    def begin_model_version(self, model: str, version: str) -> ModelVersionWriter:
+        """Start writing a model version. Leftovers of an earlier, uncommitted attempt are removed."""
+        prefix = model_version_prefix(model, version)
+        if self.exists(prefix + MANIFEST):
+            raise ModelVersionExists(
+                f"S3 at {self.endpoint}: model version models/{model}/versions/{version} is already "
+                f"committed in bucket '{self.bucket}'", endpoint=self.endpoint, key=prefix + MANIFEST,
+            )
+        leftovers = self.delete_prefix(prefix)
+        if leftovers:
+            log.info("removed %d files of an uncommitted attempt at %s", leftovers, prefix)
+        return ModelVersionWriter(self, model, version)
+
+    def list_model_versions(self, model: str) -> builtins.list[str]:
+        """The committed versions of `model` (those with a manifest), sorted."""
+        check_id("model", model)
+        root = f"models/{model}/versions/"
+        versions = []
+        for info in self.list(root, recursive=True):
+            rest = info.key[len(root):].split("/")
+            if len(rest) == 2 and rest[1] == MANIFEST:
+                versions.append(rest[0])
+        return sorted(versions)
+
+    def get_manifest(self, model: str, version: str) -> bytes:
+        key = model_version_prefix(model, version) + MANIFEST
+        try:
+            return self.get_bytes(key)
+        except ObjectNotFound as err:
+            raise ObjectNotFound(
+                f"S3 at {self.endpoint}: model version models/{model}/versions/{version} does not exist "
+                f"(no committed manifest in bucket '{self.bucket}')", endpoint=self.endpoint, key=key,
+                cause=err.cause,
+            ) from err
+
+    def model_version_exists(self, model: str, version: str) -> bool:
+        return self.exists(model_version_prefix(model, version) + MANIFEST)
+
+
+class ModelVersionWriter:
+    """Writes one model version's files, then commits it by writing `manifest.json` last.
+
+    Use as a context manager: leaving the block without `commit()` (an exception included) aborts,
+    deleting what was written.
+    """
+
+    def __init__(self, store: ArtifactStore, model: str, version: str) -> None:
+        self.store = store
+        self.model = model
+        self.version = version
+        self.prefix = model_version_prefix(model, version)
+        self.written: list[str] = []
+        self._state = "open"  # open | committed | aborted
+
+    @property
+    def name(self) -> str:
+        return f"models/{self.model}/versions/{self.version}"
+
+    @property
+    def committed(self) -> bool:
+        return self._state == "committed"
+
+    def _key(self, relpath: str) -> str:
+        if self._state != "open":
+            raise RuntimeError(f"{self.name} is {self._state}; no more files can be written")
+        return self.prefix + _check_relpath(relpath)
+
+    def put_file(self, relpath: str, path: Path | str) -> str:
+        key = self._key(relpath)
+        self.written.append(key)  # before the upload: a failed upload may still leave an object to abort
+        self.store.put_file(key, path)
+        return key
+
+    def put_bytes(self, relpath: str, data: bytes, content_type: str | None = None) -> str:
+        key = self._key(relpath)
+        self.written.append(key)
+        ctype = content_type or mimetypes.guess_type(relpath)[0] or "application/octet-stream"
+        self.store.put_bytes(key, data, content_type=ctype)
+        return key
+
+    def put_stream(self, relpath: str, stream: ReadableStream, length: int = -1) -> str:
+        key = self._key(relpath)
+        self.written.append(key)
+        self.store.put_stream(key, stream, length)
+        return key
+
+    def commit(self, manifest_json: bytes) -> None:
+        """Write `manifest.json`, making the version visible. The manifest must be a JSON object."""
+        if self._state != "open":
+            raise RuntimeError(f"{self.name} is {self._state}; it cannot be committed")
+        try:
+            parsed = json.loads(manifest_json)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"the manifest of {self.name} is not valid JSON: {err}") from err
+        if not isinstance(parsed, dict):
+            raise ValueError(f"the manifest of {self.name} must be a JSON object")
+        key = self.prefix + MANIFEST
+        if self.store.exists(key):
+            raise ModelVersionExists(
+                f"S3 at {self.store.endpoint}: {self.name} was committed by someone else meanwhile",
+                endpoint=self.store.endpoint, key=key,
+            )
+        self.store.put_bytes(key, manifest_json, content_type="application/json")
+        self._state = "committed"
+
+    def abort(self) -> int:
+        """Delete everything written under the version's prefix; returns how many objects."""
+        if self._state == "committed":
+            raise RuntimeError(f"{self.name} is committed; delete it explicitly instead of aborting")
+        self._state = "aborted"
+        return self.store.delete_prefix(self.prefix)
+
+    def __enter__(self) -> ModelVersionWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state != "open":
+            return
+        if exc is None:
+            log.warning("%s left without commit(); aborting it", self.name)
+        try:
+            self.abort()
+        except StoreError as err:
+            # The store may be what failed; the version stays invisible without a manifest either way,
+            # and the original exception matters more than the failed clean-up.
+            log.warning("could not clean up uncommitted %s: %s", self.name, err)
+            if exc is None:
+                raise

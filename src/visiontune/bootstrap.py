@@ -1,0 +1,58 @@
+"""The start-up sequence both services share: settings, logs, artifact store, gRPC server.
+
+A misconfiguration (bad S3 credentials, unreachable endpoint, taken port) ends the process with exit
+code 2 and one line on stderr naming the cause: an operator reads it in `kubectl logs` or the stack's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from visiontune.logs import configure_logging
+from visiontune.server import GrpcServer, ServiceBinding
+from visiontune.settings import ServerSettings, add_server_arguments, server_settings_from_args
+from visiontune.store import ArtifactStore, StoreError
+
+EXIT_CONFIG_ERROR = 2
+
+# Builds a service's bindings from its settings and a checked store; returns them and a close hook.
+ServiceFactory = Callable[[ServerSettings, ArtifactStore], tuple[list[ServiceBinding], Callable[[], None]]]
+
+
+def run_service(
+    *,
+    service: str,
+    description: str,
+    default_port: int,
+    port_env: str,
+    factory: ServiceFactory,
+    argv: Sequence[str] | None = None,
+) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {service}", description=description)
+    add_server_arguments(parser, default_port=default_port, port_env=port_env)
+    settings = server_settings_from_args(parser.parse_args(argv))
+    configure_logging(settings.log_level, settings.log_format, service=service)
+    log = logging.getLogger(service)
+
+    try:
+        store = ArtifactStore.connect(settings.s3)
+        store.ensure_bucket()
+        store.check()
+    except StoreError as err:
+        print(f"{service}: cannot start: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    bindings, close = factory(settings, store)
+    server = GrpcServer(settings, bindings, service_label=service, on_stop=close)
+    try:
+        server.run_forever()
+    except OSError as err:  # the port is taken or cannot be bound
+        close()
+        print(f"{service}: cannot start: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    log.info("stopped")
+    return 0

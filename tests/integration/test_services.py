@@ -1,0 +1,175 @@
+"""Both services as real processes on loopback, against a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from trainer_service.jobstore import JobStore
+from visiontune.client import is_serving, list_services
+from visiontune.rpc_errors import field_violations
+from visiontune.settings import S3Settings
+from visiontune.stack import free_port
+from visiontune.v1 import (
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+    job_pb2,
+    training_service_pb2,
+    training_service_pb2_grpc,
+    training_spec_pb2,
+)
+
+pytestmark = pytest.mark.integration
+
+TRAINING = "visiontune.v1.TrainingService"
+INFERENCE = "visiontune.v1.InferenceService"
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[str]
+    target: str
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+def _spawn(module: str, s3: S3Settings, data_dir: Path, port: int) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "VISIONTUNE_S3_ENDPOINT": s3.endpoint,
+        "VISIONTUNE_S3_ACCESS_KEY": s3.access_key,
+        "VISIONTUNE_S3_SECRET_KEY": s3.secret_key,
+        "VISIONTUNE_S3_BUCKET": s3.bucket,
+        "VISIONTUNE_DATA_DIR": str(data_dir),
+    }
+    return subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _start(module: str, service: str, s3: S3Settings, data_dir: Path) -> Service:
+    port = free_port()
+    proc = _spawn(module, s3, data_dir, port)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not is_serving(target, service=service, timeout=1.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"{module} did not start: {err[-2000:]}")
+    return Service(proc, target)
+
+
+@pytest.fixture
+def s3(s3_server: object) -> S3Settings:
+    return s3_server.settings("services-" + os.urandom(4).hex())  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.fixture
+def trainer(s3: S3Settings, tmp_path: Path) -> Iterator[Service]:
+    service = _start("trainer_service", TRAINING, s3, tmp_path)
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def inference(s3: S3Settings, tmp_path: Path) -> Iterator[Service]:
+    service = _start("inference_service", INFERENCE, s3, tmp_path)
+    yield service
+    service.stop()
+
+
+def test_clients_discover_both_services_through_reflection_and_health(trainer: Service, inference: Service) -> None:
+    assert TRAINING in list_services(trainer.target, timeout=5)
+    assert INFERENCE in list_services(inference.target, timeout=5)
+    for target, service in ((trainer.target, TRAINING), (inference.target, INFERENCE)):
+        assert is_serving(target, service="", timeout=5)
+        assert is_serving(target, service=service, timeout=5)
+
+
+def test_trainer_serves_jobs_from_its_store_and_keeps_them_across_a_restart(
+    trainer: Service, s3: S3Settings, tmp_path: Path
+) -> None:
+    spec = training_spec_pb2.TrainingSpec(dataset=training_spec_pb2.DatasetSpec(uri="datasets/shapes"))
+    with JobStore(tmp_path / "trainer" / "jobs.sqlite3") as jobs:
+        jobs.create_job("job-one", json_format.MessageToJson(spec), display_name="first")
+
+    with grpc.insecure_channel(trainer.target) as channel:
+        stub = training_service_pb2_grpc.TrainingServiceStub(channel)
+        job = stub.GetJob(training_service_pb2.GetJobRequest(name="jobs/job-one"))
+        assert job.display_name == "first"
+        assert job.state == job_pb2.JOB_STATE_QUEUED
+        assert job.spec.dataset.uri == "datasets/shapes"
+
+    assert trainer.stop() == 0  # SIGTERM is a clean, graceful exit
+    restarted = _start("trainer_service", TRAINING, s3, tmp_path)
+    try:
+        with grpc.insecure_channel(restarted.target) as channel:
+            stub = training_service_pb2_grpc.TrainingServiceStub(channel)
+            listed = stub.ListJobs(training_service_pb2.ListJobsRequest())
+            assert [j.name for j in listed.jobs] == ["jobs/job-one"]
+    finally:
+        restarted.stop()
+
+
+def test_trainer_errors_are_status_codes_with_field_violations(trainer: Service) -> None:
+    with grpc.insecure_channel(trainer.target) as channel:
+        stub = training_service_pb2_grpc.TrainingServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.GetJob(training_service_pb2.GetJobRequest(name="jobs/nope"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.ListJobs(training_service_pb2.ListJobsRequest(page_size=-1, study="not a name",
+                                                               page_token="garbage"))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert {v.field for v in field_violations(bad.value)} == {"page_size", "study"}
+
+        with pytest.raises(grpc.RpcError) as later:
+            stub.CreateJob(training_service_pb2.CreateJobRequest())
+        assert later.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "issue #3" in (later.value.details() or "")
+
+
+def test_inference_rpcs_say_which_issue_delivers_them(inference: Service) -> None:
+    with grpc.insecure_channel(inference.target) as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(inference_service_pb2.ClassifyRequest(model="models/m"))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "issue #4" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize("module", ["trainer_service", "inference_service"])
+def test_wrong_s3_credentials_refuse_start_with_one_line(module: str, s3: S3Settings, tmp_path: Path) -> None:
+    proc = _spawn(module, replace(s3, secret_key="wrong-secret"), tmp_path, free_port())
+    _, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert "credentials" in lines[0]
+    assert s3.endpoint in lines[0]
+
+
+def test_unreachable_s3_refuses_start_naming_the_endpoint(tmp_path: Path) -> None:
+    dead = S3Settings(endpoint=f"127.0.0.1:{free_port()}", access_key="a", secret_key="b")
+    proc = _spawn("trainer_service", dead, tmp_path, free_port())
+    _, err = proc.communicate(timeout=90)
+
+    assert proc.returncode == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert dead.endpoint in err

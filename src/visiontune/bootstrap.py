@@ -9,17 +9,37 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from visiontune.logs import configure_logging
 from visiontune.server import GrpcServer, ServiceBinding
 from visiontune.settings import ServerSettings, add_server_arguments, server_settings_from_args
-from visiontune.store import ArtifactStore, StoreError
+from visiontune.store import ArtifactStore, StoreError, StoreUnavailable
 
 EXIT_CONFIG_ERROR = 2
 
 # Builds a service's bindings from its settings and a checked store; returns them and a close hook.
 ServiceFactory = Callable[[ServerSettings, ArtifactStore], tuple[list[ServiceBinding], Callable[[], None]]]
+
+
+def wait_for_store(store: ArtifactStore, wait_seconds: float, log: logging.Logger) -> None:
+    """Create/check the bucket, waiting up to `wait_seconds` while S3 is down or still starting.
+
+    Services and their S3 often start together (a pod beside MinIO, the local stack), so an unreachable or
+    erroring endpoint is waited for; an answer that rejects the credentials or the bucket fails at once.
+    """
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            store.ensure_bucket()
+            store.check()
+            return
+        except StoreUnavailable as err:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("S3 not ready, retrying", extra={"endpoint": store.endpoint, "cause": err.cause})
+            time.sleep(1.0)
 
 
 def run_service(
@@ -39,8 +59,7 @@ def run_service(
 
     try:
         store = ArtifactStore.connect(settings.s3)
-        store.ensure_bucket()
-        store.check()
+        wait_for_store(store, settings.s3_wait_seconds, log)
     except StoreError as err:
         print(f"{service}: cannot start: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

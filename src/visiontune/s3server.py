@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ import minio
 import urllib3
 from minio.error import MinioException
 
+from visiontune.ports import free_port, port_is_free
 from visiontune.settings import S3Settings
 
 Flavor = Literal["minio", "seaweedfs"]
@@ -54,28 +54,6 @@ class S3ServerError(RuntimeError):
     """The S3 server binary is missing, or the server did not start or died."""
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    """Whether a server could listen on the port now (as the servers do, despite TIME_WAIT leftovers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1", *, exclude: set[int] | None = None) -> int:
-    """A TCP port nobody listens on right now (the kernel's choice)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-        if not exclude or port not in exclude:
-            return port
-    raise S3ServerError(f"no free TCP port on {host}")
-
-
 def _free_port_pair(host: str, taken: set[int]) -> tuple[int, int]:
     """A free port P whose SeaweedFS gRPC partner P+10000 is free too."""
     rng = random.Random()
@@ -84,7 +62,7 @@ def _free_port_pair(host: str, taken: set[int]) -> tuple[int, int]:
         grpc = port + _GRPC_OFFSET
         if port in taken or grpc in taken:
             continue
-        if _port_is_free(host, port) and _port_is_free(host, grpc):
+        if port_is_free(host, port) and port_is_free(host, grpc):
             taken.update((port, grpc))
             return port, grpc
     raise S3ServerError(f"no free pair of TCP ports (P, P+{_GRPC_OFFSET}) on {host}")
@@ -216,7 +194,7 @@ class S3ServerProcess:
         with self._lock:
             if self.running:
                 return self
-            if not _port_is_free(self.host, self.port):
+            if not port_is_free(self.host, self.port):
                 raise S3ServerError(f"cannot start the S3 server: {self.endpoint} is already in use")
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +296,7 @@ class S3ServerProcess:
 
         taken = {self.port}
         s3_grpc = self.port + _GRPC_OFFSET
-        if s3_grpc > 65535 or not _port_is_free(self.host, s3_grpc):
+        if s3_grpc > 65535 or not port_is_free(self.host, s3_grpc):
             s3_grpc = free_port(self.host, exclude=taken)
         taken.add(s3_grpc)
         master, master_grpc = _free_port_pair(self.host, taken)

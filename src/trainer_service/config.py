@@ -35,6 +35,20 @@ class Architecture(enum.StrEnum):
     MOBILENET_V2 = "mobilenet_v2"
 
 
+# Blocks that fine-tuning's `last_n_blocks` counts from the end (checked against torchvision 0.29 in the unit
+# tests): ResNet layer1..layer4; MobileNet `features[1:]`, since `features[0]` is the stem convolution.
+BLOCK_COUNTS: dict[Architecture, int] = {
+    Architecture.RESNET18: 4,
+    Architecture.RESNET34: 4,
+    Architecture.RESNET50: 4,
+    Architecture.RESNET101: 4,
+    Architecture.RESNET152: 4,
+    Architecture.MOBILENET_V3_SMALL: 12,
+    Architecture.MOBILENET_V3_LARGE: 16,
+    Architecture.MOBILENET_V2: 18,
+}
+
+
 class WeightsSource(enum.StrEnum):
     IMAGENET = "imagenet"  # torchvision's weights through its cache directory
     URI = "uri"  # a state_dict in S3

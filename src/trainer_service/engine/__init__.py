@@ -1,0 +1,1 @@
+"""The training engine: models, data, the training loop, evaluation and plots."""

@@ -334,6 +334,13 @@ class ArtifactStore:
         return cls(client, settings.bucket, endpoint=settings.url, retry=retry, sleep=sleep,
                    access_key=settings.access_key)
 
+    def for_bucket(self, bucket: str) -> ArtifactStore:
+        """This endpoint, credentials and retry policy on another bucket (sharing the connection pool)."""
+        if bucket == self.bucket:
+            return self
+        return ArtifactStore(self._client, bucket, endpoint=self.endpoint, retry=self.retry, sleep=self._sleep,
+                             access_key=self._access_key)
+
     def __repr__(self) -> str:
         return f"ArtifactStore({self.endpoint}, bucket={self.bucket!r})"
 

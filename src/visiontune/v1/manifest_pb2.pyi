@@ -220,7 +220,10 @@ class Preprocessing(_message.Message):
     STD_FIELD_NUMBER: _builtins.int
     COLOR_MODE_FIELD_NUMBER: _builtins.int
     resize_size: _builtins.int
-    """Resize the shorter side to resize_size, then centre-crop crop_size × crop_size."""
+    """Apply the EXIF orientation, resize to resize_size × resize_size (the aspect ratio is not kept, with
+    antialiasing), then centre-crop crop_size × crop_size (equal to resize_size: no crop). The trainer
+    decodes its images exactly this way.
+    """
     crop_size: _builtins.int
     interpolation: Global___Interpolation.ValueType
     color_mode: Global___ColorMode.ValueType

@@ -1,0 +1,202 @@
+"""The training recipe on tiny in-memory data: stages, repeats, early stopping, cancel, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from trainer_service.config import (
+    Architecture,
+    AugmentationConfig,
+    DatasetConfig,
+    EarlyStoppingConfig,
+    FineTuningConfig,
+    Metric,
+    ModelConfig,
+    RunConfig,
+    StageConfig,
+    TrainingConfig,
+    WeightsSource,
+)
+from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, Cancelled, EpochRecord, RunContext, Split
+from trainer_service.engine.models import build_classifier, normalization
+from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, train
+
+SIZE = 32
+
+
+def _split(n: int, seed: int) -> Split:
+    """Three labels, each a bright colour channel over noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    targets = np.arange(n, dtype=np.int64) % 3
+    images = rng.integers(0, 120, size=(n, 3, SIZE, SIZE), dtype=np.uint8)
+    for i, t in enumerate(targets):
+        images[i, t] = 240
+    return Split(images=images, targets=targets)
+
+
+DATA = PreparedData(labels=["red", "green", "blue"], train=_split(48, 1), val=_split(24, 2))
+
+
+def _config(**changes: Any) -> TrainingConfig:
+    base = TrainingConfig(
+        dataset=DatasetConfig(uri="datasets/colours", image_size=SIZE),
+        output_model="colours",
+        model=ModelConfig(architecture=Architecture.MOBILENET_V3_SMALL, weights=WeightsSource.NONE, classifier_dim=32),
+        classifier=StageConfig(epochs=3, batch_size=16, learning_rate=0.01),
+        run=RunConfig(data_loader_workers=0),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def _ctx(config: TrainingConfig) -> RunContext:
+    mean, std = normalization(config.model)
+    return RunContext(device=torch.device("cpu"), autocast_dtype=None, workers=0, mean=mean, std=std)
+
+
+class Recorder:
+    """Callbacks that keep everything, checkpoints serialised at once as the worker does."""
+
+    def __init__(self, stop_after_epochs: int | None = None) -> None:
+        self.stages: list[tuple[int, str, int, bool]] = []
+        self.ended: list[tuple[int, str, int, bool]] = []
+        self.epochs: list[tuple[int, EpochRecord]] = []
+        self.checkpoints: list[bytes] = []
+        self.stop_after_epochs = stop_after_epochs
+
+    def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
+        self.stages.append((repeat, stage, epochs, cached_features))
+
+    def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
+        self.epochs.append((repeat, record))
+
+    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
+        self.ended.append((repeat, stage, epochs_run, stopped_early))
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.checkpoints.append(buffer.getvalue())
+
+    def should_stop(self) -> bool:
+        return self.stop_after_epochs is not None and len(self.epochs) >= self.stop_after_epochs
+
+
+def _run(config: TrainingConfig, recorder: Recorder, resume: ResumeState | None = None) -> TrainingResult:
+    return train(config, DATA, lambda seed: build_classifier(config.model, 3, None), _ctx(config), recorder, resume)
+
+
+def _resume_state(raw: bytes) -> ResumeState:
+    state = torch.load(io.BytesIO(raw), weights_only=False)
+    return ResumeState(
+        repeat=state["repeat"], stage=state["stage"], stage_state=state["stage_state"], model=state["model"],
+        finished=state["finished"], best_model=state["best_model"], classifier_state=state["classifier_state"],
+        lrs=state["lrs"], histograms=state["histograms"],
+    )
+
+
+def test_two_stages_report_every_epoch_and_learn() -> None:
+    config = _config(fine_tuning=FineTuningConfig(enabled=True, stage=StageConfig(epochs=2, batch_size=16,
+                                                                                   learning_rate=0.001)))
+    recorder = Recorder()
+    result = _run(config, recorder)
+
+    assert [(s, e) for _, s, e, _ in recorder.stages] == [(CLASSIFIER, 3), (FINE_TUNING, 2)]
+    assert [(r.stage, r.epoch) for _, r in recorder.epochs] == [
+        (CLASSIFIER, 1), (CLASSIFIER, 2), (CLASSIFIER, 3), (FINE_TUNING, 1), (FINE_TUNING, 2)]
+    assert len(recorder.checkpoints) == 5
+    first, last = recorder.epochs[0][1], recorder.epochs[2][1]
+    assert last.train_loss < first.train_loss
+    assert all(r.images_per_second > 0 and r.learning_rate > 0 for _, r in recorder.epochs)
+    assert len(result.best.history) == 5
+    assert set(result.best.histograms) == {"early", "late", "head"}
+    assert len(result.best.histograms["head"]) == 5
+
+
+def test_stage_one_caches_features_only_when_nothing_random_precedes_the_base() -> None:
+    cases = {
+        "plain": (AugmentationConfig(), True),
+        "random flips": (AugmentationConfig(horizontal_flip=True), False),
+        "augmented copies": (AugmentationConfig(horizontal_flip=True, copies_per_original=1), True),
+    }
+    for name, (augmentation, cached) in cases.items():
+        recorder = Recorder()
+        _run(_config(augmentation=augmentation, classifier=StageConfig(epochs=1, batch_size=16)), recorder)
+        assert recorder.stages[0][3] is cached, name
+
+
+def test_augmented_copies_grow_the_epoch() -> None:
+    plain, copies = Recorder(), Recorder()
+    one = StageConfig(epochs=1, batch_size=16)
+    _run(_config(classifier=one), plain)
+    _run(_config(classifier=one, augmentation=AugmentationConfig(vertical_flip=True, copies_per_original=2)), copies)
+    # Same wall-clock budget is not asserted; the number of images seen per epoch is.
+    seen_plain = plain.epochs[0][1].images_per_second * plain.epochs[0][1].epoch_seconds
+    seen_copies = copies.epochs[0][1].images_per_second * copies.epochs[0][1].epoch_seconds
+    assert seen_copies > 2 * seen_plain
+
+
+def test_early_stopping_stops_and_says_so() -> None:
+    stage = StageConfig(epochs=6, batch_size=16, early_stopping=EarlyStoppingConfig(
+        enabled=True, monitor=Metric.VALIDATION_LOSS, patience=1, min_delta=10.0))
+    recorder = Recorder()
+    result = _run(_config(classifier=stage), recorder)
+    # min_delta 10 means no epoch after the first counts as an improvement: stop after patience (1) more.
+    assert len(recorder.epochs) == 2
+    assert recorder.ended == [(0, CLASSIFIER, 2, True)]
+    assert result.best.stopped_early[CLASSIFIER] is True
+
+
+def test_repeats_give_mean_and_std_over_seeds() -> None:
+    recorder = Recorder()
+    result = _run(_config(run=RunConfig(data_loader_workers=0, repeats=3, seed=7),
+                          classifier=StageConfig(epochs=1, batch_size=16)), recorder)
+    assert [r.seed for r in result.repeats] == [7, 8, 9]
+    mean, std = result.summary["train_loss"]
+    losses = [r.metrics()["train_loss"] for r in result.repeats]
+    assert mean == pytest.approx(float(np.mean(losses)))
+    assert std == pytest.approx(float(np.std(losses, ddof=1)))
+    assert std > 0  # different seeds really ran
+
+
+def test_cancel_stops_between_batches() -> None:
+    with pytest.raises(Cancelled):
+        _run(_config(), Recorder(stop_after_epochs=1))
+
+
+RESUME_CONFIG = _config(
+    classifier=StageConfig(epochs=2, batch_size=16, learning_rate=0.01),
+    fine_tuning=FineTuningConfig(enabled=True, stage=StageConfig(epochs=1, batch_size=16, learning_rate=0.001)),
+    run=RunConfig(data_loader_workers=0, repeats=2),
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run() -> tuple[TrainingResult, Recorder]:
+    whole = Recorder()
+    return _run(RESUME_CONFIG, whole), whole
+
+
+@pytest.mark.parametrize("cut", [0, 2, 4])
+def test_resuming_from_any_checkpoint_reaches_the_uninterrupted_result(
+    cut: int, uninterrupted_run: tuple[TrainingResult, Recorder]
+) -> None:
+    """Checkpoints 0-2 are repeat 1's stage 1/2, 3+ are repeat 2: resume lands on the same numbers."""
+    config = RESUME_CONFIG
+    uninterrupted, whole = uninterrupted_run
+    assert len(whole.checkpoints) == 6
+
+    resumed_recorder = Recorder()
+    resumed = _run(config, resumed_recorder, _resume_state(whole.checkpoints[cut]))
+
+    assert len(resumed_recorder.epochs) == 6 - (cut + 1)  # only the epochs after the checkpoint ran again
+    for key, (mean, std) in uninterrupted.summary.items():
+        assert resumed.summary[key][0] == pytest.approx(mean, rel=1e-5, abs=1e-6), key
+        assert resumed.summary[key][1] == pytest.approx(std, rel=1e-4, abs=1e-6), key
+    for a, b in zip(uninterrupted.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -15,7 +16,9 @@ from visiontune.v1 import inference_service_pb2, inference_service_pb2_grpc
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
-def build(settings: ServerSettings, store: ArtifactStore) -> tuple[list[ServiceBinding], Callable[[], None]]:
+def build(
+    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
+) -> tuple[list[ServiceBinding], Callable[[], None]]:
     servicer = InferenceServicer(store)
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)

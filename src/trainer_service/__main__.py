@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from collections.abc import Callable
 
+import torch
+
+from trainer_service.executor import JobExecutor
 from trainer_service.jobstore import JobStore
 from trainer_service.servicer import TrainingServicer
 from visiontune.bootstrap import run_service
@@ -16,13 +21,36 @@ from visiontune.v1 import training_service_pb2, training_service_pb2_grpc
 SERVICE_NAME = training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
-def build(settings: ServerSettings, store: ArtifactStore) -> tuple[list[ServiceBinding], Callable[[], None]]:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training jobs")
+    group.add_argument(
+        "--job-slots", type=int, default=int(os.environ.get("VISIONTUNE_JOB_SLOTS", "0")),
+        help="jobs run at once; 0 = one per GPU, or 1 on a CPU-only machine [VISIONTUNE_JOB_SLOTS]",
+    )
+
+
+def job_slots(requested: int) -> int:
+    if requested > 0:
+        return requested
+    return max(1, torch.cuda.device_count())
+
+
+def build(
+    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
+) -> tuple[list[ServiceBinding], Callable[[], None]]:
     jobs = JobStore(settings.data_dir / "trainer" / "jobs.sqlite3")
-    servicer = TrainingServicer(jobs)
+    executor = JobExecutor(jobs, settings.s3, settings.data_dir, slots=job_slots(args.job_slots))
+    executor.start()
+    servicer = TrainingServicer(jobs, executor, default_bucket=store.bucket)
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
     )
-    return [binding], jobs.close
+
+    def close() -> None:
+        executor.stop()
+        jobs.close()
+
+    return [binding], close
 
 
 def main() -> int:
@@ -32,6 +60,7 @@ def main() -> int:
         default_port=DEFAULT_TRAINER_PORT,
         port_env="TRAINER_PORT",
         factory=build,
+        add_arguments=add_arguments,
     )
 
 

@@ -1,7 +1,8 @@
-"""The gRPC TrainingService: a thin layer from protobuf requests to the job store and (later) the engine.
+"""The gRPC TrainingService: a thin layer from protobuf requests to the job store and the executor.
 
-Reads of jobs and studies are served from the job store. The RPCs that start work answer UNIMPLEMENTED,
-naming the issue that delivers them, until that lands.
+CreateJob validates the whole spec at the edge (every bad field in one INVALID_ARGUMENT), stores the
+resolved spec and wakes the executor; the engine runs in the executor's worker processes. RPCs that a
+later issue delivers answer UNIMPLEMENTED, naming that issue.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import grpc
+from google.protobuf import json_format
 
-from trainer_service import resources
-from trainer_service.jobstore import JobStore, NotFound
+from trainer_service import events, resources
+from trainer_service.executor import JobExecutor
+from trainer_service.jobstore import AlreadyExists, JobState, JobStore, NotFound
+from trainer_service.spec_validation import SpecInvalid, config_to_spec, validate_spec
 from visiontune import names
 from visiontune.rpc_errors import FieldViolation, abort_with, invalid_argument, not_implemented
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
@@ -33,9 +37,15 @@ def _name_or_abort(context: grpc.ServicerContext, field: str, parse: Callable[[s
         abort_with(context, invalid_argument([FieldViolation(field, str(err))]))
 
 
+# How long one WatchJob wait lasts before it re-checks that the client is still there.
+WATCH_POLL_S = 1.0
+
+
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, jobs: JobStore) -> None:
+    def __init__(self, jobs: JobStore, executor: JobExecutor, *, default_bucket: str = "visiontune") -> None:
         self._jobs = jobs
+        self._executor = executor
+        self._default_bucket = default_bucket
 
     # --- jobs -------------------------------------------------------------------------------------
 
@@ -80,15 +90,70 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         )
 
     def CreateJob(self, request: training_service_pb2.CreateJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
-        not_implemented(context, "TrainingService.CreateJob", TRAINING_ISSUE)
+        violations: list[FieldViolation] = []
+        job_id = request.job_id or names.new_id("job")
+        try:
+            names.check_id("job_id", job_id)
+        except names.InvalidName as err:
+            violations.append(FieldViolation("job_id", str(err)))
+        if not request.job.HasField("spec"):
+            violations.append(FieldViolation("job.spec", "required"))
+        else:
+            try:
+                config = validate_spec(request.job.spec, default_bucket=self._default_bucket)
+            except SpecInvalid as err:
+                violations += [FieldViolation(f"job.spec.{v.field}", v.description) for v in err.violations]
+        if violations:
+            abort_with(context, invalid_argument(violations))
+        resolved = config_to_spec(config)
+        if request.validate_only:
+            return job_pb2.Job(name=names.job_name(job_id), display_name=request.job.display_name, spec=resolved,
+                               state=job_pb2.JOB_STATE_QUEUED, labels=request.job.labels)
+        try:
+            record, created = self._jobs.create_job(
+                job_id, json_format.MessageToJson(resolved, indent=None), display_name=request.job.display_name,
+                request_id=request.request_id or None, labels=dict(request.job.labels),
+            )
+        except AlreadyExists as err:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        if created:
+            events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued")
+            self._executor.wake()
+        return resources.job_to_proto(record)
 
     def CancelJob(self, request: training_service_pb2.CancelJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
-        not_implemented(context, "TrainingService.CancelJob", TRAINING_ISSUE)
+        job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
+        try:
+            record = self._executor.cancel(job_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        if record.state in (JobState.SUCCEEDED, JobState.FAILED):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{request.name} already ended ({record.state.value}); there is nothing to cancel")
+        return resources.job_to_proto(record)
 
     def WatchJob(
         self, request: training_service_pb2.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[job_pb2.JobEvent]:
-        not_implemented(context, "TrainingService.WatchJob", TRAINING_ISSUE)
+        job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
+        if request.after_sequence < 0:
+            abort_with(context, invalid_argument([FieldViolation("after_sequence", "must be >= 0")]))
+        try:
+            self._jobs.get_job(job_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        return self._watch(job_id, request.after_sequence, context)
+
+    def _watch(self, job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[job_pb2.JobEvent]:
+        while context.is_active():
+            # Read the state before the events: events appended before a terminal state are then seen.
+            ended = self._jobs.get_job(job_id).state.is_terminal
+            batch = self._jobs.wait_for_events(job_id, after, 0.0 if ended else WATCH_POLL_S)
+            for event in batch:
+                after = event.sequence
+                yield events.to_proto(event)
+            if ended and not batch:
+                return
 
     def FindLearningRate(
         self, request: training_service_pb2.FindLearningRateRequest, context: grpc.ServicerContext

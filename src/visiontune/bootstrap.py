@@ -19,8 +19,11 @@ from visiontune.store import ArtifactStore, StoreError, StoreUnavailable
 
 EXIT_CONFIG_ERROR = 2
 
-# Builds a service's bindings from its settings and a checked store; returns them and a close hook.
-ServiceFactory = Callable[[ServerSettings, ArtifactStore], tuple[list[ServiceBinding], Callable[[], None]]]
+# Builds a service's bindings from its settings, a checked store and its own parsed flags; returns them
+# and a close hook.
+ServiceFactory = Callable[
+    [ServerSettings, ArtifactStore, argparse.Namespace], tuple[list[ServiceBinding], Callable[[], None]]
+]
 
 
 def wait_for_store(store: ArtifactStore, wait_seconds: float, log: logging.Logger) -> None:
@@ -50,10 +53,14 @@ def run_service(
     port_env: str,
     factory: ServiceFactory,
     argv: Sequence[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {service}", description=description)
     add_server_arguments(parser, default_port=default_port, port_env=port_env)
-    settings = server_settings_from_args(parser.parse_args(argv))
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = server_settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format, service=service)
     log = logging.getLogger(service)
 
@@ -65,7 +72,7 @@ def run_service(
         return EXIT_CONFIG_ERROR
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    bindings, close = factory(settings, store)
+    bindings, close = factory(settings, store, args)
     server = GrpcServer(settings, bindings, service_label=service, on_stop=close)
     try:
         server.run_forever()

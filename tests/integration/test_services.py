@@ -137,10 +137,15 @@ def test_trainer_errors_are_status_codes_with_field_violations(trainer: Service)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert {v.field for v in field_violations(bad.value)} == {"page_size", "study"}
 
+        with pytest.raises(grpc.RpcError) as no_spec:
+            stub.CreateJob(training_service_pb2.CreateJobRequest(job_id="Not-An-Id"))
+        assert no_spec.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert {v.field for v in field_violations(no_spec.value)} == {"job_id", "job.spec"}
+
         with pytest.raises(grpc.RpcError) as later:
-            stub.CreateJob(training_service_pb2.CreateJobRequest())
+            stub.CreateStudy(training_service_pb2.CreateStudyRequest())
         assert later.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue #3" in (later.value.details() or "")
+        assert "issue #5" in (later.value.details() or "")
 
 
 def test_inference_rpcs_say_which_issue_delivers_them(inference: Service) -> None:

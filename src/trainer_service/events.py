@@ -1,0 +1,40 @@
+"""A job's event log: what WatchJob streams, recorded in the job store by the executor and the worker.
+
+Each event is stored as the name of its `JobEvent.event` oneof field (the kind) and that message as JSON,
+so the log stays readable with sqlite3 and any process can append to it (the worker runs in its own).
+"""
+
+from __future__ import annotations
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from trainer_service.jobstore import EventRecord, JobState, JobStore
+from trainer_service.resources import JOB_STATES
+from visiontune import names
+from visiontune.v1 import job_pb2
+
+_KINDS = {field.name for field in job_pb2.JobEvent.DESCRIPTOR.oneofs_by_name["event"].fields}
+
+
+def record(jobs: JobStore, job_id: str, kind: str, message: Message) -> EventRecord:
+    """Append one event; `kind` is the JobEvent oneof field the message goes into."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown job event kind {kind!r}; one of {sorted(_KINDS)}")
+    return jobs.append_event(job_id, kind, json_format.MessageToJson(message, indent=None))
+
+
+def record_state(jobs: JobStore, job_id: str, state: JobState, message: str = "") -> EventRecord:
+    return record(jobs, job_id, "state_changed",
+                  job_pb2.StateChanged(state=JOB_STATES[state], message=message))
+
+
+def record_warning(jobs: JobStore, job_id: str, code: str, message: str) -> EventRecord:
+    return record(jobs, job_id, "warning", job_pb2.JobWarning(code=code, message=message))
+
+
+def to_proto(event: EventRecord) -> job_pb2.JobEvent:
+    out = job_pb2.JobEvent(job=names.job_name(event.resource_id), sequence=event.sequence)
+    out.time.FromDatetime(event.time)
+    json_format.Parse(event.payload_json, getattr(out, event.kind))
+    return out

@@ -1,0 +1,242 @@
+"""Training jobs end to end: a real trainer process, a real S3 server, workers as real subprocesses.
+
+Tiny data (three synthetic shape labels at 32 px) and MobileNetV3-small from scratch keep each job to
+seconds on a CPU; what is checked is the job machinery: events, artifacts, cancel, kill -9 and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from visiontune.client import is_serving
+from visiontune.dataset_upload import plan_upload, upload
+from visiontune.ports import free_port
+from visiontune.rpc_errors import field_violations
+from visiontune.s3server import S3ServerProcess
+from visiontune.sample_data import write_shapes_dataset
+from visiontune.store import ArtifactStore
+from visiontune.v1 import (
+    job_pb2,
+    manifest_pb2,
+    training_service_pb2,
+    training_service_pb2_grpc,
+    training_spec_pb2,
+)
+
+pytestmark = pytest.mark.integration
+
+DATASET = "datasets/shapes"
+
+
+@dataclass
+class Trainer:
+    proc: subprocess.Popen[bytes]
+    stub: training_service_pb2_grpc.TrainingServiceStub
+    channel: grpc.Channel
+    data_dir: Path
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+def _start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path) -> Trainer:
+    port = free_port()
+    settings = s3.settings(store.bucket)
+    env = {
+        **os.environ,
+        "VISIONTUNE_S3_ENDPOINT": settings.endpoint,
+        "VISIONTUNE_S3_ACCESS_KEY": settings.access_key,
+        "VISIONTUNE_S3_SECRET_KEY": settings.secret_key,
+        "VISIONTUNE_S3_BUCKET": settings.bucket,
+        "VISIONTUNE_DATA_DIR": str(data_dir),
+    }
+    log = open(data_dir.parent / f"trainer-{port}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not is_serving(target, "visiontune.v1.TrainingService", 1.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"trainer did not start; see {data_dir.parent}")
+    channel = grpc.insecure_channel(target)
+    return Trainer(proc, training_service_pb2_grpc.TrainingServiceStub(channel), channel, data_dir)
+
+
+@pytest.fixture
+def shapes(store: ArtifactStore, tmp_path: Path) -> ArtifactStore:
+    root = tmp_path / "shapes"
+    write_shapes_dataset(root, per_label=16, size=32, corrupt_files=1)
+    upload(store, plan_upload(root, f"{DATASET}/"))
+    return store
+
+
+@pytest.fixture
+def trainer(shapes: ArtifactStore, s3_server: S3ServerProcess, tmp_path: Path) -> Iterator[Trainer]:
+    (tmp_path / "state").mkdir()
+    running = _start_trainer(shapes, s3_server, tmp_path / "state")
+    yield running
+    running.stop()
+
+
+def _spec(*, epochs: int = 2, fine_tuning_epochs: int = 0, seed: int = 0) -> training_spec_pb2.TrainingSpec:
+    spec = training_spec_pb2.TrainingSpec(
+        dataset=training_spec_pb2.DatasetSpec(uri=DATASET, image_size=32, validation_split=0.25),
+        model=training_spec_pb2.ModelSpec(
+            architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V3_SMALL,
+            weights=training_spec_pb2.WEIGHTS_SOURCE_NONE, classifier_dim=32),
+        classifier=training_spec_pb2.StageSpec(epochs=epochs, batch_size=8, learning_rate=0.01),
+        run=training_spec_pb2.RunSpec(seed=seed, data_loader_workers=0),
+        output_model="shapes",
+    )
+    if fine_tuning_epochs:
+        spec.fine_tuning.enabled = True
+        spec.fine_tuning.stage.epochs = fine_tuning_epochs
+        spec.fine_tuning.stage.batch_size = 8
+    return spec
+
+
+def _create(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> job_pb2.Job:
+    return trainer.stub.CreateJob(training_service_pb2.CreateJobRequest(job=job_pb2.Job(spec=spec), job_id=job_id),
+                                  timeout=30)
+
+
+def _watch(trainer: Trainer, name: str, timeout: float = 240) -> list[job_pb2.JobEvent]:
+    return list(trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=timeout))
+
+
+def _worker_pid(job_id: str) -> int | None:
+    marker = f"trainer_service.worker\0--job\0{job_id}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(trainer: Trainer,
+                                                                         shapes: ArtifactStore) -> None:
+    job = _create(trainer, _spec(epochs=2, fine_tuning_epochs=1), "shapes-1")
+    assert job.name == "jobs/shapes-1"
+    assert job.state == job_pb2.JOB_STATE_QUEUED
+    assert job.spec.classifier.optimizer.type == training_spec_pb2.OPTIMIZER_TYPE_ADAM  # defaults resolved
+
+    events = _watch(trainer, job.name)
+    kinds = [e.WhichOneof("event") for e in events]
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    epochs = [e.epoch_ended for e in events if e.HasField("epoch_ended")]
+    assert [(m.stage, m.epoch) for m in epochs] == [
+        (job_pb2.STAGE_CLASSIFIER, 1), (job_pb2.STAGE_CLASSIFIER, 2), (job_pb2.STAGE_FINE_TUNING, 1)]
+    assert all(m.images_per_second > 0 and m.learning_rate > 0 for m in epochs)
+    stages = [e.stage_started.stage for e in events if e.HasField("stage_started")]
+    assert stages == [job_pb2.STAGE_DATA, job_pb2.STAGE_CLASSIFIER, job_pb2.STAGE_FINE_TUNING, job_pb2.STAGE_EXPORT]
+    warnings = [e.warning for e in events if e.HasField("warning")]
+    assert any(w.code == "corrupt_image" for w in warnings)  # skipped and counted, not fatal
+    assert any(w.code == "few_images" for w in warnings)  # 12 train images per label < 20
+    assert kinds[-2:] == ["result", "state_changed"]
+    assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+
+    done = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=job.name), timeout=10)
+    assert done.state == job_pb2.JOB_STATE_SUCCEEDED
+    result = done.result
+    assert result.model_version == "models/shapes/versions/shapes-1"
+    assert list(result.labels) == ["circle", "square", "triangle"]
+    assert len(result.confusion_matrix) == 9
+    assert result.dataset.skipped_files == 1
+    assert {"val_accuracy", "val_loss", "open_set_threshold"} <= set(result.metrics)
+
+    assert shapes.list_model_versions("shapes") == ["shapes-1"]
+    manifest = json_format.Parse(shapes.get_manifest("shapes", "shapes-1"), manifest_pb2.ModelManifest())
+    assert list(manifest.labels) == ["circle", "square", "triangle"]
+    assert manifest.weights.format == manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT
+    keys = {o.key for o in shapes.list("models/shapes/versions/shapes-1/")}
+    assert {f"models/shapes/versions/shapes-1/{f}" for f in manifest.files} <= keys
+    assert not list(shapes.list("jobs/shapes-1/checkpoints/"))  # resume state is dropped once published
+    assert json.loads(shapes.get_bytes("jobs/shapes-1/spec.json"))["outputModel"] == "shapes"
+
+
+def test_ten_bad_fields_are_one_invalid_argument_naming_all_ten(trainer: Trainer) -> None:
+    spec = _spec()
+    spec.dataset.validation_split = 0.9
+    spec.dataset.image_size = 8
+    spec.augmentation.rotation_degrees = 400
+    spec.augmentation.copies_per_original = 9
+    spec.model.dropout = 1.5
+    spec.model.classifier_dim = 3
+    spec.classifier.learning_rate = 50
+    spec.classifier.batch_size = 0
+    spec.classifier.label_smoothing = 0.7
+    spec.run.repeats = 100
+    with pytest.raises(grpc.RpcError) as err:
+        _create(trainer, spec, "bad-spec")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = sorted(v.field for v in field_violations(err.value))
+    assert fields == sorted(f"job.spec.{f}" for f in (
+        "dataset.validation_split", "dataset.image_size", "augmentation.rotation_degrees",
+        "augmentation.copies_per_original", "model.dropout", "model.classifier_dim", "classifier.learning_rate",
+        "classifier.batch_size", "classifier.label_smoothing", "run.repeats"))
+    with pytest.raises(grpc.RpcError) as missing:
+        trainer.stub.GetJob(training_service_pb2.GetJobRequest(name="jobs/bad-spec"), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was created
+
+
+def test_cancel_stops_a_running_job_within_seconds_and_leaves_no_artifacts(trainer: Trainer,
+                                                                           shapes: ArtifactStore) -> None:
+    job = _create(trainer, _spec(epochs=500), "long-1")
+    for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
+        if event.HasField("epoch_ended"):
+            break
+    started = time.monotonic()
+    trainer.stub.CancelJob(training_service_pb2.CancelJobRequest(name=job.name), timeout=10)
+    events = _watch(trainer, job.name, timeout=60)
+    assert time.monotonic() - started < 15
+    assert events[-1].state_changed.state == job_pb2.JOB_STATE_CANCELLED
+    assert not list(shapes.list("jobs/long-1/checkpoints/"))
+    assert shapes.list_model_versions("shapes") == []
+    # Cancelling again is idempotent; cancelling a finished job is not possible.
+    again = trainer.stub.CancelJob(training_service_pb2.CancelJobRequest(name=job.name), timeout=10)
+    assert again.state == job_pb2.JOB_STATE_CANCELLED
+
+
+def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: Trainer,
+                                                                      shapes: ArtifactStore) -> None:
+    spec = _spec(epochs=4, fine_tuning_epochs=1, seed=3)
+    reference = _create(trainer, spec, "reference")
+    _watch(trainer, reference.name)
+
+    job = _create(trainer, spec, "killed")
+    for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
+        if event.HasField("epoch_ended") and event.epoch_ended.epoch == 2:
+            break
+    pid = _worker_pid("killed")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    events = _watch(trainer, job.name)
+
+    assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert any(e.HasField("state_changed") and "resuming" in e.state_changed.message for e in events)
+    done = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=job.name), timeout=10)
+    ref = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=reference.name), timeout=10)
+    assert done.attempt == 2
+    for key in ("val_accuracy", "val_loss", "train_loss", "open_set_threshold"):
+        assert done.result.metrics[key].mean == pytest.approx(ref.result.metrics[key].mean, rel=1e-4, abs=1e-5), key
+    assert sorted(shapes.list_model_versions("shapes")) == ["killed", "reference"]

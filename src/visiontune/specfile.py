@@ -1,0 +1,371 @@
+"""Training specs as files: a `TrainingSpec` in YAML or JSON, `--set path=value` overrides, and the way back.
+
+A spec file holds the proto's fields by their snake_case names (camelCase JSON names are accepted too), nested as
+in training_spec.proto. Enum values are written by name with or without the enum's prefix, in any case:
+`architecture: mobilenet_v2` is `ARCHITECTURE_MOBILENET_V2`. Every value is checked against its field's type here,
+so a mistake is one line naming the key; the trainer then checks ranges and cross-field rules.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import yaml
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, OneofDescriptor
+from google.protobuf.message import Message
+
+from visiontune.v1 import training_spec_pb2
+
+__all__ = [
+    "SpecFileError",
+    "apply_override",
+    "dump_spec_yaml",
+    "enum_short_name",
+    "load_spec_file",
+    "parse_spec",
+    "spec_to_dict",
+]
+
+_FLOAT32_MAX = 3.4028234663852886e38
+_INT_BOUNDS = {
+    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
+}
+_FLOATS = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+Tree = dict[str, Any]
+
+
+class SpecFileError(ValueError):
+    """A spec file or override that cannot become a TrainingSpec; the message is one line naming the key."""
+
+
+# -- enums -----------------------------------------------------------------------------------------------------
+
+
+def _enum_prefix(enum: EnumDescriptor) -> str:
+    """`ARCHITECTURE_` for Architecture: the zero value's name without `UNSPECIFIED` (the API's convention)."""
+    zero = enum.values_by_number[0].name
+    return zero.removesuffix("UNSPECIFIED") if zero.endswith("_UNSPECIFIED") else ""
+
+
+def enum_short_name(enum: EnumDescriptor, number: int) -> str:
+    """`MOBILENET_V2` for ARCHITECTURE_MOBILENET_V2: how spec files write enum values."""
+    value = enum.values_by_number.get(number)
+    if value is None:
+        return str(number)  # an unknown number survives the round trip rather than being lost
+    return value.name.removeprefix(_enum_prefix(enum))
+
+
+def _enum_value(enum: EnumDescriptor, raw: object, path: str) -> str | int:
+    prefix = _enum_prefix(enum)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        if raw in enum.values_by_number:
+            return raw
+    elif isinstance(raw, str):
+        name = raw.strip().upper().replace("-", "_")
+        for candidate in (name, prefix + name):
+            if candidate in enum.values_by_name:
+                return candidate
+    choices = [v.name.removeprefix(prefix) for v in enum.values if v.number != 0]
+    raise SpecFileError(f"{path}: unknown {enum.name} {raw!r}; expected one of {', '.join(choices)}")
+
+
+def _enum_type(field: FieldDescriptor) -> EnumDescriptor:
+    enum = field.enum_type
+    assert enum is not None, field.full_name  # an enum field always has its enum type
+    return enum
+
+
+def _message_type(field: FieldDescriptor) -> Descriptor:
+    message = field.message_type
+    assert message is not None, field.full_name  # a message field always has its message type
+    return message
+
+
+# -- scalar values ---------------------------------------------------------------------------------------------
+
+
+def _type_word(field: FieldDescriptor) -> str:
+    if field.cpp_type in _FLOATS:
+        return "a number"
+    if field.cpp_type in _INT_BOUNDS:
+        return "an integer"
+    return {FieldDescriptor.CPPTYPE_BOOL: "true or false", FieldDescriptor.CPPTYPE_STRING: "a string"}.get(
+        field.cpp_type, field.full_name
+    )
+
+
+def _scalar(field: FieldDescriptor, raw: object, path: str) -> Any:
+    """`raw` (a YAML value, or the text of a `--set`) as the value ParseDict takes for `field`."""
+    cpp = field.cpp_type
+    if cpp == FieldDescriptor.CPPTYPE_ENUM:
+        return _enum_value(_enum_type(field), raw, path)
+    if cpp == FieldDescriptor.CPPTYPE_STRING:
+        if isinstance(raw, str):
+            return raw
+    elif cpp == FieldDescriptor.CPPTYPE_BOOL:
+        if isinstance(raw, bool):
+            return raw
+        word = raw.strip().lower() if isinstance(raw, str) else None
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+    elif cpp in _INT_BOUNDS:
+        value: int | None = None
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        elif isinstance(raw, str):
+            try:
+                value = int(raw.strip())
+            except ValueError:
+                value = None
+        if value is not None:
+            lo, hi = _INT_BOUNDS[cpp]
+            if not lo <= value <= hi:
+                raise SpecFileError(f"{path}: {value} is out of range for {_type_name(field)}")
+            return value
+    elif cpp in _FLOATS:
+        number: float | None = None
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            number = float(raw)
+        elif isinstance(raw, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string: accept numeric text for number fields.
+            try:
+                number = float(raw.strip())
+            except ValueError:
+                number = None
+        if number is not None:
+            if not math.isfinite(number):
+                raise SpecFileError(f"{path}: expected a finite number, got {raw!r}")
+            if cpp == FieldDescriptor.CPPTYPE_FLOAT and abs(number) > _FLOAT32_MAX:
+                raise SpecFileError(f"{path}: {raw!r} is too large for a 32-bit float")
+            return number
+    hint = " (quote it to make it text)" if cpp == FieldDescriptor.CPPTYPE_STRING else ""
+    raise SpecFileError(f"{path}: expected {_type_word(field)}, got {raw!r}{hint}")
+
+
+def _type_name(field: FieldDescriptor) -> str:
+    names = {
+        FieldDescriptor.CPPTYPE_INT32: "int32", FieldDescriptor.CPPTYPE_UINT32: "uint32",
+        FieldDescriptor.CPPTYPE_INT64: "int64", FieldDescriptor.CPPTYPE_UINT64: "uint64",
+    }
+    return names.get(field.cpp_type, "this field")
+
+
+# -- fields by name ------------------------------------------------------------------------------------------
+
+
+def _real_oneof(field: FieldDescriptor) -> OneofDescriptor | None:
+    """The declared oneof `field` is in; None for proto3 `optional` fields, which sit in a synthetic one."""
+    oneof = field.containing_oneof
+    if oneof is None or (len(oneof.fields) == 1 and oneof.name == f"_{field.name}"):
+        return None
+    return oneof
+
+
+def _field(descriptor: Descriptor, key: object, path: str) -> FieldDescriptor:
+    """The field `key` names (snake_case or its JSON camelCase name), or one line naming the unknown key."""
+    where = f"{path}.{key}" if path else str(key)
+    if isinstance(key, str):
+        field = descriptor.fields_by_name.get(key)
+        if field is None:
+            field = next((f for f in descriptor.fields if f.json_name == key), None)
+        if field is not None:
+            return field
+    names = [f.name for f in descriptor.fields]
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"{descriptor.name} has {', '.join(names)}"
+    raise SpecFileError(f"unknown key {where!r} ({hint})")
+
+
+def _message_tree(raw: object, descriptor: Descriptor, path: str) -> Tree:
+    """A YAML mapping as a ParseDict-ready dict: keys snake_case, values typed, enums by full name."""
+    if not isinstance(raw, Mapping):
+        what = path or "the spec"
+        raise SpecFileError(f"{what}: expected a mapping of {descriptor.name} fields, got {raw!r}")
+    tree: Tree = {}
+    for key, value in raw.items():
+        field = _field(descriptor, key, path)
+        where = f"{path}.{field.name}" if path else field.name
+        if field.name in tree:
+            raise SpecFileError(f"{where}: given twice (as {field.name!r} and {field.json_name!r})")
+        if value is None:
+            continue  # `augmentation:` with every line below commented out means "defaults"
+        tree[field.name] = _field_value(field, value, where)
+    oneofs: dict[str, list[str]] = {}
+    for name in tree:
+        oneof = _real_oneof(descriptor.fields_by_name[name])
+        if oneof is not None:
+            oneofs.setdefault(oneof.name, []).append(name)
+    for members in oneofs.values():
+        if len(members) > 1:
+            where = path or "spec"
+            raise SpecFileError(f"{where}: set only one of {', '.join(members)}")
+    return tree
+
+
+def _field_value(field: FieldDescriptor, value: object, where: str) -> Any:
+    if field.is_repeated:
+        if not isinstance(value, list):
+            raise SpecFileError(f"{where}: expected a list, got {value!r}")
+        return [_field_value_one(field, item, f"{where}[{i}]") for i, item in enumerate(value)]
+    return _field_value_one(field, value, where)
+
+
+def _field_value_one(field: FieldDescriptor, value: object, where: str) -> Any:
+    if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
+        return _message_tree(value, _message_type(field), where)
+    return _scalar(field, value, where)
+
+
+# -- overrides -----------------------------------------------------------------------------------------------
+
+
+def apply_override(tree: Tree, assignment: str,
+                   descriptor: Descriptor = training_spec_pb2.TrainingSpec.DESCRIPTOR) -> None:
+    """Apply `path=value` (e.g. `classifier.learning_rate=0.001`) in place to a spec tree as `parse_spec` builds it.
+
+    The value is typed by the proto field the path names. Setting a member of a oneof clears its siblings, so
+    `fine_tuning.unfreeze.last_n_blocks=2` replaces a file's `unfreeze: {all: true}`.
+    """
+    path, sep, text = assignment.partition("=")
+    path = path.strip()
+    if not sep or not path:
+        raise SpecFileError(f"--set expects PATH=VALUE (e.g. classifier.learning_rate=0.001), got {assignment!r}")
+    parts = path.split(".")
+    node = tree
+    where = ""
+    for i, part in enumerate(parts):
+        try:
+            field = _field(descriptor, part, where)
+        except SpecFileError as err:
+            raise SpecFileError(f"--set {assignment}: {err}") from err
+        where = f"{where}.{field.name}" if where else field.name
+        last = i == len(parts) - 1
+        if field.is_repeated:
+            raise SpecFileError(f"--set {where}: a list field cannot be set with --set; write it in the file")
+        if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
+            if last:
+                example = _message_type(field).fields[0].name
+                raise SpecFileError(f"--set {where}: is a group of fields; set one of them, e.g. {where}.{example}=…")
+            child = node.setdefault(field.name, {})
+            node, descriptor = child, _message_type(field)
+            continue
+        if not last:
+            raise SpecFileError(f"--set {where}: is a value, not a group; it has no field {parts[i + 1]!r}")
+        oneof = _real_oneof(field)
+        if oneof is not None:
+            for sibling in oneof.fields:
+                node.pop(sibling.name, None)
+        node[field.name] = _scalar(field, text, f"--set {where}")
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+
+def _read_tree(text: str, source: str, *, json_syntax: bool) -> object:
+    if json_syntax:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecFileError(f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise SpecFileError(f"{source}: invalid YAML{at}: {err.problem or err.context}") from err
+    except yaml.YAMLError as err:
+        raise SpecFileError(f"{source}: invalid YAML: {err}") from err
+
+
+def parse_spec(text: str, *, source: str = "spec", overrides: Sequence[str] = (),
+               json_syntax: bool = False) -> training_spec_pb2.TrainingSpec:
+    """A TrainingSpec from YAML (or JSON) text, with `overrides` (`path=value`) applied in order."""
+    raw = _read_tree(text, source, json_syntax=json_syntax)
+    if raw is None:
+        raw = {}  # an empty file: every default, which --set may fill in
+    try:
+        tree = _message_tree(raw, training_spec_pb2.TrainingSpec.DESCRIPTOR, "")
+    except SpecFileError as err:
+        raise SpecFileError(f"{source}: {err}") from err
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    spec = training_spec_pb2.TrainingSpec()
+    try:
+        json_format.ParseDict(tree, spec)
+    except json_format.ParseError as err:  # types are checked above; this is a safety net with the same shape
+        raise SpecFileError(f"{source}: {err}") from err
+    return spec
+
+
+def load_spec_file(path: Path, overrides: Sequence[str] = ()) -> training_spec_pb2.TrainingSpec:
+    """A TrainingSpec from a .yaml/.yml/.json file (JSON by suffix; YAML otherwise)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecFileError(f"{path}: cannot read: {err}") from err
+    return parse_spec(text, source=str(path), overrides=overrides, json_syntax=path.suffix.lower() == ".json")
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+
+
+def _plain(message: Message) -> Tree:
+    """Every field of `message` as spec files write it: snake_case, enums by short name, 64-bit ints as ints."""
+    out: Tree = {}
+    descriptor = cast(Descriptor, message.DESCRIPTOR)  # the stubs type it as a union with upb's own class
+    for field in descriptor.fields:
+        if field.has_presence and not message.HasField(field.name):
+            continue  # unset optional: the trainer's default applies
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            out[field.name] = [_plain_value(field, v) for v in value]
+        else:
+            out[field.name] = _plain_value(field, value)
+    return out
+
+
+def _plain_value(field: FieldDescriptor, value: Any) -> Any:
+    if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
+        return _plain(value)
+    if field.cpp_type == FieldDescriptor.CPPTYPE_ENUM:
+        return enum_short_name(_enum_type(field), value)
+    if field.cpp_type == FieldDescriptor.CPPTYPE_FLOAT:
+        return _short_float32(value)
+    return value
+
+
+def _short_float32(value: float) -> float:
+    """The shortest decimal that is the same float32 (Python holds 0.003f as 0.0030000000260770321)."""
+    if not math.isfinite(value):
+        return value
+    target = struct.pack("<f", value)
+    for digits in range(1, 10):  # 9 significant digits always identify a float32
+        candidate = float(f"{value:.{digits}g}")
+        if abs(candidate) <= _FLOAT32_MAX and struct.pack("<f", candidate) == target:
+            return candidate
+    return value
+
+
+def spec_to_dict(spec: training_spec_pb2.TrainingSpec) -> Tree:
+    """The spec as a plain dict that `parse_spec` reads back to an equal spec."""
+    return _plain(spec)
+
+
+def dump_spec_yaml(spec: training_spec_pb2.TrainingSpec, header: str = "") -> str:
+    """The spec as YAML for `visiontune train`; `header` lines become `#` comments at the top."""
+    body = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    comments = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comments + body

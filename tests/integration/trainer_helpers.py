@@ -1,0 +1,94 @@
+"""Shared by the integration tests that run a real trainer process (training jobs, the CLI's training commands).
+
+Tiny data (three synthetic shape labels at 32 px) and MobileNetV3-small from scratch keep each job to seconds on
+a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from visiontune.client import is_serving
+from visiontune.dataset_upload import plan_upload, upload
+from visiontune.ports import free_port
+from visiontune.s3server import S3ServerProcess
+from visiontune.sample_data import write_shapes_dataset
+from visiontune.store import ArtifactStore
+from visiontune.v1 import training_service_pb2_grpc, training_spec_pb2
+
+DATASET = "datasets/shapes"
+
+
+@dataclass
+class Trainer:
+    proc: subprocess.Popen[bytes]
+    stub: training_service_pb2_grpc.TrainingServiceStub
+    channel: grpc.Channel
+    data_dir: Path
+    target: str
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+def start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path) -> Trainer:
+    """`python -m trainer_service` on a free port against `store`'s bucket; waits until it serves."""
+    port = free_port()
+    settings = s3.settings(store.bucket)
+    env = {
+        **os.environ,
+        "VISIONTUNE_S3_ENDPOINT": settings.endpoint,
+        "VISIONTUNE_S3_ACCESS_KEY": settings.access_key,
+        "VISIONTUNE_S3_SECRET_KEY": settings.secret_key,
+        "VISIONTUNE_S3_BUCKET": settings.bucket,
+        "VISIONTUNE_DATA_DIR": str(data_dir),
+    }
+    log = open(data_dir.parent / f"trainer-{port}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not is_serving(target, "visiontune.v1.TrainingService", 1.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"trainer did not start; see {data_dir.parent}")
+    channel = grpc.insecure_channel(target)
+    return Trainer(proc, training_service_pb2_grpc.TrainingServiceStub(channel), channel, data_dir, target)
+
+
+def upload_shapes(store: ArtifactStore, root: Path) -> None:
+    """The tiny shapes dataset (16 images per label at 32 px, one corrupt file) written to `root`, uploaded to
+    DATASET."""
+    write_shapes_dataset(root, per_label=16, size=32, corrupt_files=1)
+    upload(store, plan_upload(root, f"{DATASET}/"))
+
+
+def tiny_spec(*, epochs: int = 2, fine_tuning_epochs: int = 0, seed: int = 0) -> training_spec_pb2.TrainingSpec:
+    """MobileNetV3-small from scratch on the tiny shapes: a job of seconds on a CPU."""
+    spec = training_spec_pb2.TrainingSpec(
+        dataset=training_spec_pb2.DatasetSpec(uri=DATASET, image_size=32, validation_split=0.25),
+        model=training_spec_pb2.ModelSpec(
+            architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V3_SMALL,
+            weights=training_spec_pb2.WEIGHTS_SOURCE_NONE, classifier_dim=32),
+        classifier=training_spec_pb2.StageSpec(epochs=epochs, batch_size=8, learning_rate=0.01),
+        run=training_spec_pb2.RunSpec(seed=seed, data_loader_workers=0),
+        output_model="shapes",
+    )
+    if fine_tuning_epochs:
+        spec.fine_tuning.enabled = True
+        spec.fine_tuning.stage.epochs = fine_tuning_epochs
+        spec.fine_tuning.stage.batch_size = 8
+    return spec

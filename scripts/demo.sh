@@ -22,11 +22,17 @@ visiontune dataset sample "$WORK/shapes" --labels 3 --per-label 40 --size 64
 visiontune dataset push "$WORK/shapes" datasets/shapes
 
 echo
-echo "== 3. the trainer's API answers over gRPC"
+echo "== 3. ask the trainer for a starting spec, and for a learning rate (LR range test)"
+visiontune recommend datasets/shapes
+visiontune lr-find examples/shapes-quick.yaml
+
+echo
+echo "== 4. train: MobileNetV2 (ImageNet weights, shipped offline) + a new head, followed live"
+visiontune train examples/shapes-quick.yaml
 visiontune jobs list
 
 echo
-echo "== 4. the stack's state"
+echo "== 5. the stack's state"
 visiontune status
 echo
 echo "demo finished"

@@ -41,7 +41,7 @@ def build(
     jobs = JobStore(settings.data_dir / "trainer" / "jobs.sqlite3")
     executor = JobExecutor(jobs, settings.s3, settings.data_dir, slots=job_slots(args.job_slots))
     executor.start()
-    servicer = TrainingServicer(jobs, executor, default_bucket=store.bucket)
+    servicer = TrainingServicer(jobs, executor, store, settings.data_dir / "trainer" / "cache")
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
     )

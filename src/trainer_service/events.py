@@ -38,3 +38,26 @@ def to_proto(event: EventRecord) -> job_pb2.JobEvent:
     out.time.FromDatetime(event.time)
     json_format.Parse(event.payload_json, getattr(out, event.kind))
     return out
+
+
+def progress(job: job_pb2.Job, log: list[EventRecord]) -> tuple[job_pb2.JobProgress, list[str]]:
+    """Where a job is (its latest stage and epoch) and its warnings, read from its event log."""
+    spec = job.spec
+    per_repeat = spec.classifier.epochs + (spec.fine_tuning.stage.epochs if spec.fine_tuning.enabled else 0)
+    planned = max(1, per_repeat * max(1, spec.run.repeats))
+    out = job_pb2.JobProgress()
+    warnings: list[str] = []
+    done = 0
+    for event in log:
+        if event.kind == "stage_started":
+            started = to_proto(event).stage_started
+            out.stage, out.repeat, out.total_epochs, out.epoch = (
+                started.stage, started.repeat, started.total_epochs, 0)
+        elif event.kind == "epoch_ended":
+            ended = to_proto(event).epoch_ended
+            out.epoch = ended.epoch
+            done += 1
+        elif event.kind == "warning":
+            warnings.append(to_proto(event).warning.message)
+    out.fraction_done = 1.0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else min(1.0, done / planned)
+    return out, warnings

@@ -8,19 +8,23 @@ later issue delivers answer UNIMPLEMENTED, naming that issue.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 
 from trainer_service import events, resources
+from trainer_service.advice import LrSweep, recommend_for_dataset, run_lr_finder
+from trainer_service.engine.data import DatasetError, dataset_fingerprint
+from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.executor import JobExecutor
 from trainer_service.jobstore import AlreadyExists, JobState, JobStore, NotFound
 from trainer_service.spec_validation import SpecInvalid, config_to_spec, validate_spec
 from visiontune import names
 from visiontune.rpc_errors import FieldViolation, abort_with, invalid_argument, not_implemented
+from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
 
-TRAINING_ISSUE = "issue #3 (training engine)"
 TUNING_ISSUE = "issue #5 (tuning studies)"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
@@ -37,24 +41,33 @@ def _name_or_abort(context: grpc.ServicerContext, field: str, parse: Callable[[s
         abort_with(context, invalid_argument([FieldViolation(field, str(err))]))
 
 
+# GetJob derives progress and warnings from the event log (about one event per epoch).
+MAX_EVENTS_READ = 10_000
 # How long one WatchJob wait lasts before it re-checks that the client is still there.
 WATCH_POLL_S = 1.0
 
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, jobs: JobStore, executor: JobExecutor, *, default_bucket: str = "visiontune") -> None:
+    def __init__(self, jobs: JobStore, executor: JobExecutor, store: ArtifactStore, cache_dir: Path) -> None:
         self._jobs = jobs
         self._executor = executor
-        self._default_bucket = default_bucket
+        self._store = store
+        self._cache_dir = cache_dir
+        self._default_bucket = store.bucket
 
     # --- jobs -------------------------------------------------------------------------------------
 
     def GetJob(self, request: training_service_pb2.GetJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
         job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
         try:
-            return resources.job_to_proto(self._jobs.get_job(job_id))
+            job = resources.job_to_proto(self._jobs.get_job(job_id))
+            log = self._jobs.events_after(job_id, 0, limit=MAX_EVENTS_READ)
         except NotFound:
             context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        progress, warnings = events.progress(job, log)
+        job.progress.CopyFrom(progress)
+        job.warnings.extend(warnings)
+        return job
 
     def ListJobs(
         self, request: training_service_pb2.ListJobsRequest, context: grpc.ServicerContext
@@ -158,12 +171,68 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def FindLearningRate(
         self, request: training_service_pb2.FindLearningRateRequest, context: grpc.ServicerContext
     ) -> training_service_pb2.FindLearningRateResponse:
-        not_implemented(context, "TrainingService.FindLearningRate", TRAINING_ISSUE)
+        violations: list[FieldViolation] = []
+        sweep = LrSweep(
+            min_lr=request.min_learning_rate if request.HasField("min_learning_rate") else LrSweep.min_lr,
+            max_lr=request.max_learning_rate if request.HasField("max_learning_rate") else LrSweep.max_lr,
+            steps=request.steps if request.HasField("steps") else LrSweep.steps,
+            smoothing=request.smoothing if request.HasField("smoothing") else LrSweep.smoothing,
+            divergence_factor=(request.divergence_factor if request.HasField("divergence_factor")
+                               else LrSweep.divergence_factor),
+        )
+        if not (0 < sweep.min_lr < sweep.max_lr <= 100):
+            violations.append(FieldViolation(
+                "min_learning_rate", f"need 0 < min < max <= 100, got min {sweep.min_lr:g}, max {sweep.max_lr:g}"))
+        if not 10 <= sweep.steps <= 10000:
+            violations.append(FieldViolation("steps", f"must be in [10, 10000], got {sweep.steps}"))
+        if not 0 <= sweep.smoothing < 1:
+            violations.append(FieldViolation("smoothing", f"must be in [0, 1), got {sweep.smoothing:g}"))
+        if not 1.5 <= sweep.divergence_factor <= 100:
+            violations.append(FieldViolation(
+                "divergence_factor", f"must be in [1.5, 100], got {sweep.divergence_factor:g}"))
+        config = None
+        try:
+            config = validate_spec(request.spec, default_bucket=self._default_bucket)
+        except SpecInvalid as err:
+            violations += [FieldViolation(f"spec.{v.field}", v.description) for v in err.violations]
+        if violations or config is None:
+            abort_with(context, invalid_argument(violations))
+        try:
+            outcome = run_lr_finder(config, sweep, self._store, self._cache_dir)
+        except (DatasetError, StoreError, WeightsUnavailable) as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        result = outcome.result
+        return training_service_pb2.FindLearningRateResponse(
+            points=[
+                training_service_pb2.LearningRatePoint(learning_rate=p.lr, loss=p.loss, smoothed_loss=p.smoothed_loss)
+                for p in result.points
+            ],
+            suggested_learning_rate=result.suggested_lr, rule=result.rule, plot_uri=outcome.plot_uri,
+        )
 
     def RecommendSpec(
         self, request: training_service_pb2.RecommendSpecRequest, context: grpc.ServicerContext
     ) -> training_service_pb2.RecommendSpecResponse:
-        not_implemented(context, "TrainingService.RecommendSpec", TRAINING_ISSUE)
+        if not request.dataset_uri:
+            abort_with(context, invalid_argument([FieldViolation("dataset_uri", "required")]))
+        try:
+            recommendation, listing = recommend_for_dataset(
+                self._store, request.dataset_uri, gpu_available=request.gpu_available)
+        except (DatasetError, StoreError, ValueError) as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        counts = listing.label_counts()
+        return training_service_pb2.RecommendSpecResponse(
+            spec=config_to_spec(recommendation.config),
+            reasons=[training_service_pb2.SpecReason(field=r.field, value=r.value, reason=r.reason)
+                     for r in recommendation.reasons],
+            dataset=job_pb2.DatasetSummary(
+                uri=request.dataset_uri, total_images=len(listing.items),
+                labels=[job_pb2.LabelCount(label=label, train_images=count) for label, count in counts.items()],
+                skipped_files=len(listing.skipped), skipped_examples=list(listing.skipped_examples),
+                fingerprint=dataset_fingerprint(listing),
+            ),
+            warnings=recommendation.warnings,
+        )
 
     # --- studies ----------------------------------------------------------------------------------
 

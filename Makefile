@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint protos check-protos clean
+.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist bench-train bench-transfer
 
 # A virtualenv with the project and its test/dev extras; redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -26,8 +26,20 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: setup
+test-slow: setup fashion-mnist
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist: the transfer-learning evidence runs on it.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+fashion-mnist:
+	test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+# Benchmarks: each compares against a peer in the same run and writes bench/results/*.md.
+bench-train: setup
+	$(BIN)/python -m bench.train_throughput
+
+bench-transfer: setup fashion-mnist
+	$(BIN)/python -m bench.transfer_learning
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

@@ -71,6 +71,8 @@ from trainer_service.config import (
     OptimizerConfig,
     OptimizerType,
     RunConfig,
+    ScheduleConfig,
+    ScheduleType,
     StageConfig,
     TrainingConfig,
     WeightsSource,
@@ -205,6 +207,7 @@ class Settings:
     scratch_lrs: tuple[float, ...]  # end-to-end from scratch: each is run, the best on validation compared
     pretrained_lrs: tuple[float, ...]  # end-to-end from ImageNet weights: likewise
     batch_size: int
+    schedule: ScheduleType  # every stage of every variant
     seed: int
     threads: int
     workers: int
@@ -223,9 +226,9 @@ class Outcome:
     selected: bool = True  # among several LRs of one variant: the one with the best validation accuracy
 
 
-def _adam_stage(epochs: int, learning_rate: float, batch_size: int) -> StageConfig:
-    return StageConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-                       optimizer=OptimizerConfig(type=OptimizerType.ADAM))
+def _adam_stage(epochs: int, learning_rate: float, s: Settings) -> StageConfig:
+    return StageConfig(epochs=epochs, learning_rate=learning_rate, batch_size=s.batch_size,
+                       optimizer=OptimizerConfig(type=OptimizerType.ADAM), schedule=ScheduleConfig(type=s.schedule))
 
 
 def variant_config(variant: str, s: Settings, e2e_lr: float | None = None) -> tuple[TrainingConfig, str, str, str]:
@@ -237,25 +240,25 @@ def variant_config(variant: str, s: Settings, e2e_lr: float | None = None) -> tu
     blocks = "all blocks" if s.fine_tune_blocks is None else f"last {s.fine_tune_blocks} blocks"
     ft_lr = s.learning_rate / 10
     if variant in (PRETRAINED_STAGE1, SCRATCH_STAGE1):
-        classifier, fine_tuning = _adam_stage(s.epochs, s.learning_rate, s.batch_size), no_fine_tuning
+        classifier, fine_tuning = _adam_stage(s.epochs, s.learning_rate, s), no_fine_tuning
         epochs, trained, lr = f"{s.epochs}", "head", f"{s.learning_rate:g}"
     elif variant == PRETRAINED_STAGE1_LONG:
         total = s.epochs + s.fine_tune_epochs
-        classifier, fine_tuning = _adam_stage(total, s.learning_rate, s.batch_size), no_fine_tuning
+        classifier, fine_tuning = _adam_stage(total, s.learning_rate, s), no_fine_tuning
         epochs, trained, lr = f"{total}", "head", f"{s.learning_rate:g}"
     elif variant == PRETRAINED_FT:
-        classifier = _adam_stage(s.epochs, s.learning_rate, s.batch_size)
+        classifier = _adam_stage(s.epochs, s.learning_rate, s)
         fine_tuning = FineTuningConfig(enabled=True, last_n_blocks=s.fine_tune_blocks,
-                                       stage=_adam_stage(s.fine_tune_epochs, ft_lr, s.batch_size))
+                                       stage=_adam_stage(s.fine_tune_epochs, ft_lr, s))
         epochs = f"{s.epochs} + {s.fine_tune_epochs}"
         trained, lr = f"head, then head + {blocks}", f"{s.learning_rate:g}, then {ft_lr:g}"
     elif variant in (SCRATCH_E2E, PRETRAINED_E2E):
         if e2e_lr is None:
             raise ValueError(f"{variant} needs its learning rate")
         # No stage 1 (0 epochs), then every layer trains from the first step.
-        classifier = _adam_stage(0, s.learning_rate, s.batch_size)
+        classifier = _adam_stage(0, s.learning_rate, s)
         fine_tuning = FineTuningConfig(enabled=True, last_n_blocks=None,
-                                       stage=_adam_stage(s.epochs, e2e_lr, s.batch_size))
+                                       stage=_adam_stage(s.epochs, e2e_lr, s))
         epochs, trained, lr = f"{s.epochs}", "everything", f"{e2e_lr:g}"
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -396,7 +399,8 @@ def render_report(s: Settings, outcomes: Sequence[Outcome], command: str, data: 
         f"({s.per_class}/class) and {len(data.val)} validation ({s.val_per_class}/class) from the train file, "
         f"{len(data.test or [])} test ({s.test_per_class}/class) from t10k; resized to {s.size}x{s.size}, grey "
         f"replicated to RGB, seed {s.seed}. MobileNetV2 with a 256-unit head (dropout 0.5), Adam, batch "
-        f"{s.batch_size}, no augmentation, through `recipe.train`. E = {s.epochs}, F = {s.fine_tune_epochs}; "
+        f"{s.batch_size}, {s.schedule.value} LR schedule in every stage, no augmentation, through "
+        f"`recipe.train`. E = {s.epochs}, F = {s.fine_tune_epochs}; "
         f"fine-tuning unfreezes {blocks} at the stage-1 LR / 10. End-to-end runs train every layer from the "
         f"first step (stage 1 with 0 epochs, then the fine-tuning stage over all layers), scratch at LR "
         f"{_lrs(s.scratch_lrs)} and pretrained at LR {_lrs(s.pretrained_lrs)}: each side at its own best rate "
@@ -466,6 +470,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pretrained-lr", type=_lr_list, default=(1e-3,),
                         help="end-to-end LR from ImageNet weights; a list picks on validation (1e-3)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--schedule", choices=[ScheduleType.COSINE.value, ScheduleType.CONSTANT.value],
+                        default=ScheduleType.COSINE.value,
+                        help="LR schedule of every stage (default cosine: decays to 0 over each stage)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine 2 threads oversubscribe)")
@@ -488,8 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = Settings(per_class=args.per_class, val_per_class=args.val_per_class, test_per_class=args.test_per_class,
                  size=args.size, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
                  fine_tune_blocks=args.fine_tune_blocks, learning_rate=args.lr, scratch_lrs=args.scratch_lr,
-                 pretrained_lrs=args.pretrained_lr,
-                 batch_size=args.batch_size, seed=args.seed, threads=args.threads, workers=args.workers)
+                 pretrained_lrs=args.pretrained_lr, batch_size=args.batch_size,
+                 schedule=ScheduleType(args.schedule), seed=args.seed, threads=args.threads, workers=args.workers)
     torch.set_num_threads(s.threads)
     try:
         data = prepare_data(s.per_class, s.val_per_class, s.test_per_class, s.size, s.seed, args.data_dir)

@@ -45,6 +45,7 @@ def _name_or_abort(context: grpc.ServicerContext, field: str, parse: Callable[[s
 MAX_EVENTS_READ = 10_000
 # How long one WatchJob wait lasts before it re-checks that the client is still there.
 WATCH_POLL_S = 1.0
+WATCH_FINAL_GRACE_S = 0.5
 
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
@@ -166,6 +167,10 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
                 after = event.sequence
                 yield events.to_proto(event)
             if ended and not batch:
+                # The executor records a terminal state just before its event: give that event a moment.
+                for event in self._jobs.wait_for_events(job_id, after, WATCH_FINAL_GRACE_S):
+                    after = event.sequence
+                    yield events.to_proto(event)
                 return
 
     def FindLearningRate(

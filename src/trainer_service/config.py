@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from visiontune.openset import OpenSetScore as OpenSetScore  # re-exported: config names every spec enum
+
 
 class ClassBalancing(enum.StrEnum):
     NONE = "none"
@@ -87,11 +89,6 @@ class Metric(enum.StrEnum):
     @property
     def higher_is_better(self) -> bool:
         return self in (Metric.VALIDATION_ACCURACY, Metric.TRAIN_ACCURACY)
-
-
-class OpenSetScore(enum.StrEnum):
-    MAX_SOFTMAX = "max_softmax"  # Hendrycks & Gimpel 2017
-    ENERGY = "energy"  # logsumexp of the logits, Liu et al. 2020
 
 
 class Precision(enum.StrEnum):

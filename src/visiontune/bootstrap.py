@@ -19,6 +19,10 @@ from visiontune.store import ArtifactStore, StoreError, StoreUnavailable
 
 EXIT_CONFIG_ERROR = 2
 
+
+class StartupError(Exception):
+    """A service's own start-up failed (e.g. its Triton server would not start); the message is one line."""
+
 # Builds a service's bindings from its settings, a checked store and its own parsed flags; returns them
 # and a close hook.
 ServiceFactory = Callable[
@@ -72,7 +76,11 @@ def run_service(
         return EXIT_CONFIG_ERROR
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    bindings, close = factory(settings, store, args)
+    try:
+        bindings, close = factory(settings, store, args)
+    except StartupError as err:
+        print(f"{service}: cannot start: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     server = GrpcServer(settings, bindings, service_label=service, on_stop=close)
     try:
         server.run_forever()

@@ -64,11 +64,24 @@ def cli() -> None:
 @click.option("--s3-port", type=int, default=9000, show_default=True, help="0 picks a free port.")
 @click.option("--trainer-port", type=int, default=50051, show_default=True, help="0 picks a free port.")
 @click.option("--inference-port", type=int, default=50052, show_default=True, help="0 picks a free port.")
-@click.option("--timeout", type=float, default=90.0, show_default=True, help="Seconds to wait for each part.")
-def up(data_dir: Path, s3_port: int, trainer_port: int, inference_port: int, timeout: float) -> None:
-    """Start the local stack: S3 server, trainer and inference service."""
+@click.option("--metrics-port", type=int, default=9464, show_default=True,
+              help="The inference service's Prometheus endpoint; 0 picks a free port.")
+@click.option("--triton-ports", default="8001,8000,8002", show_default=True,
+              help="Triton's gRPC,HTTP,metrics ports; 0 picks a free port.")
+@click.option("--any-ports", is_flag=True, help="Pick free ports for everything (overrides the port options).")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each part.")
+def up(data_dir: Path, s3_port: int, trainer_port: int, inference_port: int, metrics_port: int, triton_ports: str,
+       any_ports: bool, timeout: float) -> None:
+    """Start the local stack: S3 server, trainer, and inference service with its Triton server."""
+    try:
+        grpc_port, http_port, triton_metrics_port = (int(p) for p in triton_ports.split(","))
+    except ValueError as err:
+        raise click.BadParameter("three ports: gRPC,HTTP,metrics", param_hint="--triton-ports") from err
+    if any_ports:
+        s3_port = trainer_port = inference_port = metrics_port = grpc_port = http_port = triton_metrics_port = 0
     try:
         state = stack.up(data_dir, s3_port=s3_port, trainer_port=trainer_port, inference_port=inference_port,
+                         metrics_port=metrics_port, triton_ports=(grpc_port, http_port, triton_metrics_port),
                          timeout=timeout, echo=click.echo)
     except stack.StackError as err:
         raise click.ClickException(str(err)) from err
@@ -87,6 +100,8 @@ def _print_status(data_dir: Path) -> bool:
         if comp.grpc_service and stack.is_alive(comp):
             services = list_services(f"{stack.HOST}:{comp.port}", timeout=5.0)
             click.echo(f"{comp.name} services (reflection): {', '.join(services)}")
+        for what, endpoint in comp.endpoints.items():
+            click.echo(f"{comp.name} {what}: {endpoint}")
     click.echo(f"bucket: s3://{state.s3_settings.bucket} at {state.s3_settings.url}")
     return all(row.healthy for row in rows)
 

@@ -40,6 +40,8 @@ class Component:
     # What `ps` shows for it, to avoid signalling an unrelated process that reused the pid.
     marker: str
     grpc_service: str | None = None
+    # Other endpoints it serves, by name (the inference service's metrics, its Triton's ports).
+    endpoints: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,10 +157,15 @@ def up(
     s3_port: int = 9000,
     trainer_port: int = 50051,
     inference_port: int = 50052,
+    metrics_port: int = 9464,
+    triton_ports: tuple[int, int, int] = (8001, 8000, 8002),
     timeout: float = 90.0,
     echo: Callable[[str], None] = print,
 ) -> StackState:
-    """Start the stack, or return the running one."""
+    """Start the stack, or return the running one. A port of 0 picks a free one.
+
+    `metrics_port` is the inference service's Prometheus endpoint, `triton_ports` its Triton's gRPC,
+    HTTP and metrics ports."""
     data_dir = data_dir.resolve()
     existing = load_state(data_dir)
     if existing and all(is_alive(c) for c in existing.components):
@@ -167,8 +174,9 @@ def up(
     if existing:
         down(data_dir, echo=echo)
 
-    ports = {"s3": s3_port or free_port(HOST), "trainer": trainer_port or free_port(HOST),
-             "inference": inference_port or free_port(HOST)}
+    wanted = {"s3": s3_port, "trainer": trainer_port, "inference": inference_port, "metrics": metrics_port,
+              "triton gRPC": triton_ports[0], "triton HTTP": triton_ports[1], "triton metrics": triton_ports[2]}
+    ports = {what: port or free_port(HOST) for what, port in wanted.items()}
     for what, port in ports.items():
         _check_port_free(port, what)
     s3 = S3Settings(
@@ -212,13 +220,25 @@ def up(
             "VISIONTUNE_DATA_DIR": str(data_dir),
             "VISIONTUNE_HOST": HOST,
         }
-        for name, module, port, service in (
-            ("trainer", "trainer_service", ports["trainer"], "visiontune.v1.TrainingService"),
-            ("inference", "inference_service", ports["inference"], "visiontune.v1.InferenceService"),
+        inference_args = [
+            "--metrics-port", str(ports["metrics"]), "--triton-grpc-port", str(ports["triton gRPC"]),
+            "--triton-http-port", str(ports["triton HTTP"]), "--triton-metrics-port", str(ports["triton metrics"]),
+        ]
+        inference_endpoints = {
+            "metrics": f"http://{HOST}:{ports['metrics']}/metrics",
+            "triton gRPC": f"{HOST}:{ports['triton gRPC']}",
+            "triton HTTP": f"http://{HOST}:{ports['triton HTTP']}",
+            "triton metrics": f"http://{HOST}:{ports['triton metrics']}/metrics",
+        }
+        for name, module, port, service, extra, endpoints in (
+            ("trainer", "trainer_service", ports["trainer"], "visiontune.v1.TrainingService", [], {}),
+            ("inference", "inference_service", ports["inference"], "visiontune.v1.InferenceService",
+             inference_args, inference_endpoints),
         ):
-            comp, proc = _spawn(name, [py, "-m", module, "--port", str(port)], log=logs / f"{name}.log",
-                          env=service_env, marker=module, port=port)
+            comp, proc = _spawn(name, [py, "-m", module, "--port", str(port), *extra], log=logs / f"{name}.log",
+                                env=service_env, marker=module, port=port)
             comp.grpc_service = service
+            comp.endpoints = endpoints
             state.components.append(comp)
             _save_state(state)
             echo(f"starting {name} on {HOST}:{port} ...")

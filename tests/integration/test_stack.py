@@ -30,7 +30,7 @@ def test_stack_up_push_status_down(tmp_path: Path) -> None:
     images = tmp_path / "images"
     state = None
     try:
-        up = _cli("up", "--s3-port", "0", "--trainer-port", "0", "--inference-port", "0", data_dir=data_dir)
+        up = _cli("up", "--any-ports", data_dir=data_dir)
         assert "visiontune.v1.TrainingService" in up.stdout
         assert "visiontune.v1.InferenceService" in up.stdout
         state = stack.load_state(data_dir)

@@ -10,16 +10,14 @@ The pipeline (DESIGN.md §4):
 4. `ImageDataset` serves rows of that memmap to a DataLoader (picklable for worker processes);
    `class_weights` / `balanced_sampler` implement `ClassBalancing`; `label_warnings` flags small labels.
 
-Decoding (`decode_image`) is the preprocessing that inference must repeat, recorded by `preprocessing()`
-for the model manifest: EXIF orientation applied, RGB (alpha dropped, 16-bit scaled to 8 bits), then a
-straight (aspect-ignoring) bilinear, antialiased resize to size x size.
+Decoding is `visiontune.preprocessing`, shared with the inference service so both give the same
+probabilities for the same image; `preprocessing()` records it in the model manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
@@ -27,7 +25,6 @@ import os
 import random
 import secrets
 import shutil
-import struct
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -37,107 +34,21 @@ from typing import Any, Final, NamedTuple, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from visiontune.dataset_upload import IMAGE_SUFFIXES
+from visiontune.preprocessing import (  # noqa: F401 (re-exported: the trainer's decoding is the shared one)
+    MAX_IMAGE_PIXELS,
+    PREPROCESSING,
+    ImageRejected,
+    decode_hwc,
+    decode_image,
+    preprocessing,
+)
 from visiontune.store import ArtifactStore, ObjectNotFound
 from visiontune.uris import S3Location, parse_location
 
 log = logging.getLogger(__name__)
-
-# -- preprocessing ----------------------------------------------------------------------------------------
-
-# Images above this many pixels are treated as corrupt (decompression bombs). Below PIL's own
-# Image.MAX_IMAGE_PIXELS (~89 MP), so an image we accept never trips PIL's warning; PIL itself refuses
-# anything above twice its limit while reading the header.
-MAX_IMAGE_PIXELS: Final = 64 * 1024 * 1024
-
-# Before the final resize, JPEG DCT scaling (`draft`) and box reduction (`reduce`) shrink a large image
-# to no less than REDUCING_GAP x the target, so the bilinear resize still sees enough pixels to
-# antialias well (the same trade-off as PIL's `Image.thumbnail`).
-REDUCING_GAP: Final = 2.0
-
-# What a manifest carries so inference repeats the preprocessing exactly; `preprocessing(size)` adds
-# the size of one job.
-PREPROCESSING: Final[Mapping[str, Any]] = {
-    "resize": "bilinear",  # straight to size x size, aspect ratio not kept, antialiased (PIL resize)
-    "mode": "RGB",  # greyscale replicated, palette expanded, CMYK converted, alpha dropped
-    "exif_transpose": True,  # EXIF orientation applied before anything else
-    "sixteen_bit": "shift_right_8",  # 16-bit samples scaled to 8 bits (PIL's own convert would clip)
-    "reducing_gap": REDUCING_GAP,  # JPEG draft + Image.reduce down to >= gap x size before resizing
-}
-
-
-def preprocessing(size: int) -> dict[str, Any]:
-    """`PREPROCESSING` with the image size of one job, e.g. for the model manifest."""
-    return {**PREPROCESSING, "size": size}
-
-
-# What PIL raises for bytes that are not a (complete, sane) image. Plugins differ: most raise OSError
-# (UnidentifiedImageError and "image file is truncated" included) or ValueError, some SyntaxError,
-# EOFError or struct.error on malformed headers, TypeError on odd metadata. DecompressionBombError
-# derives from Exception alone.
-_DECODE_ERRORS: Final = (
-    OSError, ValueError, TypeError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
-)
-_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
-
-
-def _to_reducible(img: Image.Image) -> Image.Image:
-    """Bring `img` to "L" or "RGB", the modes that reduce/resize average correctly, dropping alpha."""
-    if img.mode in ("L", "RGB"):
-        return img
-    if img.mode in ("LA", "La", "1"):
-        return img.convert("L")
-    if img.mode in _SIXTEEN_BIT_MODES:
-        # PIL's convert clips 16-bit values at 255 (a white image); keep the top 8 bits instead.
-        samples = np.asarray(img).astype(np.int64)
-        return Image.fromarray((np.clip(samples, 0, 65535) >> 8).astype(np.uint8), "L")
-    if img.mode == "F":
-        return Image.fromarray(np.clip(np.nan_to_num(np.asarray(img)), 0, 255).astype(np.uint8), "L")
-    # P, PA, RGBA, RGBX, CMYK, YCbCr, LAB, HSV...: converting first also keeps palette indices and
-    # premultiplied alpha out of the averaging.
-    return img.convert("RGB")
-
-
-def _decode_hwc(data: bytes, size: int, max_pixels: int) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
-    """Decode to uint8 [size, size, 3], or None when the bytes are not a usable image."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width < 1 or height < 1 or width * height > max_pixels:
-                return None
-            target = math.ceil(size * REDUCING_GAP)
-            # JPEG only (a no-op elsewhere): decode at 1/2, 1/4 or 1/8 scale, never below `target`.
-            img.draft("RGB", (target, target))
-            # Loads the (drafted) pixels and rotates/flips them upright; in place spares a full-size copy.
-            ImageOps.exif_transpose(img, in_place=True)
-            plain = _to_reducible(img)
-            factor = (max(1, int(plain.width // target)), max(1, int(plain.height // target)))
-            if factor != (1, 1):
-                plain = plain.reduce(factor)
-            resized = plain.resize((size, size), Image.Resampling.BILINEAR)
-            if resized.mode != "RGB":
-                resized = resized.convert("RGB")
-            return np.asarray(resized, dtype=np.uint8)
-    except _DECODE_ERRORS as exc:
-        log.debug("not a decodable image: %s: %s", type(exc).__name__, exc)
-        return None
-
-
-def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor | None:
-    """Encoded image bytes -> uint8 tensor [3, size, size] (RGB), or None for corrupt or non-image bytes.
-
-    Never raises for bad input: truncated files, unknown formats, decompression bombs (more than
-    `max_pixels` pixels) all give None. A large image is shrunk while decoding (JPEG draft, then
-    Image.reduce), so its full resolution never becomes a tensor.
-    """
-    hwc = _decode_hwc(data, size, max_pixels)
-    if hwc is None:
-        return None
-    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
-
 
 # -- listing ----------------------------------------------------------------------------------------------
 
@@ -568,10 +479,11 @@ def _decode_into(
         except ObjectNotFound:
             log.warning("image %s vanished since it was listed; skipping it", key)
             return None
-        hwc = _decode_hwc(data, size, MAX_IMAGE_PIXELS)
-        if hwc is None:
-            log.warning("skipping corrupt image %s", key)
-        return hwc
+        try:
+            return decode_hwc(data, size)
+        except ImageRejected as err:
+            log.warning("skipping corrupt image %s: %s", key, err)
+            return None
 
     # A bounded window of futures: a million-image dataset must not mean a million pending futures
     # (or decoded arrays). Rows are written here, in the calling thread.

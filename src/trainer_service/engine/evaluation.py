@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer_service.config import OpenSetScore
+from visiontune.openset import open_set_scores
 
 # Anything that holds a 1-D collection of scores.
 Scores = torch.Tensor | npt.NDArray[Any] | Sequence[float]
@@ -165,22 +166,6 @@ def _most_confident_mistakes(
 
 
 # -- open set ------------------------------------------------------------------------------------------------
-
-
-def open_set_scores(logits: torch.Tensor, score: OpenSetScore) -> torch.Tensor:
-    """One "known-ness" score per row of `[N, C]` logits; higher means more likely a known class.
-
-    MAX_SOFTMAX: the largest softmax probability, in (1/C, 1]. ENERGY: logsumexp of the logits, i.e. the
-    negative free energy at temperature 1 — unbounded, and unlike softmax it keeps the logits' magnitude.
-    """
-    if logits.ndim != 2 or logits.shape[1] == 0:
-        raise ValueError(f"logits must be [N, C] with C >= 1, got {list(logits.shape)}")
-    logits = logits.detach().float()
-    if score == OpenSetScore.MAX_SOFTMAX:
-        return logits.softmax(dim=1).amax(dim=1)
-    if score == OpenSetScore.ENERGY:
-        return torch.logsumexp(logits, dim=1)
-    raise ValueError(f"unknown open-set score {score!r}")
 
 
 def calibrate_threshold(known_scores: Scores, target_tpr: float) -> float:

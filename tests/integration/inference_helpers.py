@@ -1,0 +1,196 @@
+"""Shared by the tests that run a real inference service (with its real Triton server).
+
+`publish_color_model` writes a real model version to the bucket (TorchScript weights, manifest, sha256),
+made by hand rather than trained so its answers are known in advance: it scores an image by its mean
+red, green and blue, so a pure red image is "red" with probability ~1 and a grey one scores 1/3 for every
+label (an unknown at the default threshold).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from google.protobuf import json_format
+from PIL import Image
+from torch import nn
+
+from visiontune.client import is_serving
+from visiontune.ports import free_port
+from visiontune.s3server import S3ServerProcess
+from visiontune.store import ArtifactStore, sha256_file
+from visiontune.v1 import (
+    inference_service_pb2 as pb,
+)
+from visiontune.v1 import (
+    inference_service_pb2_grpc,
+    job_pb2,
+    manifest_pb2,
+    training_spec_pb2,
+)
+
+COLOR_LABELS = ("red", "green", "blue")
+SERVICE = "visiontune.v1.InferenceService"
+
+
+class ColorModel(nn.Module):
+    """logits = scale * per-channel mean of the normalised image (mean 0.5, std 0.5: values in [-1, 1])."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * self.scale
+
+
+def publish_model(
+    store: ArtifactStore, model: str, version: str, network: nn.Module, *, labels: Sequence[str], size: int,
+    mean: Sequence[float], std: Sequence[float], threshold: float,
+    score: training_spec_pb2.OpenSetScore.ValueType = training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX,
+) -> str:
+    """Write `network` as TorchScript plus its manifest as `models/{model}/versions/{version}`; returns the name."""
+    name = f"models/{model}/versions/{version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is "deprecated" in this torch; still works
+            traced = torch.jit.trace(network.eval(), torch.zeros(1, 3, size, size))
+            torch.jit.save(traced, str(path))
+        manifest = manifest_pb2.ModelManifest(
+            schema_version=1, name=name, labels=list(labels),
+            preprocessing=manifest_pb2.Preprocessing(
+                resize_size=size, crop_size=size, interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
+                mean=list(mean), std=list(std), color_mode=manifest_pb2.COLOR_MODE_RGB),
+            weights=manifest_pb2.Weights(
+                path="model.pt", format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT, sha256=sha256_file(path),
+                size_bytes=path.stat().st_size, input_name="images", input_shape=[-1, 3, size, size],
+                output_name="logits", output_shape=[-1, len(labels)]),
+            open_set=job_pb2.OpenSetResult(score=score, threshold=threshold, target_true_positive_rate=0.95),
+        )
+        with store.begin_model_version(model, version) as writer:
+            writer.put_file("model.pt", path)
+            writer.commit(json_format.MessageToJson(manifest).encode())
+    return name
+
+
+def publish_color_model(
+    store: ArtifactStore, model: str = "colors", version: str = "v1", *, scale: float = 10.0, threshold: float = 0.5,
+    size: int = 16,
+) -> str:
+    return publish_model(store, model, version, ColorModel(scale), labels=COLOR_LABELS, size=size,
+                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=threshold)
+
+
+def solid_image(rgb: tuple[int, int, int], size: int = 24, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), rgb).save(out, fmt)
+    return out.getvalue()
+
+
+RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
+
+
+@dataclass
+class Inference:
+    proc: subprocess.Popen[bytes]
+    stub: inference_service_pb2_grpc.InferenceServiceStub
+    channel: grpc.Channel
+    target: str
+    metrics_port: int
+    triton_grpc: str
+    triton_http: str
+    log: Path
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def deploy(self, name: str, **kwargs: object) -> pb.Deployment:
+        deployment: pb.Deployment = self.stub.DeployModel(pb.DeployModelRequest(model_version=name, **kwargs),
+                                                          timeout=180)
+        return deployment
+
+    def classify(self, model: str, *images: bytes, **kwargs: object) -> pb.ClassifyResponse:
+        request = pb.ClassifyRequest(model=model, images=[pb.Image(content=i) for i in images], **kwargs)
+        response: pb.ClassifyResponse = self.stub.Classify(request, timeout=60)
+        return response
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_inference(
+    store: ArtifactStore, s3: S3ServerProcess, data_dir: Path, *args: str, timeout: float = 180.0
+) -> Inference:
+    """`python -m inference_service` (and so a Triton server) on free loopback ports against `store`'s bucket."""
+    port, metrics, t_grpc, t_http, t_metrics = (free_port() for _ in range(5))
+    settings = s3.settings(store.bucket)
+    env = {
+        **os.environ,
+        "VISIONTUNE_S3_ENDPOINT": settings.endpoint,
+        "VISIONTUNE_S3_ACCESS_KEY": settings.access_key,
+        "VISIONTUNE_S3_SECRET_KEY": settings.secret_key,
+        "VISIONTUNE_S3_BUCKET": settings.bucket,
+        "VISIONTUNE_DATA_DIR": str(data_dir),
+    }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / f"inference-{port}.log"
+    command = [sys.executable, "-m", "inference_service", "--port", str(port), "--log-format", "text",
+               "--metrics-port", str(metrics), "--triton-grpc-port", str(t_grpc), "--triton-http-port", str(t_http),
+               "--triton-metrics-port", str(t_metrics), *args]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while not is_serving(target, SERVICE, 1.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"inference service did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.2)
+    channel = grpc.insecure_channel(target)
+    return Inference(proc, inference_service_pb2_grpc.InferenceServiceStub(channel), channel, target, metrics,
+                     f"127.0.0.1:{t_grpc}", f"127.0.0.1:{t_http}", log_path, data_dir, list(args))
+
+
+def restart(service: Inference, store: ArtifactStore, s3: S3ServerProcess) -> Inference:
+    service.stop()
+    return start_inference(store, s3, service.data_dir, *service.args)
+
+
+def wait_ready(service: Inference, name: str, timeout: float = 180.0) -> pb.Deployment:
+    """Poll ListDeployments until `name` is READY (restored deployments load in the background)."""
+    deadline = time.monotonic() + timeout
+    last: pb.Deployment | None = None
+    while time.monotonic() < deadline:
+        for d in service.stub.ListDeployments(pb.ListDeploymentsRequest(), timeout=10).deployments:
+            if d.model_version == name:
+                last = d
+                if d.state == pb.DEPLOYMENT_STATE_READY:
+                    return d
+                if d.state == pb.DEPLOYMENT_STATE_FAILED:
+                    pytest.fail(f"{name} failed to load: see {service.log}")
+        time.sleep(0.5)
+    pytest.fail(f"{name} not ready after {timeout} s (last: {last})")

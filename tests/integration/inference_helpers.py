@@ -112,6 +112,7 @@ class Inference:
     metrics_port: int
     triton_grpc: str
     triton_http: str
+    triton_metrics: str
     log: Path
     data_dir: Path
     args: list[str] = field(default_factory=list)
@@ -172,7 +173,8 @@ def start_inference(
         time.sleep(0.2)
     channel = grpc.insecure_channel(target)
     return Inference(proc, inference_service_pb2_grpc.InferenceServiceStub(channel), channel, target, metrics,
-                     f"127.0.0.1:{t_grpc}", f"127.0.0.1:{t_http}", log_path, data_dir, list(args))
+                     f"127.0.0.1:{t_grpc}", f"127.0.0.1:{t_http}", f"http://127.0.0.1:{t_metrics}/metrics", log_path,
+                     data_dir, list(args))
 
 
 def restart(service: Inference, store: ArtifactStore, s3: S3ServerProcess) -> Inference:

@@ -20,13 +20,14 @@ Series (all prefixed `visiontune_inference_`):
 | false_rejections_total | counter | model, version | known-class images rejected as unknown |
 | unknown_false_positive_rate | gauge | model, version | false positives / unknown-class reports, last N |
 | unknown_feedback_window | gauge | model, version | how many reports that rate is over (<= N) |
-| deployed_versions | gauge | model | versions that are live (ready) |
+| deployed_versions | gauge | model | versions that are live (ready); 0 once none is |
 | traffic_weight | gauge | model, version | a live version's traffic weight |
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from typing import Final
 
@@ -86,6 +87,7 @@ class InferenceMetrics:
                                     registry=r)
         self._lock = threading.Lock()
         self._unknown_outcomes: dict[tuple[str, str], collections.deque[bool]] = {}
+        self._models: set[str] = set()  # every model that had a deployment: its count stays, at 0 if need be
 
     def record_unknown_feedback(self, model: str, version: str, *, accepted: bool) -> float:
         """An unknown-class image was reported; `accepted` = it had been classified as known (a false
@@ -99,16 +101,26 @@ class InferenceMetrics:
         self.rate_window_size.labels(model, version).set(size)
         return rate
 
-    def set_deployments(self, weights: dict[tuple[str, str], int]) -> None:
-        """Replace the deployment gauges with `{(model, version): traffic weight}` of the live versions."""
-        models = collections.Counter(model for model, _ in weights)
+    def set_deployments(self, weights: dict[tuple[str, str], int], models: set[str] | None = None) -> None:
+        """Replace the deployment gauges: `{(model, version): traffic weight}` of the live versions, and the
+        models that have any deployment (live or not). A model once seen keeps `deployed_versions` (at 0
+        when nothing of it is live), so "clients ask for a model with no live version" is visible."""
+        live = collections.Counter(model for model, _ in weights)
         with self._lock:
+            self._models |= set(live) | (models or set())
             self.traffic_weight.clear()
-            self.deployed_versions.clear()
             for (model, version), weight in weights.items():
                 self.traffic_weight.labels(model, version).set(weight)
-            for model, count in models.items():
-                self.deployed_versions.labels(model).set(count)
+            for model in self._models:
+                self.deployed_versions.labels(model).set(live.get(model, 0))
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Drop an undeployed version's rolling false-positive rate (its counters stay: they are history)."""
+        with self._lock:
+            self._unknown_outcomes.pop((model, version), None)
+            for gauge in (self.false_positive_rate, self.rate_window_size):
+                with contextlib.suppress(KeyError):  # it never had unknown-class feedback
+                    gauge.remove(model, version)
 
     def exposition(self) -> bytes:
         """The text exposition format of every series (what a scrape returns)."""

@@ -251,6 +251,7 @@ class InferenceEngine:
             except TritonError as err:
                 log.warning("%s: %s", name, err)
             remove_model(self.repository, removed.triton_model)
+            self.metrics.forget_version(name.model, name.version)
             log.info("%s undeployed", name)
             return removed.snapshot()
 
@@ -291,7 +292,7 @@ class InferenceEngine:
             log.error("%s: could not delete its deployment record (a restart would bring it back): %s", name, err)
 
     def _publish_weights(self) -> None:
-        self.metrics.set_deployments(self.registry.weights())
+        self.metrics.set_deployments(self.registry.weights(), {d.name.model for d in self.registry.list()})
 
     # -- classify ---------------------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def _to_reducible(img: Image.Image) -> Image.Image:
 def _rejection(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, Image.DecompressionBombError):
-        return f"decompression bomb refused: {text}"
+        return f"image too large, refused as a decompression bomb: {text}"
     if "truncated" in text or isinstance(exc, EOFError):
         return "truncated image: the file ends before its pixel data does"
     if isinstance(exc, UnidentifiedImageError):

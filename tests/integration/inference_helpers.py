@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,18 +58,22 @@ class ColorModel(nn.Module):
 
 
 def publish_model(
-    store: ArtifactStore, model: str, version: str, network: nn.Module, *, labels: Sequence[str], size: int,
+    store: ArtifactStore, model: str, version: str, network: nn.Module | Path, *, labels: Sequence[str], size: int,
     mean: Sequence[float], std: Sequence[float], threshold: float,
     score: training_spec_pb2.OpenSetScore.ValueType = training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX,
 ) -> str:
-    """Write `network` as TorchScript plus its manifest as `models/{model}/versions/{version}`; returns the name."""
+    """Write `network` as TorchScript (or the TorchScript file `network`) plus its manifest as
+    `models/{model}/versions/{version}`; returns the version's name."""
     name = f"models/{model}/versions/{version}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is "deprecated" in this torch; still works
-            traced = torch.jit.trace(network.eval(), torch.zeros(1, 3, size, size))
-            torch.jit.save(traced, str(path))
+        if isinstance(network, Path):
+            shutil.copyfile(network, path)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is "deprecated" in this torch; works
+                traced = torch.jit.trace(network.eval(), torch.zeros(1, 3, size, size))
+                torch.jit.save(traced, str(path))
         manifest = manifest_pb2.ModelManifest(
             schema_version=1, name=name, labels=list(labels),
             preprocessing=manifest_pb2.Preprocessing(

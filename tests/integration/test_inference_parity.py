@@ -1,0 +1,105 @@
+"""Parity: an image gets the same probabilities from Classify (through Triton) as from the trainer's evaluation.
+
+The model is what the trainer ships: a MobileNetV2 `Classifier` with ImageNet weights (shipped offline) and
+a fresh head, exported by the trainer's `export_torchscript`, with the trainer's normalisation in its
+manifest. The trainer's side decodes with its dataset pipeline and runs `loop.predict` (the evaluation
+path); the inference side is a real service with a real Triton. The images vary what preprocessing must
+get right: JPEG with EXIF rotation, a palette PNG with alpha, greyscale, 16-bit, a large image that is
+shrunk while decoding, and a non-square one.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tests.integration.inference_helpers import publish_model, start_inference
+
+from trainer_service.config import ModelConfig
+from trainer_service.engine.data import decode_image
+from trainer_service.engine.loop import RunContext, Split, predict
+from trainer_service.engine.models import (
+    build_classifier,
+    export_torchscript,
+    load_base_weights,
+    normalization,
+    seed_weights_cache,
+)
+from visiontune.s3server import S3ServerProcess
+from visiontune.store import ArtifactStore
+from visiontune.v1 import inference_service_pb2 as pb
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+LABELS = ("bird", "boat", "cat", "tree")
+SIZE = 64
+
+
+def _encode(img: Image.Image, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _images() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).resize((300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    palette.info["transparency"] = 0
+    sixteen = Image.fromarray((rng.integers(0, 65535, (50, 40))).astype(np.uint16))
+    gradient = np.linspace(0, 255, 1600 * 1200 * 3).reshape(1200, 1600, 3).astype(np.uint8)
+    return {
+        "photo.jpg": _encode(photo, "JPEG", quality=90, exif=exif.tobytes()),
+        "palette.png": _encode(palette, "PNG"),
+        "grey.png": _encode(photo.convert("L"), "PNG"),
+        "sixteen.png": _encode(sixteen, "PNG"),
+        "large.jpg": _encode(Image.fromarray(gradient), "JPEG", quality=85),
+        "wide.webp": _encode(photo.resize((400, 100)), "WEBP", quality=90),
+    }
+
+
+def test_classify_matches_the_trainers_evaluation(
+    store: ArtifactStore, s3_server: S3ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    seed_weights_cache()  # the shipped MobileNetV2 checkpoint, so features are real ImageNet features
+    config = ModelConfig()
+    torch.manual_seed(0)
+    model = build_classifier(config, len(LABELS), load_base_weights(config, None)).eval()
+    mean, std = normalization(config)
+    images = _images()
+
+    # The trainer's side: its decoder, its evaluation loop.
+    decoded = [decode_image(data, SIZE) for data in images.values()]
+    assert all(d is not None for d in decoded)
+    split = Split(images=torch.stack([d for d in decoded if d is not None]).numpy(),
+                  targets=np.zeros(len(decoded), dtype=np.int64))
+    ctx = RunContext(device=torch.device("cpu"), autocast_dtype=None, workers=0, mean=mean, std=std)
+    trainer_probs = predict(model, split, ctx).softmax(dim=1).numpy()
+    assert trainer_probs.std(axis=0).max() > 1e-3  # the images really get different answers
+
+    # The inference side: the trainer's export, a real service and Triton.
+    weights = tmp_path / "model.pt"
+    export_torchscript(model, SIZE, weights)
+    name = publish_model(store, "parity", "v1", weights, labels=LABELS, size=SIZE, mean=mean, std=std,
+                         threshold=0.5)
+    service = start_inference(store, s3_server, tmp_path / "inference")
+    try:
+        service.deploy(name)
+        response = service.classify("models/parity", *images.values(), top_k=len(LABELS))
+    finally:
+        service.stop()
+
+    served = np.zeros_like(trainer_probs)
+    for c in response.classifications:
+        for entry in c.top_k:
+            served[c.index, LABELS.index(entry.label)] = entry.score
+        assert c.unknown_score == pytest.approx(float(trainer_probs[c.index].max()), abs=1e-5)
+    np.testing.assert_allclose(served, trainer_probs, atol=1e-5, err_msg=f"images: {list(images)}")
+    assert isinstance(response, pb.ClassifyResponse)

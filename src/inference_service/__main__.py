@@ -22,6 +22,7 @@ from inference_service.feedback import DEFAULT_CAPACITY, PredictionLog
 from inference_service.metrics import DEFAULT_RATE_WINDOW, InferenceMetrics
 from inference_service.servicer import InferenceServicer
 from inference_service.serving import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, InferenceEngine, Limits
+from inference_service.supervisor import TritonSupervisor
 from inference_service.triton import TritonError, TritonModels, TritonPorts, TritonServer, find_triton
 from visiontune.bootstrap import StartupError, run_service
 from visiontune.preprocessing import MAX_IMAGE_PIXELS
@@ -110,6 +111,8 @@ def build(
         predictions=PredictionLog(args.feedback_capacity),
     )
     threading.Thread(target=engine.restore, name="restore-deployments", daemon=True).start()
+    supervisor = TritonSupervisor(triton, engine)
+    supervisor.start()
 
     servicer = InferenceServicer(engine)
     binding = ServiceBinding(
@@ -117,6 +120,7 @@ def build(
     )
 
     def close() -> None:
+        supervisor.stop()
         engine.close()
         models.close()
         metrics_server.shutdown()

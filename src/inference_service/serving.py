@@ -278,6 +278,20 @@ class InferenceEngine:
             except ServiceError as err:
                 log.error("could not restore %s: %s", record.name, err.message)
 
+    def mark_all_loading(self, reason: str) -> None:
+        """Take every deployment out of routing (Triton lost them); `reload_all` brings them back."""
+        for deployment in self.registry.list():
+            self.registry.update(deployment.name, state=DeploymentState.LOADING, error=reason)
+        self._publish_weights()
+
+    def reload_all(self) -> None:
+        """Load every registered deployment into a (restarted) Triton again."""
+        for deployment in self.registry.list():
+            try:
+                self.deploy(deployment.name, deployment.settings, restoring=True)
+            except ServiceError as err:
+                log.error("could not reload %s: %s", deployment.name, err.message)
+
     def _save_record(self, name: ModelVersionName, settings: DeploySettings, deploy_time: datetime) -> None:
         try:
             dep.save_record(self.store, name, settings, deploy_time)

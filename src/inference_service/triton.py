@@ -238,6 +238,15 @@ class TritonServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """The child's exit status once it has died on its own (None while running or never started)."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (Triton unloads its models and drains), then SIGKILL after `timeout`."""
         proc, self._proc = self._proc, None

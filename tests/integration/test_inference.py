@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
+import signal
+import subprocess
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -303,6 +307,28 @@ def test_deployments_are_restored_after_a_restart(
         restored = wait_ready(own, name)
         assert (restored.traffic_weight, restored.max_batch_size) == (7, 4)
         assert _top1(own.classify("models/restored", solid_image(BLUE)).classifications[0]) == "blue"
+
+        # Triton killed under the service: Classify says UNAVAILABLE (retryable) until the supervisor has
+        # restarted Triton and reloaded the deployment; the service process itself never goes down.
+        triton_pid = int(subprocess.run(["pgrep", "-P", str(own.proc.pid), "-f", "tritonserver"],
+                                        capture_output=True, text=True, check=True).stdout.split()[0])
+        os.kill(triton_pid, signal.SIGKILL)
+        codes = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                answer = own.classify("models/restored", solid_image(BLUE))
+            except grpc.RpcError as err:
+                codes.add(err.code())
+                time.sleep(0.2)
+                continue
+            if codes:  # answered again after failing: Triton is back
+                break
+            time.sleep(0.05)
+        assert codes, "Triton's death was never noticed"
+        assert codes <= {grpc.StatusCode.UNAVAILABLE}, codes
+        assert _top1(answer.classifications[0]) == "blue"
+        assert own.proc.poll() is None
         own.stub.UndeployModel(pb.UndeployModelRequest(model_version=name), timeout=120)
         assert not bucket.exists("deployments/restored/v1.json")
     finally:

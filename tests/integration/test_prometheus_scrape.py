@@ -122,14 +122,18 @@ def populate_baseline(metrics: InferenceMetrics) -> None:
             metrics.predictions.labels(model, version, verdict)
         for histogram in (metrics.request_seconds, metrics.preprocess_seconds, metrics.triton_seconds):
             histogram.labels(model, version)
-    metrics.set_deployments({("flowers", "v2"): 90, ("cats", "v1"): 10, ("dogs", "v1"): 100})
+    # dogs/v1 serves; once it is gone, the service counts dogs's calls under version="" as NOT_FOUND.
+    metrics.requests.labels("dogs", "v1", "OK")
+    metrics.requests.labels("dogs", "", "NOT_FOUND")
+    metrics.set_deployments({("flowers", "v2"): 90, ("cats", "v1"): 10, ("dogs", "v1"): 100, ("birds", "v1"): 100})
     # cats/v1: an FP rate of 0.6, but over 5 reports only: must not page.
     for accepted in (True, True, True, False, False):
         metrics.record_unknown_feedback("cats", "v1", accepted=accepted)
 
 
 def serve_traffic(metrics: InferenceMetrics) -> None:
-    """flowers/v2 turns bad in every way; cats/v1 stays healthy; dogs loses its only version."""
+    """flowers/v2 turns bad in every way; cats/v1 stays healthy; dogs loses its only version while clients keep
+    calling it; birds is undeployed and nobody calls it (must not page)."""
     m, v = "flowers", "v2"
     metrics.requests.labels(m, v, "OK").inc(20)
     metrics.requests.labels(m, v, "UNAVAILABLE").inc(20)
@@ -154,7 +158,10 @@ def serve_traffic(metrics: InferenceMetrics) -> None:
     metrics.requests.labels("cats", "v1", "OK").inc(50)
     for _ in range(50):
         metrics.request_seconds.labels("cats", "v1").observe(0.01)
-    metrics.set_deployments({("flowers", "v2"): 90, ("cats", "v1"): 10})
+    metrics.set_deployments({("flowers", "v2"): 90, ("cats", "v1"): 10}, {"flowers", "cats"})
+    for model in ("dogs", "birds"):
+        metrics.forget_version(model, "v1")
+    metrics.requests.labels("dogs", "", "NOT_FOUND").inc(30)
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -203,6 +210,13 @@ def test_alert_rules_and_dashboard_on_real_series(metrics: InferenceMetrics, end
         }
         assert all(s["metric"].get("version") in (None, "v2") for s in alerts)
 
+        # dogs and birds keep their live-version count, at 0; only dogs, which clients still call, pages.
+        deployed = {s["metric"]["model"]: float(s["value"][1])
+                    for s in prom.query(f'visiontune_inference_deployed_versions{{instance="{endpoint}"}}')}
+        assert deployed == {"flowers": 1.0, "cats": 1.0, "dogs": 0.0, "birds": 0.0}
+        assert alert_keys(prom.query('ALERTS{alertname="VisionTuneModelNoLiveVersions"}')) == {
+            ("VisionTuneModelNoLiveVersions", "dogs", endpoint)}
+
         # Every rule evaluates without error on the real series.
         groups = prom.rule_groups()
         assert {g["name"] for g in groups} == {"visiontune-inference", "visiontune-inference-recording"}
@@ -210,8 +224,10 @@ def test_alert_rules_and_dashboard_on_real_series(metrics: InferenceMetrics, end
                if r["health"] != "ok"]
         assert bad == []
 
-        # The recorded p99 of flowers/v2: all 20 requests at 0.4 s fall in the (0.25, 0.5] bucket.
-        [p99] = prom.query('model_version:visiontune_inference_request_duration_seconds:p99_rate5m{model="flowers"}')
+        # The recorded p99 of flowers/v2: all 20 requests at 0.4 s fall in the (0.25, 0.5] bucket. The recording
+        # group is evaluated apart from the alerts: its last sample may still be from before the traffic (NaN).
+        [p99] = prom.wait_for('model_version:visiontune_inference_request_duration_seconds:p99_rate5m{model="flowers"}',
+                              lambda r: len(r) == 1 and 0.25 < float(r[0]["value"][1]) <= 0.5, timeout=20)
         assert 0.25 < float(p99["value"][1]) <= 0.5
 
         # Every dashboard query parses and finds data.

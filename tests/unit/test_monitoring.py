@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from inference_service.metrics import PREFIX, VERDICT_KNOWN, VERDICT_UNKNOWN, InferenceMetrics
 
@@ -375,6 +376,34 @@ def test_alerts_are_actionable() -> None:
                 assert "$labels.model" in text, f"{name}: annotation does not name the model"
                 if "version" in promql_refs(rule["expr"]).grouping_labels:
                     assert "$labels.version" in text, f"{name}: annotation does not name the version"
+
+
+def exposed_samples(metrics: InferenceMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} of an exposition, as a scrape reads it."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(metrics.exposition().decode())
+            for sample in family.samples}
+
+
+def test_no_live_versions_alert_sees_what_the_service_exports() -> None:
+    """VisionTuneModelNoLiveVersions joins a 0 live-version count with the model's request rate: the service keeps
+    the count at 0 after the last version goes, and counts the calls it cannot serve under version=""."""
+    [rule] = [rule for rule in alerts() if rule["alert"] == "VisionTuneModelNoLiveVersions"]
+    refs = promql_refs(rule["expr"])
+    assert {name for name, _ in refs.selectors} == {f"{PREFIX}_requests_total", f"{PREFIX}_deployed_versions"}
+    assert refs.grouping_labels == {"job", "instance", "model"}
+    assert refs.functions == {"rate"}  # no max_over_time / absent workaround for vanished series
+
+    metrics = InferenceMetrics()
+    metrics.set_deployments({("flowers", "v1"): 100, ("cats", "v1"): 100})
+    metrics.set_deployments({("cats", "v1"): 100}, {"cats"})
+    metrics.forget_version("flowers", "v1")
+    metrics.requests.labels("flowers", "", "NOT_FOUND").inc()
+    samples = exposed_samples(metrics)
+    assert samples[(f"{PREFIX}_deployed_versions", (("model", "flowers"),))] == 0.0
+    assert samples[(f"{PREFIX}_deployed_versions", (("model", "cats"),))] == 1.0
+    assert samples[(f"{PREFIX}_requests_total", (("code", "NOT_FOUND"), ("model", "flowers"), ("version", "")))] \
+        == 1.0
 
 
 def test_every_alert_has_firing_and_quiet_unit_tests() -> None:

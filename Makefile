@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus bench-train bench-transfer
+.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus bench-train bench-transfer bench-serve
 
 # A virtualenv with the project and its test/dev extras; redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -49,6 +49,10 @@ bench-train: setup
 
 bench-transfer: setup fashion-mnist
 	$(BIN)/python -m bench.transfer_learning
+
+# Serving: Classify vs Triton direct vs the model in-process (starts S3, the service and Triton).
+bench-serve: setup
+	$(BIN)/python -m bench.serve
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

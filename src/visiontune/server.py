@@ -239,13 +239,13 @@ class GrpcServer:
         bindings: Sequence[ServiceBinding],
         *,
         service_label: str,
-        max_workers: int = 16,
+        max_workers: int | None = None,
         on_stop: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._bindings = list(bindings)
         self._label = service_label
-        self._max_workers = max_workers
+        self._max_workers = max_workers or settings.rpc_threads
         self._on_stop = on_stop
         self._server: grpc.Server | None = None
         self._health: Any = None  # grpc_health's HealthServicer (untyped)

@@ -65,6 +65,7 @@ class ServerSettings:
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     s3_wait_seconds: float = 30.0  # how long start-up waits for an S3 that is down or not ready yet
+    rpc_threads: int = 64  # calls handled at once; more wait in gRPC's queue
 
     @property
     def address(self) -> str:
@@ -107,6 +108,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, 
     parser.add_argument("--s3-wait-seconds", type=float, default=float(_env("S3_WAIT_SECONDS", "30") or 30),
                         help="at start-up, wait this long for an unreachable or not-ready S3; bad credentials "
                         "fail at once [VISIONTUNE_S3_WAIT_SECONDS]")
+    parser.add_argument("--rpc-threads", type=int, default=int(_env("RPC_THREADS", "64") or 64),
+                        help="gRPC calls handled at once; more wait in a queue [VISIONTUNE_RPC_THREADS]")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[VISIONTUNE_LOG_LEVEL]")
     parser.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", "json"),
                         help="[VISIONTUNE_LOG_FORMAT]")
@@ -140,4 +143,5 @@ def server_settings_from_args(ns: argparse.Namespace) -> ServerSettings:
         log_level=ns.log_level.upper(),
         log_format=ns.log_format,
         s3_wait_seconds=max(0.0, ns.s3_wait_seconds),
+        rpc_threads=max(1, ns.rpc_threads),
     )

@@ -9,16 +9,12 @@ label (an unknown at the default threshold).
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -28,8 +24,7 @@ from google.protobuf import json_format
 from PIL import Image
 from torch import nn
 
-from visiontune.client import is_serving
-from visiontune.ports import free_port
+from visiontune.launch import InferenceProcess, launch_inference
 from visiontune.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore, sha256_file
 from visiontune.v1 import (
@@ -110,21 +105,11 @@ RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
 
 @dataclass
 class Inference:
-    proc: subprocess.Popen[bytes]
-    stub: inference_service_pb2_grpc.InferenceServiceStub
-    channel: grpc.Channel
-    target: str
-    metrics_port: int
-    triton_grpc: str
-    triton_http: str
-    triton_metrics: str
-    log: Path
-    data_dir: Path
-    args: list[str] = field(default_factory=list)
+    """A running inference service (visiontune.launch) and a gRPC stub on it."""
 
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+    process: InferenceProcess
+    channel: grpc.Channel
+    stub: inference_service_pb2_grpc.InferenceServiceStub
 
     def deploy(self, name: str, **kwargs: object) -> pb.Deployment:
         deployment: pb.Deployment = self.stub.DeployModel(pb.DeployModelRequest(model_version=name, **kwargs),
@@ -138,53 +123,24 @@ class Inference:
 
     def stop(self) -> None:
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.process.stop()
 
 
 def start_inference(
     store: ArtifactStore, s3: S3ServerProcess, data_dir: Path, *args: str, timeout: float = 180.0
 ) -> Inference:
     """`python -m inference_service` (and so a Triton server) on free loopback ports against `store`'s bucket."""
-    port, metrics, t_grpc, t_http, t_metrics = (free_port() for _ in range(5))
-    settings = s3.settings(store.bucket)
-    env = {
-        **os.environ,
-        "VISIONTUNE_S3_ENDPOINT": settings.endpoint,
-        "VISIONTUNE_S3_ACCESS_KEY": settings.access_key,
-        "VISIONTUNE_S3_SECRET_KEY": settings.secret_key,
-        "VISIONTUNE_S3_BUCKET": settings.bucket,
-        "VISIONTUNE_DATA_DIR": str(data_dir),
-    }
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / f"inference-{port}.log"
-    command = [sys.executable, "-m", "inference_service", "--port", str(port), "--log-format", "text",
-               "--metrics-port", str(metrics), "--triton-grpc-port", str(t_grpc), "--triton-http-port", str(t_http),
-               "--triton-metrics-port", str(t_metrics), *args]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while not is_serving(target, SERVICE, 1.0):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"inference service did not start:\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.2)
-    channel = grpc.insecure_channel(target)
-    return Inference(proc, inference_service_pb2_grpc.InferenceServiceStub(channel), channel, target, metrics,
-                     f"127.0.0.1:{t_grpc}", f"127.0.0.1:{t_http}", f"http://127.0.0.1:{t_metrics}/metrics", log_path,
-                     data_dir, list(args))
+    try:
+        process = launch_inference(s3.settings(store.bucket), data_dir, *args, timeout=timeout)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    channel = grpc.insecure_channel(process.target)
+    return Inference(process, channel, inference_service_pb2_grpc.InferenceServiceStub(channel))
 
 
 def restart(service: Inference, store: ArtifactStore, s3: S3ServerProcess) -> Inference:
     service.stop()
-    return start_inference(store, s3, service.data_dir, *service.args)
+    return start_inference(store, s3, service.process.data_dir, *service.process.args)
 
 
 def wait_ready(service: Inference, name: str, timeout: float = 180.0) -> pb.Deployment:
@@ -198,6 +154,6 @@ def wait_ready(service: Inference, name: str, timeout: float = 180.0) -> pb.Depl
                 if d.state == pb.DEPLOYMENT_STATE_READY:
                     return d
                 if d.state == pb.DEPLOYMENT_STATE_FAILED:
-                    pytest.fail(f"{name} failed to load: see {service.log}")
+                    pytest.fail(f"{name} failed to load: see {service.process.log}")
         time.sleep(0.5)
     pytest.fail(f"{name} not ready after {timeout} s (last: {last})")

@@ -110,7 +110,7 @@ def test_deploy_classify_and_triton_endpoints(service: Inference, bucket: Artifa
     assert [(c.client_id, _top1(c)) for c in pinned.classifications] == [("a.jpg", "green"), ("b.webp", "blue")]
 
     # Triton's own endpoints: tritonclient runs the deployed model directly; HTTP health; Triton's metrics.
-    client = triton_grpc.InferenceServerClient(service.triton_grpc)
+    client = triton_grpc.InferenceServerClient(service.process.triton_grpc)
     try:
         assert client.is_model_ready("colors__v1")
         red = np.zeros((2, 3, 16, 16), dtype=np.float32)
@@ -122,9 +122,9 @@ def test_deploy_classify_and_triton_endpoints(service: Inference, bucket: Artifa
         assert np.allclose(logits, [[10, 0, 0], [10, 0, 0]], atol=1e-5)  # scale x channel means
     finally:
         client.close()
-    with urllib.request.urlopen(f"http://{service.triton_http}/v2/health/ready", timeout=10) as ready:
+    with urllib.request.urlopen(f"http://{service.process.triton_http}/v2/health/ready", timeout=10) as ready:
         assert ready.status == 200
-    with urllib.request.urlopen(service.triton_metrics, timeout=10) as triton_metrics:
+    with urllib.request.urlopen(service.process.triton_metrics_url, timeout=10) as triton_metrics:
         assert 'nv_inference_request_success{model="colors__v1"' in triton_metrics.read().decode()
     listed = service.stub.ListDeployments(pb.ListDeploymentsRequest(model="models/colors"), timeout=10)
     assert [d.model_version for d in listed.deployments] == [name]
@@ -242,7 +242,7 @@ def test_feedback_outcomes_duplicates_and_unknown_ids(service: Inference, bucket
         service.classify("models/feedback", solid_image(RED), request_id=rid)
     assert _code(reused) == grpc.StatusCode.ALREADY_EXISTS
 
-    with urllib.request.urlopen(service.metrics_url, timeout=10) as scrape:
+    with urllib.request.urlopen(service.process.metrics_url, timeout=10) as scrape:
         text = scrape.read().decode()
     assert 'visiontune_inference_unknown_false_positives_total{model="feedback",version="v1"} 1.0' in text
     assert 'visiontune_inference_false_rejections_total{model="feedback",version="v1"} 1.0' in text
@@ -310,7 +310,7 @@ def test_deployments_are_restored_after_a_restart(
 
         # Triton killed under the service: Classify says UNAVAILABLE (retryable) until the supervisor has
         # restarted Triton and reloaded the deployment; the service process itself never goes down.
-        triton_pid = int(subprocess.run(["pgrep", "-P", str(own.proc.pid), "-f", "tritonserver"],
+        triton_pid = int(subprocess.run(["pgrep", "-P", str(own.process.proc.pid), "-f", "tritonserver"],
                                         capture_output=True, text=True, check=True).stdout.split()[0])
         os.kill(triton_pid, signal.SIGKILL)
         codes = set()
@@ -328,7 +328,7 @@ def test_deployments_are_restored_after_a_restart(
         assert codes, "Triton's death was never noticed"
         assert codes <= {grpc.StatusCode.UNAVAILABLE}, codes
         assert _top1(answer.classifications[0]) == "blue"
-        assert own.proc.poll() is None
+        assert own.process.proc.poll() is None
         own.stub.UndeployModel(pb.UndeployModelRequest(model_version=name), timeout=120)
         assert not bucket.exists("deployments/restored/v1.json")
     finally:

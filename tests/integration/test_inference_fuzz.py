@@ -64,7 +64,7 @@ def test_malformed_images_get_invalid_argument_and_never_break_the_service(
 
 def test_the_service_still_serves_after_the_corpus(service: Inference) -> None:
     # Runs after the fuzz test in file order; on its own it is a plain smoke test.
-    assert is_serving(service.target, "visiontune.v1.InferenceService", 5.0)
+    assert is_serving(service.process.target, "visiontune.v1.InferenceService", 5.0)
     response = service.classify("models/fuzz", solid_image(RED))
     assert response.classifications[0].top_k[0].label == "red"
-    assert service.proc.poll() is None
+    assert service.process.proc.poll() is None

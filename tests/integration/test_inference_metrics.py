@@ -51,7 +51,7 @@ def test_false_positive_counters_and_rate_follow_the_feedback_through_prometheus
     service = start_inference(store, s3_server, tmp_path / "inference", "--fp-rate-window", "4")
     try:
         service.deploy(publish_color_model(store, "watched"))
-        with running_prometheus([f"127.0.0.1:{service.metrics_port}"], tmp_path / "prometheus") as prom:
+        with running_prometheus([f"127.0.0.1:{service.process.metrics_port}"], tmp_path / "prometheus") as prom:
             # Unknown-class images: grey. Accepted as known at a lenient threshold (false positives),
             # rejected at the manifest's (true rejections).
             lenient = service.classify("models/watched", solid_image(GREY), solid_image(GREY), solid_image(GREY),

@@ -852,9 +852,8 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         "service and Triton for cores. The CPU column splits the CPU time used during the window per image: "
         "this process (the clients), the inference service process, and Triton (tritonserver plus its "
         "Python-backend stub, which runs the model).",
-        "- The service's gRPC server runs at most 16 calls at once (its thread pool): beyond that, Classify "
-        "requests wait in gRPC, and Triton's dynamic batcher never sees more than 16 concurrent requests "
-        "from the service.",
+        "- The service handles up to `--rpc-threads` (default 64) calls at once; at concurrency 32 every "
+        "request is in the service, so Triton's dynamic batcher sees them all.",
         "- The ceiling has no server, no copies and no batching delay: the model alone at its best batch size, "
         "with the torch threads a Triton instance gets, taken at the median batch time (bursts of other "
         "processes on a shared machine stay out of it; the all-batches column keeps them). On a CPU the "

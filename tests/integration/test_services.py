@@ -55,6 +55,9 @@ def _spawn(module: str, s3: S3Settings, data_dir: Path, port: int, *args: str) -
         "VISIONTUNE_S3_BUCKET": s3.bucket,
         "VISIONTUNE_DATA_DIR": str(data_dir),
     }
+    if module == "inference_service":  # its metrics endpoint and its Triton's three ports: free ones too
+        args = ("--metrics-port", str(free_port()), "--triton-grpc-port", str(free_port()),
+                "--triton-http-port", str(free_port()), "--triton-metrics-port", str(free_port()), *args)
     return subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -148,13 +151,15 @@ def test_trainer_errors_are_status_codes_with_field_violations(trainer: Service)
         assert "issue #5" in (later.value.details() or "")
 
 
-def test_inference_rpcs_say_which_issue_delivers_them(inference: Service) -> None:
+def test_inference_answers_with_clear_errors_before_anything_is_deployed(inference: Service) -> None:
     with grpc.insecure_channel(inference.target) as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        image = inference_service_pb2.Image(content=b"\x89PNG")
         with pytest.raises(grpc.RpcError) as err:
-            stub.Classify(inference_service_pb2.ClassifyRequest(model="models/m"))
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue #4" in (err.value.details() or "")
+            stub.Classify(inference_service_pb2.ClassifyRequest(model="models/m", images=[image]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "models/m has no deployed version" in (err.value.details() or "")
+        assert not stub.ListDeployments(inference_service_pb2.ListDeploymentsRequest()).deployments
 
 
 @pytest.mark.parametrize("module", ["trainer_service", "inference_service"])

@@ -2,7 +2,8 @@
 
 Why a subprocess per job: a crash, an OOM kill or a CUDA fault in training must not take the gRPC server
 down, and CancelJob must be able to stop a job at once. The worker records its own progress, result and
-final state in the job store; the executor steps in only when a worker dies without doing so:
+final state in the job store (SUCCEEDED, FAILED, CANCELLED, or PRUNED for a tuning trial its study's pruner
+stopped); the executor steps in only when a worker dies without doing so:
 - killed (a signal, e.g. kill -9 or the OOM killer) or lost → the job is queued again and resumes from its
   last checkpoint, up to `RunSpec.max_retries` times, then FAILED;
 - CancelJob → SIGTERM to the worker, which stops within a batch and cleans up; CANCELLED.

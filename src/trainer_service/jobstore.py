@@ -99,6 +99,8 @@ class JobState(enum.StrEnum):
     FAILED = "FAILED"
     CANCELLING = "CANCELLING"
     CANCELLED = "CANCELLED"
+    # A tuning trial stopped early by its study's pruner (the worker records it; terminal).
+    PRUNED = "PRUNED"
 
     @property
     def is_terminal(self) -> bool:
@@ -117,7 +119,9 @@ class StudyState(enum.StrEnum):
         return self in _TERMINAL_STUDY_STATES
 
 
-_TERMINAL_JOB_STATES: Final = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+_TERMINAL_JOB_STATES: Final = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.PRUNED}
+)
 _TERMINAL_STUDY_STATES: Final = frozenset({StudyState.SUCCEEDED, StudyState.FAILED, StudyState.CANCELLED})
 
 

@@ -19,6 +19,7 @@ JOB_STATES: dict[JobState, job_pb2.JobState.ValueType] = {
     JobState.FAILED: job_pb2.JOB_STATE_FAILED,
     JobState.CANCELLING: job_pb2.JOB_STATE_CANCELLING,
     JobState.CANCELLED: job_pb2.JOB_STATE_CANCELLED,
+    JobState.PRUNED: job_pb2.JOB_STATE_PRUNED,
 }
 STUDY_STATES: dict[StudyState, study_pb2.StudyState.ValueType] = {
     StudyState.RUNNING: study_pb2.STUDY_STATE_RUNNING,

@@ -141,7 +141,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             record = self._executor.cancel(job_id)
         except NotFound:
             context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
-        if record.state in (JobState.SUCCEEDED, JobState.FAILED):
+        if record.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.PRUNED):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"{request.name} already ended ({record.state.value}); there is nothing to cancel")
         return resources.job_to_proto(record)

@@ -5,8 +5,12 @@ the data, loads the base weights, resumes from the job's last checkpoint if ther
 engine, and publishes the model version (manifest.json last). Progress goes to the job's event log as it
 happens; the final state and result are written here too.
 
-Exit codes: 0 done (SUCCEEDED or FAILED recorded), 3 cancelled, 75 the trainer went away (the job resumes
-when it restarts). Dying any other way leaves the job RUNNING for the executor to resume.
+Jobs of a tuning study (the record has `study_id`) publish no model version: their JobResult carries the
+metrics the study runner reads. A trial (`trial_number` too) reports its objective to the study's pruner
+after each epoch and ends PRUNED, at once, when the pruner says so (see tuning/trial_reporter.py).
+
+Exit codes: 0 done (SUCCEEDED, FAILED or PRUNED recorded), 3 cancelled, 75 the trainer went away (the job
+resumes when it restarts). Dying any other way leaves the job RUNNING for the executor to resume.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +41,7 @@ from trainer_service.engine import data as datasets
 from trainer_service.engine import plots
 from trainer_service.engine.loop import (
     CLASSIFIER,
+    FINE_TUNING,
     Cancelled,
     EpochRecord,
     Split,
@@ -59,6 +64,9 @@ from visiontune.settings import add_s3_arguments, s3_settings_from_args
 from visiontune.store import ArtifactStore, ObjectNotFound, StoreError, sha256_file
 from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
 
+if TYPE_CHECKING:
+    from trainer_service.tuning.trial_reporter import TrialReporter
+
 log = logging.getLogger("trainer_service.worker")
 
 MODEL_FILE = "model.pt"
@@ -66,6 +74,15 @@ MODEL_FILE = "model.pt"
 
 def checkpoint_key(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoints/last.pt"
+
+
+class _Pruned(Exception):
+    """The study's pruner stopped this trial after the epoch that ended at `step`."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"pruned after epoch {step}")
+        self.step = step
+        self.value = value
 
 
 @dataclass
@@ -90,6 +107,12 @@ class JobWorker:
         self._stop_requested = False
         self._parent = os.getppid()
         self._stage_started_at = 0.0
+        # Trials only: the reporter, and how many epochs stage 1 ran in the first repeat (the pruner's step
+        # counts epochs across both stages; only the first repeat reports, so steps never repeat).
+        self._reporter: TrialReporter | None = None
+        self._classifier_epochs = 0
+        self._dataset: job_pb2.DatasetSummary | None = None
+        self._labels: list[str] = []
 
     # -- Callbacks
 
@@ -108,8 +131,15 @@ class JobWorker:
 
     def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
         events.record(self.jobs, self.job_id, "epoch_ended", results.epoch_metrics(repeat, record))
+        if self._reporter is not None and repeat == 0:
+            step = record.epoch if record.stage == CLASSIFIER else self._classifier_epochs + record.epoch
+            if self._reporter.report(step, record):
+                # Raised through the engine: training stops now, before this epoch's checkpoint.
+                raise _Pruned(step, record.metric(self._reporter.metric))
 
     def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
+        if stage == CLASSIFIER and repeat == 0:
+            self._classifier_epochs = epochs_run
         events.record(self.jobs, self.job_id, "stage_ended", job_pb2.StageEnded(
             stage=results.STAGES[stage], repeat=repeat + 1,
             duration=results.duration(time.monotonic() - self._stage_started_at)))
@@ -139,6 +169,17 @@ class JobWorker:
             self._clean_up()
             self._end(JobState.CANCELLED, "cancelled")
             return EXIT_CANCELLED
+        except _Pruned as pruned:
+            self._clean_up()
+            if self._stop_requested:  # CancelJob came first: the caller asked for a cancel
+                self._end(JobState.CANCELLED, "cancelled")
+                return EXIT_CANCELLED
+            metric = self._reporter.metric.value if self._reporter is not None else "objective"
+            self._end(JobState.PRUNED,
+                      f"pruned by the study's pruner after {pruned.step} epoch{'s' if pruned.step != 1 else ''} "
+                      f"({metric} {pruned.value:.4g})",
+                      result=self._pruned_result())
+            return 0
         except (datasets.DatasetError, WeightsUnavailable, StoreError, RuntimeError, ValueError) as err:
             log.exception("job failed", extra={"job": self.job_id})
             self._end(JobState.FAILED, f"{type(err).__name__}: {err}", error=str(err))
@@ -172,8 +213,16 @@ class JobWorker:
     def _run(self) -> job_pb2.JobResult:
         config = self.config
         ctx = run_context(config)
+        if self.record.study_id is not None and self.record.trial_number is not None:
+            # Before the data: a trial whose study is gone fails at once. Imported here so that ordinary
+            # jobs do not load Optuna.
+            from trainer_service.tuning.trial_reporter import TrialReporter
+
+            self._reporter = TrialReporter(self.jobs, self.record.study_id, self.record.trial_number,
+                                           default_bucket=self.store.bucket)
         self.stage_started_data()
         loaded = self._load_data()
+        self._dataset, self._labels = loaded.summary, loaded.prepared.labels
         try:
             base_state = load_base_weights(config.model, self.store)
             labels = loaded.prepared.labels
@@ -187,9 +236,17 @@ class JobWorker:
                     self.jobs, self.job_id, "resumed",
                     f"resuming repeat {resume.repeat + 1}, {resume.stage} stage after epoch "
                     f"{resume.stage_state.completed_epochs}")
+                if resume.repeat == 0:
+                    # Stage 1 does not run again once it has finished: its epoch count comes from the checkpoint.
+                    if resume.stage == FINE_TUNING and resume.classifier_state is not None:
+                        self._classifier_epochs = resume.classifier_state.completed_epochs
+                    elif resume.stage == CLASSIFIER:
+                        self._classifier_epochs = resume.stage_state.completed_epochs
             result = train(config, loaded.prepared, make_model, ctx, self, resume)
             if self.should_stop():
                 raise Cancelled()
+            if self.record.study_id is not None:
+                return self._study_job_result(result, loaded)
             return self._publish(result, loaded)
         finally:
             for handle in loaded.handles:
@@ -296,6 +353,44 @@ class JobWorker:
             repeat=state["repeat"], stage=state["stage"], stage_state=state["stage_state"], model=state["model"],
             finished=state["finished"], best_model=state["best_model"],
             classifier_state=state["classifier_state"], lrs=state["lrs"], histograms=state["histograms"],
+        )
+
+    # -- tuning studies
+
+    def _study_job_result(self, result: TrainingResult, loaded: LoadedData) -> job_pb2.JobResult:
+        """A study's job (a trial or a repeat of one) publishes no model version and no plots.
+
+        Trials are many and most are thrown away; the configuration the user picks becomes a model
+        version through the study's PromoteTrial, which trains it again as an ordinary job. What the study
+        needs is here: the metrics (the objective, e.g. `val_accuracy`, as mean/std/values over repeats),
+        the history, the per-class report.
+        """
+        job_result = results.job_result(
+            result, labels=loaded.prepared.labels, score=self.config.open_set.score, model_version="",
+            dataset=loaded.summary, plots=[], keys_by_split=loaded.keys,
+        )
+        self._clean_up()
+        return job_result
+
+    def _pruned_result(self) -> job_pb2.JobResult:
+        """What a pruned trial ran: each epoch's metrics (from the event log; a resumed attempt replays the
+        epoch after its last checkpoint, so the last record of an epoch wins) and `epochs_run`.
+
+        No final metrics (no evaluation ran): the value Optuna keeps for a pruned trial is its last
+        intermediate value.
+        """
+        history: dict[tuple[int, int, int], job_pb2.EpochMetrics] = {}
+        for event in self.jobs.events_after(self.job_id, 0, limit=10_000):
+            if event.kind == "epoch_ended":
+                m = events.to_proto(event).epoch_ended
+                history[(m.repeat, m.stage, m.epoch)] = m
+        ordered = [history[k] for k in sorted(history)]
+        epochs = float(len(ordered))
+        return job_pb2.JobResult(
+            history=ordered,
+            metrics={"epochs_run": job_pb2.MetricSummary(mean=epochs, std=0.0, values=[epochs])},
+            labels=self._labels,
+            dataset=self._dataset,
         )
 
     # -- publishing

@@ -223,7 +223,7 @@ def jobs() -> None:
 @jobs.command("list")
 @data_dir_option
 @click.option("--state", "states", multiple=True,
-              type=click.Choice(["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]),
+              type=click.Choice(["queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned"]),
               help="Only jobs in this state (repeatable).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 def jobs_list(data_dir: Path, states: tuple[str, ...], limit: int) -> None:
@@ -253,7 +253,8 @@ def jobs_list(data_dir: Path, states: tuple[str, ...], limit: int) -> None:
 # The proto's defaults for the fields that size the progress bar (the trainer returns them resolved anyway).
 _DEFAULT_CLASSIFIER_EPOCHS = 10
 _DEFAULT_FINE_TUNING_EPOCHS = 5
-_TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
+_TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED,
+             job_pb2.JOB_STATE_PRUNED)
 _SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -450,6 +451,9 @@ def _print_outcome(job: job_pb2.Job) -> None:
         click.echo(f"{job.name} failed{_duration(job)}: {_error_text(job)}", err=True)
     elif job.state == job_pb2.JOB_STATE_CANCELLED:
         click.echo(f"{job.name} was cancelled", err=True)
+    elif job.state == job_pb2.JOB_STATE_PRUNED:
+        click.echo(f"{job.name} was pruned by its study after {_count(len(job.result.history), 'epoch')}"
+                   f"{_duration(job)}", err=True)
     else:  # the stream ended early (the trainer is shutting down): the job carries on or resumes later
         click.echo(f"{job.name} is {_job_state_word(job.state)}; re-attach with: visiontune jobs watch {job.name}",
                    err=True)

@@ -43,8 +43,8 @@ class Trainer:
             self.proc.wait(timeout=60)
 
 
-def start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path) -> Trainer:
-    """`python -m trainer_service` on a free port against `store`'s bucket; waits until it serves."""
+def start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path, *args: str) -> Trainer:
+    """`python -m trainer_service` (plus `args`) on a free port against `store`'s bucket; waits until it serves."""
     port = free_port()
     settings = s3.settings(store.bucket)
     env = {
@@ -56,8 +56,8 @@ def start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path) -> 
         "VISIONTUNE_DATA_DIR": str(data_dir),
     }
     log = open(data_dir.parent / f"trainer-{port}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text",
+                             *args], env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60

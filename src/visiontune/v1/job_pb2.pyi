@@ -38,6 +38,8 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_CANCELLING: _JobState.ValueType  # 5
     """CancelJob was called; the worker is stopping."""
     JOB_STATE_CANCELLED: _JobState.ValueType  # 6
+    JOB_STATE_PRUNED: _JobState.ValueType  # 7
+    """A tuning trial stopped early by the study's pruner; its result holds the epochs it ran."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
 
@@ -50,6 +52,8 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_CANCELLING: JobState.ValueType  # 5
 """CancelJob was called; the worker is stopping."""
 JOB_STATE_CANCELLED: JobState.ValueType  # 6
+JOB_STATE_PRUNED: JobState.ValueType  # 7
+"""A tuning trial stopped early by the study's pruner; its result holds the epochs it ran."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _Stage:
@@ -153,7 +157,7 @@ class Job(_message.Message):
 
     @_builtins.property
     def result(self) -> Global___JobResult:
-        """Set when state is SUCCEEDED."""
+        """Set when state is SUCCEEDED; for a PRUNED trial, the history of the epochs it ran."""
 
     @_builtins.property
     def error(self) -> _status_pb2.Status:

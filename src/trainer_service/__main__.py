@@ -12,6 +12,8 @@ import torch
 from trainer_service.executor import JobExecutor
 from trainer_service.jobstore import JobStore
 from trainer_service.servicer import TrainingServicer
+from trainer_service.tuning.runner import StudyRunner
+from trainer_service.tuning.studies import Studies
 from visiontune.bootstrap import run_service
 from visiontune.server import ServiceBinding
 from visiontune.settings import DEFAULT_TRAINER_PORT, ServerSettings
@@ -41,12 +43,17 @@ def build(
     jobs = JobStore(settings.data_dir / "trainer" / "jobs.sqlite3")
     executor = JobExecutor(jobs, settings.s3, settings.data_dir, slots=job_slots(args.job_slots))
     executor.start()
-    servicer = TrainingServicer(jobs, executor, store, settings.data_dir / "trainer" / "cache")
+    runner = StudyRunner(jobs, store, default_bucket=store.bucket, wake_executor=executor.wake,
+                         cancel_job=executor.cancel)
+    runner.start()
+    studies = Studies(jobs, runner, default_bucket=store.bucket, wake_executor=executor.wake)
+    servicer = TrainingServicer(jobs, executor, store, settings.data_dir / "trainer" / "cache", studies)
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
     )
 
     def close() -> None:
+        runner.stop()
         executor.stop()
         jobs.close()
 

@@ -20,12 +20,12 @@ from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.executor import JobExecutor
 from trainer_service.jobstore import AlreadyExists, JobState, JobStore, NotFound
 from trainer_service.spec_validation import SpecInvalid, config_to_spec, validate_spec
+from trainer_service.tuning.studies import Studies, StudyPreconditionFailed
 from visiontune import names
-from visiontune.rpc_errors import FieldViolation, abort_with, invalid_argument, not_implemented
+from visiontune.rpc_errors import FieldViolation, abort_with, invalid_argument
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
 
-TUNING_ISSUE = "issue #5 (tuning studies)"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 
@@ -49,8 +49,10 @@ WATCH_FINAL_GRACE_S = 0.5
 
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, jobs: JobStore, executor: JobExecutor, store: ArtifactStore, cache_dir: Path) -> None:
+    def __init__(self, jobs: JobStore, executor: JobExecutor, store: ArtifactStore, cache_dir: Path,
+                 studies: Studies) -> None:
         self._jobs = jobs
+        self._studies = studies
         self._executor = executor
         self._store = store
         self._cache_dir = cache_dir
@@ -246,7 +248,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     ) -> study_pb2.Study:
         study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
         try:
-            return resources.study_to_proto(self._jobs.get_study(study_id))
+            return self._studies.get(study_id)
         except NotFound:
             context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
 
@@ -277,19 +279,54 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def CreateStudy(
         self, request: training_service_pb2.CreateStudyRequest, context: grpc.ServicerContext
     ) -> study_pb2.Study:
-        not_implemented(context, "TrainingService.CreateStudy", TUNING_ISSUE)
+        try:
+            return self._studies.create(request.study, study_id=request.study_id or names.new_id("study"),
+                                        request_id=request.request_id, validate_only=request.validate_only)
+        except names.InvalidName as err:
+            abort_with(context, invalid_argument([FieldViolation("study_id", str(err))]))
+        except SpecInvalid as err:
+            abort_with(context, invalid_argument(err.violations))
+        except AlreadyExists as err:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
 
     def CancelStudy(
         self, request: training_service_pb2.CancelStudyRequest, context: grpc.ServicerContext
     ) -> study_pb2.Study:
-        not_implemented(context, "TrainingService.CancelStudy", TUNING_ISSUE)
+        study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
+        try:
+            return self._studies.cancel(study_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        except StudyPreconditionFailed as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
 
     def WatchStudy(
         self, request: training_service_pb2.WatchStudyRequest, context: grpc.ServicerContext
     ) -> Iterator[study_pb2.StudyEvent]:
-        not_implemented(context, "TrainingService.WatchStudy", TUNING_ISSUE)
+        study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
+        if request.after_sequence < 0:
+            abort_with(context, invalid_argument([FieldViolation("after_sequence", "must be >= 0")]))
+        try:
+            self._jobs.get_study(study_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        return self._studies.watch(study_id, request.after_sequence, context.is_active)
 
     def PromoteTrial(
         self, request: training_service_pb2.PromoteTrialRequest, context: grpc.ServicerContext
     ) -> job_pb2.Job:
-        not_implemented(context, "TrainingService.PromoteTrial", TUNING_ISSUE)
+        study_id = _name_or_abort(context, "study", names.parse_study_name, request.study)
+        try:
+            record = self._studies.promote(
+                study_id, request.trial_number if request.HasField("trial_number") else None,
+                job_id=request.job_id or names.new_id("job"), request_id=request.request_id)
+        except names.InvalidName as err:
+            abort_with(context, invalid_argument([FieldViolation("job_id", str(err))]))
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.study} does not exist")
+        except StudyPreconditionFailed as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except AlreadyExists as err:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued (promoted from a study trial)")
+        return resources.job_to_proto(record)

@@ -145,10 +145,10 @@ def test_trainer_errors_are_status_codes_with_field_violations(trainer: Service)
         assert no_spec.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert {v.field for v in field_violations(no_spec.value)} == {"job_id", "job.spec"}
 
-        with pytest.raises(grpc.RpcError) as later:
+        with pytest.raises(grpc.RpcError) as no_study_spec:
             stub.CreateStudy(training_service_pb2.CreateStudyRequest())
-        assert later.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue #5" in (later.value.details() or "")
+        assert no_study_spec.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert {v.field for v in field_violations(no_study_spec.value)} == {"study.spec"}
 
 
 def test_inference_answers_with_clear_errors_before_anything_is_deployed(inference: Service) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import statistics
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import optuna
+import sqlalchemy.exc
 from google.protobuf import json_format
 from optuna.trial import FrozenTrial, TrialState
 
@@ -95,6 +97,9 @@ class StudyRunner:
 
     def start(self) -> None:
         """Resume every study a previous trainer left running, then drive new ones."""
+        # Optuna's messages go through the service's logging (JSON lines), not Optuna's own stderr handler.
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
         for state in (StudyState.RUNNING, StudyState.CANCELLING):
             token = ""
             while True:
@@ -141,24 +146,29 @@ class StudyRunner:
         while not self._stop.is_set():
             self._wake.wait(self._poll_interval)
             self._wake.clear()
-            with self._lock:
-                active = dict(self._active)
-            for study_id, state in active.items():
-                if self._stop.is_set():
-                    return
-                try:
-                    done = self._step(study_id, state)
-                except StudyFailed as err:
-                    log.error("study %s failed: %s", study_id, err)
-                    self._end(study_id, StudyState.FAILED, error=str(err))
-                    done = True
-                except (optuna.exceptions.OptunaError, StoreError, OSError) as err:
-                    # Transient (a locked database, S3 unavailable): the next step tries again.
-                    log.warning("study %s: %s: %s; retrying", study_id, type(err).__name__, err)
-                    done = False
-                if done:
-                    with self._lock:
-                        self._active.pop(study_id, None)
+            self.run_once()
+
+    def run_once(self) -> None:
+        """One step of every active study (the loop's body; tests drive it directly)."""
+        with self._lock:
+            active = dict(self._active)
+        for study_id, state in active.items():
+            if self._stop.is_set():
+                return
+            try:
+                done = self._step(study_id, state)
+            except StudyFailed as err:
+                log.error("study %s failed: %s", study_id, err)
+                self._end(study_id, StudyState.FAILED, error=str(err))
+                done = True
+            except (optuna.exceptions.OptunaError, sqlalchemy.exc.OperationalError, sqlite3.Error, StoreError,
+                    OSError) as err:
+                # Transient (a locked database, S3 unavailable): the next step tries again.
+                log.warning("study %s: %s: %s; retrying", study_id, type(err).__name__, err)
+                done = False
+            if done:
+                with self._lock:
+                    self._active.pop(study_id, None)
 
     def _step(self, study_id: str, active: _Active) -> bool:
         """One pass over a study; True once it has ended."""

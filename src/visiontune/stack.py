@@ -159,13 +159,14 @@ def up(
     inference_port: int = 50052,
     metrics_port: int = 9464,
     triton_ports: tuple[int, int, int] = (8001, 8000, 8002),
+    job_slots: int = 0,
     timeout: float = 90.0,
     echo: Callable[[str], None] = print,
 ) -> StackState:
     """Start the stack, or return the running one. A port of 0 picks a free one.
 
     `metrics_port` is the inference service's Prometheus endpoint, `triton_ports` its Triton's gRPC,
-    HTTP and metrics ports."""
+    HTTP and metrics ports; `job_slots` the trainer's jobs at once (0: one per GPU, or 1 on a CPU)."""
     data_dir = data_dir.resolve()
     existing = load_state(data_dir)
     if existing and all(is_alive(c) for c in existing.components):
@@ -231,7 +232,8 @@ def up(
             "triton metrics": f"http://{HOST}:{ports['triton metrics']}/metrics",
         }
         for name, module, port, service, extra, endpoints in (
-            ("trainer", "trainer_service", ports["trainer"], "visiontune.v1.TrainingService", [], {}),
+            ("trainer", "trainer_service", ports["trainer"], "visiontune.v1.TrainingService",
+             ["--job-slots", str(job_slots)], {}),
             ("inference", "inference_service", ports["inference"], "visiontune.v1.InferenceService",
              inference_args, inference_endpoints),
         ):

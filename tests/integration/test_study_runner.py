@@ -178,3 +178,67 @@ def test_a_study_whose_trials_all_fail_fails_with_the_reason(harness: Harness) -
     assert record.error is not None
     assert "no trial completed" in record.error
     assert "boom" in record.error
+
+
+@pytest.mark.parametrize("sampler", ["SAMPLER_TPE", "SAMPLER_GAUSSIAN_PROCESS", "SAMPLER_RANDOM", "SAMPLER_GRID",
+                                     "SAMPLER_CMA_ES"])
+def test_every_sampler_drives_a_study_to_its_end(harness: Harness, sampler: str) -> None:
+    spec = _spec(sampler=study_pb2.Sampler.Value(sampler), parallelism=1,
+                 budget=study_pb2.StudyBudget(max_trials=4))
+    spec.parameters[0].float_range.CopyFrom(study_pb2.FloatRange(min=0.01, max=0.04, step=0.01))  # grid-able
+    spec.parameters.add(path="model.classifier_dim", int_range=study_pb2.IntRange(min=16, max=32, step=16))
+    harness.create("s", spec)
+    for _ in range(6):
+        harness.runner.run_once()
+        for job in harness.open_jobs("s"):
+            params = json_format.Parse(job.spec_json, training_spec_pb2.TrainingSpec())
+            harness.finish(job, loss=params.classifier.learning_rate * 10 + params.model.classifier_dim / 100)
+    study = harness.study("s")
+    assert study.state == study_pb2.STUDY_STATE_SUCCEEDED, study.error
+    assert len(study.trials) == 4
+    values = {(t.parameters["classifier.learning_rate"], t.parameters["model.classifier_dim"]) for t in study.trials}
+    if sampler == "SAMPLER_GRID":
+        assert len(values) == 4  # the 2 x 2 grid, each point once
+    best = min(study.trials, key=lambda t: t.value)
+    assert study.best_trial == best.number
+    assert study.best_spec.classifier.learning_rate == pytest.approx(float(best.parameters["classifier.learning_rate"]))
+
+
+def test_hyperband_prunes_through_the_workers_reporter(harness: Harness) -> None:
+    from trainer_service.engine.loop import EpochRecord
+    from trainer_service.tuning.trial_reporter import TrialReporter
+
+    spec = _spec(parallelism=1, budget=study_pb2.StudyBudget(max_trials=8),
+                 pruner=study_pb2.PrunerSpec(type=study_pb2.PRUNER_TYPE_HYPERBAND, min_resource=1,
+                                             reduction_factor=3))
+    spec.base_spec.classifier.epochs = 9
+    harness.create("hb", spec)
+    pruned_at = []
+    for _ in range(8):
+        harness.runner.run_once()
+        (job,) = harness.open_jobs("hb")
+        assert job.trial_number is not None
+        reporter = TrialReporter(harness.jobs, "hb", job.trial_number, default_bucket="b")
+        loss = 1.0 - 0.1 * (job.trial_number % 3)  # some configurations are plainly worse than others
+        stopped = None
+        for epoch in range(1, 10):
+            record = EpochRecord(stage="classifier", epoch=epoch, epochs=9, train_loss=loss, train_accuracy=0.5,
+                                 val_loss=loss / epoch ** 0.1, val_accuracy=0.5, learning_rate=0.01,
+                                 images_per_second=1.0, epoch_seconds=0.1)
+            if reporter.report(epoch, record):
+                stopped = epoch
+                break
+        if stopped is not None:
+            pruned_at.append(stopped)
+            harness.jobs.update_state(job.job_id, JobState.RUNNING)
+            harness.jobs.update_state(job.job_id, JobState.PRUNED)
+        else:
+            harness.finish(job, loss=loss / 9 ** 0.1)
+    harness.runner.run_once()
+    study = harness.study("hb")
+    assert study.state == study_pb2.STUDY_STATE_SUCCEEDED
+    pruned = [t for t in study.trials if t.state == study_pb2.TRIAL_STATE_PRUNED]
+    assert pruned, "Hyperband stopped no trial"
+    assert len(pruned) == len(pruned_at)
+    assert sorted(len(t.intermediate_values) for t in pruned) == sorted(pruned_at)
+    assert min(pruned_at) < 9, pruned_at  # stopped early, not only judged at the end

@@ -328,5 +328,4 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except AlreadyExists as err:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
-        events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued (promoted from a study trial)")
         return resources.job_to_proto(record)

@@ -4,6 +4,12 @@ A spec file holds the proto's fields by their snake_case names (camelCase JSON n
 in training_spec.proto. Enum values are written by name with or without the enum's prefix, in any case:
 `architecture: mobilenet_v2` is `ARCHITECTURE_MOBILENET_V2`. Every value is checked against its field's type here,
 so a mistake is one line naming the key; the trainer then checks ranges and cross-field rules.
+
+A study file is a `StudySpec` (study.proto) written the same way, with three conveniences: `base_spec` may be the
+path of a TrainingSpec file (relative to the study file) instead of the spec itself; categorical values may be
+written as YAML numbers and bools (`values: [16, 32]`, `[true, false]`) and enum values by short name
+(`[MOBILENET_V2, RESNET18]`); and a duration such as `budget.max_duration` is `600s`, `10m`, `1h30m` or a number
+of seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +28,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, OneofDescriptor
 from google.protobuf.message import Message
 
-from visiontune.v1 import training_spec_pb2
+from visiontune.v1 import study_pb2, training_spec_pb2
 
 __all__ = [
     "SpecFileError",
@@ -29,7 +36,9 @@ __all__ = [
     "dump_spec_yaml",
     "enum_short_name",
     "load_spec_file",
+    "load_study_file",
     "parse_spec",
+    "parse_study_spec",
     "spec_to_dict",
 ]
 
@@ -41,6 +50,8 @@ _INT_BOUNDS = {
     FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
 }
 _FLOATS = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
+_DURATION = "google.protobuf.Duration"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|m|s)")
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
@@ -155,6 +166,30 @@ def _scalar(field: FieldDescriptor, raw: object, path: str) -> Any:
     raise SpecFileError(f"{path}: expected {_type_word(field)}, got {raw!r}{hint}")
 
 
+def _duration(raw: object, path: str) -> str:
+    """A duration (`600s`, `10m`, `1h30m`, `90.5`: seconds) as the JSON form ParseDict takes (`600s`)."""
+    seconds: float | None = None
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        seconds = float(raw)
+    elif isinstance(raw, str):
+        text = raw.strip().lower().replace(" ", "")
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if parts and "".join(number + unit for number, unit in parts) == text:
+                seconds = sum(float(number) * {"h": 3600, "m": 60, "s": 1}[unit] for number, unit in parts)
+    if seconds is None or not math.isfinite(seconds):
+        raise SpecFileError(f"{path}: expected a duration such as 600s, 10m or 1h30m, got {raw!r}")
+    if abs(seconds) > 315_576_000_000:  # the range of google.protobuf.Duration
+        raise SpecFileError(f"{path}: {raw!r} is out of range for a duration")
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def _is_duration(field: FieldDescriptor) -> bool:
+    return field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE and _message_type(field).full_name == _DURATION
+
+
 def _type_name(field: FieldDescriptor) -> str:
     names = {
         FieldDescriptor.CPPTYPE_INT32: "int32", FieldDescriptor.CPPTYPE_UINT32: "uint32",
@@ -224,6 +259,8 @@ def _field_value(field: FieldDescriptor, value: object, where: str) -> Any:
 
 
 def _field_value_one(field: FieldDescriptor, value: object, where: str) -> Any:
+    if _is_duration(field):
+        return _duration(value, where)
     if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
         return _message_tree(value, _message_type(field), where)
     return _scalar(field, value, where)
@@ -255,6 +292,9 @@ def apply_override(tree: Tree, assignment: str,
         last = i == len(parts) - 1
         if field.is_repeated:
             raise SpecFileError(f"--set {where}: a list field cannot be set with --set; write it in the file")
+        if _is_duration(field) and last:
+            node[field.name] = _duration(text, f"--set {where}")
+            return
         if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
             if last:
                 example = _message_type(field).fields[0].name
@@ -319,6 +359,126 @@ def load_spec_file(path: Path, overrides: Sequence[str] = ()) -> training_spec_p
     return parse_spec(text, source=str(path), overrides=overrides, json_syntax=path.suffix.lower() == ".json")
 
 
+# -- study files ---------------------------------------------------------------------------------------------
+
+
+def _training_field(path: str) -> FieldDescriptor | None:
+    """The TrainingSpec field at dotted `path`, or None (the trainer says what is wrong with the path)."""
+    descriptor: Descriptor | None = training_spec_pb2.TrainingSpec.DESCRIPTOR
+    field: FieldDescriptor | None = None
+    for name in path.split("."):
+        if descriptor is None:
+            return None
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            return None
+        descriptor = field.message_type
+    return field
+
+
+def _categorical_value(field: FieldDescriptor | None, value: object) -> object:
+    """A categorical value as study.proto writes it: a string (enum value by full name, "true"/"false",
+    numbers as written). Anything else is left for the type check to report."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if field is not None and field.cpp_type == FieldDescriptor.CPPTYPE_ENUM and isinstance(value, str | int):
+        enum = _enum_type(field)
+        try:
+            named = _enum_value(enum, value, "")
+        except SpecFileError:
+            return value if isinstance(value, str) else str(value)  # the trainer lists the allowed names
+        return enum.values_by_number[named].name if isinstance(named, int) else named
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def _with_categorical_strings(raw: Mapping[Any, Any]) -> dict[Any, Any]:
+    """`raw` (a study file's mapping) with each `parameters[i].categorical.values` item as a string."""
+    out = dict(raw)
+    parameters = out.get("parameters")
+    if not isinstance(parameters, list):
+        return out
+    converted: list[object] = []
+    for param in parameters:
+        categorical = param.get("categorical") if isinstance(param, Mapping) else None
+        values = categorical.get("values") if isinstance(categorical, Mapping) else None
+        if isinstance(param, Mapping) and isinstance(categorical, Mapping) and isinstance(values, list):
+            path = param.get("path")
+            field = _training_field(path) if isinstance(path, str) else None
+            param = {**param, "categorical": {**categorical, "values": [_categorical_value(field, v) for v in values]}}
+        converted.append(param)
+    out["parameters"] = converted
+    return out
+
+
+def _base_spec_key(raw: Mapping[Any, Any]) -> str | None:
+    for key in ("base_spec", "baseSpec"):
+        if key in raw:
+            return key
+    return None
+
+
+def _referenced_base_spec(reference: str, source: str, base_dir: Path | None) -> Tree:
+    """The TrainingSpec file a study's `base_spec: FILE` names (relative to the study file), as a spec tree."""
+    path = Path(reference).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise SpecFileError(f"{source}: base_spec: cannot read {path}: {reason}") from err
+    raw = _read_tree(text, str(path), json_syntax=path.suffix.lower() == ".json")
+    try:
+        return _message_tree({} if raw is None else raw, training_spec_pb2.TrainingSpec.DESCRIPTOR, "")
+    except SpecFileError as err:
+        raise SpecFileError(f"{path} (the base_spec of {source}): {err}") from err
+
+
+def parse_study_spec(text: str, *, source: str = "study", overrides: Sequence[str] = (), json_syntax: bool = False,
+                     base_dir: Path | None = None) -> study_pb2.StudySpec:
+    """A StudySpec from YAML (or JSON) text, with `overrides` (`budget.max_trials=3`,
+    `base_spec.classifier.epochs=2`) applied in order. A string `base_spec` is a TrainingSpec file's path,
+    relative to `base_dir` (the study file's folder)."""
+    raw = _read_tree(text, source, json_syntax=json_syntax)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise SpecFileError(f"{source}: expected a mapping of StudySpec fields, got {raw!r}")
+    raw = _with_categorical_strings(raw)
+    base: Tree | None = None
+    key = _base_spec_key(raw)
+    if key is not None and isinstance(raw[key], str):
+        base = _referenced_base_spec(raw.pop(key), source, base_dir)
+    try:
+        tree = _message_tree(raw, study_pb2.StudySpec.DESCRIPTOR, "")
+    except SpecFileError as err:
+        raise SpecFileError(f"{source}: {err}") from err
+    if base is not None:
+        tree["base_spec"] = base
+    for assignment in overrides:
+        apply_override(tree, assignment, study_pb2.StudySpec.DESCRIPTOR)
+    spec = study_pb2.StudySpec()
+    try:
+        json_format.ParseDict(tree, spec)
+    except json_format.ParseError as err:
+        raise SpecFileError(f"{source}: {err}") from err
+    return spec
+
+
+def load_study_file(path: Path, overrides: Sequence[str] = ()) -> study_pb2.StudySpec:
+    """A StudySpec from a .yaml/.yml/.json file; `base_spec: FILE` is read relative to the file's folder."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecFileError(f"{path}: cannot read: {err}") from err
+    return parse_study_spec(text, source=str(path), overrides=overrides,
+                            json_syntax=path.suffix.lower() == ".json", base_dir=path.parent)
+
+
 # -- writing -------------------------------------------------------------------------------------------------
 
 
@@ -338,6 +498,8 @@ def _plain(message: Message) -> Tree:
 
 
 def _plain_value(field: FieldDescriptor, value: Any) -> Any:
+    if _is_duration(field):
+        return json_format.MessageToDict(value)  # `600s`, which a study file reads back
     if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
         return _plain(value)
     if field.cpp_type == FieldDescriptor.CPPTYPE_ENUM:

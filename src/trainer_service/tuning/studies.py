@@ -11,7 +11,8 @@ from typing import Final
 
 from google.protobuf import json_format
 
-from trainer_service.jobstore import JobRecord, JobStore, StudyState
+from trainer_service import events
+from trainer_service.jobstore import JobRecord, JobState, JobStore, StudyState
 from trainer_service.resources import study_to_proto
 from trainer_service.spec_validation import SpecInvalid, config_to_spec, validate_spec
 from trainer_service.tuning import study_proto
@@ -124,5 +125,6 @@ class Studies:
             labels={PROMOTED_LABEL: f"studies/{study_id}/trials/{trial_number}"},
         )
         if created:
+            events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued (promoted from a study trial)")
             self._wake_executor()
         return record

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus bench-train bench-transfer bench-serve
+.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus bench-train bench-transfer bench-tuning bench-serve
 
 # A virtualenv with the project and its test/dev extras; redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -49,6 +49,10 @@ bench-train: setup
 
 bench-transfer: setup fashion-mnist
 	$(BIN)/python -m bench.transfer_learning
+
+# Tuning: TPE + Hyperband vs random search at the same epoch budget; prints the compute ratio.
+bench-tuning: setup fashion-mnist
+	$(BIN)/python -m bench.tuning
 
 # Serving: Classify vs Triton direct vs the model in-process (starts S3, the service and Triton).
 bench-serve: setup

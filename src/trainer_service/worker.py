@@ -133,7 +133,10 @@ class JobWorker:
         events.record(self.jobs, self.job_id, "epoch_ended", results.epoch_metrics(repeat, record))
         if self._reporter is not None and repeat == 0:
             step = record.epoch if record.stage == CLASSIFIER else self._classifier_epochs + record.epoch
-            if self._reporter.report(step, record):
+            # The last epoch is reported but never pruned: the compute is spent, and a pruned trial's result
+            # would not count (Hyperband otherwise stops trials at their final rung).
+            last = record.epoch == record.epochs and (record.stage != CLASSIFIER or not self.config.fine_tuning.enabled)
+            if self._reporter.report(step, record) and not last:
                 # Raised through the engine: training stops now, before this epoch's checkpoint.
                 raise _Pruned(step, record.metric(self._reporter.metric))
 

@@ -66,6 +66,7 @@ from trainer_service.engine.loop import (
     FINE_TUNING,
     EpochRecord,
     ImageArrayDataset,
+    NoOpCallbacks,
     RunContext,
     Split,
     StageData,
@@ -185,7 +186,7 @@ def run_context(settings: Settings) -> RunContext:
 # -- our loop -----------------------------------------------------------------------------------------------------
 
 
-class _Recorder:
+class _Recorder(NoOpCallbacks):
     """run_stage callbacks that keep the epoch records. Checkpoints are dropped: serialising them is the
     worker's cost (after the epoch's timing), not the loop's."""
 
@@ -198,15 +199,6 @@ class _Recorder:
 
     def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
         self.records.append(record)
-
-    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
-        pass
-
-    def checkpoint(self, state: dict[str, Any]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ from trainer_service.config import (
     TrainingConfig,
     WeightsSource,
 )
-from trainer_service.engine.loop import EpochRecord, RunContext, Split
+from trainer_service.engine.loop import EpochRecord, NoOpCallbacks, RunContext, Split
 from trainer_service.engine.models import build_classifier, load_base_weights, normalization, seed_weights_cache
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 
@@ -274,7 +274,7 @@ def variant_config(variant: str, s: Settings, e2e_lr: float | None = None) -> tu
     return config, epochs, trained, lr
 
 
-class _Progress:
+class _Progress(NoOpCallbacks):
     """Engine callbacks that print one line per stage and epoch."""
 
     def __init__(self, variant: str) -> None:
@@ -289,15 +289,6 @@ class _Progress:
         print(f"  [{self.variant}] {record.stage} {record.epoch}/{record.epochs}: "
               f"train loss {record.train_loss:.3f} acc {record.train_accuracy:.3f}, "
               f"val acc {record.val_accuracy:.3f} ({record.epoch_seconds:.1f} s)", flush=True)
-
-    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
-        pass
-
-    def checkpoint(self, state: dict[str, Any]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def run_variant(variant: str, s: Settings, data: PreparedData, imagenet_state: dict[str, torch.Tensor] | None,

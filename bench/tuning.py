@@ -79,7 +79,7 @@ from torch.utils.data import DataLoader
 from bench.transfer_learning import APT_PACKAGE, DATA_DIR, DatasetMissing, prepare_data
 from trainer_service.config import Architecture, Metric, ModelConfig, TrainingConfig, WeightsSource
 from trainer_service.engine import loop
-from trainer_service.engine.loop import EpochRecord, RunContext, run_context
+from trainer_service.engine.loop import EpochRecord, NoOpCallbacks, RunContext, run_context
 from trainer_service.engine.models import Classifier, build_classifier, load_base_weights, seed_weights_cache
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 from trainer_service.spec_validation import SpecInvalid, validate_spec
@@ -248,7 +248,7 @@ class _OutOfBudget(Exception):
     """The arm's epoch budget ran out inside this trial."""
 
 
-class _TrialCallbacks:
+class _TrialCallbacks(NoOpCallbacks):
     """Engine callbacks of one trial: count epochs, report the objective to Optuna, ask the pruner, stop at the
     budget."""
 
@@ -260,9 +260,6 @@ class _TrialCallbacks:
         self.epoch_seconds = 0.0
         self.last_value: float | None = None
 
-    def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
-        pass
-
     def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
         self.epochs += 1
         self.epoch_seconds += record.epoch_seconds
@@ -272,15 +269,6 @@ class _TrialCallbacks:
             raise _Pruned()
         if self.epochs >= self.epochs_left and record.epoch < record.epochs:
             raise _OutOfBudget()
-
-    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
-        pass
-
-    def checkpoint(self, state: dict[str, Any]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 COMPLETE: Final = "complete"
@@ -350,7 +338,7 @@ def _trial_config(config: StudyConfig, params: dict[str, str | int | float]) -> 
 
 
 def _run_training(trial_config: TrainingConfig, data: PreparedData, base_state: dict[str, Tensor] | None,
-                  callbacks: _TrialCallbacks | _Quiet) -> TrainingResult:
+                  callbacks: NoOpCallbacks) -> TrainingResult:
     return train(trial_config, data, lambda seed: build_classifier(trial_config.model, len(data.labels), base_state),
                  run_context(trial_config), callbacks)
 
@@ -432,31 +420,12 @@ def _tpe_model_sampled(study: optuna.Study) -> int | None:
     return modelled
 
 
-class _Quiet:
-    """Callbacks that do nothing (the retraining runs)."""
-
-    def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
-        pass
-
-    def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
-        pass
-
-    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
-        pass
-
-    def checkpoint(self, state: dict[str, Any]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
 def retrain_best(run: ArmRun, config: StudyConfig, data: PreparedData, base_state: dict[str, Tensor] | None) -> None:
     """Train the arm's best configuration again, the test split attached, and keep its test accuracy."""
     best = run.best_trial()
     if best is None or data.test is None or not len(data.test):
         return
-    result = _run_training(_trial_config(config, best.params), data, base_state, _Quiet())
+    result = _run_training(_trial_config(config, best.params), data, base_state, NoOpCallbacks())
     run.retrain_val_accuracy = result.best.validation.accuracy
     run.test_accuracy = None if result.best.test is None else result.best.test.accuracy
 

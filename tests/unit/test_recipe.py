@@ -23,7 +23,15 @@ from trainer_service.config import (
     TrainingConfig,
     WeightsSource,
 )
-from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, Cancelled, EpochRecord, RunContext, Split
+from trainer_service.engine.loop import (
+    CLASSIFIER,
+    FINE_TUNING,
+    Cancelled,
+    EpochRecord,
+    NoOpCallbacks,
+    RunContext,
+    Split,
+)
 from trainer_service.engine.models import build_classifier, normalization
 from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, train
 
@@ -59,7 +67,7 @@ def _ctx(config: TrainingConfig) -> RunContext:
     return RunContext(device=torch.device("cpu"), autocast_dtype=None, workers=0, mean=mean, std=std)
 
 
-class Recorder:
+class Recorder(NoOpCallbacks):
     """Callbacks that keep everything, checkpoints serialised at once as the worker does."""
 
     def __init__(self, stop_after_epochs: int | None = None) -> None:

@@ -54,6 +54,7 @@ from trainer_service.engine.loop import (
     CLASSIFIER,
     FINE_TUNING,
     EpochRecord,
+    NoOpCallbacks,
     Split,
     StageData,
     resolve_autocast,
@@ -306,7 +307,7 @@ class StageRun:
         return len(self.lrs) // len(self.history)
 
 
-class _Spy:
+class _Spy(NoOpCallbacks):
     """Callbacks plus the stand-ins for the loop's optimizer, criterion and DataLoader factories."""
 
     def __init__(self, model: Classifier) -> None:
@@ -342,17 +343,8 @@ class _Spy:
         self.start = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.trainable = frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
 
-    def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
-        pass
-
-    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
-        pass
-
     def checkpoint(self, state: dict[str, Any]) -> None:
         self.epoch_heads.append(_head(self.model))
-
-    def should_stop(self) -> bool:
-        return False
 
 
 _STAGE_RUNS: dict[tuple[str, bytes], StageRun] = {}
@@ -440,24 +432,12 @@ class RecipeRun:
     head: dict[str, Tensor]  # the returned (best repeat's) model's head
 
 
-class _Recorder:
+class _Recorder(NoOpCallbacks):
     def __init__(self) -> None:
         self.stages: list[tuple[int, str, int]] = []
 
     def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
         self.stages.append((repeat, stage, epochs))
-
-    def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
-        pass
-
-    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
-        pass
-
-    def checkpoint(self, state: dict[str, Any]) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 _RECIPE_RUNS: dict[bytes, RecipeRun] = {}

@@ -98,6 +98,25 @@ class Callbacks(Protocol):
     def should_stop(self) -> bool: ...
 
 
+class NoOpCallbacks:
+    """Callbacks that do nothing and never stop: subclass it and override only what you need."""
+
+    def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
+        pass
+
+    def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
+        pass
+
+    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
+        pass
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
 @dataclass
 class RunContext:
     """What the loop needs besides the config: device, precision and the data-loading setup."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -18,14 +17,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from tests.integration.trainer_helpers import Trainer, start_trainer, tiny_spec, upload_shapes
+from tests.integration.trainer_helpers import Trainer, start_shapes_trainer, tiny_spec
 
 from trainer_service.spec_validation import validate_spec
 from trainer_service.tuning.study_config import validate_study
 from visiontune.cli import cli
 from visiontune.s3server import S3ServerProcess
 from visiontune.specfile import SpecFileError, dump_spec_yaml, load_spec_file, load_study_file, parse_study_spec
-from visiontune.store import ArtifactStore
 from visiontune.v1 import study_pb2, training_service_pb2, training_spec_pb2
 
 pytestmark = pytest.mark.integration
@@ -50,12 +48,7 @@ seed: 7
 
 @pytest.fixture(scope="module")
 def trainer(s3_server: S3ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainer]:
-    store = ArtifactStore.connect(s3_server.settings("cli-study-" + secrets.token_hex(6)))
-    store.ensure_bucket()
-    root = tmp_path_factory.mktemp("cli-study-trainer")
-    upload_shapes(store, root / "shapes")
-    (root / "state").mkdir()
-    running = start_trainer(store, s3_server, root / "state")
+    running = start_shapes_trainer(s3_server, tmp_path_factory.mktemp("cli-study-trainer"), "cli-study")
     yield running
     running.stop()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tests.integration.trainer_helpers import Trainer, start_trainer, tiny_spec, upload_shapes
+from tests.integration.trainer_helpers import Trainer, start_trainer, tiny_spec
 
 from visiontune.rpc_errors import field_violations
 from visiontune.s3server import S3ServerProcess
@@ -30,13 +30,8 @@ EPOCHS = 4
 
 
 @pytest.fixture
-def shapes(store: ArtifactStore, tmp_path: Path) -> ArtifactStore:
-    upload_shapes(store, tmp_path / "shapes")
-    return store
-
-
-@pytest.fixture
 def trainer(shapes: ArtifactStore, s3_server: S3ServerProcess, tmp_path: Path) -> Iterator[Trainer]:
+    """Two job slots: the study's parallelism of 2 really runs two trials at once."""
     running = start_trainer(shapes, s3_server, tmp_path / "data", "--job-slots", "2")
     try:
         yield running

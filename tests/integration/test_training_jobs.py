@@ -10,17 +10,15 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import json_format
-from tests.integration.trainer_helpers import Trainer, start_trainer, tiny_spec, upload_shapes
+from tests.integration.trainer_helpers import Trainer, tiny_spec
 
 from visiontune.dataset_upload import plan_upload, upload
 from visiontune.rpc_errors import field_violations
-from visiontune.s3server import S3ServerProcess
 from visiontune.sample_data import SHAPES, write_shapes_dataset
 from visiontune.store import ArtifactStore
 from visiontune.v1 import (
@@ -31,20 +29,6 @@ from visiontune.v1 import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def shapes(store: ArtifactStore, tmp_path: Path) -> ArtifactStore:
-    upload_shapes(store, tmp_path / "shapes")
-    return store
-
-
-@pytest.fixture
-def trainer(shapes: ArtifactStore, s3_server: S3ServerProcess, tmp_path: Path) -> Iterator[Trainer]:
-    (tmp_path / "state").mkdir()
-    running = start_trainer(shapes, s3_server, tmp_path / "state")
-    yield running
-    running.stop()
 
 
 def _create(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> job_pb2.Job:

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from google.protobuf import json_format
 from optuna.trial import TrialState
-from tests.integration.trainer_helpers import Trainer, start_trainer, tiny_spec, upload_shapes
+from tests.integration.trainer_helpers import Trainer, tiny_spec
 
 from trainer_service import events
 from trainer_service.jobstore import JobState, JobStore
@@ -25,27 +25,12 @@ from trainer_service.spec_validation import config_to_spec, validate_spec
 from trainer_service.tuning.optuna_setup import create_study, open_storage
 from trainer_service.tuning.study_config import validate_study
 from visiontune import names
-from visiontune.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_spec_pb2
 
 pytestmark = pytest.mark.integration
 
 MIN_RESOURCE = 2
-
-
-@pytest.fixture
-def shapes(store: ArtifactStore, tmp_path: Path) -> ArtifactStore:
-    upload_shapes(store, tmp_path / "shapes")
-    return store
-
-
-@pytest.fixture
-def trainer(shapes: ArtifactStore, s3_server: S3ServerProcess, tmp_path: Path) -> Iterator[Trainer]:
-    (tmp_path / "state").mkdir()
-    running = start_trainer(shapes, s3_server, tmp_path / "state")
-    yield running
-    running.stop()
 
 
 @pytest.fixture

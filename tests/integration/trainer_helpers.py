@@ -7,6 +7,7 @@ a CPU.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -67,6 +68,15 @@ def start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path, *ar
             pytest.fail(f"trainer did not start; see {data_dir.parent}")
     channel = grpc.insecure_channel(target)
     return Trainer(proc, training_service_pb2_grpc.TrainingServiceStub(channel), channel, data_dir, target)
+
+
+def start_shapes_trainer(s3: S3ServerProcess, root: Path, bucket_prefix: str, *args: str) -> Trainer:
+    """A fresh bucket with the tiny shapes dataset, and a trainer on it with its state under `root`."""
+    store = ArtifactStore.connect(s3.settings(f"{bucket_prefix}-{secrets.token_hex(6)}"))
+    store.ensure_bucket()
+    upload_shapes(store, root / "shapes")
+    (root / "state").mkdir()
+    return start_trainer(store, s3, root / "state", *args)
 
 
 def upload_shapes(store: ArtifactStore, root: Path) -> None:

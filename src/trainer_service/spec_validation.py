@@ -15,7 +15,6 @@ import dataclasses
 import enum
 import math
 import re
-import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -43,6 +42,7 @@ from trainer_service.config import (
     TrainingConfig,
     WeightsSource,
 )
+from visiontune import float32
 from visiontune.names import InvalidName, check_id
 from visiontune.rpc_errors import FieldViolation
 from visiontune.uris import parse_location
@@ -68,7 +68,6 @@ DEFAULT_OUTPUT_MODEL = "model"
 # Ratios of float32 values are off by a few float32 ulps (~6e-8 each); the fine-tuning LR limit is compared with
 # this slack so that a client sending exactly classifier LR / 10 is not rejected for rounding.
 _FLOAT32_SLACK = 1e-6
-_FLOAT32_MAX = 3.4028234663852886e38
 # Fine-tuning epochs above this need FineTuningSpec.allow_long_fine_tuning.
 _SHORT_FINE_TUNING_EPOCHS = 5
 
@@ -94,18 +93,6 @@ class SpecInvalid(ValueError):
 
 
 # -- small pieces: float32 values, ranges, enum mappings, the violation collector -------------------------------
-
-
-def _f32(value: float) -> float:
-    """The shortest decimal that is the same float32 as `value` (so 0.003 stays 0.003)."""
-    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-        return value
-    target = struct.pack("<f", value)
-    for digits in range(1, 10):  # 9 significant digits always identify a float32
-        candidate = float(f"{value:.{digits}g}")
-        if abs(candidate) <= _FLOAT32_MAX and struct.pack("<f", candidate) == target:
-            return candidate
-    return value
 
 
 def _fmt(value: float) -> str:
@@ -276,7 +263,7 @@ def _dataset(c: _Checker, msg: pb.DatasetSpec) -> DatasetConfig:
                       ("unknown_uri", msg.unknown_uri)):
         if uri:
             c.location(f"dataset.{name}", uri)
-    split = _f32(msg.validation_split) if msg.HasField("validation_split") else _DATASET.validation_split
+    split = float32.shortest(msg.validation_split) if msg.HasField("validation_split") else _DATASET.validation_split
     c.within("dataset.validation_split", split, "(0, 0.5]")
     image_size = msg.image_size if msg.HasField("image_size") else _DATASET.image_size
     c.within("dataset.image_size", image_size, "[32, 1024]")
@@ -296,8 +283,8 @@ def _dataset(c: _Checker, msg: pb.DatasetSpec) -> DatasetConfig:
 
 def _augmentation(c: _Checker, msg: pb.AugmentationSpec) -> AugmentationConfig:
     path = "augmentation"
-    zoom_min = _f32(msg.zoom_min_scale) if msg.HasField("zoom_min_scale") else _AUGMENTATION.zoom_min_scale
-    zoom_max = _f32(msg.zoom_max_scale) if msg.HasField("zoom_max_scale") else _AUGMENTATION.zoom_max_scale
+    zoom_min = float32.shortest(msg.zoom_min_scale) if msg.HasField("zoom_min_scale") else _AUGMENTATION.zoom_min_scale
+    zoom_max = float32.shortest(msg.zoom_max_scale) if msg.HasField("zoom_max_scale") else _AUGMENTATION.zoom_max_scale
     min_ok = c.within(f"{path}.zoom_min_scale", zoom_min, "[0.05, 1]")
     max_ok = c.within(f"{path}.zoom_max_scale", zoom_max, "[0.05, 1]")
     if min_ok and max_ok and zoom_min > zoom_max:
@@ -311,7 +298,7 @@ def _augmentation(c: _Checker, msg: pb.AugmentationSpec) -> AugmentationConfig:
         "shear_degrees": (msg.shear_degrees, "[0, 45]"),
         "gaussian_noise_std": (msg.gaussian_noise_std, "[0, 1]"),
     }
-    values = {name: _f32(value) for name, (value, _) in floats.items()}
+    values = {name: float32.shortest(value) for name, (value, _) in floats.items()}
     for name, (_, allowed) in floats.items():
         c.within(f"{path}.{name}", values[name], allowed)
     c.within(f"{path}.copies_per_original", msg.copies_per_original, "[0, 4]")
@@ -344,7 +331,7 @@ def _model(c: _Checker, msg: pb.ModelSpec) -> ModelConfig:
             c.fail(uri_path, f"must be empty unless model.weights is WEIGHTS_SOURCE_URI, got {uri!r}")
     classifier_dim = msg.classifier_dim if msg.HasField("classifier_dim") else _MODEL.classifier_dim
     c.within("model.classifier_dim", classifier_dim, "[8, 8192]")
-    dropout = _f32(msg.dropout) if msg.HasField("dropout") else _MODEL.dropout
+    dropout = float32.shortest(msg.dropout) if msg.HasField("dropout") else _MODEL.dropout
     c.within("model.dropout", dropout, "[0, 0.95]")
     return ModelConfig(
         architecture=c.enum("model.architecture", msg.architecture, _ARCHITECTURE),
@@ -360,13 +347,13 @@ def _stage(c: _Checker, path: str, msg: pb.StageSpec, defaults: StageConfig, epo
            epochs_note: str = "") -> StageConfig:
     epochs = msg.epochs if msg.HasField("epochs") else defaults.epochs
     epochs_ok = c.within(f"{path}.epochs", epochs, epochs_range, epochs_note)
-    lr = _f32(msg.learning_rate) if msg.HasField("learning_rate") else defaults.learning_rate
+    lr = float32.shortest(msg.learning_rate) if msg.HasField("learning_rate") else defaults.learning_rate
     lr_ok = c.within(f"{path}.learning_rate", lr, "(0, 10]")
     batch_size = msg.batch_size if msg.HasField("batch_size") else defaults.batch_size
     c.within(f"{path}.batch_size", batch_size, "[1, 4096]")
-    label_smoothing = _f32(msg.label_smoothing)
+    label_smoothing = float32.shortest(msg.label_smoothing)
     c.within(f"{path}.label_smoothing", label_smoothing, "[0, 0.5)")
-    clip = _f32(msg.gradient_clip_norm)
+    clip = float32.shortest(msg.gradient_clip_norm)
     c.within(f"{path}.gradient_clip_norm", clip, "[0, 1000]")
     return StageConfig(
         epochs=epochs,
@@ -383,17 +370,17 @@ def _stage(c: _Checker, path: str, msg: pb.StageSpec, defaults: StageConfig, epo
 
 def _optimizer(c: _Checker, path: str, msg: pb.OptimizerSpec) -> OptimizerConfig:
     kind = c.enum(f"{path}.type", msg.type, _OPTIMIZER_TYPE)
-    momentum = _f32(msg.momentum) if msg.HasField("momentum") else _OPTIMIZER.momentum
+    momentum = float32.shortest(msg.momentum) if msg.HasField("momentum") else _OPTIMIZER.momentum
     momentum_ok = c.within(f"{path}.momentum", momentum, "[0, 1)")
     if kind is OptimizerType.SGD and msg.nesterov and momentum_ok and momentum == 0:
         # torch.optim.SGD refuses this at construction; report it before any work starts instead.
         c.fail(f"{path}.nesterov", f"needs {path}.momentum > 0 with SGD, got momentum 0")
     default_decay = ADAMW_DEFAULT_WEIGHT_DECAY if kind is OptimizerType.ADAMW else _OPTIMIZER.weight_decay
-    weight_decay = _f32(msg.weight_decay) if msg.HasField("weight_decay") else default_decay
+    weight_decay = float32.shortest(msg.weight_decay) if msg.HasField("weight_decay") else default_decay
     c.within(f"{path}.weight_decay", weight_decay, "[0, 1]")
-    beta1 = _f32(msg.beta1) if msg.HasField("beta1") else _OPTIMIZER.beta1
+    beta1 = float32.shortest(msg.beta1) if msg.HasField("beta1") else _OPTIMIZER.beta1
     c.within(f"{path}.beta1", beta1, "[0, 1)")
-    beta2 = _f32(msg.beta2) if msg.HasField("beta2") else _OPTIMIZER.beta2
+    beta2 = float32.shortest(msg.beta2) if msg.HasField("beta2") else _OPTIMIZER.beta2
     c.within(f"{path}.beta2", beta2, "[0, 1)")
     return OptimizerConfig(
         type=kind, momentum=momentum, nesterov=msg.nesterov, weight_decay=weight_decay, beta1=beta1, beta2=beta2
@@ -404,16 +391,16 @@ def _schedule(c: _Checker, stage: str, msg: pb.ScheduleSpec, epochs: int | None,
     """`epochs` and `lr` are the stage's, or None where they are invalid (then the checks against them are off)."""
     path = f"{stage}.schedule"
     kind = c.enum(f"{path}.type", msg.type, _SCHEDULE_TYPE)
-    warmup = _f32(msg.warmup_epochs)
+    warmup = float32.shortest(msg.warmup_epochs)
     if epochs is None:
         c.within(f"{path}.warmup_epochs", warmup, _Range(0))
     else:
         c.within(f"{path}.warmup_epochs", warmup, _Range(0, epochs, hi_open=True), f" (less than {stage}.epochs)")
     step_epochs = msg.step_epochs if msg.HasField("step_epochs") else _SCHEDULE.step_epochs
     c.within(f"{path}.step_epochs", step_epochs, "[1, 1000]")
-    gamma = _f32(msg.gamma) if msg.HasField("gamma") else _SCHEDULE.gamma
+    gamma = float32.shortest(msg.gamma) if msg.HasField("gamma") else _SCHEDULE.gamma
     c.within(f"{path}.gamma", gamma, "(0, 1)")
-    min_lr = _f32(msg.min_learning_rate)
+    min_lr = float32.shortest(msg.min_learning_rate)
     if lr is None:
         c.within(f"{path}.min_learning_rate", min_lr, _Range(0))
     else:
@@ -421,12 +408,12 @@ def _schedule(c: _Checker, stage: str, msg: pb.ScheduleSpec, epochs: int | None,
         c.within(f"{path}.min_learning_rate", min_lr, _Range(0, lr, hi_open=True), below)
     max_lr: float | None = None
     if msg.HasField("max_learning_rate"):
-        max_lr = _f32(msg.max_learning_rate)
+        max_lr = float32.shortest(msg.max_learning_rate)
         peak_floor = _Range(0, lo_open=True) if lr is None else _Range(lr, lo_open=True)
         c.within(f"{path}.max_learning_rate", max_lr, peak_floor, f" ({stage}.learning_rate)" if lr is not None else "")
     elif kind in (ScheduleType.ONE_CYCLE, ScheduleType.CYCLIC) and lr is not None:
-        max_lr = _f32(10 * lr)  # the documented default peak; other schedules have no peak
-    cycle_epochs = _f32(msg.cycle_epochs) if msg.HasField("cycle_epochs") else _SCHEDULE.cycle_epochs
+        max_lr = float32.shortest(10 * lr)  # the documented default peak; other schedules have no peak
+    cycle_epochs = float32.shortest(msg.cycle_epochs) if msg.HasField("cycle_epochs") else _SCHEDULE.cycle_epochs
     c.within(f"{path}.cycle_epochs", cycle_epochs, "[1, 1000]")
     restart_epochs = msg.restart_epochs if msg.HasField("restart_epochs") else _SCHEDULE.restart_epochs
     c.within(f"{path}.restart_epochs", restart_epochs, "[1, 1000]")
@@ -451,7 +438,7 @@ def _schedule(c: _Checker, stage: str, msg: pb.ScheduleSpec, epochs: int | None,
 def _early_stopping(c: _Checker, path: str, msg: pb.EarlyStoppingSpec) -> EarlyStoppingConfig:
     patience = msg.patience if msg.HasField("patience") else _EARLY_STOPPING.patience
     c.within(f"{path}.patience", patience, "[1, 1000]")
-    min_delta = _f32(msg.min_delta)
+    min_delta = float32.shortest(msg.min_delta)
     c.within(f"{path}.min_delta", min_delta, "[0, 1]")
     restore = msg.restore_best_weights if msg.HasField("restore_best_weights") else _EARLY_STOPPING.restore_best_weights
     return EarlyStoppingConfig(
@@ -470,7 +457,7 @@ def _fine_tuning(c: _Checker, msg: pb.FineTuningSpec, classifier: StageConfig,
     classifier_lr_ok = not c.failed("classifier.learning_rate")
     limit = classifier.learning_rate / 10
     # Default LR: the classifier's / 10; a bad classifier LR is reported once, not again through this default.
-    default_lr = _f32(limit) if classifier_lr_ok else _FINE_TUNING.stage.learning_rate
+    default_lr = float32.shortest(limit) if classifier_lr_ok else _FINE_TUNING.stage.learning_rate
     defaults = dataclasses.replace(_FINE_TUNING.stage, learning_rate=default_lr)
     if msg.allow_long_fine_tuning:
         stage = _stage(c, f"{path}.stage", msg.stage, defaults, _Range(1, 1000))
@@ -480,7 +467,7 @@ def _fine_tuning(c: _Checker, msg: pb.FineTuningSpec, classifier: StageConfig,
     lr_path = f"{path}.stage.learning_rate"
     too_high = _above_lr_limit(stage.learning_rate, classifier.learning_rate)
     if too_high and classifier_lr_ok and not c.failed(lr_path) and not msg.override_learning_rate_limit:
-        c.fail(lr_path, f"must be <= classifier.learning_rate / 10 = {_fmt(_f32(limit))} unless "
+        c.fail(lr_path, f"must be <= classifier.learning_rate / 10 = {_fmt(float32.shortest(limit))} unless "
                         f"{path}.override_learning_rate_limit, got {_fmt(stage.learning_rate)}")
     return FineTuningConfig(
         enabled=msg.enabled, stage=stage, last_n_blocks=_unfreeze(c, f"{path}.unfreeze", msg.unfreeze, architecture)
@@ -510,7 +497,7 @@ def _unfreeze(c: _Checker, path: str, msg: pb.UnfreezeSpec, architecture: Archit
 
 
 def _open_set(c: _Checker, msg: pb.OpenSetSpec) -> OpenSetConfig:
-    tpr = _f32(msg.target_true_positive_rate) if msg.HasField("target_true_positive_rate") else (
+    tpr = float32.shortest(msg.target_true_positive_rate) if msg.HasField("target_true_positive_rate") else (
         _OPEN_SET.target_true_positive_rate
     )
     c.within("open_set.target_true_positive_rate", tpr, "[0.5, 1)")

@@ -18,7 +18,6 @@ import difflib
 import json
 import math
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -28,6 +27,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, OneofDescriptor
 from google.protobuf.message import Message
 
+from visiontune import float32
 from visiontune.v1 import study_pb2, training_spec_pb2
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "spec_to_dict",
 ]
 
-_FLOAT32_MAX = 3.4028234663852886e38
 _INT_BOUNDS = {
     FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
@@ -159,7 +158,7 @@ def _scalar(field: FieldDescriptor, raw: object, path: str) -> Any:
         if number is not None:
             if not math.isfinite(number):
                 raise SpecFileError(f"{path}: expected a finite number, got {raw!r}")
-            if cpp == FieldDescriptor.CPPTYPE_FLOAT and abs(number) > _FLOAT32_MAX:
+            if cpp == FieldDescriptor.CPPTYPE_FLOAT and abs(number) > float32.MAX:
                 raise SpecFileError(f"{path}: {raw!r} is too large for a 32-bit float")
             return number
     hint = " (quote it to make it text)" if cpp == FieldDescriptor.CPPTYPE_STRING else ""
@@ -505,19 +504,7 @@ def _plain_value(field: FieldDescriptor, value: Any) -> Any:
     if field.cpp_type == FieldDescriptor.CPPTYPE_ENUM:
         return enum_short_name(_enum_type(field), value)
     if field.cpp_type == FieldDescriptor.CPPTYPE_FLOAT:
-        return _short_float32(value)
-    return value
-
-
-def _short_float32(value: float) -> float:
-    """The shortest decimal that is the same float32 (Python holds 0.003f as 0.0030000000260770321)."""
-    if not math.isfinite(value):
-        return value
-    target = struct.pack("<f", value)
-    for digits in range(1, 10):  # 9 significant digits always identify a float32
-        candidate = float(f"{value:.{digits}g}")
-        if abs(candidate) <= _FLOAT32_MAX and struct.pack("<f", candidate) == target:
-            return candidate
+        return float32.shortest(value)
     return value
 
 

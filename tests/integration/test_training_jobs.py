@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import json_format
-from tests.integration.trainer_helpers import Trainer, tiny_spec
+from tests.integration.trainer_helpers import Trainer, tiny_spec, worker_pid
 
 from visiontune.dataset_upload import plan_upload, upload
 from visiontune.rpc_errors import field_violations
@@ -38,18 +38,6 @@ def _create(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str)
 
 def _watch(trainer: Trainer, name: str, timeout: float = 240) -> list[job_pb2.JobEvent]:
     return list(trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=timeout))
-
-
-def _worker_pid(job_id: str) -> int | None:
-    marker = f"trainer_service.worker\0--job\0{job_id}\0".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-            except OSError:
-                continue
-    return None
 
 
 def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(trainer: Trainer,
@@ -152,7 +140,7 @@ def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: 
     for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
         if event.HasField("epoch_ended") and event.epoch_ended.epoch == 2:
             break
-    pid = _worker_pid("killed")
+    pid = worker_pid("killed")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     events = _watch(trainer, job.name)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import optuna
 import pytest
 from google.protobuf import json_format
 from optuna.trial import TrialState
-from tests.integration.trainer_helpers import Trainer, tiny_spec
+from tests.integration.trainer_helpers import Trainer, tiny_spec, worker_pid
 
 from trainer_service import events
 from trainer_service.jobstore import JobState, JobStore
@@ -168,18 +167,6 @@ def test_a_trial_the_pruner_keeps_succeeds_with_metrics_and_no_model_version(tra
     assert list(shapes.list(f"jobs/{job_id}/checkpoints/")) == []
 
 
-def _worker_pid(job_id: str) -> int | None:
-    marker = f"trainer_service.worker\0--job\0{job_id}\0".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-            except OSError:
-                continue
-    return None
-
-
 def test_a_trial_resumed_after_kill_9_keeps_counting_steps_across_the_stages(trainer: Trainer, jobs: JobStore,
                                                                               shapes: ArtifactStore) -> None:
     base = tiny_spec(epochs=2, fine_tuning_epochs=3)
@@ -189,7 +176,7 @@ def test_a_trial_resumed_after_kill_9_keeps_counting_steps_across_the_stages(tra
     for event in trainer.stub.WatchJob(request, timeout=120):
         if event.HasField("epoch_ended") and event.epoch_ended.stage == job_pb2.STAGE_FINE_TUNING:
             break
-    pid = _worker_pid(job_id)
+    pid = worker_pid(job_id)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # before or after that epoch's checkpoint: both resume to the same steps
 

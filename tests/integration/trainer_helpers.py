@@ -102,3 +102,16 @@ def tiny_spec(*, epochs: int = 2, fine_tuning_epochs: int = 0, seed: int = 0) ->
         spec.fine_tuning.stage.epochs = fine_tuning_epochs
         spec.fine_tuning.stage.batch_size = 8
     return spec
+
+
+def worker_pid(job_id: str) -> int | None:
+    """The pid of the worker process running `job_id`, found by its command line; None when there is none."""
+    marker = f"trainer_service.worker\0--job\0{job_id}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None

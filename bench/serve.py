@@ -68,6 +68,7 @@ import tritonclient.grpc as triton_grpc
 from google.protobuf import duration_pb2, json_format
 from PIL import Image
 
+from bench.machine import cpu_model
 from trainer_service.config import Architecture, ModelConfig
 from trainer_service.engine.models import (
     WeightsUnavailable,
@@ -543,12 +544,6 @@ def _load_average() -> float | None:
         return None
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -663,7 +658,7 @@ def benchmark(settings: Settings) -> dict[str, Any]:
         "settings": asdict(settings),
         "weights": described,
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "logical_cpus": os.cpu_count(),
             "torch_threads": settings.threads,
             "device": device,

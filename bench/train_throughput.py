@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
+from bench.machine import cpu_model
 from trainer_service.config import (
     Architecture,
     AugmentationConfig,
@@ -355,12 +356,6 @@ def ours_stage1(template: Classifier, config: TrainingConfig, data: StageData, c
 # -- the benchmark ------------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _epochs_once(config: TrainingConfig) -> TrainingConfig:
@@ -450,7 +445,7 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
     return {
         "settings": asdict(settings),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "device": device.type if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",

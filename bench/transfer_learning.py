@@ -64,6 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.machine import cpu_model
 from trainer_service.config import (
     Architecture,
     DatasetConfig,
@@ -360,14 +361,6 @@ CLAIMS = (
 )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _standard_error(accuracy: float, count: int) -> float:
@@ -425,7 +418,7 @@ def render_report(s: Settings, outcomes: Sequence[Outcome], command: str, data: 
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {_cpu_model()}, {os.cpu_count()} CPU cores, {s.threads} torch thread(s), {s.workers} loader "
+        f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores, {s.threads} torch thread(s), {s.workers} loader "
         f"workers, no GPU used; Python {platform.python_version()}, torch {torch.__version__}; "
         f"{platform.platform()}. Total wall time {total_seconds / 60:.1f} min. Date: {now}.",
         "",

@@ -76,6 +76,7 @@ from google.protobuf import duration_pb2
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from bench.machine import cpu_model
 from bench.transfer_learning import APT_PACKAGE, DATA_DIR, DatasetMissing, prepare_data
 from trainer_service.config import Architecture, Metric, ModelConfig, TrainingConfig, WeightsSource
 from trainer_service.engine import loop
@@ -496,14 +497,6 @@ def _mean_std(values: Sequence[float | None]) -> str:
     return f"{statistics.fmean(present):.1%} ± {std:.1%}"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ratio_line(comparisons: Sequence[SeedComparison]) -> str:
@@ -642,7 +635,7 @@ def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: 
     lines += [
         f"Command: `{command}`",
         "",
-        f"Machine: {_cpu_model()}, {os.cpu_count()} CPU cores, {s.threads} torch thread(s), no GPU used; "
+        f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores, {s.threads} torch thread(s), no GPU used; "
         f"load average {load[0][0]:.2f} / {load[0][1]:.2f} / {load[0][2]:.2f} (1/5/15 min) at the start, "
         f"{load[1][0]:.2f} at the end; Python {platform.python_version()}, torch {torch.__version__}, optuna "
         f"{optuna.__version__}; {platform.platform()}. Total wall time {total_seconds / 60:.1f} min. Date: {now}.",

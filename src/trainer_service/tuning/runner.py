@@ -35,6 +35,7 @@ from google.protobuf import json_format
 from optuna.trial import FrozenTrial, TrialState
 
 from trainer_service.jobstore import JobRecord, JobState, JobStore, StudyRecord, StudyState, utc_now
+from trainer_service.resources import STUDY_STATES
 from trainer_service.spec_validation import config_to_spec, validate_spec
 from trainer_service.tuning import study_proto
 from trainer_service.tuning.optuna_setup import create_study, load_study, open_storage
@@ -317,7 +318,7 @@ class StudyRunner:
              ) -> None:
         self._jobs.update_study_state(study_id, state, error=error, result_json=result_json)
         self._event(study_id, "state_changed",
-                    study_pb2.StudyEvent(state_changed=study_proto.STUDY_STATES_TO_PROTO[state]))
+                    study_pb2.StudyEvent(state_changed=STUDY_STATES[state]))
         log.info("study %s %s", study_id, state.value.lower())
 
     def _event(self, study_id: str, kind: str, event: study_pb2.StudyEvent) -> None:

@@ -19,7 +19,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trainer_service.config import Metric
 from trainer_service.jobstore import JobRecord
-from trainer_service.resources import STUDY_STATES
 from trainer_service.tuning.space import ParamValue, param_string
 from trainer_service.tuning.study_config import StudyConfig
 from visiontune import names
@@ -27,7 +26,6 @@ from visiontune.v1 import job_pb2, study_pb2, training_spec_pb2
 
 log = logging.getLogger(__name__)
 
-STUDY_STATES_TO_PROTO: Final = STUDY_STATES
 _TRIAL_STATES: Final = {
     TrialState.RUNNING: study_pb2.TRIAL_STATE_RUNNING,
     TrialState.WAITING: study_pb2.TRIAL_STATE_RUNNING,
@@ -163,8 +161,3 @@ def with_trials(study: study_pb2.Study, optuna_study: optuna.Study | None, jobs:
         if best:
             study.best_trial = best[0].number
     return study
-
-
-def is_terminal_proto(state: study_pb2.StudyState.ValueType) -> bool:
-    return state in (study_pb2.STUDY_STATE_SUCCEEDED, study_pb2.STUDY_STATE_FAILED, study_pb2.STUDY_STATE_CANCELLED)
-

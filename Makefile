@@ -59,10 +59,10 @@ bench-serve: setup
 	$(BIN)/python -m bench.serve
 
 lint: setup
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check visiontune trainer_service inference_service tests scripts bench
 	$(BIN)/mypy
 
-# Regenerate src/visiontune/v1 from protos/ after editing a .proto.
+# Regenerate visiontune/v1 from protos/ after editing a .proto.
 protos: setup
 	$(BIN)/python scripts/gen_protos.py
 

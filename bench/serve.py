@@ -67,9 +67,6 @@ import torchvision
 import tritonclient.grpc as triton_grpc
 from google.protobuf import duration_pb2, json_format
 from PIL import Image
-
-from bench.machine import cpu_model
-from trainer_service.config import Architecture, ModelConfig
 from trainer_service.engine.models import (
     WeightsUnavailable,
     build_classifier,
@@ -77,12 +74,15 @@ from trainer_service.engine.models import (
     load_base_weights,
     normalization,
 )
-from visiontune.launch import InferenceProcess, launch_inference
+from trainer_service.spec.config import Architecture, ModelConfig
+from visiontune.devstack.launch import InferenceProcess, launch_inference
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.preprocessing import center_crop, decode_hwc, normalize
-from visiontune.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore, sha256_file
 from visiontune.v1 import inference_service_pb2 as pb
 from visiontune.v1 import inference_service_pb2_grpc, job_pb2, manifest_pb2, training_spec_pb2
+
+from bench.machine import cpu_model
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "serve.md"
 MODULE_COMMAND = ("python", "-m", "bench.serve")
@@ -548,7 +548,7 @@ def _load_average() -> float | None:
 
 @dataclass
 class Service:
-    """A running `python -m inference_service` (visiontune.launch) and a gRPC stub on it."""
+    """A running `python -m inference_service` (visiontune.devstack.launch) and a gRPC stub on it."""
 
     process: InferenceProcess
     channel: grpc.Channel

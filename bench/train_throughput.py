@@ -44,22 +44,6 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler
-
-from bench.machine import cpu_model
-from trainer_service.config import (
-    Architecture,
-    AugmentationConfig,
-    DatasetConfig,
-    DeviceKind,
-    FineTuningConfig,
-    ModelConfig,
-    OptimizerConfig,
-    OptimizerType,
-    Precision,
-    RunConfig,
-    StageConfig,
-    TrainingConfig,
-)
 from trainer_service.engine import loop
 from trainer_service.engine.augment import build_train_transform
 from trainer_service.engine.loop import (
@@ -81,6 +65,22 @@ from trainer_service.engine.models import (
     load_base_weights,
     normalization,
 )
+from trainer_service.spec.config import (
+    Architecture,
+    AugmentationConfig,
+    DatasetConfig,
+    DeviceKind,
+    FineTuningConfig,
+    ModelConfig,
+    OptimizerConfig,
+    OptimizerType,
+    Precision,
+    RunConfig,
+    StageConfig,
+    TrainingConfig,
+)
+
+from bench.machine import cpu_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_throughput.md"
 MODULE_COMMAND = ("python", "-m", "bench.train_throughput")

@@ -63,9 +63,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from bench.machine import cpu_model
-from trainer_service.config import (
+from trainer_service.engine.loop import EpochRecord, NoOpCallbacks, RunContext, Split
+from trainer_service.engine.models import build_classifier, load_base_weights, normalization, seed_weights_cache
+from trainer_service.engine.recipe import PreparedData, TrainingResult, train
+from trainer_service.spec.config import (
     Architecture,
     DatasetConfig,
     FineTuningConfig,
@@ -79,9 +80,8 @@ from trainer_service.config import (
     TrainingConfig,
     WeightsSource,
 )
-from trainer_service.engine.loop import EpochRecord, NoOpCallbacks, RunContext, Split
-from trainer_service.engine.models import build_classifier, load_base_weights, normalization, seed_weights_cache
-from trainer_service.engine.recipe import PreparedData, TrainingResult, train
+
+from bench.machine import cpu_model
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 APT_PACKAGE = "dataset-fashion-mnist"

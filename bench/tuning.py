@@ -75,20 +75,20 @@ import torch
 from google.protobuf import duration_pb2
 from torch import Tensor
 from torch.utils.data import DataLoader
-
-from bench.machine import cpu_model
-from bench.transfer_learning import APT_PACKAGE, DATA_DIR, DatasetMissing, prepare_data
-from trainer_service.config import Architecture, Metric, ModelConfig, TrainingConfig, WeightsSource
 from trainer_service.engine import loop
 from trainer_service.engine.loop import EpochRecord, NoOpCallbacks, RunContext, run_context
 from trainer_service.engine.models import Classifier, build_classifier, load_base_weights, seed_weights_cache
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
-from trainer_service.spec_validation import SpecInvalid, validate_spec
+from trainer_service.spec.config import Architecture, Metric, ModelConfig, TrainingConfig, WeightsSource
+from trainer_service.spec.validate import SpecInvalid, validate_spec
 from trainer_service.tuning.optuna_setup import make_pruner, make_sampler
 from trainer_service.tuning.space import apply_params, suggest
 from trainer_service.tuning.study_config import StudyConfig, validate_study
 from visiontune.v1 import study_pb2
 from visiontune.v1 import training_spec_pb2 as pb
+
+from bench.machine import cpu_model
+from bench.transfer_learning import APT_PACKAGE, DATA_DIR, DatasetMissing, prepare_data
 
 __all__ = ["APT_PACKAGE", "ARMS", "DATA_DIR", "main"]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the Python stubs of protos/ into src/visiontune/v1 (run as `make protos`).
+"""Generate the Python stubs of protos/ into visiontune/v1 (run as `make protos`).
 
 Writes `*_pb2.py` + `*_pb2_grpc.py` (grpcio-tools) and `*_pb2.pyi` + `*_pb2_grpc.pyi` (mypy-protobuf).
 `--check` generates into a temporary directory and fails, listing the differences, when the committed
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 PACKAGE_DIR = Path("visiontune") / "v1"
-OUT_ROOT = ROOT / "src"
+OUT_ROOT = ROOT
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 

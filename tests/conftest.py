@@ -6,8 +6,7 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-
-from visiontune.s3server import S3ServerProcess
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 
 

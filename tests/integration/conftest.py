@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from tests.integration.trainer_helpers import Trainer, start_trainer, upload_shapes
-
-from visiontune.s3server import S3ServerProcess
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 
 

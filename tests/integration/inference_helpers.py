@@ -23,9 +23,8 @@ import torch
 from google.protobuf import json_format
 from PIL import Image
 from torch import nn
-
-from visiontune.launch import InferenceProcess, launch_inference
-from visiontune.s3server import S3ServerProcess
+from visiontune.devstack.launch import InferenceProcess, launch_inference
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore, sha256_file
 from visiontune.v1 import (
     inference_service_pb2 as pb,
@@ -105,7 +104,7 @@ RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
 
 @dataclass
 class Inference:
-    """A running inference service (visiontune.launch) and a gRPC stub on it."""
+    """A running inference service (visiontune.devstack.launch) and a gRPC stub on it."""
 
     process: InferenceProcess
     channel: grpc.Channel

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from visiontune.ports import free_port
+from visiontune.devstack.ports import free_port
 
 __all__ = ["Prometheus", "PrometheusError", "find_prometheus", "running_prometheus"]
 

@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from tests.integration.inference_helpers import GREY, RED, publish_color_model, solid_image
-
-from visiontune import stack
 from visiontune.cli import cli
-from visiontune.ports import free_port
+from visiontune.devstack import stack
+from visiontune.devstack.ports import free_port
 from visiontune.store import ArtifactStore
 
 pytestmark = pytest.mark.integration

@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from tests.integration.trainer_helpers import Trainer, start_shapes_trainer, tiny_spec
-
-from trainer_service.spec_validation import validate_spec
+from trainer_service.spec.validate import validate_spec
 from trainer_service.tuning.study_config import validate_study
 from visiontune.cli import cli
-from visiontune.s3server import S3ServerProcess
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.specfile import SpecFileError, dump_spec_yaml, load_spec_file, load_study_file, parse_study_spec
 from visiontune.v1 import study_pb2, training_service_pb2, training_spec_pb2
 

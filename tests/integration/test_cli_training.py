@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from tests.integration.trainer_helpers import Trainer, start_shapes_trainer, tiny_spec
-
-from trainer_service.spec_validation import validate_spec
+from trainer_service.spec.validate import validate_spec
 from visiontune.cli import cli
-from visiontune.ports import free_port
-from visiontune.s3server import S3ServerProcess
+from visiontune.devstack.ports import free_port
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.specfile import dump_spec_yaml, load_spec_file, parse_spec
 from visiontune.v1 import job_pb2, training_service_pb2
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from trainer_service.engine.data import (
     DatasetError,
     ImageItem,
@@ -17,7 +16,7 @@ from trainer_service.engine.data import (
     list_image_folder,
     materialize,
 )
-from visiontune.ports import free_port
+from visiontune.devstack.ports import free_port
 from visiontune.settings import S3Settings
 from visiontune.store import ArtifactStore, RetryPolicy, StoreError, StoreUnavailable
 

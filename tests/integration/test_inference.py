@@ -36,9 +36,8 @@ from tests.integration.inference_helpers import (
     start_inference,
     wait_ready,
 )
-
-from visiontune.rpc_errors import field_violations
-from visiontune.s3server import S3ServerProcess
+from visiontune.devstack.s3server import S3ServerProcess
+from visiontune.errors import field_violations
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2 as pb
 

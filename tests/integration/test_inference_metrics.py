@@ -21,8 +21,7 @@ from tests.integration.inference_helpers import (
     start_inference,
 )
 from tests.integration.prometheus_harness import find_prometheus, running_prometheus
-
-from visiontune.s3server import S3ServerProcess
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2 as pb
 

@@ -18,8 +18,6 @@ import pytest
 import torch
 from PIL import Image
 from tests.integration.inference_helpers import publish_model, start_inference
-
-from trainer_service.config import ModelConfig
 from trainer_service.engine.data import decode_image
 from trainer_service.engine.loop import RunContext, Split, predict
 from trainer_service.engine.models import (
@@ -29,7 +27,8 @@ from trainer_service.engine.models import (
     normalization,
     seed_weights_cache,
 )
-from visiontune.s3server import S3ServerProcess
+from trainer_service.spec.config import ModelConfig
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2 as pb
 

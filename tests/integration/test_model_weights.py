@@ -11,10 +11,9 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-
-from trainer_service.config import Architecture, ModelConfig, WeightsSource
 from trainer_service.engine.models import WeightsUnavailable, build_classifier, load_base_weights
-from visiontune.s3server import S3ServerProcess
+from trainer_service.spec.config import Architecture, ModelConfig, WeightsSource
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 
 pytestmark = pytest.mark.integration

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from inference_service.metrics import VERDICT_KNOWN, VERDICT_UNKNOWN, InferenceMetrics
 from prometheus_client import start_http_server
 from tests.integration.prometheus_harness import find_prometheus, running_prometheus
-
-from inference_service.metrics import VERDICT_KNOWN, VERDICT_UNKNOWN, InferenceMetrics
-from visiontune.ports import free_port
+from visiontune.devstack.ports import free_port
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 JOB = "visiontune-inference"

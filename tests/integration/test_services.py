@@ -14,11 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import json_format
-
-from trainer_service.jobstore import JobStore
+from trainer_service.jobs.store import JobStore
 from visiontune.client import is_serving, list_services
-from visiontune.ports import free_port
-from visiontune.rpc_errors import field_violations
+from visiontune.devstack.ports import free_port
+from visiontune.errors import field_violations
 from visiontune.settings import S3Settings
 from visiontune.v1 import (
     inference_service_pb2,

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from visiontune import stack
+from visiontune.devstack import stack
 from visiontune.store import ArtifactStore
 
 pytestmark = pytest.mark.integration

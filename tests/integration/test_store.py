@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import urllib3
 from minio.error import S3Error
-
-from visiontune.ports import free_port
-from visiontune.s3server import S3ServerProcess
+from visiontune.devstack.ports import free_port
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.settings import S3Settings
 from visiontune.store import (
     MANIFEST,

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 from tests.integration.trainer_helpers import tiny_spec
-
-from trainer_service.jobstore import JobRecord, JobState, JobStore, StudyState
+from trainer_service.jobs.store import JobRecord, JobState, JobStore, StudyState
 from trainer_service.tuning.runner import REPEAT_LABEL, StudyRunner, study_jobs, trial_request_id
 from trainer_service.tuning.study_config import validate_study
 from visiontune.store import ArtifactStore

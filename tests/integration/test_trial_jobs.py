@@ -17,10 +17,9 @@ import pytest
 from google.protobuf import json_format
 from optuna.trial import TrialState
 from tests.integration.trainer_helpers import Trainer, tiny_spec, worker_pid
-
-from trainer_service import events
-from trainer_service.jobstore import JobState, JobStore
-from trainer_service.spec_validation import config_to_spec, validate_spec
+from trainer_service.jobs import events
+from trainer_service.jobs.store import JobState, JobStore
+from trainer_service.spec.validate import config_to_spec, validate_spec
 from trainer_service.tuning.optuna_setup import create_study, open_storage
 from trainer_service.tuning.study_config import validate_study
 from visiontune import names

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from visiontune.client import is_serving
 from visiontune.dataset_upload import plan_upload, upload
-from visiontune.ports import free_port
-from visiontune.s3server import S3ServerProcess
-from visiontune.sample_data import write_shapes_dataset
+from visiontune.devstack.ports import free_port
+from visiontune.devstack.s3server import S3ServerProcess
+from visiontune.devstack.sample_data import write_shapes_dataset
 from visiontune.store import ArtifactStore
 from visiontune.v1 import training_service_pb2_grpc, training_spec_pb2
 
@@ -106,7 +105,7 @@ def tiny_spec(*, epochs: int = 2, fine_tuning_epochs: int = 0, seed: int = 0) ->
 
 def worker_pid(job_id: str) -> int | None:
     """The pid of the worker process running `job_id`, found by its command line; None when there is none."""
-    marker = f"trainer_service.worker\0--job\0{job_id}\0".encode()
+    marker = f"trainer_service.jobs.worker\0--job\0{job_id}\0".encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:

@@ -9,14 +9,13 @@ from typing import Any
 import pytest
 import torch
 from torchvision.transforms import v2  # type: ignore[import-untyped, unused-ignore]
-
-from trainer_service.config import AugmentationConfig
 from trainer_service.engine.augment import (
     MAX_COPIES_PER_ORIGINAL,
     build_eval_transform,
     build_train_transform,
     epoch_index_plan,
 )
+from trainer_service.spec.config import AugmentationConfig
 
 SIZE = 32
 MEAN = (0.485, 0.456, 0.406)

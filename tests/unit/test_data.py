@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-
 from trainer_service.engine.data import (
     PREPROCESSING,
     DatasetError,

@@ -8,8 +8,6 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from trainer_service.config import OpenSetScore
 from trainer_service.engine.evaluation import (
     ClassificationReport,
     aggregate,
@@ -21,6 +19,7 @@ from trainer_service.engine.evaluation import (
     open_set_scores,
     true_positive_rate,
 )
+from trainer_service.spec.config import OpenSetScore
 
 # Six examples, three classes; class "c" is never predicted. Rows are softmax probabilities.
 PROBABILITIES = [

@@ -9,12 +9,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
 from inference_service.deployments import Deployment, DeploymentRegistry, DeploymentState, DeploySettings, NoLiveVersion
 from inference_service.feedback import FeedbackError, ImagePrediction, Outcome, PredictionLog, RequestRecord, outcome
 from inference_service.metrics import InferenceMetrics
-from inference_service.model_repository import TritonModelConfig, triton_model_name, write_model
 from inference_service.served_model import ManifestInvalid, from_manifest
+from inference_service.triton.repository import TritonModelConfig, triton_model_name, write_model
 from visiontune.names import ModelVersionName
 from visiontune.openset import OpenSetScore
 from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2

@@ -12,8 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
-from trainer_service.jobstore import (
+from trainer_service.jobs.store import (
     DEFAULT_PAGE_SIZE,
     SCHEMA_VERSION,
     AlreadyExists,

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from trainer_service.config import Architecture, ModelConfig, StageConfig, WeightsSource
 from trainer_service.engine.augment import build_eval_transform
 from trainer_service.engine.loop import RunContext, Split
 from trainer_service.engine.lr_finder import (
@@ -28,6 +26,7 @@ from trainer_service.engine.lr_finder import (
     suggest,
 )
 from trainer_service.engine.models import Classifier, build_classifier
+from trainer_service.spec.config import Architecture, ModelConfig, StageConfig, WeightsSource
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)

@@ -18,8 +18,6 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-
-from trainer_service.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig, WeightsSource
 from trainer_service.engine.models import (
     Classifier,
     WeightsUnavailable,
@@ -33,6 +31,7 @@ from trainer_service.engine.models import (
     trainable_parameters,
     unfreeze,
 )
+from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig, WeightsSource
 
 torch.set_num_threads(2)
 

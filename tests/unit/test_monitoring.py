@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from inference_service.metrics import PREFIX, VERDICT_KNOWN, VERDICT_UNKNOWN, InferenceMetrics
+from prometheus_client.parser import text_string_to_metric_families
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 ALERTS = MONITORING / "alerts.yml"

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from PIL import Image
-
 from trainer_service.engine.plots import (
     confusion_matrix_png,
     learning_rate_png,

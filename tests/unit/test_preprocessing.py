@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from tests.fuzz_images import malformed_images, png_claiming, valid_images
 from torchvision.transforms import v2
-
 from visiontune.preprocessing import ImageRejected, center_crop, decode_hwc, decode_image, normalize
 
 MAX_PIXELS = 1_000_000

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
-
 from visiontune.v1 import (
     inference_service_pb2,
     job_pb2,
@@ -35,7 +34,7 @@ def _check(proto_root: Path, out_root: Path) -> subprocess.CompletedProcess[str]
 
 
 def test_committed_stubs_are_up_to_date() -> None:
-    result = _check(ROOT / "protos", ROOT / "src")
+    result = _check(ROOT / "protos", ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -45,7 +44,7 @@ def test_stale_stub_check_fails_when_a_proto_changes_without_regenerating(tmp_pa
     text = spec.read_text()
     spec.write_text(text.replace("message RunSpec {", "message RunSpec {\n  string added_field = 99;", 1))
 
-    result = _check(tmp_path / "protos", ROOT / "src")
+    result = _check(tmp_path / "protos", ROOT)
 
     assert result.returncode == 1
     assert "stale: training_spec_pb2.py" in result.stdout

@@ -9,8 +9,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-from trainer_service.config import (
+from trainer_service.engine.loop import (
+    CLASSIFIER,
+    FINE_TUNING,
+    Cancelled,
+    EpochRecord,
+    NoOpCallbacks,
+    RunContext,
+    Split,
+)
+from trainer_service.engine.models import build_classifier, normalization
+from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, train
+from trainer_service.spec.config import (
     Architecture,
     AugmentationConfig,
     DatasetConfig,
@@ -23,17 +33,6 @@ from trainer_service.config import (
     TrainingConfig,
     WeightsSource,
 )
-from trainer_service.engine.loop import (
-    CLASSIFIER,
-    FINE_TUNING,
-    Cancelled,
-    EpochRecord,
-    NoOpCallbacks,
-    RunContext,
-    Split,
-)
-from trainer_service.engine.models import build_classifier, normalization
-from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, train
 
 SIZE = 32
 

@@ -10,18 +10,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from trainer_service import recommend as r
-from trainer_service.config import (
+from trainer_service.advice import recommend as r
+from trainer_service.advice.recommend import Recommendation, recommend_spec
+from trainer_service.engine.data import stratified_split
+from trainer_service.spec.config import (
     Architecture,
     ClassBalancing,
     DatasetConfig,
     TrainingConfig,
     WeightsSource,
 )
-from trainer_service.engine.data import stratified_split
-from trainer_service.recommend import Recommendation, recommend_spec
-from trainer_service.spec_validation import config_to_spec, validate_spec
+from trainer_service.spec.validate import config_to_spec, validate_spec
 
 URI = "s3://data/datasets/Flowers_2024/"
 

@@ -17,8 +17,6 @@ from torch.optim.lr_scheduler import (
     ReduceLROnPlateau,
     StepLR,
 )
-
-from trainer_service.config import ScheduleConfig, ScheduleType, StageConfig
 from trainer_service.engine.schedules import (
     ONE_CYCLE_DIV_FACTOR,
     ONE_CYCLE_FINAL_DIV_FACTOR,
@@ -27,6 +25,7 @@ from trainer_service.engine.schedules import (
     lr_at,
     lr_curve,
 )
+from trainer_service.spec.config import ScheduleConfig, ScheduleType, StageConfig
 
 LR = 0.01
 SHAPES = [(6, 7), (10, 1), (3, 40)]  # (epochs, steps per epoch)

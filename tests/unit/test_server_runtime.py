@@ -25,14 +25,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from visiontune.client import make_channel, wait_for_serving
+from visiontune.errors import FieldViolation, field_violations, invalid_argument, not_implemented
 from visiontune.logs import configure_logging
-from visiontune.rpc_errors import FieldViolation, field_violations, invalid_argument, not_implemented
 from visiontune.server import GrpcServer, ServerStartError, ServiceBinding
 from visiontune.settings import S3Settings, ServerSettings
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+REPO = Path(__file__).resolve().parents[2]
 SERVICE = "visiontune.test.Echo"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -367,7 +366,7 @@ SIGTERM_SERVER = textwrap.dedent(
 
 
 def test_sigterm_drains_the_in_flight_call_and_exits_zero(tmp_path: Path) -> None:
-    pythonpath = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath}
     proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SERVER, str(tmp_path)], env=env,
                             stderr=subprocess.PIPE, text=True)

@@ -37,16 +37,6 @@ from google.protobuf.message import Message
 from PIL import Image
 from test_augment import SWITCHES
 from torch import Tensor, nn
-
-from trainer_service.config import (
-    Architecture,
-    Metric,
-    ModelConfig,
-    OpenSetScore,
-    ScheduleType,
-    StageConfig,
-    TrainingConfig,
-)
 from trainer_service.engine import loop
 from trainer_service.engine.augment import build_eval_transform
 from trainer_service.engine.data import ImageItem, materialize, stratified_split
@@ -63,9 +53,18 @@ from trainer_service.engine.loop import (
 from trainer_service.engine.models import Classifier, build_classifier, load_base_weights, normalization
 from trainer_service.engine.recipe import PreparedData, RepeatResult, train
 from trainer_service.engine.schedules import PlateauReducer, lr_curve
-from trainer_service.executor import max_retries_of
-from trainer_service.jobstore import JobStore
-from trainer_service.spec_validation import SpecInvalid, config_to_spec, validate_spec
+from trainer_service.jobs.local_executor import max_retries_of
+from trainer_service.jobs.store import JobStore
+from trainer_service.spec.config import (
+    Architecture,
+    Metric,
+    ModelConfig,
+    OpenSetScore,
+    ScheduleType,
+    StageConfig,
+    TrainingConfig,
+)
+from trainer_service.spec.validate import SpecInvalid, config_to_spec, validate_spec
 from visiontune.names import ModelVersionName
 from visiontune.v1 import training_spec_pb2 as pb
 

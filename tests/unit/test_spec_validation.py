@@ -11,8 +11,7 @@ import pytest
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-
-from trainer_service.config import (
+from trainer_service.spec.config import (
     BLOCK_COUNTS,
     Activation,
     Architecture,
@@ -36,8 +35,8 @@ from trainer_service.config import (
     TrainingConfig,
     WeightsSource,
 )
-from trainer_service.spec_validation import SpecInvalid, config_to_spec, model_id_from_uri, validate_spec
-from visiontune.rpc_errors import FieldViolation
+from trainer_service.spec.validate import SpecInvalid, config_to_spec, model_id_from_uri, validate_spec
+from visiontune.errors import FieldViolation
 from visiontune.v1 import training_spec_pb2 as pb
 
 DATASET = "datasets/flowers"

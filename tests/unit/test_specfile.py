@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from trainer_service.spec_validation import config_to_spec, validate_spec
+from trainer_service.spec.validate import config_to_spec, validate_spec
 from visiontune.specfile import SpecFileError, dump_spec_yaml, load_spec_file, parse_spec
 from visiontune.v1 import training_spec_pb2 as pb
 

@@ -9,10 +9,9 @@ import optuna
 import pytest
 from google.protobuf import json_format
 from optuna.trial import TrialState
-
-from trainer_service.config import Metric
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
-from trainer_service.jobstore import JobStore
+from trainer_service.jobs.store import JobStore
+from trainer_service.spec.config import Metric
 from trainer_service.tuning.optuna_setup import create_study, open_storage
 from trainer_service.tuning.study_config import validate_study
 from trainer_service.tuning.trial_reporter import TrialReporter, TrialSetupError

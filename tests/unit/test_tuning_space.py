@@ -13,10 +13,9 @@ from google.protobuf.duration_pb2 import Duration
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.pruners import HyperbandPruner, MedianPruner, NopPruner, SuccessiveHalvingPruner
 from optuna.samplers import CmaEsSampler, GPSampler, GridSampler, RandomSampler, TPESampler
-
-from trainer_service.config import Architecture, Metric
-from trainer_service.jobstore import JobStore
-from trainer_service.spec_validation import validate_spec
+from trainer_service.jobs.store import JobStore
+from trainer_service.spec.config import Architecture, Metric
+from trainer_service.spec.validate import validate_spec
 from trainer_service.tuning.optuna_setup import (
     DIRECTION_ATTR,
     METRIC_ATTR,

@@ -1,0 +1,145 @@
+"""`python -m inference_service`: the InferenceService gRPC server, its Triton server and its metrics.
+
+Start-up: check S3 (shared bootstrap), start Triton on its own ports, open the Prometheus endpoint,
+serve gRPC, and restore the deployments recorded in the bucket in the background (ListDeployments shows
+them LOADING until Triton has them ready).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable
+
+import torch
+from prometheus_client import start_http_server
+from visiontune.bootstrap import StartupError, run_service
+from visiontune.preprocessing import MAX_IMAGE_PIXELS
+from visiontune.server import ServiceBinding
+from visiontune.settings import DEFAULT_INFERENCE_PORT, ServerSettings
+from visiontune.store import ArtifactStore
+from visiontune.v1 import inference_service_pb2, inference_service_pb2_grpc
+
+from inference_service.engine import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, InferenceEngine, Limits
+from inference_service.feedback import DEFAULT_CAPACITY, PredictionLog
+from inference_service.metrics import DEFAULT_RATE_WINDOW, InferenceMetrics
+from inference_service.servicer import InferenceServicer
+from inference_service.triton.server import TritonError, TritonModels, TritonPorts, TritonServer, find_triton
+from inference_service.triton.supervisor import TritonSupervisor
+
+SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+DEFAULT_METRICS_PORT = 9464  # the port OpenTelemetry/Prometheus exporters conventionally use
+DEFAULT_TRITON_PORTS = (8001, 8000, 8002)  # gRPC, HTTP, metrics: Triton's own defaults
+
+log = logging.getLogger("inference_service")
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(f"VISIONTUNE_{name}", str(default)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    serving = parser.add_argument_group("serving")
+    serving.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", DEFAULT_METRICS_PORT),
+                         help="Prometheus /metrics port, on --host [VISIONTUNE_METRICS_PORT]")
+    serving.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                         default=os.environ.get("VISIONTUNE_DEVICE", "auto"),
+                         help="where Triton runs models: auto = cuda when a GPU is visible [VISIONTUNE_DEVICE]")
+    serving.add_argument("--max-images", type=int, default=_env_int("MAX_IMAGES", DEFAULT_MAX_IMAGES),
+                         help=f"images per Classify request (default {DEFAULT_MAX_IMAGES})")
+    serving.add_argument("--max-image-bytes", type=int, default=_env_int("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+                         help="encoded bytes per image (default 16 MiB)")
+    serving.add_argument("--max-image-pixels", type=int, default=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
+                         help="decoded pixels per image; more is refused as a decompression bomb (default 64 Mi)")
+    serving.add_argument("--feedback-capacity", type=int, default=_env_int("FEEDBACK_CAPACITY", DEFAULT_CAPACITY),
+                         help="recent requests kept for ReportFeedback (default 100000)")
+    serving.add_argument("--fp-rate-window", type=int, default=_env_int("FP_RATE_WINDOW", DEFAULT_RATE_WINDOW),
+                         help="unknown-class reports the rolling false-positive rate is over (default 100)")
+    triton = parser.add_argument_group("Triton")
+    grpc_port, http_port, metrics_port = DEFAULT_TRITON_PORTS
+    triton.add_argument("--triton-binary", default=os.environ.get("VISIONTUNE_TRITON_BINARY"),
+                        help="tritonserver to run (default: on PATH, else nvidia-pytriton's)"
+                        " [VISIONTUNE_TRITON_BINARY]")
+    triton.add_argument("--triton-address", default=os.environ.get("VISIONTUNE_TRITON_ADDRESS", "127.0.0.1"),
+                        help="address Triton's endpoints listen on [VISIONTUNE_TRITON_ADDRESS]")
+    triton.add_argument("--triton-grpc-port", type=int, default=_env_int("TRITON_GRPC_PORT", grpc_port))
+    triton.add_argument("--triton-http-port", type=int, default=_env_int("TRITON_HTTP_PORT", http_port))
+    triton.add_argument("--triton-metrics-port", type=int, default=_env_int("TRITON_METRICS_PORT", metrics_port))
+    triton.add_argument("--triton-startup-timeout", type=float, default=120.0, help="seconds (default 120)")
+
+
+def use_gpu(device: str) -> bool:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StartupError("--device cuda, but torch sees no CUDA device")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def build(
+    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
+) -> tuple[list[ServiceBinding], Callable[[], None]]:
+    gpu = use_gpu(args.device)
+    workdir = settings.data_dir / "inference"
+    # Deployments come back from their records in the bucket; a model repository left by an earlier run
+    # would only be stale.
+    shutil.rmtree(workdir / "triton" / "models", ignore_errors=True)
+    ports = TritonPorts(grpc=args.triton_grpc_port, http=args.triton_http_port, metrics=args.triton_metrics_port,
+                        address=args.triton_address)
+    try:
+        triton = TritonServer(find_triton(args.triton_binary), ports, workdir / "triton",
+                              startup_timeout=args.triton_startup_timeout)
+        triton.start()
+    except TritonError as err:
+        raise StartupError(str(err).splitlines()[0] + f" (log: {workdir / 'triton' / 'tritonserver.log'})") from err
+
+    metrics = InferenceMetrics(rate_window=args.fp_rate_window)
+    try:
+        metrics_server, _ = start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
+    except OSError as err:
+        triton.stop()
+        raise StartupError(f"metrics port {settings.host}:{args.metrics_port}: {err}") from err
+    log.info("metrics on http://%s:%d/metrics", settings.host, metrics_server.server_port)
+
+    models = TritonModels(ports.grpc_url)
+    engine = InferenceEngine(
+        store, models, workdir, metrics, gpu=gpu,
+        limits=Limits(max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                      max_image_pixels=args.max_image_pixels),
+        predictions=PredictionLog(args.feedback_capacity),
+    )
+    threading.Thread(target=engine.restore, name="restore-deployments", daemon=True).start()
+    supervisor = TritonSupervisor(triton, engine)
+    supervisor.start()
+
+    servicer = InferenceServicer(engine)
+    binding = ServiceBinding(
+        SERVICE_NAME, lambda server: inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    )
+
+    def close() -> None:
+        supervisor.stop()
+        engine.close()
+        models.close()
+        metrics_server.shutdown()
+        metrics_server.server_close()
+        triton.stop()
+
+    return [binding], close
+
+
+def main() -> int:
+    return run_service(
+        service="inference_service",
+        description="VisionTune InferenceService: model deployments on Triton, classification, feedback.",
+        default_port=DEFAULT_INFERENCE_PORT,
+        port_env="INFERENCE_PORT",
+        factory=build,
+        add_arguments=add_arguments,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The gRPC InferenceService: protobuf in, `InferenceEngine` calls, protobuf out, errors as statuses."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from visiontune.errors import FieldViolation, abort_with, invalid_argument
+from visiontune.names import InvalidName, ModelVersionName, parse_model_name, parse_model_version_name
+from visiontune.v1 import inference_service_pb2 as pb
+from visiontune.v1 import inference_service_pb2_grpc
+
+from inference_service import deployments as dep
+from inference_service.deployments import Deployment, DeploymentState, DeploySettings
+from inference_service.engine import ClassifyInput, InferenceEngine
+from inference_service.errors import InvalidRequest, ServiceError
+from inference_service.feedback import Outcome
+
+_STATES = {
+    DeploymentState.LOADING: pb.DEPLOYMENT_STATE_LOADING,
+    DeploymentState.READY: pb.DEPLOYMENT_STATE_READY,
+    DeploymentState.FAILED: pb.DEPLOYMENT_STATE_FAILED,
+}
+_OUTCOMES = {
+    Outcome.CORRECT: pb.FEEDBACK_OUTCOME_CORRECT,
+    Outcome.MISCLASSIFIED: pb.FEEDBACK_OUTCOME_MISCLASSIFIED,
+    Outcome.FALSE_REJECTION: pb.FEEDBACK_OUTCOME_FALSE_REJECTION,
+    Outcome.FALSE_POSITIVE: pb.FEEDBACK_OUTCOME_FALSE_POSITIVE,
+    Outcome.TRUE_REJECTION: pb.FEEDBACK_OUTCOME_TRUE_REJECTION,
+}
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def _abort(context: grpc.ServicerContext, err: ServiceError) -> NoReturn:
+    if err.violations:
+        abort_with(context, invalid_argument(err.violations, err.message))
+    context.abort(grpc.StatusCode[err.code], err.message)
+
+
+def _parse_target(model: str) -> tuple[str, str | None]:
+    """`models/{m}` or `models/{m}/versions/{v}` -> (m, v or None)."""
+    try:
+        if "/versions/" in model:
+            name = parse_model_version_name(model)
+            return name.model, name.version
+        return parse_model_name(model), None
+    except InvalidName as err:
+        raise InvalidRequest([FieldViolation("model", str(err))]) from err
+
+
+def _version_name(value: str, field: str = "model_version") -> ModelVersionName:
+    try:
+        return parse_model_version_name(value)
+    except InvalidName as err:
+        raise InvalidRequest([FieldViolation(field, str(err))]) from err
+
+
+def deploy_settings(request: pb.DeployModelRequest) -> DeploySettings:
+    """The request's settings with defaults filled in; InvalidRequest naming every out-of-range field."""
+    violations = []
+    weight = request.traffic_weight if request.HasField("traffic_weight") else dep.DEFAULT_TRAFFIC_WEIGHT
+    if not 0 <= weight <= dep.MAX_TRAFFIC_WEIGHT:
+        violations.append(FieldViolation("traffic_weight", f"must be in [0, {dep.MAX_TRAFFIC_WEIGHT}]"))
+    batch = request.max_batch_size if request.HasField("max_batch_size") else dep.DEFAULT_MAX_BATCH_SIZE
+    if not 1 <= batch <= dep.MAX_BATCH_SIZE_LIMIT:
+        violations.append(FieldViolation("max_batch_size", f"must be in [1, {dep.MAX_BATCH_SIZE_LIMIT}]"))
+    delay = (request.max_queue_delay.ToTimedelta().total_seconds() if request.HasField("max_queue_delay")
+             else dep.DEFAULT_MAX_QUEUE_DELAY_S)
+    if not 0 <= delay <= dep.MAX_QUEUE_DELAY_S:
+        violations.append(FieldViolation("max_queue_delay", f"must be in [0, {dep.MAX_QUEUE_DELAY_S:g} s]"))
+    instances = request.instance_count if request.HasField("instance_count") else dep.DEFAULT_INSTANCE_COUNT
+    if not 1 <= instances <= dep.MAX_INSTANCE_COUNT:
+        violations.append(FieldViolation("instance_count", f"must be in [1, {dep.MAX_INSTANCE_COUNT}]"))
+    if violations:
+        raise InvalidRequest(violations)
+    return DeploySettings(traffic_weight=weight, max_batch_size=batch, max_queue_delay_s=delay,
+                          instance_count=instances)
+
+
+def deployment_proto(d: Deployment) -> pb.Deployment:
+    deploy_time = timestamp_pb2.Timestamp()
+    deploy_time.FromDatetime(d.deploy_time)
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(d.settings.max_queue_delay_s * 1e9))
+    return pb.Deployment(
+        model_version=str(d.name), traffic_weight=d.settings.traffic_weight, state=_STATES[d.state],
+        triton_model=d.triton_model, max_batch_size=d.settings.max_batch_size, max_queue_delay=delay,
+        instance_count=d.settings.instance_count, deploy_time=deploy_time, device=d.device,
+    )
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, engine: InferenceEngine) -> None:
+        self._engine = engine
+
+    def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+        try:
+            model, version = _parse_target(request.model)
+            output = self._engine.classify(ClassifyInput(
+                model=model, version=version, images=[image.content for image in request.images],
+                client_ids=[image.client_id for image in request.images],
+                top_k=request.top_k if request.HasField("top_k") else None,
+                threshold=request.unknown_threshold if request.HasField("unknown_threshold") else None,
+                request_id=request.request_id,
+            ))
+        except ServiceError as err:
+            _abort(context, err)
+        latency = duration_pb2.Duration()
+        latency.FromNanoseconds(round(output.latency_s * 1e9))
+        return pb.ClassifyResponse(
+            request_id=output.request_id, model_version=str(output.name), latency=latency,
+            classifications=[
+                pb.Classification(index=r.index, client_id=r.client_id, unknown=r.unknown, unknown_score=r.score,
+                                  threshold=r.threshold,
+                                  top_k=[pb.LabelScore(label=label, score=score) for label, score in r.top_k])
+                for r in output.results
+            ],
+        )
+
+    def DeployModel(self, request: pb.DeployModelRequest, context: grpc.ServicerContext) -> pb.Deployment:
+        try:
+            name = _version_name(request.model_version)
+            deployment = self._engine.deploy(name, deploy_settings(request))
+        except ServiceError as err:
+            _abort(context, err)
+        return deployment_proto(deployment)
+
+    def UndeployModel(
+        self, request: pb.UndeployModelRequest, context: grpc.ServicerContext
+    ) -> pb.UndeployModelResponse:
+        try:
+            deployment = self._engine.undeploy(_version_name(request.model_version))
+        except ServiceError as err:
+            _abort(context, err)
+        return pb.UndeployModelResponse(deployment=deployment_proto(deployment))
+
+    def ListDeployments(
+        self, request: pb.ListDeploymentsRequest, context: grpc.ServicerContext
+    ) -> pb.ListDeploymentsResponse:
+        try:
+            model = parse_model_name(request.model) if request.model else None
+        except InvalidName as err:
+            _abort(context, InvalidRequest([FieldViolation("model", str(err))]))
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 0 < size <= MAX_PAGE_SIZE:
+            _abort(context, InvalidRequest([FieldViolation("page_size", f"must be in [0, {MAX_PAGE_SIZE}]")]))
+        found = self._engine.list_deployments(model)
+        # The page token is the last name of the previous page: stable while deployments come and go.
+        after = request.page_token
+        page = [d for d in found if str(d.name) > after][:size]
+        more = len(page) == size and str(found[-1].name) > str(page[-1].name)
+        return pb.ListDeploymentsResponse(deployments=[deployment_proto(d) for d in page],
+                                          next_page_token=str(page[-1].name) if more else "")
+
+    def ReportFeedback(
+        self, request: pb.ReportFeedbackRequest, context: grpc.ServicerContext
+    ) -> pb.ReportFeedbackResponse:
+        try:
+            truth = request.WhichOneof("truth")
+            if truth is None or (truth == "unknown" and not request.unknown):
+                raise InvalidRequest([FieldViolation("truth", "set true_label, or unknown = true")])
+            result = self._engine.report_feedback(request.request_id, request.index,
+                                                  request.true_label if truth == "true_label" else None)
+        except ServiceError as err:
+            _abort(context, err)
+        return pb.ReportFeedbackResponse(outcome=_OUTCOMES[result.outcome], duplicate=result.duplicate,
+                                         model_version=f"models/{result.model}/versions/{result.version}")

@@ -1,0 +1,75 @@
+"""`python -m trainer_service`: the TrainingService gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+from visiontune.bootstrap import run_service
+from visiontune.server import ServiceBinding
+from visiontune.settings import DEFAULT_TRAINER_PORT, ServerSettings
+from visiontune.store import ArtifactStore
+from visiontune.v1 import training_service_pb2, training_service_pb2_grpc
+
+from trainer_service.jobs.local_executor import JobExecutor
+from trainer_service.jobs.store import JobStore
+from trainer_service.servicer import TrainingServicer
+from trainer_service.tuning.runner import StudyRunner
+from trainer_service.tuning.studies import Studies
+
+SERVICE_NAME = training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training jobs")
+    group.add_argument(
+        "--job-slots", type=int, default=int(os.environ.get("VISIONTUNE_JOB_SLOTS", "0")),
+        help="jobs run at once; 0 = one per GPU, or 1 on a CPU-only machine [VISIONTUNE_JOB_SLOTS]",
+    )
+
+
+def job_slots(requested: int) -> int:
+    if requested > 0:
+        return requested
+    return max(1, torch.cuda.device_count())
+
+
+def build(
+    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
+) -> tuple[list[ServiceBinding], Callable[[], None]]:
+    jobs = JobStore(settings.data_dir / "trainer" / "jobs.sqlite3")
+    executor = JobExecutor(jobs, settings.s3, settings.data_dir, slots=job_slots(args.job_slots))
+    executor.start()
+    runner = StudyRunner(jobs, store, default_bucket=store.bucket, wake_executor=executor.wake,
+                         cancel_job=executor.cancel)
+    runner.start()
+    studies = Studies(jobs, runner, default_bucket=store.bucket, wake_executor=executor.wake)
+    servicer = TrainingServicer(jobs, executor, store, settings.data_dir / "trainer" / "cache", studies)
+    binding = ServiceBinding(
+        SERVICE_NAME, lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
+    )
+
+    def close() -> None:
+        runner.stop()
+        executor.stop()
+        jobs.close()
+
+    return [binding], close
+
+
+def main() -> int:
+    return run_service(
+        service="trainer_service",
+        description="VisionTune TrainingService: training jobs, LR finder, spec recommender, tuning studies.",
+        default_port=DEFAULT_TRAINER_PORT,
+        port_env="TRAINER_PORT",
+        factory=build,
+        add_arguments=add_arguments,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

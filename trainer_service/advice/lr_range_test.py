@@ -1,0 +1,68 @@
+"""The two RPCs that help a user choose: the LR range test on real data, and a recommended starting spec.
+
+Both read the dataset from S3 like a job does; neither creates a job. The LR range test runs in the
+trainer process on the stage-1 setting (cached bottleneck features of a sample), which takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from visiontune.store import ArtifactStore
+
+from trainer_service.engine import data as datasets
+from trainer_service.engine.loop import Split, class_weights, run_context
+from trainer_service.engine.lr_finder import LrFinderResult, find_learning_rate
+from trainer_service.engine.models import build_classifier, load_base_weights
+from trainer_service.engine.plots import lr_finder_png
+from trainer_service.spec.config import ClassBalancing, TrainingConfig
+
+
+@dataclass(frozen=True)
+class LrSweep:
+    min_lr: float = 1e-7
+    max_lr: float = 10.0
+    steps: int = 100
+    smoothing: float = 0.98
+    divergence_factor: float = 4.0
+
+
+@dataclass(frozen=True)
+class LrFinderOutcome:
+    result: LrFinderResult
+    plot_uri: str
+
+
+def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, cache_dir: Path) -> LrFinderOutcome:
+    """The LR range test on the spec's model and the training part of its data; the plot goes to the bucket."""
+    listing = datasets.list_image_folder(store, config.dataset.uri)
+    train_rows, _ = datasets.stratified_split(
+        [item.label for item in listing.items], config.dataset.validation_split, config.run.seed)
+    # The sweep sees at most steps x batch images; decode only a seeded sample of that size.
+    needed = sweep.steps * config.classifier.batch_size
+    rng = np.random.default_rng(config.run.seed)
+    if len(train_rows) > needed:
+        train_rows = sorted(rng.choice(train_rows, size=needed, replace=False).tolist())
+    items = [listing.items[i] for i in train_rows]
+    with datasets.materialize(store.for_bucket(listing.bucket), items, config.dataset.image_size, cache_dir,
+                              config.dataset.cache_max_mb) as decoded:
+        train = Split(images=decoded.images, targets=np.asarray(decoded.labels, dtype=np.int64))
+        model = build_classifier(config.model, len(listing.labels), load_base_weights(config.model, store))
+        # In the server process: no DataLoader worker processes for a sweep over a small sample.
+        ctx = dataclasses.replace(run_context(config), workers=0)
+        weight = None
+        if config.dataset.class_balancing == ClassBalancing.WEIGHTED_LOSS:
+            weight = class_weights(train.targets, len(listing.labels))
+        result = find_learning_rate(
+            model, train, config.classifier, ctx, min_lr=sweep.min_lr, max_lr=sweep.max_lr, steps=sweep.steps,
+            smoothing=sweep.smoothing, divergence_factor=sweep.divergence_factor, seed=config.run.seed,
+            class_weight=weight,
+        )
+    png = lr_finder_png([p.lr for p in result.points], [p.smoothed_loss for p in result.points], result.suggested_lr)
+    key = f"lr-finder/{config.output_model}-{secrets.token_hex(4)}/loss_vs_lr.png"
+    store.put_bytes(key, png, content_type="image/png")
+    return LrFinderOutcome(result=result, plot_uri=f"s3://{store.bucket}/{key}")

@@ -1,0 +1,243 @@
+"""A whole training run: repeats x (stage 1, optional stage 2), then evaluation and open-set calibration.
+
+`train` is what a job's worker calls with decoded data and base weights in hand. It returns the best
+repeat's model and every number the job reports; it never touches S3 or the job store. Resume: the
+worker hands back the last checkpoint (`resume`), and training continues after its last completed epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainer_service.engine.evaluation import (
+    ClassificationReport,
+    OpenSetReport,
+    aggregate,
+    classification_report,
+    open_set_report,
+)
+from trainer_service.engine.loop import (
+    CLASSIFIER,
+    FINE_TUNING,
+    Callbacks,
+    EpochRecord,
+    RunContext,
+    Split,
+    StageData,
+    StageState,
+    predict,
+    run_stage,
+)
+from trainer_service.engine.models import Classifier
+from trainer_service.spec.config import TrainingConfig
+
+
+@dataclass
+class PreparedData:
+    labels: list[str]
+    train: Split
+    val: Split
+    test: Split | None = None
+    unknown: Split | None = None
+
+
+@dataclass
+class RepeatResult:
+    """One seed's outcome: its history and reports (the model itself is kept only for the best repeat)."""
+
+    repeat: int
+    seed: int
+    history: list[EpochRecord]
+    validation: ClassificationReport
+    test: ClassificationReport | None
+    open_set: OpenSetReport
+    lrs: dict[str, list[float]]
+    histograms: dict[str, list[tuple[int, list[float], list[float]]]]
+    stopped_early: dict[str, bool]
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers, aggregated across repeats as mean and std."""
+        out = {
+            "val_accuracy": self.validation.accuracy,
+            "val_loss": self.validation.loss,
+            "val_top5_accuracy": self.validation.top5_accuracy,
+            "val_macro_f1": self.validation.macro_f1,
+            "open_set_threshold": self.open_set.threshold,
+            "open_set_validation_tpr": self.open_set.validation_tpr,
+        }
+        if self.history:
+            out["train_loss"] = self.history[-1].train_loss
+            out["train_accuracy"] = self.history[-1].train_accuracy
+            out["epochs_run"] = float(len(self.history))
+        if self.test is not None:
+            out.update(test_accuracy=self.test.accuracy, test_loss=self.test.loss,
+                       test_top5_accuracy=self.test.top5_accuracy, test_macro_f1=self.test.macro_f1)
+        if self.open_set.fpr_at_threshold is not None:
+            out["open_set_fpr"] = self.open_set.fpr_at_threshold
+        if self.open_set.auroc is not None:
+            out["open_set_auroc"] = self.open_set.auroc
+        return out
+
+
+@dataclass
+class TrainingResult:
+    repeats: list[RepeatResult]
+    best: RepeatResult
+    model: Classifier  # the best repeat's trained model (by validation accuracy)
+    summary: dict[str, tuple[float, float]]  # metric -> (mean, std) across repeats
+
+
+@dataclass
+class ResumeState:
+    """What a checkpoint carries: where the run was, and what it had finished."""
+
+    repeat: int
+    stage: str
+    stage_state: StageState
+    model: dict[str, Tensor]
+    finished: list[RepeatResult] = field(default_factory=list)
+    best_model: dict[str, Tensor] | None = None
+    classifier_state: StageState | None = None  # stage 1's history while stage 2 runs
+    lrs: dict[str, list[float]] = field(default_factory=dict)
+    histograms: dict[str, list[tuple[int, list[float], list[float]]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    """What the run has finished so far; checkpoints carry it."""
+
+    finished: list[RepeatResult]
+    best_model: dict[str, Tensor] | None
+
+
+def _checkpoint_extra(
+    progress: _Progress, state: StageState, *, repeat: int, stage: str, classifier_state: StageState | None,
+    lrs: dict[str, list[float]], histograms: dict[str, list[tuple[int, list[float], list[float]]]],
+) -> dict[str, Any]:
+    return {
+        "repeat": repeat, "stage": stage, "finished": progress.finished, "best_model": progress.best_model,
+        "classifier_state": classifier_state, "lrs": lrs, "histograms": histograms,
+    }
+
+
+ModelFactory = Callable[[int], Classifier]  # seed -> a fresh model (base weights loaded, head initialised)
+
+
+def _merge_histograms(
+    into: dict[str, list[tuple[int, list[float], list[float]]]],
+    more: dict[str, list[tuple[int, list[float], list[float]]]],
+    epoch_offset: int,
+) -> None:
+    for group, rows in more.items():
+        into.setdefault(group, []).extend((epoch + epoch_offset, edges, counts) for epoch, edges, counts in rows)
+
+
+def train(
+    config: TrainingConfig,
+    data: PreparedData,
+    make_model: ModelFactory,
+    ctx: RunContext,
+    callbacks: Callbacks,
+    resume: ResumeState | None = None,
+) -> TrainingResult:
+    progress = _Progress(finished=list(resume.finished) if resume else [],
+                         best_model=resume.best_model if resume else None)
+    finished = progress.finished
+    stage_data = StageData(train=data.train, val=data.val, num_classes=len(data.labels))
+    first_repeat = resume.repeat if resume else 0
+
+    for repeat in range(first_repeat, config.run.repeats):
+        seed = config.run.seed + repeat
+        torch.manual_seed(seed)  # the head's initialisation
+        model = make_model(seed)
+        resuming = resume is not None and repeat == resume.repeat
+        lrs: dict[str, list[float]] = dict(resume.lrs) if resuming and resume else {}
+        histograms: dict[str, list[tuple[int, list[float], list[float]]]] = (
+            {k: list(v) for k, v in resume.histograms.items()} if resuming and resume else {}
+        )
+        stage1_resume: StageState | None = None
+        stage2_resume: StageState | None = None
+        if resuming and resume is not None:
+            model.load_state_dict(resume.model)
+            if resume.stage == CLASSIFIER:
+                stage1_resume = resume.stage_state
+            else:
+                stage1_resume = resume.classifier_state
+                stage2_resume = resume.stage_state
+
+        stage1_done = stage1_resume is not None and (
+            stage1_resume.completed_epochs >= config.classifier.epochs or stage1_resume.stopped_early
+            or stage2_resume is not None
+        )
+        if stage1_done and stage1_resume is not None:
+            stage1 = stage1_resume
+        else:
+            outcome = run_stage(
+                model, config, CLASSIFIER, stage_data, ctx, callbacks, repeat=repeat, seed=seed,
+                resume=stage1_resume,
+                checkpoint_extra=functools.partial(
+                    _checkpoint_extra, progress, repeat=repeat, stage=CLASSIFIER, classifier_state=None,
+                    lrs=lrs, histograms=histograms),
+            )
+            stage1 = outcome.state
+            lrs[CLASSIFIER] = lrs.get(CLASSIFIER, []) + outcome.lrs
+            _merge_histograms(histograms, outcome.histograms, 0)
+        history = list(stage1.history)
+        stopped_early = {CLASSIFIER: stage1.stopped_early}
+
+        if config.fine_tuning.enabled:
+            outcome = run_stage(
+                model, config, FINE_TUNING, stage_data, ctx, callbacks, repeat=repeat, seed=seed,
+                resume=stage2_resume,
+                checkpoint_extra=functools.partial(
+                    _checkpoint_extra, progress, repeat=repeat, stage=FINE_TUNING, classifier_state=stage1,
+                    lrs=lrs, histograms=histograms),
+            )
+            history += outcome.state.history
+            stopped_early[FINE_TUNING] = outcome.state.stopped_early
+            lrs[FINE_TUNING] = lrs.get(FINE_TUNING, []) + outcome.lrs
+            _merge_histograms(histograms, outcome.histograms, len(stage1.history))
+
+        result = evaluate(config, data, model, ctx, repeat=repeat, seed=seed)
+        result.history, result.lrs, result.histograms, result.stopped_early = history, lrs, histograms, stopped_early
+        if progress.best_model is None or result.validation.accuracy > max(
+            r.validation.accuracy for r in finished
+        ):
+            progress.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        finished.append(result)
+
+    best = max(finished, key=lambda r: (r.validation.accuracy, -r.repeat))
+    model = make_model(best.seed)
+    assert progress.best_model is not None
+    model.load_state_dict(progress.best_model)
+    model.eval()
+    return TrainingResult(repeats=finished, best=best, model=model,
+                          summary=aggregate([r.metrics() for r in finished]))
+
+
+def evaluate(
+    config: TrainingConfig, data: PreparedData, model: Classifier, ctx: RunContext, *, repeat: int, seed: int,
+) -> RepeatResult:
+    """Validation report, open-set calibration on validation, and the test/unknown sets when given."""
+    val_logits = predict(model, data.val, ctx)
+    val_targets = torch.as_tensor(data.val.targets, dtype=torch.long)
+    validation = classification_report(val_logits, val_targets, data.labels)
+    test = None
+    if data.test is not None and len(data.test):
+        test = classification_report(
+            predict(model, data.test, ctx), torch.as_tensor(data.test.targets, dtype=torch.long), data.labels
+        )
+    unknown_logits = predict(model, data.unknown, ctx) if data.unknown is not None and len(data.unknown) else None
+    open_set = open_set_report(
+        val_logits, config.open_set.score, config.open_set.target_true_positive_rate, unknown_logits
+    )
+    return RepeatResult(
+        repeat=repeat, seed=seed, history=[], validation=validation, test=test, open_set=open_set,
+        lrs={}, histograms={}, stopped_early={},
+    )

@@ -1,0 +1,261 @@
+"""Runs queued jobs in worker subprocesses, one at a time per slot, and looks after them.
+
+Why a subprocess per job: a crash, an OOM kill or a CUDA fault in training must not take the gRPC server
+down, and CancelJob must be able to stop a job at once. The worker records its own progress, result and
+final state in the job store (SUCCEEDED, FAILED, CANCELLED, or PRUNED for a tuning trial its study's pruner
+stopped); the executor steps in only when a worker dies without doing so:
+- killed (a signal, e.g. kill -9 or the OOM killer) or lost → the job is queued again and resumes from its
+  last checkpoint, up to `RunSpec.max_retries` times, then FAILED;
+- CancelJob → SIGTERM to the worker, which stops within a batch and cleans up; CANCELLED.
+On start, jobs left RUNNING by a previous trainer process are queued again (their workers are stopped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from visiontune.settings import S3Settings
+
+from trainer_service.jobs import events
+from trainer_service.jobs.store import Conflict, JobRecord, JobState, JobStore
+
+log = logging.getLogger(__name__)
+
+WORKER_MODULE = "trainer_service.jobs.worker"
+EXIT_CANCELLED = 3  # the worker stopped because it was asked to
+EXIT_PARENT_GONE = 75  # the trainer that started the worker is gone; the job resumes on its next start
+
+
+@dataclass
+class _Running:
+    job_id: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    cancel_requested: bool = False
+
+
+def worker_environment(s3: S3Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update({
+        "VISIONTUNE_S3_ENDPOINT": s3.endpoint,
+        "VISIONTUNE_S3_ACCESS_KEY": s3.access_key,
+        "VISIONTUNE_S3_SECRET_KEY": s3.secret_key,
+        "VISIONTUNE_S3_BUCKET": s3.bucket,
+        "VISIONTUNE_S3_SECURE": "true" if s3.secure else "false",
+        "VISIONTUNE_S3_REGION": s3.region,
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def max_retries_of(record: JobRecord) -> int:
+    run = json.loads(record.spec_json).get("run", {})
+    return int(run.get("maxRetries", 2))
+
+
+class JobExecutor:
+    """Claims QUEUED jobs and runs each in `python -m trainer_service.jobs.worker`."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        s3: S3Settings,
+        data_dir: Path,
+        *,
+        slots: int = 1,
+        poll_interval_s: float = 0.5,
+        python: str = sys.executable,
+    ) -> None:
+        self._jobs = jobs
+        self._s3 = s3
+        self._data_dir = data_dir
+        self._slots = slots
+        self._poll_interval_s = poll_interval_s
+        self._python = python
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self._recover()
+        self._thread = threading.Thread(target=self._loop, name="job-executor", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop claiming; running workers are terminated and their jobs resume on the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=grace_s)
+        with self._lock:
+            running = list(self._running.values())
+        for run in running:
+            if run.proc.poll() is None:
+                run.proc.kill()  # no cleanup wanted: the job stays RUNNING and is recovered on restart
+                run.proc.wait()
+
+    def wake(self) -> None:
+        """Look for queued work now (CreateJob calls it)."""
+        self._wake.set()
+
+    def running_jobs(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    def worker_pid(self, job_id: str) -> int | None:
+        with self._lock:
+            run = self._running.get(job_id)
+            return run.proc.pid if run else None
+
+    # -- cancel
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """CancelJob: a queued job is cancelled at once; a running one is asked to stop."""
+        try:
+            record = self._jobs.update_state(job_id, JobState.CANCELLED, expected={JobState.QUEUED})
+            events.record_state(self._jobs, job_id, JobState.CANCELLED, "cancelled before it started")
+            return record
+        except Conflict:
+            pass
+        try:
+            record = self._jobs.update_state(job_id, JobState.CANCELLING, expected={JobState.RUNNING})
+        except Conflict:
+            return self._jobs.get_job(job_id)  # already cancelling or finished: CancelJob is idempotent
+        events.record_state(self._jobs, job_id, JobState.CANCELLING, "cancel requested")
+        with self._lock:
+            run = self._running.get(job_id)
+            if run is not None:
+                run.cancel_requested = True
+                if run.proc.poll() is None:
+                    run.proc.send_signal(signal.SIGTERM)
+        self._wake.set()
+        return record
+
+    # -- the loop
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._reap()
+            self._claim()
+            self._wake.wait(self._poll_interval_s)
+            self._wake.clear()
+
+    def _claim(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if len(self._running) >= self._slots:
+                    return
+            record = self._jobs.claim_next_queued()
+            if record is None:
+                return
+            self._launch(record)
+
+    def _launch(self, record: JobRecord) -> None:
+        record = self._jobs.increment_attempt(record.job_id)
+        log_dir = self._data_dir / "trainer" / "jobs" / record.job_id
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"worker-{record.attempt}.log"
+        message = "started" if record.attempt == 1 else f"resumed (attempt {record.attempt})"
+        events.record_state(self._jobs, record.job_id, JobState.RUNNING, message)
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                [self._python, "-m", WORKER_MODULE, "--job", record.job_id, "--data-dir", str(self._data_dir)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=worker_environment(self._s3),
+            )
+        log.info("job started", extra={"job": record.job_id, "attempt": record.attempt, "pid": proc.pid,
+                                       "log": str(log_path)})
+        with self._lock:
+            self._running[record.job_id] = _Running(record.job_id, proc, log_path)
+
+    def _reap(self) -> None:
+        with self._lock:
+            finished = [run for run in self._running.values() if run.proc.poll() is not None]
+            for run in finished:
+                del self._running[run.job_id]
+        for run in finished:
+            self._after_exit(run)
+
+    def _after_exit(self, run: _Running) -> None:
+        code = run.proc.returncode
+        record = self._jobs.get_job(run.job_id)
+        if record.state.is_terminal:
+            log.info("job ended", extra={"job": run.job_id, "state": record.state.value, "exit_code": code})
+            return
+        # The worker died without recording an end: a signal, an OOM kill, or an exit we did not expect.
+        if record.state == JobState.CANCELLING or run.cancel_requested:
+            self._finish(run.job_id, JobState.CANCELLED, "cancelled (the worker was stopped)")
+            return
+        cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        tail = _log_tail(run.log_path)
+        retries = max_retries_of(record)
+        if record.attempt <= retries:
+            log.warning("worker died; job queued to resume", extra={"job": run.job_id, "cause": cause})
+            self._jobs.update_state(run.job_id, JobState.QUEUED, expected={JobState.RUNNING})
+            events.record_state(self._jobs, run.job_id, JobState.QUEUED,
+                                f"worker died ({cause}); resuming from the last checkpoint "
+                                f"(retry {record.attempt} of {retries})")
+            self._wake.set()
+        else:
+            self._finish(run.job_id, JobState.FAILED,
+                         f"the worker died ({cause}) on each of {record.attempt} attempts; last log lines: {tail}")
+
+    def _finish(self, job_id: str, state: JobState, message: str) -> None:
+        try:
+            self._jobs.update_state(job_id, state, error=message if state == JobState.FAILED else None,
+                                    expected={JobState.RUNNING, JobState.CANCELLING})
+        except Conflict:
+            return
+        events.record_state(self._jobs, job_id, state, message)
+
+    def _recover(self) -> None:
+        """Jobs a previous trainer left RUNNING or CANCELLING: stop stray workers, then resume or cancel."""
+        for record in self._jobs.jobs_in_states({JobState.RUNNING, JobState.CANCELLING}):
+            _kill_stray_worker(record.job_id)
+            if record.state == JobState.CANCELLING:
+                self._finish(record.job_id, JobState.CANCELLED, "cancelled (the trainer restarted)")
+                continue
+            self._jobs.update_state(record.job_id, JobState.QUEUED, expected={JobState.RUNNING})
+            events.record_state(self._jobs, record.job_id, JobState.QUEUED,
+                                "the trainer restarted; resuming from the last checkpoint")
+
+
+def _kill_stray_worker(job_id: str) -> None:
+    """A worker of this job still running from a previous trainer process (found through /proc)."""
+    marker = f"{WORKER_MODULE}\0--job\0{job_id}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            log.warning("stopped a stray worker", extra={"job": job_id, "pid": int(entry.name)})
+            time.sleep(0.1)
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no worker log)"
+    return " | ".join(text[-lines:])

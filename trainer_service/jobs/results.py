@@ -1,0 +1,137 @@
+"""From the engine's plain results to the v1 messages a job reports: JobResult and the ModelManifest."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import numpy as np
+import torch
+import torchvision
+from google.protobuf.duration_pb2 import Duration
+from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
+
+from trainer_service.engine.evaluation import ClassificationReport, OpenSetReport
+from trainer_service.engine.loop import CLASSIFIER, EpochRecord
+from trainer_service.engine.recipe import TrainingResult
+from trainer_service.spec.config import OpenSetScore
+
+MANIFEST_SCHEMA_VERSION = 1
+
+STAGES = {CLASSIFIER: job_pb2.STAGE_CLASSIFIER, "fine_tuning": job_pb2.STAGE_FINE_TUNING}
+OPEN_SET_SCORES = {
+    OpenSetScore.MAX_SOFTMAX: training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX,
+    OpenSetScore.ENERGY: training_spec_pb2.OPEN_SET_SCORE_ENERGY,
+}
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def epoch_metrics(repeat: int, record: EpochRecord) -> job_pb2.EpochMetrics:
+    return job_pb2.EpochMetrics(
+        stage=STAGES[record.stage], repeat=repeat + 1, epoch=record.epoch,
+        train_loss=record.train_loss, train_accuracy=record.train_accuracy,
+        validation_loss=record.val_loss, validation_accuracy=record.val_accuracy,
+        learning_rate=record.learning_rate, images_per_second=record.images_per_second,
+        epoch_time=duration(record.epoch_seconds),
+    )
+
+
+def open_set_result(report: OpenSetReport, score: OpenSetScore) -> job_pb2.OpenSetResult:
+    out = job_pb2.OpenSetResult(
+        score=OPEN_SET_SCORES[score], threshold=report.threshold,
+        target_true_positive_rate=report.target_tpr, true_positive_rate=report.validation_tpr,
+    )
+    if report.fpr_at_threshold is not None:
+        out.false_positive_rate = report.fpr_at_threshold
+    if report.auroc is not None:
+        out.auroc = report.auroc
+    return out
+
+
+def metric_summaries(result: TrainingResult) -> dict[str, job_pb2.MetricSummary]:
+    values: dict[str, list[float]] = {}
+    for run in result.repeats:
+        for key, value in run.metrics().items():
+            values.setdefault(key, []).append(value)
+    return {
+        key: job_pb2.MetricSummary(mean=mean, std=std, values=values.get(key, []))
+        for key, (mean, std) in result.summary.items()
+    }
+
+
+def job_result(
+    result: TrainingResult,
+    *,
+    labels: Sequence[str],
+    score: OpenSetScore,
+    model_version: str,
+    dataset: job_pb2.DatasetSummary,
+    plots: Sequence[str],
+    keys_by_split: Mapping[str, Sequence[str]],
+) -> job_pb2.JobResult:
+    best = result.best
+    report: ClassificationReport = best.test if best.test is not None else best.validation
+    split = "test" if best.test is not None else "validation"
+    keys = keys_by_split.get(split, [])
+    misclassified = [
+        job_pb2.Misclassified(
+            uri=keys[m.index] if m.index < len(keys) else str(m.index),
+            true_label=m.true_label, predicted_label=m.predicted_label, score=m.confidence,
+        )
+        for m in report.misclassified
+    ]
+    return job_pb2.JobResult(
+        model_version=model_version,
+        metrics=metric_summaries(result),
+        history=[epoch_metrics(best.repeat, r) for r in best.history],
+        per_class=[
+            job_pb2.ClassMetrics(label=labels[i], precision=report.precision[i], recall=report.recall[i],
+                                 f1=report.f1[i], support=report.support[i])
+            for i in range(len(labels))
+        ],
+        labels=list(labels),
+        confusion_matrix=[int(v) for row in report.confusion_matrix for v in row],
+        open_set=open_set_result(best.open_set, score),
+        misclassified=misclassified,
+        dataset=dataset,
+        plots=list(plots),
+    )
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def manifest(
+    *,
+    name: str,
+    job: str,
+    created: datetime,
+    labels: Sequence[str],
+    architecture: training_spec_pb2.Architecture.ValueType,
+    preprocessing: manifest_pb2.Preprocessing,
+    weights: manifest_pb2.Weights,
+    open_set: job_pb2.OpenSetResult,
+    metrics: Mapping[str, job_pb2.MetricSummary],
+    spec: training_spec_pb2.TrainingSpec,
+    dataset: job_pb2.DatasetSummary,
+    files: Sequence[str],
+) -> manifest_pb2.ModelManifest:
+    out = manifest_pb2.ModelManifest(
+        schema_version=MANIFEST_SCHEMA_VERSION, name=name, job=job, labels=list(labels),
+        architecture=architecture, preprocessing=preprocessing, weights=weights, open_set=open_set,
+        metrics=dict(metrics), spec=spec, dataset=dataset, library_versions=library_versions(), files=list(files),
+    )
+    out.create_time.FromDatetime(created)
+    return out

@@ -1,0 +1,471 @@
+"""`python -m trainer_service.jobs.worker --job ID`: runs one training job, started by the executor.
+
+The worker is where S3, the job store and the engine meet: it reads the job's spec, fetches and decodes
+the data, loads the base weights, resumes from the job's last checkpoint if there is one, runs the
+engine, and publishes the model version (manifest.json last). Progress goes to the job's event log as it
+happens; the final state and result are written here too.
+
+Jobs of a tuning study (the record has `study_id`) publish no model version: their JobResult carries the
+metrics the study runner reads. A trial (`trial_number` too) reports its objective to the study's pruner
+after each epoch and ends PRUNED, at once, when the pruner says so (see tuning/trial_reporter.py).
+
+Exit codes: 0 done (SUCCEEDED, FAILED or PRUNED recorded), 3 cancelled, 75 the trainer went away (the job
+resumes when it restarts). Dying any other way leaves the job RUNNING for the executor to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from google.protobuf import json_format
+from visiontune import names
+from visiontune.logs import configure_logging
+from visiontune.settings import add_s3_arguments, s3_settings_from_args
+from visiontune.store import ArtifactStore, ObjectNotFound, StoreError, sha256_file
+from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
+
+from trainer_service.engine import data as datasets
+from trainer_service.engine import plots
+from trainer_service.engine.loop import (
+    CLASSIFIER,
+    FINE_TUNING,
+    Cancelled,
+    EpochRecord,
+    Split,
+    run_context,
+)
+from trainer_service.engine.models import (
+    WeightsUnavailable,
+    build_classifier,
+    export_torchscript,
+    load_base_weights,
+    normalization,
+)
+from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, train
+from trainer_service.jobs import events, results
+from trainer_service.jobs.local_executor import EXIT_CANCELLED, EXIT_PARENT_GONE
+from trainer_service.jobs.store import JobState, JobStore
+from trainer_service.spec.config import TrainingConfig
+from trainer_service.spec.validate import validate_spec
+
+if TYPE_CHECKING:
+    from trainer_service.tuning.trial_reporter import TrialReporter
+
+log = logging.getLogger("trainer_service.jobs.worker")
+
+MODEL_FILE = "model.pt"
+
+
+def checkpoint_key(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoints/last.pt"
+
+
+class _Pruned(Exception):
+    """The study's pruner stopped this trial after the epoch that ended at `step`."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"pruned after epoch {step}")
+        self.step = step
+        self.value = value
+
+
+@dataclass
+class LoadedData:
+    prepared: PreparedData
+    summary: job_pb2.DatasetSummary
+    keys: dict[str, list[str]]  # split -> object keys, row-aligned with the split's images
+    handles: list[datasets.DecodedSet]
+
+
+class JobWorker:
+    """One attempt at one job. Implements the engine's Callbacks."""
+
+    def __init__(self, jobs: JobStore, store: ArtifactStore, job_id: str, data_dir: Path) -> None:
+        self.jobs = jobs
+        self.store = store
+        self.job_id = job_id
+        self.data_dir = data_dir
+        self.record = jobs.get_job(job_id)
+        self.spec = json_format.Parse(self.record.spec_json, training_spec_pb2.TrainingSpec())
+        self.config: TrainingConfig = validate_spec(self.spec, default_bucket=store.bucket)
+        self._stop_requested = False
+        self._parent = os.getppid()
+        self._stage_started_at = 0.0
+        # Trials only: the reporter, and how many epochs stage 1 ran in the first repeat (the pruner's step
+        # counts epochs across both stages; only the first repeat reports, so steps never repeat).
+        self._reporter: TrialReporter | None = None
+        self._classifier_epochs = 0
+        self._dataset: job_pb2.DatasetSummary | None = None
+        self._labels: list[str] = []
+
+    # -- Callbacks
+
+    def should_stop(self) -> bool:
+        if os.getppid() != self._parent:
+            log.warning("the trainer that started this worker is gone; stopping", extra={"job": self.job_id})
+            os._exit(EXIT_PARENT_GONE)
+        return self._stop_requested
+
+    def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
+        self._stage_started_at = time.monotonic()
+        events.record(self.jobs, self.job_id, "stage_started", job_pb2.StageStarted(
+            stage=results.STAGES[stage], repeat=repeat + 1, total_epochs=epochs))
+        if cached_features:
+            log.info("stage 1 trains on cached bottleneck features", extra={"job": self.job_id})
+
+    def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
+        events.record(self.jobs, self.job_id, "epoch_ended", results.epoch_metrics(repeat, record))
+        if self._reporter is not None and repeat == 0:
+            step = record.epoch if record.stage == CLASSIFIER else self._classifier_epochs + record.epoch
+            # The last epoch is reported but never pruned: the compute is spent, and a pruned trial's result
+            # would not count (Hyperband otherwise stops trials at their final rung).
+            last = record.epoch == record.epochs and (record.stage != CLASSIFIER or not self.config.fine_tuning.enabled)
+            if self._reporter.report(step, record) and not last:
+                # Raised through the engine: training stops now, before this epoch's checkpoint.
+                raise _Pruned(step, record.metric(self._reporter.metric))
+
+    def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
+        if stage == CLASSIFIER and repeat == 0:
+            self._classifier_epochs = epochs_run
+        events.record(self.jobs, self.job_id, "stage_ended", job_pb2.StageEnded(
+            stage=results.STAGES[stage], repeat=repeat + 1,
+            duration=results.duration(time.monotonic() - self._stage_started_at)))
+        if stopped_early:
+            events.record_warning(self.jobs, self.job_id, "early_stopping",
+                                  f"{stage} stage stopped early after {epochs_run} epochs (repeat {repeat + 1})")
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        # One object, overwritten each epoch: an S3 PUT is atomic, so a reader sees the old or the new one.
+        self.store.put_bytes(checkpoint_key(self.job_id), buffer.getvalue())
+
+    # -- the job
+
+    def request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self._stop_requested = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        try:
+            if self.record.attempt <= 1:
+                self.store.put_bytes(f"jobs/{self.job_id}/spec.json", self.record.spec_json.encode(),
+                                     content_type="application/json")
+            outcome = self._run()
+        except Cancelled:
+            self._clean_up()
+            self._end(JobState.CANCELLED, "cancelled")
+            return EXIT_CANCELLED
+        except _Pruned as pruned:
+            self._clean_up()
+            if self._stop_requested:  # CancelJob came first: the caller asked for a cancel
+                self._end(JobState.CANCELLED, "cancelled")
+                return EXIT_CANCELLED
+            metric = self._reporter.metric.value if self._reporter is not None else "objective"
+            self._end(JobState.PRUNED,
+                      f"pruned by the study's pruner after {pruned.step} epoch{'s' if pruned.step != 1 else ''} "
+                      f"({metric} {pruned.value:.4g})",
+                      result=self._pruned_result())
+            return 0
+        except (datasets.DatasetError, WeightsUnavailable, StoreError, RuntimeError, ValueError) as err:
+            log.exception("job failed", extra={"job": self.job_id})
+            self._end(JobState.FAILED, f"{type(err).__name__}: {err}", error=str(err))
+            return 0
+        self._end(JobState.SUCCEEDED, "succeeded", result=outcome)
+        return 0
+
+    def _end(self, state: JobState, message: str, *, error: str | None = None,
+             result: job_pb2.JobResult | None = None) -> None:
+        result_json = json_format.MessageToJson(result, indent=None) if result is not None else None
+        if result is not None:
+            events.record(self.jobs, self.job_id, "result", result)
+        # The last events and the log in the bucket come before the state: a watcher that sees the job
+        # ended has then already been able to read every event.
+        events.record_state(self.jobs, self.job_id, state, message)
+        self._upload_event_log()
+        self.jobs.update_state(self.job_id, state, error=error, result_json=result_json,
+                               expected={JobState.RUNNING, JobState.CANCELLING})
+
+    def _upload_event_log(self) -> None:
+        """jobs/{job}/events.jsonl: the job's whole event log beside its spec (DESIGN §5)."""
+        lines = [json.dumps({"sequence": e.sequence, "time": e.time.isoformat(), "kind": e.kind,
+                             "event": json.loads(e.payload_json)})
+                 for e in self.jobs.events_after(self.job_id, 0, limit=10_000)]
+        self.store.put_bytes(f"jobs/{self.job_id}/events.jsonl", ("\n".join(lines) + "\n").encode(),
+                             content_type="application/x-ndjson")
+
+    def _clean_up(self) -> None:
+        self.store.delete_prefix(f"jobs/{self.job_id}/checkpoints/")
+
+    def _run(self) -> job_pb2.JobResult:
+        config = self.config
+        ctx = run_context(config)
+        if self.record.study_id is not None and self.record.trial_number is not None:
+            # Before the data: a trial whose study is gone fails at once. Imported here so that ordinary
+            # jobs do not load Optuna.
+            from trainer_service.tuning.trial_reporter import TrialReporter
+
+            self._reporter = TrialReporter(self.jobs, self.record.study_id, self.record.trial_number,
+                                           default_bucket=self.store.bucket)
+        self.stage_started_data()
+        loaded = self._load_data()
+        self._dataset, self._labels = loaded.summary, loaded.prepared.labels
+        try:
+            base_state = load_base_weights(config.model, self.store)
+            labels = loaded.prepared.labels
+
+            def make_model(seed: int) -> Any:
+                return build_classifier(config.model, len(labels), base_state)
+
+            resume = self._load_checkpoint()
+            if resume is not None:
+                events.record_warning(
+                    self.jobs, self.job_id, "resumed",
+                    f"resuming repeat {resume.repeat + 1}, {resume.stage} stage after epoch "
+                    f"{resume.stage_state.completed_epochs}")
+                if resume.repeat == 0:
+                    # Stage 1 does not run again once it has finished: its epoch count comes from the checkpoint.
+                    if resume.stage == FINE_TUNING and resume.classifier_state is not None:
+                        self._classifier_epochs = resume.classifier_state.completed_epochs
+                    elif resume.stage == CLASSIFIER:
+                        self._classifier_epochs = resume.stage_state.completed_epochs
+            result = train(config, loaded.prepared, make_model, ctx, self, resume)
+            if self.should_stop():
+                raise Cancelled()
+            if self.record.study_id is not None:
+                return self._study_job_result(result, loaded)
+            return self._publish(result, loaded)
+        finally:
+            for handle in loaded.handles:
+                handle.close()
+
+    def stage_started_data(self) -> None:
+        events.record(self.jobs, self.job_id, "stage_started", job_pb2.StageStarted(stage=job_pb2.STAGE_DATA))
+
+    # -- data
+
+    def _load_data(self) -> LoadedData:
+        cfg = self.config.dataset
+        size = cfg.image_size
+        cache = self.data_dir / "trainer" / "cache"
+        listing = datasets.list_image_folder(self.store, cfg.uri)
+        labels = list(listing.labels)
+        handles: list[datasets.DecodedSet] = []
+
+        def decode(listing: datasets.ImageFolderListing, items: Sequence[datasets.ImageItem]) -> datasets.DecodedSet:
+            decoded = datasets.materialize(self.store.for_bucket(listing.bucket), items, size, cache, cfg.cache_max_mb)
+            handles.append(decoded)
+            if self.should_stop():
+                raise Cancelled()
+            return decoded
+
+        val_listing = listing
+        if cfg.validation_uri:
+            train_items = list(listing.items)
+            val_listing = datasets.list_image_folder(self.store, cfg.validation_uri)
+            val_items = self._relabel(val_listing, labels, "validation")
+        else:
+            train_rows, val_rows = datasets.stratified_split(
+                [item.label for item in listing.items], cfg.validation_split, self.config.run.seed)
+            train_items = [listing.items[i] for i in train_rows]
+            val_items = [listing.items[i] for i in val_rows]
+        train_set, val_set = decode(listing, train_items), decode(val_listing, val_items)
+        test_set = unknown_set = None
+        if cfg.test_uri:
+            test_listing = datasets.list_image_folder(self.store, cfg.test_uri)
+            test_set = decode(test_listing, self._relabel(test_listing, labels, "test"))
+        if cfg.unknown_uri:
+            unknown_listing = datasets.list_image_folder(self.store, cfg.unknown_uri, min_labels=1)
+            unknown_set = decode(unknown_listing, [item._replace(label=0) for item in unknown_listing.items])
+
+        corrupt = [key for d in handles for key in d.corrupt]
+        for key in corrupt[:20]:
+            events.record_warning(self.jobs, self.job_id, "corrupt_image", f"skipped undecodable image {key}")
+        train_counts = Counter(int(t) for t in train_set.labels)
+        val_counts = Counter(int(t) for t in val_set.labels)
+        test_counts = Counter(int(t) for t in test_set.labels) if test_set is not None else Counter()
+        for message in datasets.label_warnings(
+            {labels[i]: train_counts.get(i, 0) for i in range(len(labels))},
+            {labels[i]: val_counts.get(i, 0) for i in range(len(labels))},
+        ):
+            events.record_warning(self.jobs, self.job_id, "few_images", message)
+        missing = [labels[i] for i in range(len(labels)) if train_counts.get(i, 0) == 0]
+        if missing:
+            raise datasets.DatasetError(f"{cfg.uri}: no decodable training images for labels {missing}")
+        summary = job_pb2.DatasetSummary(
+            uri=cfg.uri,
+            labels=[job_pb2.LabelCount(label=labels[i], train_images=train_counts.get(i, 0),
+                                       validation_images=val_counts.get(i, 0), test_images=test_counts.get(i, 0))
+                    for i in range(len(labels))],
+            total_images=len(listing.items),
+            skipped_files=len(corrupt) + len(listing.skipped),
+            skipped_examples=(corrupt + list(listing.skipped))[:10],
+            fingerprint=datasets.dataset_fingerprint(listing),
+        )
+
+        def split(decoded: datasets.DecodedSet) -> Split:
+            return Split(images=decoded.images, targets=np.asarray(decoded.labels, dtype=np.int64))
+
+        prepared = PreparedData(
+            labels=labels, train=split(train_set), val=split(val_set),
+            test=split(test_set) if test_set is not None else None,
+            unknown=split(unknown_set) if unknown_set is not None else None,
+        )
+        keys = {"validation": list(val_set.keys)}
+        if test_set is not None:
+            keys["test"] = list(test_set.keys)
+        return LoadedData(prepared=prepared, summary=summary, keys=keys, handles=handles)
+
+    def _relabel(self, listing: datasets.ImageFolderListing, labels: list[str], what: str,
+                 ) -> list[datasets.ImageItem]:
+        """Items of a separate validation/test set, indexed by the training labels; others are skipped."""
+        index = {label: i for i, label in enumerate(labels)}
+        unknown = sorted(set(listing.labels) - set(index))
+        if unknown:
+            events.record_warning(self.jobs, self.job_id, "unknown_label",
+                                  f"{what} set labels not in the training set are ignored: {unknown}")
+        return [item._replace(label=index[listing.labels[item.label]])
+                for item in listing.items if listing.labels[item.label] in index]
+
+    # -- checkpoints
+
+    def _load_checkpoint(self) -> ResumeState | None:
+        try:
+            raw = self.store.get_bytes(checkpoint_key(self.job_id))
+        except ObjectNotFound:
+            return None
+        # Our own checkpoint, written by this code: it carries dataclasses, so it is not weights-only.
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        return ResumeState(
+            repeat=state["repeat"], stage=state["stage"], stage_state=state["stage_state"], model=state["model"],
+            finished=state["finished"], best_model=state["best_model"],
+            classifier_state=state["classifier_state"], lrs=state["lrs"], histograms=state["histograms"],
+        )
+
+    # -- tuning studies
+
+    def _study_job_result(self, result: TrainingResult, loaded: LoadedData) -> job_pb2.JobResult:
+        """A study's job (a trial or a repeat of one) publishes no model version and no plots.
+
+        Trials are many and most are thrown away; the configuration the user picks becomes a model
+        version through the study's PromoteTrial, which trains it again as an ordinary job. What the study
+        needs is here: the metrics (the objective, e.g. `val_accuracy`, as mean/std/values over repeats),
+        the history, the per-class report.
+        """
+        job_result = results.job_result(
+            result, labels=loaded.prepared.labels, score=self.config.open_set.score, model_version="",
+            dataset=loaded.summary, plots=[], keys_by_split=loaded.keys,
+        )
+        self._clean_up()
+        return job_result
+
+    def _pruned_result(self) -> job_pb2.JobResult:
+        """What a pruned trial ran: each epoch's metrics (from the event log; a resumed attempt replays the
+        epoch after its last checkpoint, so the last record of an epoch wins) and `epochs_run`.
+
+        No final metrics (no evaluation ran): the value Optuna keeps for a pruned trial is its last
+        intermediate value.
+        """
+        history: dict[tuple[int, int, int], job_pb2.EpochMetrics] = {}
+        for event in self.jobs.events_after(self.job_id, 0, limit=10_000):
+            if event.kind == "epoch_ended":
+                m = events.to_proto(event).epoch_ended
+                history[(m.repeat, m.stage, m.epoch)] = m
+        ordered = [history[k] for k in sorted(history)]
+        epochs = float(len(ordered))
+        return job_pb2.JobResult(
+            history=ordered,
+            metrics={"epochs_run": job_pb2.MetricSummary(mean=epochs, std=0.0, values=[epochs])},
+            labels=self._labels,
+            dataset=self._dataset,
+        )
+
+    # -- publishing
+
+    def _publish(self, result: TrainingResult, loaded: LoadedData) -> job_pb2.JobResult:
+        config = self.config
+        events.record(self.jobs, self.job_id, "stage_started", job_pb2.StageStarted(stage=job_pb2.STAGE_EXPORT))
+        version = self.job_id
+        model_version = names.ModelVersionName(config.output_model, version)
+        best = result.best
+        labels = loaded.prepared.labels
+        history_rows: list[dict[str, float | str]] = [
+            {"epoch": i + 1, "stage": r.stage, "train_loss": r.train_loss, "val_loss": r.val_loss,
+             "train_accuracy": r.train_accuracy, "val_accuracy": r.val_accuracy, "learning_rate": r.learning_rate}
+            for i, r in enumerate(best.history)
+        ]
+        report = best.test if best.test is not None else best.validation
+        steps = max(1, len(best.lrs.get(CLASSIFIER, [])) // max(1, config.classifier.epochs))
+        pngs = {
+            "plots/curves.png": plots.training_curves_png(history_rows),
+            "plots/learning_rate.png": plots.learning_rate_png(
+                [lr for stage in best.lrs.values() for lr in stage], steps),
+            "plots/confusion_matrix.png": plots.confusion_matrix_png(report.confusion_matrix, labels),
+            "plots/weight_histograms.png": plots.weight_histograms_png(best.histograms),
+        }
+        with tempfile.TemporaryDirectory(prefix=f"vt-{self.job_id}-") as tmp:
+            weights_path = Path(tmp) / MODEL_FILE
+            export_torchscript(result.model.cpu(), config.dataset.image_size, weights_path)
+            sha = sha256_file(weights_path)
+            with self.store.begin_model_version(config.output_model, version) as writer:
+                writer.put_file(MODEL_FILE, weights_path)
+                plot_uris = []
+                for relpath, png in pngs.items():
+                    writer.put_bytes(relpath, png, content_type="image/png")
+                    plot_uris.append(f"s3://{self.store.bucket}/{model_version.prefix}{relpath}")
+                job_result = results.job_result(
+                    result, labels=labels, score=config.open_set.score, model_version=str(model_version),
+                    dataset=loaded.summary, plots=plot_uris, keys_by_split=loaded.keys,
+                )
+                size = config.dataset.image_size
+                mean, std = normalization(config.model)
+                manifest = results.manifest(
+                    name=str(model_version), job=names.job_name(self.job_id), created=self.record.create_time,
+                    labels=labels, architecture=self.spec.model.architecture,
+                    preprocessing=manifest_pb2.Preprocessing(
+                        resize_size=size, crop_size=size, interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
+                        mean=list(mean), std=list(std), color_mode=manifest_pb2.COLOR_MODE_RGB),
+                    weights=manifest_pb2.Weights(
+                        path=MODEL_FILE, format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT, sha256=sha,
+                        size_bytes=weights_path.stat().st_size, input_name="images", input_shape=[-1, 3, size, size],
+                        output_name="logits", output_shape=[-1, len(labels)]),
+                    open_set=job_result.open_set, metrics=job_result.metrics, spec=self.spec,
+                    dataset=loaded.summary, files=[MODEL_FILE, *pngs],
+                )
+                writer.commit(json_format.MessageToJson(manifest).encode())
+        self.store.delete_prefix(f"jobs/{self.job_id}/checkpoints/")
+        return job_result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer_service.jobs.worker", description=__doc__)
+    parser.add_argument("--job", required=True, help="the job ID")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    add_s3_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(os.environ.get("VISIONTUNE_LOG_LEVEL", "INFO"), "json", service="trainer_worker")
+    # Denormal floats make CPU kernels crawl once weights or gradients get tiny; flushing them is harmless.
+    torch.set_flush_denormal(True)
+    store = ArtifactStore.connect(s3_settings_from_args(args))
+    with JobStore(args.data_dir / "trainer" / "jobs.sqlite3") as jobs:
+        return JobWorker(jobs, store, args.job, args.data_dir).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

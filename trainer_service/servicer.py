@@ -1,0 +1,333 @@
+"""The gRPC TrainingService: a thin layer from protobuf requests to the job store and the executor.
+
+CreateJob validates the whole spec at the edge (every bad field in one INVALID_ARGUMENT), stores the
+resolved spec and wakes the executor; the engine runs in the executor's worker processes. RPCs that a
+later issue delivers answer UNIMPLEMENTED, naming that issue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from visiontune import names
+from visiontune.errors import FieldViolation, abort_with, invalid_argument
+from visiontune.store import ArtifactStore, StoreError
+from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
+
+from trainer_service import resources
+from trainer_service.advice.lr_range_test import LrSweep, run_lr_finder
+from trainer_service.advice.recommend import recommend_for_dataset
+from trainer_service.engine.data import DatasetError, dataset_fingerprint
+from trainer_service.engine.models import WeightsUnavailable
+from trainer_service.jobs import events
+from trainer_service.jobs.local_executor import JobExecutor
+from trainer_service.jobs.store import AlreadyExists, JobState, JobStore, NotFound
+from trainer_service.spec.validate import SpecInvalid, config_to_spec, validate_spec
+from trainer_service.tuning.studies import Studies, StudyPreconditionFailed
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+
+
+def _page_size(requested: int) -> int:
+    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+
+
+def _name_or_abort(context: grpc.ServicerContext, field: str, parse: Callable[[str], str], value: str) -> str:
+    try:
+        return parse(value)
+    except names.InvalidName as err:
+        abort_with(context, invalid_argument([FieldViolation(field, str(err))]))
+
+
+# GetJob derives progress and warnings from the event log (about one event per epoch).
+MAX_EVENTS_READ = 10_000
+# How long one WatchJob wait lasts before it re-checks that the client is still there.
+WATCH_POLL_S = 1.0
+WATCH_FINAL_GRACE_S = 0.5
+
+
+class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
+    def __init__(self, jobs: JobStore, executor: JobExecutor, store: ArtifactStore, cache_dir: Path,
+                 studies: Studies) -> None:
+        self._jobs = jobs
+        self._studies = studies
+        self._executor = executor
+        self._store = store
+        self._cache_dir = cache_dir
+        self._default_bucket = store.bucket
+
+    # --- jobs -------------------------------------------------------------------------------------
+
+    def GetJob(self, request: training_service_pb2.GetJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
+        job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
+        try:
+            job = resources.job_to_proto(self._jobs.get_job(job_id))
+            log = self._jobs.events_after(job_id, 0, limit=MAX_EVENTS_READ)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        progress, warnings = events.progress(job, log)
+        job.progress.CopyFrom(progress)
+        job.warnings.extend(warnings)
+        return job
+
+    def ListJobs(
+        self, request: training_service_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> training_service_pb2.ListJobsResponse:
+        violations = []
+        if request.page_size < 0:
+            violations.append(FieldViolation("page_size", "must be >= 0"))
+        study_id = None
+        if request.study:
+            try:
+                study_id = names.parse_study_name(request.study)
+            except names.InvalidName as err:
+                violations.append(FieldViolation("study", str(err)))
+        states = set()
+        for i, state in enumerate(request.states):
+            if state not in resources.JOB_STATE_FROM_PROTO:
+                violations.append(FieldViolation(f"states[{i}]", "must be a concrete JobState"))
+            else:
+                states.add(resources.JOB_STATE_FROM_PROTO[state])
+        if violations:
+            abort_with(context, invalid_argument(violations))
+        try:
+            records, token = self._jobs.list_jobs(
+                states=states or None,
+                study_id=study_id,
+                page_size=_page_size(request.page_size),
+                page_token=request.page_token,
+            )
+        except ValueError as err:
+            abort_with(context, invalid_argument([FieldViolation("page_token", str(err))]))
+        return training_service_pb2.ListJobsResponse(
+            jobs=[resources.job_to_proto(r) for r in records], next_page_token=token
+        )
+
+    def CreateJob(self, request: training_service_pb2.CreateJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
+        violations: list[FieldViolation] = []
+        job_id = request.job_id or names.new_id("job")
+        try:
+            names.check_id("job_id", job_id)
+        except names.InvalidName as err:
+            violations.append(FieldViolation("job_id", str(err)))
+        if not request.job.HasField("spec"):
+            violations.append(FieldViolation("job.spec", "required"))
+        else:
+            try:
+                config = validate_spec(request.job.spec, default_bucket=self._default_bucket)
+            except SpecInvalid as err:
+                violations += [FieldViolation(f"job.spec.{v.field}", v.description) for v in err.violations]
+        if violations:
+            abort_with(context, invalid_argument(violations))
+        resolved = config_to_spec(config)
+        if request.validate_only:
+            return job_pb2.Job(name=names.job_name(job_id), display_name=request.job.display_name, spec=resolved,
+                               state=job_pb2.JOB_STATE_QUEUED, labels=request.job.labels)
+        try:
+            record, created = self._jobs.create_job(
+                job_id, json_format.MessageToJson(resolved, indent=None), display_name=request.job.display_name,
+                request_id=request.request_id or None, labels=dict(request.job.labels),
+            )
+        except AlreadyExists as err:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        if created:
+            events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued")
+            self._executor.wake()
+        return resources.job_to_proto(record)
+
+    def CancelJob(self, request: training_service_pb2.CancelJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
+        job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
+        try:
+            record = self._executor.cancel(job_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        if record.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.PRUNED):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{request.name} already ended ({record.state.value}); there is nothing to cancel")
+        return resources.job_to_proto(record)
+
+    def WatchJob(
+        self, request: training_service_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[job_pb2.JobEvent]:
+        job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
+        if request.after_sequence < 0:
+            abort_with(context, invalid_argument([FieldViolation("after_sequence", "must be >= 0")]))
+        try:
+            self._jobs.get_job(job_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        return self._watch(job_id, request.after_sequence, context)
+
+    def _watch(self, job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[job_pb2.JobEvent]:
+        while context.is_active():
+            # Read the state before the events: events appended before a terminal state are then seen.
+            ended = self._jobs.get_job(job_id).state.is_terminal
+            batch = self._jobs.wait_for_events(job_id, after, 0.0 if ended else WATCH_POLL_S)
+            for event in batch:
+                after = event.sequence
+                yield events.to_proto(event)
+            if ended and not batch:
+                # The executor records a terminal state just before its event: give that event a moment.
+                for event in self._jobs.wait_for_events(job_id, after, WATCH_FINAL_GRACE_S):
+                    after = event.sequence
+                    yield events.to_proto(event)
+                return
+
+    def FindLearningRate(
+        self, request: training_service_pb2.FindLearningRateRequest, context: grpc.ServicerContext
+    ) -> training_service_pb2.FindLearningRateResponse:
+        violations: list[FieldViolation] = []
+        sweep = LrSweep(
+            min_lr=request.min_learning_rate if request.HasField("min_learning_rate") else LrSweep.min_lr,
+            max_lr=request.max_learning_rate if request.HasField("max_learning_rate") else LrSweep.max_lr,
+            steps=request.steps if request.HasField("steps") else LrSweep.steps,
+            smoothing=request.smoothing if request.HasField("smoothing") else LrSweep.smoothing,
+            divergence_factor=(request.divergence_factor if request.HasField("divergence_factor")
+                               else LrSweep.divergence_factor),
+        )
+        if not (0 < sweep.min_lr < sweep.max_lr <= 100):
+            violations.append(FieldViolation(
+                "min_learning_rate", f"need 0 < min < max <= 100, got min {sweep.min_lr:g}, max {sweep.max_lr:g}"))
+        if not 10 <= sweep.steps <= 10000:
+            violations.append(FieldViolation("steps", f"must be in [10, 10000], got {sweep.steps}"))
+        if not 0 <= sweep.smoothing < 1:
+            violations.append(FieldViolation("smoothing", f"must be in [0, 1), got {sweep.smoothing:g}"))
+        if not 1.5 <= sweep.divergence_factor <= 100:
+            violations.append(FieldViolation(
+                "divergence_factor", f"must be in [1.5, 100], got {sweep.divergence_factor:g}"))
+        config = None
+        try:
+            config = validate_spec(request.spec, default_bucket=self._default_bucket)
+        except SpecInvalid as err:
+            violations += [FieldViolation(f"spec.{v.field}", v.description) for v in err.violations]
+        if violations or config is None:
+            abort_with(context, invalid_argument(violations))
+        try:
+            outcome = run_lr_finder(config, sweep, self._store, self._cache_dir)
+        except (DatasetError, StoreError, WeightsUnavailable) as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        result = outcome.result
+        return training_service_pb2.FindLearningRateResponse(
+            points=[
+                training_service_pb2.LearningRatePoint(learning_rate=p.lr, loss=p.loss, smoothed_loss=p.smoothed_loss)
+                for p in result.points
+            ],
+            suggested_learning_rate=result.suggested_lr, rule=result.rule, plot_uri=outcome.plot_uri,
+        )
+
+    def RecommendSpec(
+        self, request: training_service_pb2.RecommendSpecRequest, context: grpc.ServicerContext
+    ) -> training_service_pb2.RecommendSpecResponse:
+        if not request.dataset_uri:
+            abort_with(context, invalid_argument([FieldViolation("dataset_uri", "required")]))
+        try:
+            recommendation, listing = recommend_for_dataset(
+                self._store, request.dataset_uri, gpu_available=request.gpu_available)
+        except (DatasetError, StoreError, ValueError) as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        counts = listing.label_counts()
+        return training_service_pb2.RecommendSpecResponse(
+            spec=config_to_spec(recommendation.config),
+            reasons=[training_service_pb2.SpecReason(field=r.field, value=r.value, reason=r.reason)
+                     for r in recommendation.reasons],
+            dataset=job_pb2.DatasetSummary(
+                uri=request.dataset_uri, total_images=len(listing.items),
+                labels=[job_pb2.LabelCount(label=label, train_images=count) for label, count in counts.items()],
+                skipped_files=len(listing.skipped), skipped_examples=list(listing.skipped_examples),
+                fingerprint=dataset_fingerprint(listing),
+            ),
+            warnings=recommendation.warnings,
+        )
+
+    # --- studies ----------------------------------------------------------------------------------
+
+    def GetStudy(
+        self, request: training_service_pb2.GetStudyRequest, context: grpc.ServicerContext
+    ) -> study_pb2.Study:
+        study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
+        try:
+            return self._studies.get(study_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+
+    def ListStudies(
+        self, request: training_service_pb2.ListStudiesRequest, context: grpc.ServicerContext
+    ) -> training_service_pb2.ListStudiesResponse:
+        violations = []
+        if request.page_size < 0:
+            violations.append(FieldViolation("page_size", "must be >= 0"))
+        states = set()
+        for i, state in enumerate(request.states):
+            if state not in resources.STUDY_STATE_FROM_PROTO:
+                violations.append(FieldViolation(f"states[{i}]", "must be a concrete StudyState"))
+            else:
+                states.add(resources.STUDY_STATE_FROM_PROTO[state])
+        if violations:
+            abort_with(context, invalid_argument(violations))
+        try:
+            records, token = self._jobs.list_studies(
+                states=states or None, page_size=_page_size(request.page_size), page_token=request.page_token
+            )
+        except ValueError as err:
+            abort_with(context, invalid_argument([FieldViolation("page_token", str(err))]))
+        return training_service_pb2.ListStudiesResponse(
+            studies=[resources.study_to_proto(r) for r in records], next_page_token=token
+        )
+
+    def CreateStudy(
+        self, request: training_service_pb2.CreateStudyRequest, context: grpc.ServicerContext
+    ) -> study_pb2.Study:
+        try:
+            return self._studies.create(request.study, study_id=request.study_id or names.new_id("study"),
+                                        request_id=request.request_id, validate_only=request.validate_only)
+        except names.InvalidName as err:
+            abort_with(context, invalid_argument([FieldViolation("study_id", str(err))]))
+        except SpecInvalid as err:
+            abort_with(context, invalid_argument(err.violations))
+        except AlreadyExists as err:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+
+    def CancelStudy(
+        self, request: training_service_pb2.CancelStudyRequest, context: grpc.ServicerContext
+    ) -> study_pb2.Study:
+        study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
+        try:
+            return self._studies.cancel(study_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        except StudyPreconditionFailed as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+
+    def WatchStudy(
+        self, request: training_service_pb2.WatchStudyRequest, context: grpc.ServicerContext
+    ) -> Iterator[study_pb2.StudyEvent]:
+        study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
+        if request.after_sequence < 0:
+            abort_with(context, invalid_argument([FieldViolation("after_sequence", "must be >= 0")]))
+        try:
+            self._jobs.get_study(study_id)
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        return self._studies.watch(study_id, request.after_sequence, context.is_active)
+
+    def PromoteTrial(
+        self, request: training_service_pb2.PromoteTrialRequest, context: grpc.ServicerContext
+    ) -> job_pb2.Job:
+        study_id = _name_or_abort(context, "study", names.parse_study_name, request.study)
+        try:
+            record = self._studies.promote(
+                study_id, request.trial_number if request.HasField("trial_number") else None,
+                job_id=request.job_id or names.new_id("job"), request_id=request.request_id)
+        except names.InvalidName as err:
+            abort_with(context, invalid_argument([FieldViolation("job_id", str(err))]))
+        except NotFound:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.study} does not exist")
+        except StudyPreconditionFailed as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except AlreadyExists as err:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        return resources.job_to_proto(record)

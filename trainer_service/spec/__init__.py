@@ -1,0 +1,1 @@
+"""The typed training config and the TrainingSpec validator that builds it."""

@@ -1,0 +1,130 @@
+"""The study RPCs as plain functions over the job store and the runner; the servicer only translates.
+
+CreateStudy validates the whole StudySpec (every bad field named) before anything is stored; the
+record keeps the spec as given, the Optuna study and the trial jobs are the runner's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Final
+
+from google.protobuf import json_format
+from visiontune import names
+from visiontune.errors import FieldViolation
+from visiontune.v1 import study_pb2
+
+from trainer_service.jobs import events
+from trainer_service.jobs.store import JobRecord, JobState, JobStore, StudyState
+from trainer_service.resources import study_to_proto
+from trainer_service.spec.validate import SpecInvalid, config_to_spec, validate_spec
+from trainer_service.tuning import study_proto
+from trainer_service.tuning.runner import StudyRunner, study_jobs
+from trainer_service.tuning.space import apply_params
+from trainer_service.tuning.study_config import StudyConfig, validate_study
+
+PROMOTED_LABEL: Final = "visiontune.promoted_from"
+WATCH_POLL_S: Final = 1.0
+WATCH_FINAL_GRACE_S: Final = 0.5
+
+
+class StudyPreconditionFailed(Exception):
+    """The study is not in a state that allows the call (cancel a finished study, promote with no result)."""
+
+
+class Studies:
+    def __init__(self, jobs: JobStore, runner: StudyRunner, *, default_bucket: str,
+                 wake_executor: Callable[[], None]) -> None:
+        self._jobs = jobs
+        self._runner = runner
+        self._default_bucket = default_bucket
+        self._wake_executor = wake_executor
+
+    def _config(self, spec: study_pb2.StudySpec) -> StudyConfig:
+        return validate_study(spec, default_bucket=self._default_bucket)
+
+    def create(self, study: study_pb2.Study, *, study_id: str, request_id: str, validate_only: bool
+               ) -> study_pb2.Study:
+        """Validate and start a study. Raises SpecInvalid (fields prefixed `study.`), names.InvalidName,
+        jobstore.AlreadyExists."""
+        names.check_id("study_id", study_id)
+        if not study.HasField("spec"):
+            raise SpecInvalid([FieldViolation("study.spec", "required")])
+        try:
+            config = self._config(study.spec)
+        except SpecInvalid as err:
+            raise SpecInvalid([FieldViolation(f"study.{v.field}", v.description) for v in err.violations]) from err
+        if validate_only:
+            return study_pb2.Study(name=names.study_name(study_id), display_name=study.display_name,
+                                   spec=study.spec, state=study_pb2.STUDY_STATE_RUNNING)
+        record, created = self._jobs.create_study(
+            study_id, json_format.MessageToJson(study.spec, indent=None), display_name=study.display_name,
+            request_id=request_id or None,
+        )
+        if created:
+            self._runner.create(record.study_id, config)
+        return self.get(record.study_id)
+
+    def get(self, study_id: str) -> study_pb2.Study:
+        """The study with its trials (live from Optuna) and, once finished, its results. Raises NotFound."""
+        record = self._jobs.get_study(study_id)
+        out = study_to_proto(record)
+        config = self._config(out.spec)
+        jobs = study_jobs(self._jobs, study_id)
+        return study_proto.with_trials(out, self._runner.optuna_study(study_id, config), jobs)
+
+    def cancel(self, study_id: str) -> study_pb2.Study:
+        record = self._jobs.get_study(study_id)
+        if record.state.is_terminal:
+            raise StudyPreconditionFailed(
+                f"studies/{study_id} already ended ({record.state.value}); there is nothing to cancel")
+        if record.state != StudyState.CANCELLING:
+            self._jobs.update_study_state(study_id, StudyState.CANCELLING, expected={StudyState.RUNNING})
+            self._runner.wake()
+        return self.get(study_id)
+
+    def watch(self, study_id: str, after: int, is_active: Callable[[], bool]) -> Iterator[study_pb2.StudyEvent]:
+        """The study's events after `after`, then live ones until it ends (or the caller goes away)."""
+        self._jobs.get_study(study_id)  # NotFound before the stream starts
+        while is_active():
+            ended = self._jobs.get_study(study_id).state.is_terminal
+            batch = self._jobs.wait_for_study_events(study_id, after, 0.0 if ended else WATCH_POLL_S)
+            if ended and not batch:
+                batch = self._jobs.wait_for_study_events(study_id, after, WATCH_FINAL_GRACE_S)
+            for event in batch:
+                after = event.sequence
+                out = json_format.Parse(event.payload_json, study_pb2.StudyEvent())
+                out.study = names.study_name(study_id)
+                out.sequence = event.sequence
+                out.time.FromDatetime(event.time)
+                yield out
+            if ended and not batch:
+                return
+
+    def promote(self, study_id: str, trial_number: int | None, *, job_id: str, request_id: str) -> JobRecord:
+        """A full training job with a trial's configuration (default: the best), publishing a model version."""
+        names.check_id("job_id", job_id)
+        study = self.get(study_id)
+        if trial_number is None:
+            if not study.HasField("best_trial"):
+                raise StudyPreconditionFailed(f"studies/{study_id} has no completed trial yet")
+            trial_number = study.best_trial
+        trial = next((t for t in study.trials if t.number == trial_number), None)
+        if trial is None:
+            raise StudyPreconditionFailed(f"studies/{study_id} has no trial {trial_number}")
+        if trial.state != study_pb2.TRIAL_STATE_COMPLETE:
+            raise StudyPreconditionFailed(
+                f"trial {trial_number} of studies/{study_id} did not complete "
+                f"({study_pb2.TrialState.Name(trial.state)}); promote a completed one")
+        optuna_trial = self._runner.optuna_study(study_id, self._config(study.spec)).trials[trial_number]
+        spec = apply_params(study.spec.base_spec, dict(optuna_trial.params))
+        resolved = config_to_spec(validate_spec(spec, default_bucket=self._default_bucket))
+        record, created = self._jobs.create_job(
+            job_id, json_format.MessageToJson(resolved, indent=None),
+            display_name=f"{study_id} trial {trial_number} (promoted)", request_id=request_id or None,
+            labels={PROMOTED_LABEL: f"studies/{study_id}/trials/{trial_number}"},
+        )
+        if created:
+            events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued (promoted from a study trial)")
+            self._wake_executor()
+        return record

@@ -1,6 +1,6 @@
 """Rich gRPC errors: `google.rpc.Status` with `BadRequest` field violations, and reading them back.
 
-Servers report every invalid field of a spec in one INVALID_ARGUMENT (DESIGN §3), carried as a
+Servers report every invalid field of a spec in one INVALID_ARGUMENT (docs/architecture.md §3), carried as a
 `google.rpc.BadRequest` detail in the `grpc-status-details-bin` trailer; clients read it with
 `field_violations`.
 """
@@ -21,7 +21,6 @@ __all__ = [
     "abort_with",
     "field_violations",
     "invalid_argument",
-    "not_implemented",
 ]
 
 # The summary goes into the `grpc-message` header as well; the full list is in the details. Capping the
@@ -68,12 +67,6 @@ def invalid_argument(violations: Sequence[FieldViolation], message: str | None =
 def abort_with(context: grpc.ServicerContext, status: grpc.Status) -> NoReturn:
     """End the current call with `status` (code, message and the details trailer)."""
     context.abort_with_status(status)
-
-
-def not_implemented(context: grpc.ServicerContext, rpc: str, issue: str) -> NoReturn:
-    """Abort with UNIMPLEMENTED saying which RPC and which issue brings it, e.g.
-    `not_implemented(ctx, "TrainingService.FindLearningRate", "#12")`."""
-    context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{rpc} is not implemented yet: it lands with {issue}")
 
 
 def field_violations(error: grpc.RpcError) -> list[FieldViolation]:

@@ -75,7 +75,7 @@ class ModelVersionName:
 
     @property
     def prefix(self) -> str:
-        """The version's key prefix in the artifact bucket (DESIGN.md §5)."""
+        """The version's key prefix in the artifact bucket (docs/architecture.md §5)."""
         return f"{self}/"
 
 

@@ -1,6 +1,6 @@
 """The gRPC server runtime both services run on (client-side helpers live in `visiontune.client`).
 
-What every VisionTune server gets (DESIGN §3): `grpc.health.v1` health, server reflection, graceful
+What every VisionTune server gets (docs/architecture.md §3): `grpc.health.v1` health, server reflection, graceful
 shutdown on SIGTERM (health flips to NOT_SERVING, in-flight calls drain, new calls are refused), message
 size limits, and optional TLS and bearer-token authentication. A service plugs in through
 `ServiceBinding`s; this module knows nothing about the services' own protobuf modules.

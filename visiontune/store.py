@@ -5,7 +5,7 @@ every failure surfaces as a `StoreError` whose one-line message names the endpoi
 The urllib3 pool under the client has its own retries switched off, so this module's policy is the only
 one and a dead server fails within seconds.
 
-Model versions follow DESIGN.md §5: files under `models/{model}/versions/{version}/`, committed by
+Model versions follow docs/architecture.md §5: files under `models/{model}/versions/{version}/`, committed by
 writing `manifest.json` last. Readers see only versions that have a manifest, so a crash or a kill in the
 middle of an upload never exposes a torn model.
 """
@@ -619,7 +619,7 @@ class ArtifactStore:
                 )
         return len(keys)
 
-    # -- model versions (DESIGN.md §5) ----------------------------------------------------------------
+    # -- model versions (docs/architecture.md §5) ----------------------------------------------------------------
 
     def begin_model_version(self, model: str, version: str) -> ModelVersionWriter:
         """Start writing a model version. Leftovers of an earlier, uncommitted attempt are removed."""

@@ -1,4 +1,4 @@
-"""RecommendSpec's rules (DESIGN §4): each rule at its thresholds, monotonicity in dataset size, reasons, validity."""
+"""RecommendSpec's rules (docs/architecture.md §4): each rule at its thresholds, monotonicity in dataset size, reasons, validity."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def test_small_datasets_get_flips_small_rotations_zoom_and_copies(mean: float, c
     assert aug.rotation_degrees == 10
     assert (aug.zoom_min_scale, aug.zoom_max_scale) == (0.8, 1.0)
     assert aug.copies_per_original == copies
-    assert 1 / (1 + aug.copies_per_original) >= 0.2  # DESIGN §4: originals >= 20 % of an epoch
+    assert 1 / (1 + aug.copies_per_original) >= 0.2  # docs/architecture.md §4: originals >= 20 % of an epoch
     assert aug.brightness == aug.shear_degrees == aug.gaussian_noise_std == 0
 
 

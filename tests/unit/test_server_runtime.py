@@ -26,7 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from visiontune.client import make_channel, wait_for_serving
-from visiontune.errors import FieldViolation, field_violations, invalid_argument, not_implemented
+from visiontune.errors import FieldViolation, field_violations, invalid_argument
 from visiontune.logs import configure_logging
 from visiontune.server import GrpcServer, ServerStartError, ServiceBinding
 from visiontune.settings import S3Settings, ServerSettings
@@ -65,7 +65,7 @@ class EchoService:
         context.abort_with_status(invalid_argument(THREE_VIOLATIONS))
 
     def not_impl(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        not_implemented(context, "TrainingService.FindLearningRate", "issue #12")
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Echo.NotImpl is not implemented by this server")
 
     def binding(self) -> ServiceBinding:
         handlers = {
@@ -263,9 +263,7 @@ def test_invalid_argument_carries_every_field_violation(start_server: Any) -> No
         with pytest.raises(grpc.RpcError) as err:
             unary(channel, "NotImpl")(b"", timeout=5)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert err.value.details() == (
-            "TrainingService.FindLearningRate is not implemented yet: it lands with issue #12"
-        )
+        assert err.value.details() == "Echo.NotImpl is not implemented by this server"
         assert field_violations(err.value) == []
 
 

@@ -1,6 +1,6 @@
 """RecommendSpec: a starting `TrainingConfig` for a dataset, from its images per label, with a reason per choice.
 
-Every choice follows an explicit rule of DESIGN.md §4 (or a rule of thumb stated in its reason), driven only by the
+Every choice follows an explicit rule of docs/architecture.md §4 (or a rule of thumb stated in its reason), driven only by the
 label counts and whether a GPU is available; each rule is a small pure function below, with its thresholds as module
 constants. The config is valid as it stands: `validate_spec(config_to_spec(config)) == config`.
 """
@@ -32,7 +32,7 @@ from trainer_service.spec.config import (
 )
 from trainer_service.spec.validate import model_id_from_uri
 
-# DESIGN §4: below these per label, a label's metrics are unreliable (a warning, never an error).
+# docs/architecture.md §4: below these per label, a label's metrics are unreliable (a warning, never an error).
 MIN_TRAIN_PER_LABEL = 20
 MIN_VALIDATION_PER_LABEL = 15
 
@@ -54,8 +54,8 @@ MAX_SPLIT = 0.5
 # Fine-tuning only with enough data to move the base without overfitting it: both thresholds must hold.
 FINE_TUNE_MIN_TOTAL = 1000
 FINE_TUNE_MIN_MEAN_PER_LABEL = 100
-FINE_TUNE_EPOCHS = 5  # DESIGN §4: <= 5 without allow_long_fine_tuning
-FINE_TUNE_LR_DIVISOR = 10  # DESIGN §4: fine-tuning LR <= stage-1 LR / 10
+FINE_TUNE_EPOCHS = 5  # docs/architecture.md §4: <= 5 without allow_long_fine_tuning
+FINE_TUNE_LR_DIVISOR = 10  # docs/architecture.md §4: fine-tuning LR <= stage-1 LR / 10
 UNFREEZE_ALL_FROM = 10000  # below this, only the last third of the base's blocks
 FINE_TUNE_PATIENCE = 2
 CLASSIFIER_PATIENCE = 3  # EarlyStoppingConfig's default; early stopping itself is switched on in both stages
@@ -72,7 +72,7 @@ SEVERE_IMBALANCE_RATIO = 10.0  # a warning: weighting cannot make up for that
 # TINY_PER_LABEL. Copies (not on-the-fly randomness) keep stage-1 bottleneck features cacheable (loop.run_stage).
 TINY_PER_LABEL = 50
 SMALL_PER_LABEL = 200
-TINY_COPIES, SMALL_COPIES = 3, 1  # originals stay >= 25 % of an epoch (DESIGN §4: >= 20 %)
+TINY_COPIES, SMALL_COPIES = 3, 1  # originals stay >= 25 % of an epoch (docs/architecture.md §4: >= 20 %)
 ROTATION_DEGREES = 10.0
 ZOOM_MIN_SCALE = 0.8
 
@@ -336,9 +336,9 @@ def _fine_tuning(shape: DatasetShape, classifier: StageConfig, arch: Architectur
         return replace(default, stage=replace(default.stage, learning_rate=lr))
     why.add("fine_tuning.enabled", True, f"{shape.total} images, {shape.mean:.0f} per label: enough to adapt the "
             "base's features after the head has trained")
-    why.add("fine_tuning.stage.learning_rate", lr, "classifier learning rate / 10 (DESIGN §4): small steps keep "
+    why.add("fine_tuning.stage.learning_rate", lr, "classifier learning rate / 10 (docs/architecture.md §4): small steps keep "
             "the pretrained features")
-    why.add("fine_tuning.stage.epochs", FINE_TUNE_EPOCHS, f"at most {FINE_TUNE_EPOCHS} (DESIGN §4), with early "
+    why.add("fine_tuning.stage.epochs", FINE_TUNE_EPOCHS, f"at most {FINE_TUNE_EPOCHS} (docs/architecture.md §4), with early "
             "stopping")
     why.add("fine_tuning.stage.batch_size", classifier.batch_size, "same batch size as the classifier stage")
     why.add("fine_tuning.stage.early_stopping.enabled", True, "fine-tuning overfits quickly: keep its best epoch")

@@ -1,6 +1,6 @@
 """Datasets for training: list an ImageFolder prefix in S3, split it, decode it once into a local cache.
 
-The pipeline (DESIGN.md §4):
+The pipeline (docs/architecture.md §4):
 
 1. `list_image_folder` lists `{prefix}/{label}/{image}`; `dataset_fingerprint` identifies its content.
 2. `stratified_split` holds out a fraction of every label for validation, deterministically for a seed.

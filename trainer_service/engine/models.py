@@ -1,10 +1,10 @@
-"""The classifier the trainer fine-tunes: a torchvision backbone plus a small head (DESIGN.md §4).
+"""The classifier the trainer fine-tunes: a torchvision backbone plus a small head (docs/architecture.md §4).
 
 `build_classifier` makes a `Classifier` from a `ModelConfig`, always with `weights=None` so torchvision never
 downloads anything by itself; pretrained backbone weights come from `load_base_weights`, which reads
 torchvision's own cache (ImageNet) or a state_dict in S3. `seed_weights_cache` fills that cache from the
 checkpoints shipped by installed Python packages, so ImageNet MobileNetV2 works on a machine without a
-network. `export_torchscript` writes the weights in a form inference loads without this code (DESIGN.md §5).
+network. `export_torchscript` writes the weights in a form inference loads without this code (docs/architecture.md §5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The trainer's job store: jobs, tuning studies and their event logs in one SQLite file.
 
-Why SQLite in WAL mode: one machine runs the trainer (DESIGN.md §6); WAL lets the gRPC thread pool read
+Why SQLite in WAL mode: one machine runs the trainer (docs/architecture.md §6); WAL lets the gRPC thread pool read
 while a worker subprocess appends events, and the file survives a restart of the trainer. The same file
 is where Optuna's RDB storage will keep its own tables later, so every table here carries a ``vt_``
 prefix (Optuna owns names such as ``studies`` and ``trials``) and the schema version lives in

@@ -203,7 +203,7 @@ class JobWorker:
                                expected={JobState.RUNNING, JobState.CANCELLING})
 
     def _upload_event_log(self) -> None:
-        """jobs/{job}/events.jsonl: the job's whole event log beside its spec (DESIGN §5)."""
+        """jobs/{job}/events.jsonl: the job's whole event log beside its spec (docs/architecture.md §5)."""
         lines = [json.dumps({"sequence": e.sequence, "time": e.time.isoformat(), "kind": e.kind,
                              "event": json.loads(e.payload_json)})
                  for e in self.jobs.events_after(self.job_id, 0, limit=10_000)]

@@ -104,7 +104,7 @@ class DeviceKind(enum.StrEnum):
     CUDA = "cuda"  # the job fails when no GPU is present
 
 
-# -- the config tree (defaults = DESIGN.md §4 and training_spec.proto) --------------------------------------
+# -- the config tree (defaults = docs/architecture.md §4 and training_spec.proto) --------------------------------------
 
 
 @dataclass(frozen=True)

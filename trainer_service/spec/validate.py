@@ -1,7 +1,7 @@
 """A `TrainingSpec` checked at the edge: every rule of training_spec.proto, every default resolved.
 
 `validate_spec` checks the whole spec in one pass and returns the `TrainingConfig` the engine runs on, or raises
-`SpecInvalid` listing every bad field (DESIGN §3, §4), each with its proto path (`classifier.learning_rate`) and a
+`SpecInvalid` listing every bad field (docs/architecture.md §3, §4), each with its proto path (`classifier.learning_rate`) and a
 description naming the allowed range and the value got. `config_to_spec` is the inverse: the resolved spec with
 every field explicitly set, which is what the API returns.
 

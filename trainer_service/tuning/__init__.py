@@ -1,1 +1,1 @@
-"""Tuning studies (issue #5): a search over TrainingSpec fields with Optuna, whose trials are training jobs."""
+"""Tuning studies: a search over TrainingSpec fields with Optuna, whose trials are training jobs."""

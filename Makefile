@@ -26,10 +26,10 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 # The default test suite (slow suites excluded: `make test-slow`).
-test: setup prometheus
+test: setup prometheus fashion-mnist
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: setup fashion-mnist
+test-slow: setup prometheus fashion-mnist
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist: the transfer-learning evidence runs on it.

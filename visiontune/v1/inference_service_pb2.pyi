@@ -4,6 +4,9 @@ isort:skip_file
 The inference API: deploy model versions into Triton, classify images, report ground truth.
 
 Triton's own KServe v2 gRPC/HTTP endpoints and its metrics endpoint stay reachable beside this API.
+
+Fields carry their google.api.field_behavior (AIP-203) as the servicer treats them, as in
+training_service.proto. The model resources are declared in manifest.proto.
 """
 
 from collections import abc as _abc
@@ -111,7 +114,7 @@ class ClassifyRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """`models/{model}`: traffic is split across its live versions by weight; or
-    `models/{model}/versions/{version}` to pin one live version.
+    `models/{model}/versions/{version}` to pin one live version. It names either type: hence `*`.
     """
     top_k: _builtins.int
     """Labels returned per image. Default 5; range [1, number of labels]."""
@@ -290,6 +293,8 @@ Global___DeployModelRequest: _TypeAlias = DeployModelRequest  # noqa: Y015
 
 @_typing.final
 class Deployment(_message.Message):
+    """Not a resource of its own: a model version has at most one deployment, named by the version."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_VERSION_FIELD_NUMBER: _builtins.int

@@ -4,6 +4,9 @@ isort:skip_file
 The inference API: deploy model versions into Triton, classify images, report ground truth.
 
 Triton's own KServe v2 gRPC/HTTP endpoints and its metrics endpoint stay reachable beside this API.
+
+Fields carry their google.api.field_behavior (AIP-203) as the servicer treats them, as in
+training_service.proto. The model resources are declared in manifest.proto.
 """
 
 from collections import abc as _abc

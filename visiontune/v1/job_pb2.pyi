@@ -144,7 +144,9 @@ class Job(_message.Message):
     """Set when the job is a trial of a tuning study: `studies/{study}`."""
     trial_number: _builtins.int
     @_builtins.property
-    def spec(self) -> _training_spec_pb2.TrainingSpec: ...
+    def spec(self) -> _training_spec_pb2.TrainingSpec:
+        """CreateJob stores the spec with its defaults resolved; a resumed attempt runs the same spec."""
+
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property

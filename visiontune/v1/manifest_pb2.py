@@ -22,36 +22,97 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from visiontune.v1 import job_pb2 as visiontune_dot_v1_dot_job__pb2
 from visiontune.v1 import training_spec_pb2 as visiontune_dot_v1_dot_training__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvisiontune/v1/manifest.proto\x12\rvisiontune.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17visiontune/v1/job.proto\x1a!visiontune/v1/training_spec.proto\"\xbd\x05\n\rModelManifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03job\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x31\n\x0c\x61rchitecture\x18\x06 \x01(\x0e\x32\x1b.visiontune.v1.Architecture\x12\x33\n\rpreprocessing\x18\x07 \x01(\x0b\x32\x1c.visiontune.v1.Preprocessing\x12\'\n\x07weights\x18\x08 \x01(\x0b\x32\x16.visiontune.v1.Weights\x12.\n\x08open_set\x18\t \x01(\x0b\x32\x1c.visiontune.v1.OpenSetResult\x12:\n\x07metrics\x18\n \x03(\x0b\x32).visiontune.v1.ModelManifest.MetricsEntry\x12)\n\x04spec\x18\x0b \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpec\x12.\n\x07\x64\x61taset\x18\x0c \x01(\x0b\x32\x1d.visiontune.v1.DatasetSummary\x12K\n\x10library_versions\x18\r \x03(\x0b\x32\x31.visiontune.v1.ModelManifest.LibraryVersionsEntry\x12\r\n\x05\x66iles\x18\x0e \x03(\t\x1aL\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.visiontune.v1.MetricSummary:\x02\x38\x01\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\rPreprocessing\x12\x13\n\x0bresize_size\x18\x01 \x01(\x05\x12\x11\n\tcrop_size\x18\x02 \x01(\x05\x12\x33\n\rinterpolation\x18\x03 \x01(\x0e\x32\x1c.visiontune.v1.Interpolation\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12,\n\ncolor_mode\x18\x06 \x01(\x0e\x32\x18.visiontune.v1.ColorMode\"\xbd\x01\n\x07Weights\x12\x0c\n\x04path\x18\x01 \x01(\t\x12,\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1c.visiontune.v1.WeightsFormat\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x12\n\ninput_name\x18\x05 \x01(\t\x12\x13\n\x0binput_shape\x18\x06 \x03(\x03\x12\x13\n\x0boutput_name\x18\x07 \x01(\t\x12\x14\n\x0coutput_shape\x18\x08 \x03(\x03*\x80\x01\n\rInterpolation\x12\x1d\n\x19INTERPOLATION_UNSPECIFIED\x10\x00\x12\x1a\n\x16INTERPOLATION_BILINEAR\x10\x01\x12\x19\n\x15INTERPOLATION_BICUBIC\x10\x02\x12\x19\n\x15INTERPOLATION_NEAREST\x10\x03*;\n\tColorMode\x12\x1a\n\x16\x43OLOR_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43OLOR_MODE_RGB\x10\x01*h\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_TORCHSCRIPT\x10\x01\x12\x17\n\x13WEIGHTS_FORMAT_ONNX\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvisiontune/v1/manifest.proto\x12\rvisiontune.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17visiontune/v1/job.proto\x1a!visiontune/v1/training_spec.proto\"\x88\x07\n\rModelManifest\x12\x1c\n\x0eschema_version\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x08\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\'\n\x03job\x18\x04 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\x12\x14\n\x06labels\x18\x05 \x03(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x0c\x61rchitecture\x18\x06 \x01(\x0e\x32\x1b.visiontune.v1.ArchitectureB\x04\xe2\x41\x01\x02\x12\x39\n\rpreprocessing\x18\x07 \x01(\x0b\x32\x1c.visiontune.v1.PreprocessingB\x04\xe2\x41\x01\x02\x12-\n\x07weights\x18\x08 \x01(\x0b\x32\x16.visiontune.v1.WeightsB\x04\xe2\x41\x01\x02\x12\x34\n\x08open_set\x18\t \x01(\x0b\x32\x1c.visiontune.v1.OpenSetResultB\x04\xe2\x41\x01\x02\x12@\n\x07metrics\x18\n \x03(\x0b\x32).visiontune.v1.ModelManifest.MetricsEntryB\x04\xe2\x41\x01\x02\x12/\n\x04spec\x18\x0b \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x02\x12\x34\n\x07\x64\x61taset\x18\x0c \x01(\x0b\x32\x1d.visiontune.v1.DatasetSummaryB\x04\xe2\x41\x01\x02\x12Q\n\x10library_versions\x18\r \x03(\x0b\x32\x31.visiontune.v1.ModelManifest.LibraryVersionsEntryB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x66iles\x18\x0e \x03(\tB\x04\xe2\x41\x01\x02\x1aL\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.visiontune.v1.MetricSummary:\x02\x38\x01\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:_\xea\x41\\\n\x1avisiontune.io/ModelVersion\x12!models/{model}/versions/{version}*\rmodelVersions2\x0cmodelVersion\"\xd9\x01\n\rPreprocessing\x12\x19\n\x0bresize_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x17\n\tcrop_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x39\n\rinterpolation\x18\x03 \x01(\x0e\x32\x1c.visiontune.v1.InterpolationB\x04\xe2\x41\x01\x02\x12\x12\n\x04mean\x18\x04 \x03(\x02\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03std\x18\x05 \x03(\x02\x42\x04\xe2\x41\x01\x02\x12\x32\n\ncolor_mode\x18\x06 \x01(\x0e\x32\x18.visiontune.v1.ColorModeB\x04\xe2\x41\x01\x02\"\xed\x01\n\x07Weights\x12\x12\n\x04path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x32\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1c.visiontune.v1.WeightsFormatB\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x18\n\ninput_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0binput_shape\x18\x06 \x03(\x03\x42\x04\xe2\x41\x01\x02\x12\x19\n\x0boutput_name\x18\x07 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0coutput_shape\x18\x08 \x03(\x03\x42\x04\xe2\x41\x01\x02*\x80\x01\n\rInterpolation\x12\x1d\n\x19INTERPOLATION_UNSPECIFIED\x10\x00\x12\x1a\n\x16INTERPOLATION_BILINEAR\x10\x01\x12\x19\n\x15INTERPOLATION_BICUBIC\x10\x02\x12\x19\n\x15INTERPOLATION_NEAREST\x10\x03*;\n\tColorMode\x12\x1a\n\x16\x43OLOR_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43OLOR_MODE_RGB\x10\x01*h\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_TORCHSCRIPT\x10\x01\x12\x17\n\x13WEIGHTS_FORMAT_ONNX\x10\x02\x42\x37\xea\x41\x34\n\x13visiontune.io/Model\x12\x0emodels/{model}*\x06models2\x05modelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'visiontune.v1.manifest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\352A4\n\023visiontune.io/Model\022\016models/{model}*\006models2\005model'
   _globals['_MODELMANIFEST_METRICSENTRY']._loaded_options = None
   _globals['_MODELMANIFEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._loaded_options = None
   _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_INTERPOLATION']._serialized_start=1221
-  _globals['_INTERPOLATION']._serialized_end=1349
-  _globals['_COLORMODE']._serialized_start=1351
-  _globals['_COLORMODE']._serialized_end=1410
-  _globals['_WEIGHTSFORMAT']._serialized_start=1412
-  _globals['_WEIGHTSFORMAT']._serialized_end=1516
-  _globals['_MODELMANIFEST']._serialized_start=141
-  _globals['_MODELMANIFEST']._serialized_end=842
-  _globals['_MODELMANIFEST_METRICSENTRY']._serialized_start=710
-  _globals['_MODELMANIFEST_METRICSENTRY']._serialized_end=786
-  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_start=788
-  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_end=842
-  _globals['_PREPROCESSING']._serialized_start=845
-  _globals['_PREPROCESSING']._serialized_end=1026
-  _globals['_WEIGHTS']._serialized_start=1029
-  _globals['_WEIGHTS']._serialized_end=1218
+  _globals['_MODELMANIFEST'].fields_by_name['schema_version']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['schema_version']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['name']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_MODELMANIFEST'].fields_by_name['create_time']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['create_time']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['job']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['job']._serialized_options = b'\342A\001\002\372A\023\n\021visiontune.io/Job'
+  _globals['_MODELMANIFEST'].fields_by_name['labels']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['labels']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['architecture']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['architecture']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['preprocessing']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['preprocessing']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['weights']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['weights']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['open_set']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['open_set']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['metrics']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['metrics']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['spec']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['spec']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['dataset']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['dataset']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['library_versions']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['library_versions']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['files']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['files']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST']._loaded_options = None
+  _globals['_MODELMANIFEST']._serialized_options = b'\352A\\\n\032visiontune.io/ModelVersion\022!models/{model}/versions/{version}*\rmodelVersions2\014modelVersion'
+  _globals['_PREPROCESSING'].fields_by_name['resize_size']._loaded_options = None
+  _globals['_PREPROCESSING'].fields_by_name['resize_size']._serialized_options = b'\342A\001\002'
+  _globals['_PREPROCESSING'].fields_by_name['crop_size']._loaded_options = None
+  _globals['_PREPROCESSING'].fields_by_name['crop_size']._serialized_options = b'\342A\001\002'
+  _globals['_PREPROCESSING'].fields_by_name['interpolation']._loaded_options = None
+  _globals['_PREPROCESSING'].fields_by_name['interpolation']._serialized_options = b'\342A\001\002'
+  _globals['_PREPROCESSING'].fields_by_name['mean']._loaded_options = None
+  _globals['_PREPROCESSING'].fields_by_name['mean']._serialized_options = b'\342A\001\002'
+  _globals['_PREPROCESSING'].fields_by_name['std']._loaded_options = None
+  _globals['_PREPROCESSING'].fields_by_name['std']._serialized_options = b'\342A\001\002'
+  _globals['_PREPROCESSING'].fields_by_name['color_mode']._loaded_options = None
+  _globals['_PREPROCESSING'].fields_by_name['color_mode']._serialized_options = b'\342A\001\002'
+  _globals['_WEIGHTS'].fields_by_name['path']._loaded_options = None
+  _globals['_WEIGHTS'].fields_by_name['path']._serialized_options = b'\342A\001\002'
+  _globals['_WEIGHTS'].fields_by_name['format']._loaded_options = None
+  _globals['_WEIGHTS'].fields_by_name['format']._serialized_options = b'\342A\001\002'
+  _globals['_WEIGHTS'].fields_by_name['sha256']._loaded_options = None
+  _globals['_WEIGHTS'].fields_by_name['sha256']._serialized_options = b'\342A\001\002'
+  _globals['_WEIGHTS'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_WEIGHTS'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\002'
+  _globals['_WEIGHTS'].fields_by_name['input_name']._loaded_options = None
+  _globals['_WEIGHTS'].fields_by_name['input_name']._serialized_options = b'\342A\001\002'
+  _globals['_WEIGHTS'].fields_by_name['input_shape']._loaded_options = None
+  _globals['_WEIGHTS'].fields_by_name['input_shape']._serialized_options = b'\342A\001\002'
+  _globals['_WEIGHTS'].fields_by_name['output_name']._loaded_options = None
+  _globals['_WEIGHTS'].fields_by_name['output_name']._serialized_options = b'\342A\001\002'
+  _globals['_WEIGHTS'].fields_by_name['output_shape']._loaded_options = None
+  _globals['_WEIGHTS'].fields_by_name['output_shape']._serialized_options = b'\342A\001\002'
+  _globals['_INTERPOLATION']._serialized_start=1568
+  _globals['_INTERPOLATION']._serialized_end=1696
+  _globals['_COLORMODE']._serialized_start=1698
+  _globals['_COLORMODE']._serialized_end=1757
+  _globals['_WEIGHTSFORMAT']._serialized_start=1759
+  _globals['_WEIGHTSFORMAT']._serialized_end=1863
+  _globals['_MODELMANIFEST']._serialized_start=201
+  _globals['_MODELMANIFEST']._serialized_end=1105
+  _globals['_MODELMANIFEST_METRICSENTRY']._serialized_start=876
+  _globals['_MODELMANIFEST_METRICSENTRY']._serialized_end=952
+  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_start=954
+  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_end=1008
+  _globals['_PREPROCESSING']._serialized_start=1108
+  _globals['_PREPROCESSING']._serialized_end=1325
+  _globals['_WEIGHTS']._serialized_start=1328
+  _globals['_WEIGHTS']._serialized_end=1565
 # @@protoc_insertion_point(module_scope)

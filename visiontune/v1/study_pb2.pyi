@@ -180,7 +180,9 @@ class Study(_message.Message):
     best_trial: _builtins.int
     """The best completed trial's number; unset until one completes."""
     @_builtins.property
-    def spec(self) -> Global___StudySpec: ...
+    def spec(self) -> Global___StudySpec:
+        """Trials are sampled from it as the study runs, so it never changes."""
+
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property

@@ -6,6 +6,9 @@ The trainer's API: training jobs, the LR range finder, the spec recommender and 
 Errors are gRPC status codes. An invalid spec is INVALID_ARGUMENT with a google.rpc.BadRequest
 detail holding one field violation per bad field (all of them, not the first). A missing resource is
 NOT_FOUND; an operation the resource's state forbids is FAILED_PRECONDITION.
+
+Fields carry their google.api.field_behavior (AIP-203) as the servicer treats them: REQUIRED where
+an empty value is rejected, OPTIONAL where it has a default, OUTPUT_ONLY throughout the responses.
 """
 
 from collections import abc as _abc

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from visiontune.client import is_serving
-from visiontune.dataset_upload import plan_upload, upload
+from visiontune.devstack.dataset_upload import plan_upload, upload
 from visiontune.devstack.launch import service_environment
 from visiontune.devstack.ports import free_port
 from visiontune.devstack.s3server import S3ServerProcess

@@ -182,10 +182,8 @@ class S3ServerProcess:
         return self._proc.returncode if self._proc is not None else None
 
     def settings(self, bucket: str) -> S3Settings:
-        return S3Settings(
-            endpoint=self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
-            bucket=bucket, secure=False, region="us-east-1",
-        )
+        """Settings for `bucket` on this server: plain http, the default region."""
+        return S3Settings(endpoint=self.endpoint, access_key=self.access_key, secret_key=self.secret_key, bucket=bucket)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 

@@ -11,10 +11,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "is_serving", "list_services", "make_channel", "wait_for_serving"]
+from visiontune.settings import DEFAULT_MAX_MESSAGE_BYTES
 
-# Same limit as the servers (visiontune.server): batches of encoded images are large.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+__all__ = ["is_serving", "list_services", "make_channel", "wait_for_serving"]
 
 # grpc's classes are generic only in grpc-stubs; subscripting them at runtime raises.
 if TYPE_CHECKING:

@@ -25,12 +25,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from visiontune.client import DEFAULT_MAX_MESSAGE_BYTES
 from visiontune.settings import ServerSettings
 
 __all__ = [
     "AUTH_EXEMPT_PREFIXES",
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "BearerTokenInterceptor",
     "CallLoggingInterceptor",
     "GrpcServer",

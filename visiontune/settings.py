@@ -1,20 +1,30 @@
 """Typed settings for the services and the CLI, read from flags with environment-variable defaults.
 
 Every setting has one flag and one `VISIONTUNE_*` variable; the flag wins. The README's configuration
-table lists them all.
+table lists them all. The S3 settings travel to child processes (job workers, the local stack's services)
+as `VISIONTUNE_S3_*` variables: `S3Settings.to_env` writes them and `S3Settings.from_env` reads them back,
+the one codec every writer and reader uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_TRAINER_PORT = 50051
 DEFAULT_INFERENCE_PORT = 50052
 DEFAULT_S3_ENDPOINT = "127.0.0.1:9000"
 DEFAULT_BUCKET = "visiontune"
+DEFAULT_S3_REGION = "us-east-1"
+# The largest gRPC message, servers and client channels alike: batches of encoded images are large.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -22,11 +32,8 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    value = _env(name)
-    if value is None:
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+def _parse_bool(value: str) -> bool:
+    return value.strip().lower() in _TRUE_WORDS
 
 
 def default_data_dir() -> Path:
@@ -42,11 +49,36 @@ class S3Settings:
     secret_key: str = ""
     bucket: str = DEFAULT_BUCKET
     secure: bool = False  # https when true
-    region: str = "us-east-1"
+    region: str = DEFAULT_S3_REGION
 
     @property
     def url(self) -> str:
         return f"{'https' if self.secure else 'http'}://{self.endpoint}"
+
+    @staticmethod
+    def env_name(field: str) -> str:
+        """The variable that carries a field: `endpoint` -> `VISIONTUNE_S3_ENDPOINT`."""
+        return f"VISIONTUNE_S3_{field.upper()}"
+
+    def to_env(self) -> dict[str, str]:
+        """Every field as its `VISIONTUNE_S3_*` variable (booleans as `true`/`false`), for a child's environment."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            env[self.env_name(f.name)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
+        """The settings `to_env` wrote (`environ` defaults to this process's environment). A variable that is
+        unset or empty takes the field's default; a boolean is true for 1/true/yes/on (any case)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(cls.env_name(f.name), "")
+            if raw:
+                values[f.name] = _parse_bool(raw) if isinstance(f.default, bool) else raw
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -60,7 +92,7 @@ class ServerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None  # bearer token; None disables authentication
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 10.0  # how long SIGTERM waits for in-flight calls
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
@@ -73,19 +105,17 @@ class ServerSettings:
 
 
 def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--s3-FIELD` flag per `S3Settings` field, its default read from the environment by `from_env`."""
+    env = S3Settings.from_env()
+    name = S3Settings.env_name
     group = parser.add_argument_group("S3 artifact store")
-    group.add_argument("--s3-endpoint", default=_env("S3_ENDPOINT", DEFAULT_S3_ENDPOINT),
-                       help="S3 endpoint host:port [VISIONTUNE_S3_ENDPOINT]")
-    group.add_argument("--s3-access-key", default=_env("S3_ACCESS_KEY", ""),
-                       help="S3 access key [VISIONTUNE_S3_ACCESS_KEY]")
-    group.add_argument("--s3-secret-key", default=_env("S3_SECRET_KEY", ""),
-                       help="S3 secret key [VISIONTUNE_S3_SECRET_KEY]")
-    group.add_argument("--s3-bucket", default=_env("S3_BUCKET", DEFAULT_BUCKET),
-                       help="artifact bucket [VISIONTUNE_S3_BUCKET]")
-    group.add_argument("--s3-secure", action=argparse.BooleanOptionalAction,
-                       default=_env_bool("S3_SECURE", False), help="use https [VISIONTUNE_S3_SECURE]")
-    group.add_argument("--s3-region", default=_env("S3_REGION", "us-east-1"),
-                       help="S3 region [VISIONTUNE_S3_REGION]")
+    group.add_argument("--s3-endpoint", default=env.endpoint, help=f"S3 endpoint host:port [{name('endpoint')}]")
+    group.add_argument("--s3-access-key", default=env.access_key, help=f"S3 access key [{name('access_key')}]")
+    group.add_argument("--s3-secret-key", default=env.secret_key, help=f"S3 secret key [{name('secret_key')}]")
+    group.add_argument("--s3-bucket", default=env.bucket, help=f"artifact bucket [{name('bucket')}]")
+    group.add_argument("--s3-secure", action=argparse.BooleanOptionalAction, default=env.secure,
+                       help=f"use https [{name('secure')}]")
+    group.add_argument("--s3-region", default=env.region, help=f"S3 region [{name('region')}]")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, port_env: str) -> None:
@@ -101,7 +131,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, 
                         help="PEM private key [VISIONTUNE_TLS_KEY]")
     parser.add_argument("--auth-token", default=_env("AUTH_TOKEN"),
                         help="require 'authorization: Bearer TOKEN' on every call [VISIONTUNE_AUTH_TOKEN]")
-    parser.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", "64") or 64),
+    default_mb = DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024)
+    parser.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB") or default_mb),
                         help="largest request/response message in MiB [VISIONTUNE_MAX_MESSAGE_MB]")
     parser.add_argument("--grace-seconds", type=float, default=float(_env("GRACE_SECONDS", "10") or 10),
                         help="drain time for in-flight calls on SIGTERM [VISIONTUNE_GRACE_SECONDS]")
@@ -117,14 +148,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, 
 
 
 def s3_settings_from_args(ns: argparse.Namespace) -> S3Settings:
-    return S3Settings(
-        endpoint=ns.s3_endpoint,
-        access_key=ns.s3_access_key,
-        secret_key=ns.s3_secret_key,
-        bucket=ns.s3_bucket,
-        secure=ns.s3_secure,
-        region=ns.s3_region,
-    )
+    """The settings `add_s3_arguments`' flags parsed into (`--s3-FIELD` for every field)."""
+    return S3Settings(**{f.name: getattr(ns, f"s3_{f.name}") for f in dataclasses.fields(S3Settings)})
 
 
 def server_settings_from_args(ns: argparse.Namespace) -> ServerSettings:

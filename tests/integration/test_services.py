@@ -16,6 +16,7 @@ import pytest
 from google.protobuf import json_format
 from trainer_service.jobs.store import JobStore
 from visiontune.client import is_serving, list_services
+from visiontune.devstack.launch import service_environment
 from visiontune.devstack.ports import free_port
 from visiontune.errors import field_violations
 from visiontune.settings import S3Settings
@@ -46,14 +47,7 @@ class Service:
 
 
 def _spawn(module: str, s3: S3Settings, data_dir: Path, port: int, *args: str) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "VISIONTUNE_S3_ENDPOINT": s3.endpoint,
-        "VISIONTUNE_S3_ACCESS_KEY": s3.access_key,
-        "VISIONTUNE_S3_SECRET_KEY": s3.secret_key,
-        "VISIONTUNE_S3_BUCKET": s3.bucket,
-        "VISIONTUNE_DATA_DIR": str(data_dir),
-    }
+    env = service_environment(s3, data_dir)
     if module == "inference_service":  # its metrics endpoint and its Triton's three ports: free ones too
         args = ("--metrics-port", str(free_port()), "--triton-grpc-port", str(free_port()),
                 "--triton-http-port", str(free_port()), "--triton-metrics-port", str(free_port()), *args)

@@ -6,7 +6,6 @@ a CPU.
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import subprocess
@@ -18,7 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 from visiontune.client import is_serving
-from visiontune.dataset_upload import plan_upload, upload
+from visiontune.devstack.dataset_upload import plan_upload, upload
+from visiontune.devstack.launch import service_environment
 from visiontune.devstack.ports import free_port
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.devstack.sample_data import write_shapes_dataset
@@ -47,14 +47,7 @@ def start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path, *ar
     """`python -m trainer_service` (plus `args`) on a free port against `store`'s bucket; waits until it serves."""
     port = free_port()
     settings = s3.settings(store.bucket)
-    env = {
-        **os.environ,
-        "VISIONTUNE_S3_ENDPOINT": settings.endpoint,
-        "VISIONTUNE_S3_ACCESS_KEY": settings.access_key,
-        "VISIONTUNE_S3_SECRET_KEY": settings.secret_key,
-        "VISIONTUNE_S3_BUCKET": settings.bucket,
-        "VISIONTUNE_DATA_DIR": str(data_dir),
-    }
+    env = service_environment(settings, data_dir)
     log = open(data_dir.parent / f"trainer-{port}.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen([sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text",
                              *args], env=env, stdout=log, stderr=subprocess.STDOUT)

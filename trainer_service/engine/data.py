@@ -35,7 +35,7 @@ from typing import Any, Final, NamedTuple, Protocol
 import numpy as np
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
-from visiontune.dataset_upload import IMAGE_SUFFIXES
+from visiontune.imagefolder import IMAGE_SUFFIXES
 from visiontune.preprocessing import (  # noqa: F401 (re-exported: the trainer's decoding is the shared one)
     MAX_IMAGE_PIXELS,
     PREPROCESSING,

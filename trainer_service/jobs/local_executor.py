@@ -45,17 +45,8 @@ class _Running:
 
 
 def worker_environment(s3: S3Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env.update({
-        "VISIONTUNE_S3_ENDPOINT": s3.endpoint,
-        "VISIONTUNE_S3_ACCESS_KEY": s3.access_key,
-        "VISIONTUNE_S3_SECRET_KEY": s3.secret_key,
-        "VISIONTUNE_S3_BUCKET": s3.bucket,
-        "VISIONTUNE_S3_SECURE": "true" if s3.secure else "false",
-        "VISIONTUNE_S3_REGION": s3.region,
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
+    """`base` (this process's environment by default) plus the S3 settings the worker's flags default to."""
+    return {**(os.environ if base is None else base), **s3.to_env(), "PYTHONUNBUFFERED": "1"}
 
 
 def max_retries_of(record: JobRecord) -> int:

@@ -24,14 +24,7 @@ HOST = "127.0.0.1"
 
 def service_environment(s3: S3Settings, data_dir: Path) -> dict[str, str]:
     """This process's environment plus what points a service at `s3` and `data_dir`."""
-    return {
-        **os.environ,
-        "VISIONTUNE_S3_ENDPOINT": s3.endpoint,
-        "VISIONTUNE_S3_ACCESS_KEY": s3.access_key,
-        "VISIONTUNE_S3_SECRET_KEY": s3.secret_key,
-        "VISIONTUNE_S3_BUCKET": s3.bucket,
-        "VISIONTUNE_DATA_DIR": str(data_dir),
-    }
+    return {**os.environ, **s3.to_env(), "VISIONTUNE_DATA_DIR": str(data_dir)}
 
 
 @dataclass

@@ -182,10 +182,8 @@ class S3ServerProcess:
         return self._proc.returncode if self._proc is not None else None
 
     def settings(self, bucket: str) -> S3Settings:
-        return S3Settings(
-            endpoint=self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
-            bucket=bucket, secure=False, region="us-east-1",
-        )
+        """Settings for `bucket` on this server: plain http, the default region."""
+        return S3Settings(endpoint=self.endpoint, access_key=self.access_key, secret_key=self.secret_key, bucket=bucket)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -380,16 +378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True, help="where the server keeps its state")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9000, help="S3 port (default: 9000)")
-    parser.add_argument("--access-key", default=os.environ.get("VISIONTUNE_S3_ACCESS_KEY"),
-                        help="[VISIONTUNE_S3_ACCESS_KEY]")
-    parser.add_argument("--secret-key", default=os.environ.get("VISIONTUNE_S3_SECRET_KEY"),
-                        help="[VISIONTUNE_S3_SECRET_KEY]")
+    env = S3Settings.from_env()
+    access_var, secret_var = S3Settings.env_name("access_key"), S3Settings.env_name("secret_key")
+    parser.add_argument("--access-key", default=env.access_key, help=f"[{access_var}]")
+    parser.add_argument("--secret-key", default=env.secret_key, help=f"[{secret_var}]")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="server output (default: DATA_DIR/s3server.log)")
     parser.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
     if not args.access_key or not args.secret_key:
-        parser.error("--access-key and --secret-key are required (or VISIONTUNE_S3_ACCESS_KEY/_SECRET_KEY)")
+        parser.error(f"--access-key and --secret-key are required (or {access_var} and {secret_var})")
 
     stop_requested = threading.Event()
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from visiontune.client import is_serving
+from visiontune.devstack.launch import service_environment
 from visiontune.devstack.ports import free_port, port_is_free
 from visiontune.settings import S3Settings
 from visiontune.store import ArtifactStore, StoreError
@@ -212,15 +213,7 @@ def up(
 
         _wait_until(s3_ready, s3_comp, s3_proc, timeout)
 
-        service_env = {
-            **env,
-            "VISIONTUNE_S3_ENDPOINT": s3.endpoint,
-            "VISIONTUNE_S3_ACCESS_KEY": s3.access_key,
-            "VISIONTUNE_S3_SECRET_KEY": s3.secret_key,
-            "VISIONTUNE_S3_BUCKET": s3.bucket,
-            "VISIONTUNE_DATA_DIR": str(data_dir),
-            "VISIONTUNE_HOST": HOST,
-        }
+        service_env = {**service_environment(s3, data_dir), "PYTHONUNBUFFERED": "1", "VISIONTUNE_HOST": HOST}
         inference_args = [
             "--metrics-port", str(ports["metrics"]), "--triton-grpc-port", str(ports["triton gRPC"]),
             "--triton-http-port", str(ports["triton HTTP"]), "--triton-metrics-port", str(ports["triton metrics"]),

@@ -1,4 +1,4 @@
-"""Upload a local ImageFolder tree (`DIR/{label}/{image}`) to an S3 prefix."""
+"""Upload a local ImageFolder tree (`DIR/{label}/{image}`) to an S3 prefix (`visiontune dataset push`, the tests)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from visiontune.imagefolder import label_of
 from visiontune.store import ArtifactStore
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True)
@@ -31,13 +30,14 @@ def plan_upload(root: Path, prefix: str) -> UploadPlan:
     labels: dict[str, int] = {}
     skipped: list[Path] = []
     for path in sorted(root.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
         rel = path.relative_to(root)
-        if len(rel.parts) != 2 or path.suffix.lower() not in IMAGE_SUFFIXES:
+        # Hidden files and folders (.DS_Store, .git/) are no part of the dataset: not even reported as skipped.
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        label = label_of(rel.parts)
+        if label is None:
             skipped.append(path)
             continue
-        label = rel.parts[0]
         labels[label] = labels.get(label, 0) + 1
         files.append((path, f"{prefix}{rel.as_posix()}"))
     if not files:

@@ -22,56 +22,68 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from visiontune.v1 import field_rules_pb2 as visiontune_dot_v1_dot_field__rules__pb2
 from visiontune.v1 import job_pb2 as visiontune_dot_v1_dot_job__pb2
 from visiontune.v1 import study_pb2 as visiontune_dot_v1_dot_study__pb2
 from visiontune.v1 import training_spec_pb2 as visiontune_dot_v1_dot_training__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$visiontune/v1/training_service.proto\x12\rvisiontune.v1\x1a\x17visiontune/v1/job.proto\x1a\x19visiontune/v1/study.proto\x1a!visiontune/v1/training_spec.proto\"n\n\x10\x43reateJobRequest\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.visiontune.v1.Job\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"p\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.visiontune.v1.JobState\x12\r\n\x05study\x18\x04 \x01(\t\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.visiontune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xaa\x02\n\x17\x46indLearningRateRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpec\x12\x1e\n\x11min_learning_rate\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11max_learning_rate\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tsmoothing\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x64ivergence_factor\x18\x06 \x01(\x01H\x04\x88\x01\x01\x42\x14\n\x12_min_learning_rateB\x14\n\x12_max_learning_rateB\x08\n\x06_stepsB\x0c\n\n_smoothingB\x14\n\x12_divergence_factor\"O\n\x11LearningRatePoint\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x15\n\rsmoothed_loss\x18\x03 \x01(\x01\"\x8d\x01\n\x18\x46indLearningRateResponse\x12\x30\n\x06points\x18\x01 \x03(\x0b\x32 .visiontune.v1.LearningRatePoint\x12\x1f\n\x17suggested_learning_rate\x18\x02 \x01(\x01\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x10\n\x08plot_uri\x18\x04 \x01(\t\"B\n\x14RecommendSpecRequest\x12\x13\n\x0b\x64\x61taset_uri\x18\x01 \x01(\t\x12\x15\n\rgpu_available\x18\x02 \x01(\x08\":\n\nSpecReason\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb0\x01\n\x15RecommendSpecResponse\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpec\x12*\n\x07reasons\x18\x02 \x03(\x0b\x32\x19.visiontune.v1.SpecReason\x12.\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x1d.visiontune.v1.DatasetSummary\x12\x10\n\x08warnings\x18\x04 \x03(\t\"v\n\x12\x43reateStudyRequest\x12#\n\x05study\x18\x01 \x01(\x0b\x32\x14.visiontune.v1.Study\x12\x10\n\x08study_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"\x1f\n\x0fGetStudyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"f\n\x12ListStudiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06states\x18\x03 \x03(\x0e\x32\x19.visiontune.v1.StudyState\"U\n\x13ListStudiesResponse\x12%\n\x07studies\x18\x01 \x03(\x0b\x32\x14.visiontune.v1.Study\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x43\x61ncelStudyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x11WatchStudyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"t\n\x13PromoteTrialRequest\x12\r\n\x05study\x18\x01 \x01(\t\x12\x19\n\x0ctrial_number\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x0f\n\r_trial_number2\xe3\x07\n\x0fTrainingService\x12@\n\tCreateJob\x12\x1f.visiontune.v1.CreateJobRequest\x1a\x12.visiontune.v1.Job\x12:\n\x06GetJob\x12\x1c.visiontune.v1.GetJobRequest\x1a\x12.visiontune.v1.Job\x12K\n\x08ListJobs\x12\x1e.visiontune.v1.ListJobsRequest\x1a\x1f.visiontune.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.visiontune.v1.CancelJobRequest\x1a\x12.visiontune.v1.Job\x12\x45\n\x08WatchJob\x12\x1e.visiontune.v1.WatchJobRequest\x1a\x17.visiontune.v1.JobEvent0\x01\x12\x63\n\x10\x46indLearningRate\x12&.visiontune.v1.FindLearningRateRequest\x1a\'.visiontune.v1.FindLearningRateResponse\x12Z\n\rRecommendSpec\x12#.visiontune.v1.RecommendSpecRequest\x1a$.visiontune.v1.RecommendSpecResponse\x12\x46\n\x0b\x43reateStudy\x12!.visiontune.v1.CreateStudyRequest\x1a\x14.visiontune.v1.Study\x12@\n\x08GetStudy\x12\x1e.visiontune.v1.GetStudyRequest\x1a\x14.visiontune.v1.Study\x12T\n\x0bListStudies\x12!.visiontune.v1.ListStudiesRequest\x1a\".visiontune.v1.ListStudiesResponse\x12\x46\n\x0b\x43\x61ncelStudy\x12!.visiontune.v1.CancelStudyRequest\x1a\x14.visiontune.v1.Study\x12K\n\nWatchStudy\x12 .visiontune.v1.WatchStudyRequest\x1a\x19.visiontune.v1.StudyEvent0\x01\x12\x46\n\x0cPromoteTrial\x12\".visiontune.v1.PromoteTrialRequest\x1a\x12.visiontune.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$visiontune/v1/training_service.proto\x12\rvisiontune.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fvisiontune/v1/field_rules.proto\x1a\x17visiontune/v1/job.proto\x1a\x19visiontune/v1/study.proto\x1a!visiontune/v1/training_spec.proto\"n\n\x10\x43reateJobRequest\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.visiontune.v1.Job\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"p\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.visiontune.v1.JobState\x12\r\n\x05study\x18\x04 \x01(\t\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.visiontune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xa9\x03\n\x17\x46indLearningRateRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpec\x12\x38\n\x11min_learning_rate\x18\x02 \x01(\x01\x42\x18\xe2\x41\x01\x01\xa2\xb8\x19\x10\n\x04\x31\x65-7\x12\x08(0, 100]H\x00\x88\x01\x01\x12\x36\n\x11max_learning_rate\x18\x03 \x01(\x01\x42\x16\xe2\x41\x01\x01\xa2\xb8\x19\x0e\n\x02\x31\x30\x12\x08(0, 100]H\x01\x88\x01\x01\x12.\n\x05steps\x18\x04 \x01(\x05\x42\x1a\xe2\x41\x01\x01\xa2\xb8\x19\x12\n\x03\x31\x30\x30\x12\x0b[10, 10000]H\x02\x88\x01\x01\x12.\n\tsmoothing\x18\x05 \x01(\x01\x42\x16\xe2\x41\x01\x01\xa2\xb8\x19\x0e\n\x04\x30.98\x12\x06[0, 1)H\x03\x88\x01\x01\x12\x37\n\x11\x64ivergence_factor\x18\x06 \x01(\x01\x42\x17\xe2\x41\x01\x01\xa2\xb8\x19\x0f\n\x01\x34\x12\n[1.5, 100]H\x04\x88\x01\x01\x42\x14\n\x12_min_learning_rateB\x14\n\x12_max_learning_rateB\x08\n\x06_stepsB\x0c\n\n_smoothingB\x14\n\x12_divergence_factor\"O\n\x11LearningRatePoint\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x15\n\rsmoothed_loss\x18\x03 \x01(\x01\"\x8d\x01\n\x18\x46indLearningRateResponse\x12\x30\n\x06points\x18\x01 \x03(\x0b\x32 .visiontune.v1.LearningRatePoint\x12\x1f\n\x17suggested_learning_rate\x18\x02 \x01(\x01\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x10\n\x08plot_uri\x18\x04 \x01(\t\"B\n\x14RecommendSpecRequest\x12\x13\n\x0b\x64\x61taset_uri\x18\x01 \x01(\t\x12\x15\n\rgpu_available\x18\x02 \x01(\x08\":\n\nSpecReason\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb0\x01\n\x15RecommendSpecResponse\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpec\x12*\n\x07reasons\x18\x02 \x03(\x0b\x32\x19.visiontune.v1.SpecReason\x12.\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x1d.visiontune.v1.DatasetSummary\x12\x10\n\x08warnings\x18\x04 \x03(\t\"v\n\x12\x43reateStudyRequest\x12#\n\x05study\x18\x01 \x01(\x0b\x32\x14.visiontune.v1.Study\x12\x10\n\x08study_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"\x1f\n\x0fGetStudyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"f\n\x12ListStudiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06states\x18\x03 \x03(\x0e\x32\x19.visiontune.v1.StudyState\"U\n\x13ListStudiesResponse\x12%\n\x07studies\x18\x01 \x03(\x0b\x32\x14.visiontune.v1.Study\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x43\x61ncelStudyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x11WatchStudyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"t\n\x13PromoteTrialRequest\x12\r\n\x05study\x18\x01 \x01(\t\x12\x19\n\x0ctrial_number\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x0f\n\r_trial_number2\xe3\x07\n\x0fTrainingService\x12@\n\tCreateJob\x12\x1f.visiontune.v1.CreateJobRequest\x1a\x12.visiontune.v1.Job\x12:\n\x06GetJob\x12\x1c.visiontune.v1.GetJobRequest\x1a\x12.visiontune.v1.Job\x12K\n\x08ListJobs\x12\x1e.visiontune.v1.ListJobsRequest\x1a\x1f.visiontune.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.visiontune.v1.CancelJobRequest\x1a\x12.visiontune.v1.Job\x12\x45\n\x08WatchJob\x12\x1e.visiontune.v1.WatchJobRequest\x1a\x17.visiontune.v1.JobEvent0\x01\x12\x63\n\x10\x46indLearningRate\x12&.visiontune.v1.FindLearningRateRequest\x1a\'.visiontune.v1.FindLearningRateResponse\x12Z\n\rRecommendSpec\x12#.visiontune.v1.RecommendSpecRequest\x1a$.visiontune.v1.RecommendSpecResponse\x12\x46\n\x0b\x43reateStudy\x12!.visiontune.v1.CreateStudyRequest\x1a\x14.visiontune.v1.Study\x12@\n\x08GetStudy\x12\x1e.visiontune.v1.GetStudyRequest\x1a\x14.visiontune.v1.Study\x12T\n\x0bListStudies\x12!.visiontune.v1.ListStudiesRequest\x1a\".visiontune.v1.ListStudiesResponse\x12\x46\n\x0b\x43\x61ncelStudy\x12!.visiontune.v1.CancelStudyRequest\x1a\x14.visiontune.v1.Study\x12K\n\nWatchStudy\x12 .visiontune.v1.WatchStudyRequest\x1a\x19.visiontune.v1.StudyEvent0\x01\x12\x46\n\x0cPromoteTrial\x12\".visiontune.v1.PromoteTrialRequest\x1a\x12.visiontune.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'visiontune.v1.training_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEJOBREQUEST']._serialized_start=142
-  _globals['_CREATEJOBREQUEST']._serialized_end=252
-  _globals['_GETJOBREQUEST']._serialized_start=254
-  _globals['_GETJOBREQUEST']._serialized_end=283
-  _globals['_LISTJOBSREQUEST']._serialized_start=285
-  _globals['_LISTJOBSREQUEST']._serialized_end=397
-  _globals['_LISTJOBSRESPONSE']._serialized_start=399
-  _globals['_LISTJOBSRESPONSE']._serialized_end=476
-  _globals['_CANCELJOBREQUEST']._serialized_start=478
-  _globals['_CANCELJOBREQUEST']._serialized_end=510
-  _globals['_WATCHJOBREQUEST']._serialized_start=512
-  _globals['_WATCHJOBREQUEST']._serialized_end=567
-  _globals['_FINDLEARNINGRATEREQUEST']._serialized_start=570
-  _globals['_FINDLEARNINGRATEREQUEST']._serialized_end=868
-  _globals['_LEARNINGRATEPOINT']._serialized_start=870
-  _globals['_LEARNINGRATEPOINT']._serialized_end=949
-  _globals['_FINDLEARNINGRATERESPONSE']._serialized_start=952
-  _globals['_FINDLEARNINGRATERESPONSE']._serialized_end=1093
-  _globals['_RECOMMENDSPECREQUEST']._serialized_start=1095
-  _globals['_RECOMMENDSPECREQUEST']._serialized_end=1161
-  _globals['_SPECREASON']._serialized_start=1163
-  _globals['_SPECREASON']._serialized_end=1221
-  _globals['_RECOMMENDSPECRESPONSE']._serialized_start=1224
-  _globals['_RECOMMENDSPECRESPONSE']._serialized_end=1400
-  _globals['_CREATESTUDYREQUEST']._serialized_start=1402
-  _globals['_CREATESTUDYREQUEST']._serialized_end=1520
-  _globals['_GETSTUDYREQUEST']._serialized_start=1522
-  _globals['_GETSTUDYREQUEST']._serialized_end=1553
-  _globals['_LISTSTUDIESREQUEST']._serialized_start=1555
-  _globals['_LISTSTUDIESREQUEST']._serialized_end=1657
-  _globals['_LISTSTUDIESRESPONSE']._serialized_start=1659
-  _globals['_LISTSTUDIESRESPONSE']._serialized_end=1744
-  _globals['_CANCELSTUDYREQUEST']._serialized_start=1746
-  _globals['_CANCELSTUDYREQUEST']._serialized_end=1780
-  _globals['_WATCHSTUDYREQUEST']._serialized_start=1782
-  _globals['_WATCHSTUDYREQUEST']._serialized_end=1839
-  _globals['_PROMOTETRIALREQUEST']._serialized_start=1841
-  _globals['_PROMOTETRIALREQUEST']._serialized_end=1957
-  _globals['_TRAININGSERVICE']._serialized_start=1960
-  _globals['_TRAININGSERVICE']._serialized_end=2955
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['min_learning_rate']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['min_learning_rate']._serialized_options = b'\342A\001\001\242\270\031\020\n\0041e-7\022\010(0, 100]'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['max_learning_rate']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['max_learning_rate']._serialized_options = b'\342A\001\001\242\270\031\016\n\00210\022\010(0, 100]'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['steps']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['steps']._serialized_options = b'\342A\001\001\242\270\031\022\n\003100\022\013[10, 10000]'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['smoothing']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['smoothing']._serialized_options = b'\342A\001\001\242\270\031\016\n\0040.98\022\006[0, 1)'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['divergence_factor']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['divergence_factor']._serialized_options = b'\342A\001\001\242\270\031\017\n\0014\022\n[1.5, 100]'
+  _globals['_CREATEJOBREQUEST']._serialized_start=208
+  _globals['_CREATEJOBREQUEST']._serialized_end=318
+  _globals['_GETJOBREQUEST']._serialized_start=320
+  _globals['_GETJOBREQUEST']._serialized_end=349
+  _globals['_LISTJOBSREQUEST']._serialized_start=351
+  _globals['_LISTJOBSREQUEST']._serialized_end=463
+  _globals['_LISTJOBSRESPONSE']._serialized_start=465
+  _globals['_LISTJOBSRESPONSE']._serialized_end=542
+  _globals['_CANCELJOBREQUEST']._serialized_start=544
+  _globals['_CANCELJOBREQUEST']._serialized_end=576
+  _globals['_WATCHJOBREQUEST']._serialized_start=578
+  _globals['_WATCHJOBREQUEST']._serialized_end=633
+  _globals['_FINDLEARNINGRATEREQUEST']._serialized_start=636
+  _globals['_FINDLEARNINGRATEREQUEST']._serialized_end=1061
+  _globals['_LEARNINGRATEPOINT']._serialized_start=1063
+  _globals['_LEARNINGRATEPOINT']._serialized_end=1142
+  _globals['_FINDLEARNINGRATERESPONSE']._serialized_start=1145
+  _globals['_FINDLEARNINGRATERESPONSE']._serialized_end=1286
+  _globals['_RECOMMENDSPECREQUEST']._serialized_start=1288
+  _globals['_RECOMMENDSPECREQUEST']._serialized_end=1354
+  _globals['_SPECREASON']._serialized_start=1356
+  _globals['_SPECREASON']._serialized_end=1414
+  _globals['_RECOMMENDSPECRESPONSE']._serialized_start=1417
+  _globals['_RECOMMENDSPECRESPONSE']._serialized_end=1593
+  _globals['_CREATESTUDYREQUEST']._serialized_start=1595
+  _globals['_CREATESTUDYREQUEST']._serialized_end=1713
+  _globals['_GETSTUDYREQUEST']._serialized_start=1715
+  _globals['_GETSTUDYREQUEST']._serialized_end=1746
+  _globals['_LISTSTUDIESREQUEST']._serialized_start=1748
+  _globals['_LISTSTUDIESREQUEST']._serialized_end=1850
+  _globals['_LISTSTUDIESRESPONSE']._serialized_start=1852
+  _globals['_LISTSTUDIESRESPONSE']._serialized_end=1937
+  _globals['_CANCELSTUDYREQUEST']._serialized_start=1939
+  _globals['_CANCELSTUDYREQUEST']._serialized_end=1973
+  _globals['_WATCHSTUDYREQUEST']._serialized_start=1975
+  _globals['_WATCHSTUDYREQUEST']._serialized_end=2032
+  _globals['_PROMOTETRIALREQUEST']._serialized_start=2034
+  _globals['_PROMOTETRIALREQUEST']._serialized_end=2150
+  _globals['_TRAININGSERVICE']._serialized_start=2153
+  _globals['_TRAININGSERVICE']._serialized_end=3148
 # @@protoc_insertion_point(module_scope)

@@ -18,14 +18,16 @@ from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
 
 from trainer_service import resources
-from trainer_service.advice.lr_range_test import LrSweep, run_lr_finder
+from trainer_service.advice.lr_range_test import run_lr_finder
 from trainer_service.advice.recommend import recommend_for_dataset
 from trainer_service.engine.data import DatasetError, dataset_fingerprint
 from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.jobs import events
 from trainer_service.jobs.local_executor import JobExecutor
 from trainer_service.jobs.store import AlreadyExists, JobState, JobStore, NotFound
-from trainer_service.spec.validate import SpecInvalid, config_to_spec, validate_spec
+from trainer_service.spec.convert import config_to_spec
+from trainer_service.spec.lr_sweep import validate_lr_request
+from trainer_service.spec.validate import SpecInvalid, validate_spec
 from trainer_service.tuning.studies import Studies, StudyPreconditionFailed
 
 MAX_PAGE_SIZE = 1000
@@ -180,32 +182,10 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def FindLearningRate(
         self, request: training_service_pb2.FindLearningRateRequest, context: grpc.ServicerContext
     ) -> training_service_pb2.FindLearningRateResponse:
-        violations: list[FieldViolation] = []
-        sweep = LrSweep(
-            min_lr=request.min_learning_rate if request.HasField("min_learning_rate") else LrSweep.min_lr,
-            max_lr=request.max_learning_rate if request.HasField("max_learning_rate") else LrSweep.max_lr,
-            steps=request.steps if request.HasField("steps") else LrSweep.steps,
-            smoothing=request.smoothing if request.HasField("smoothing") else LrSweep.smoothing,
-            divergence_factor=(request.divergence_factor if request.HasField("divergence_factor")
-                               else LrSweep.divergence_factor),
-        )
-        if not (0 < sweep.min_lr < sweep.max_lr <= 100):
-            violations.append(FieldViolation(
-                "min_learning_rate", f"need 0 < min < max <= 100, got min {sweep.min_lr:g}, max {sweep.max_lr:g}"))
-        if not 10 <= sweep.steps <= 10000:
-            violations.append(FieldViolation("steps", f"must be in [10, 10000], got {sweep.steps}"))
-        if not 0 <= sweep.smoothing < 1:
-            violations.append(FieldViolation("smoothing", f"must be in [0, 1), got {sweep.smoothing:g}"))
-        if not 1.5 <= sweep.divergence_factor <= 100:
-            violations.append(FieldViolation(
-                "divergence_factor", f"must be in [1.5, 100], got {sweep.divergence_factor:g}"))
-        config = None
         try:
-            config = validate_spec(request.spec, default_bucket=self._default_bucket)
+            config, sweep = validate_lr_request(request, default_bucket=self._default_bucket)
         except SpecInvalid as err:
-            violations += [FieldViolation(f"spec.{v.field}", v.description) for v in err.violations]
-        if violations or config is None:
-            abort_with(context, invalid_argument(violations))
+            abort_with(context, invalid_argument(err.violations))
         try:
             outcome = run_lr_finder(config, sweep, self._store, self._cache_dir)
         except (DatasetError, StoreError, WeightsUnavailable) as err:

@@ -24,10 +24,11 @@ from typing import Any, cast
 
 import yaml
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, OneofDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from visiontune import float32
+from visiontune import float32, protoreflect
+from visiontune.protoreflect import short_name as enum_short_name
 from visiontune.v1 import study_pb2, training_spec_pb2
 
 __all__ = [
@@ -39,18 +40,13 @@ __all__ = [
     "load_study_file",
     "parse_spec",
     "parse_study_spec",
+    "spec_reference_yaml",
     "spec_to_dict",
 ]
 
-_INT_BOUNDS = {
-    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
-    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
-    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
-}
-_FLOATS = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
 _DURATION = "google.protobuf.Duration"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|m|s)")
+_LIST_FIELD = "a list field cannot be set with --set; write it in the file"
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
@@ -64,31 +60,12 @@ class SpecFileError(ValueError):
 # -- enums -----------------------------------------------------------------------------------------------------
 
 
-def _enum_prefix(enum: EnumDescriptor) -> str:
-    """`ARCHITECTURE_` for Architecture: the zero value's name without `UNSPECIFIED` (the API's convention)."""
-    zero = enum.values_by_number[0].name
-    return zero.removesuffix("UNSPECIFIED") if zero.endswith("_UNSPECIFIED") else ""
-
-
-def enum_short_name(enum: EnumDescriptor, number: int) -> str:
-    """`MOBILENET_V2` for ARCHITECTURE_MOBILENET_V2: how spec files write enum values."""
-    value = enum.values_by_number.get(number)
-    if value is None:
-        return str(number)  # an unknown number survives the round trip rather than being lost
-    return value.name.removeprefix(_enum_prefix(enum))
-
-
 def _enum_value(enum: EnumDescriptor, raw: object, path: str) -> str | int:
-    prefix = _enum_prefix(enum)
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        if raw in enum.values_by_number:
-            return raw
-    elif isinstance(raw, str):
-        name = raw.strip().upper().replace("-", "_")
-        for candidate in (name, prefix + name):
-            if candidate in enum.values_by_name:
-                return candidate
-    choices = [v.name.removeprefix(prefix) for v in enum.values if v.number != 0]
+    """`raw` as ParseDict takes it: a number as given, a name (short or full, any case) as the value's full name."""
+    number = protoreflect.enum_number(enum, raw)
+    if number is not None:
+        return number if isinstance(raw, int) else str(enum.values_by_number[number].name)
+    choices = [protoreflect.short_name(enum, v.number) for v in enum.values if v.number != 0]
     raise SpecFileError(f"{path}: unknown {enum.name} {raw!r}; expected one of {', '.join(choices)}")
 
 
@@ -108,9 +85,9 @@ def _message_type(field: FieldDescriptor) -> Descriptor:
 
 
 def _type_word(field: FieldDescriptor) -> str:
-    if field.cpp_type in _FLOATS:
+    if protoreflect.is_float(field):
         return "a number"
-    if field.cpp_type in _INT_BOUNDS:
+    if protoreflect.is_integer(field):
         return "an integer"
     return {FieldDescriptor.CPPTYPE_BOOL: "true or false", FieldDescriptor.CPPTYPE_STRING: "a string"}.get(
         field.cpp_type, field.full_name
@@ -131,7 +108,7 @@ def _scalar(field: FieldDescriptor, raw: object, path: str) -> Any:
         word = raw.strip().lower() if isinstance(raw, str) else None
         if word in _TRUE or word in _FALSE:
             return word in _TRUE
-    elif cpp in _INT_BOUNDS:
+    elif protoreflect.is_integer(field):
         value: int | None = None
         if isinstance(raw, int) and not isinstance(raw, bool):
             value = raw
@@ -141,11 +118,10 @@ def _scalar(field: FieldDescriptor, raw: object, path: str) -> Any:
             except ValueError:
                 value = None
         if value is not None:
-            lo, hi = _INT_BOUNDS[cpp]
-            if not lo <= value <= hi:
-                raise SpecFileError(f"{path}: {value} is out of range for {_type_name(field)}")
+            if not protoreflect.fits(field, value):
+                raise SpecFileError(f"{path}: {value} is out of range for {protoreflect.type_name(field)}")
             return value
-    elif cpp in _FLOATS:
+    elif protoreflect.is_float(field):
         number: float | None = None
         if isinstance(raw, int | float) and not isinstance(raw, bool):
             number = float(raw)
@@ -158,7 +134,7 @@ def _scalar(field: FieldDescriptor, raw: object, path: str) -> Any:
         if number is not None:
             if not math.isfinite(number):
                 raise SpecFileError(f"{path}: expected a finite number, got {raw!r}")
-            if cpp == FieldDescriptor.CPPTYPE_FLOAT and abs(number) > float32.MAX:
+            if not protoreflect.fits(field, number):
                 raise SpecFileError(f"{path}: {raw!r} is too large for a 32-bit float")
             return number
     hint = " (quote it to make it text)" if cpp == FieldDescriptor.CPPTYPE_STRING else ""
@@ -189,38 +165,23 @@ def _is_duration(field: FieldDescriptor) -> bool:
     return field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE and _message_type(field).full_name == _DURATION
 
 
-def _type_name(field: FieldDescriptor) -> str:
-    names = {
-        FieldDescriptor.CPPTYPE_INT32: "int32", FieldDescriptor.CPPTYPE_UINT32: "uint32",
-        FieldDescriptor.CPPTYPE_INT64: "int64", FieldDescriptor.CPPTYPE_UINT64: "uint64",
-    }
-    return names.get(field.cpp_type, "this field")
-
-
 # -- fields by name ------------------------------------------------------------------------------------------
-
-
-def _real_oneof(field: FieldDescriptor) -> OneofDescriptor | None:
-    """The declared oneof `field` is in; None for proto3 `optional` fields, which sit in a synthetic one."""
-    oneof = field.containing_oneof
-    if oneof is None or (len(oneof.fields) == 1 and oneof.name == f"_{field.name}"):
-        return None
-    return oneof
 
 
 def _field(descriptor: Descriptor, key: object, path: str) -> FieldDescriptor:
     """The field `key` names (snake_case or its JSON camelCase name), or one line naming the unknown key."""
+    field = protoreflect.find_field(descriptor, key, json_names=True) if isinstance(key, str) else None
+    if field is None:
+        raise _unknown_key(descriptor, key, path)
+    return field
+
+
+def _unknown_key(descriptor: Descriptor, key: object, path: str) -> SpecFileError:
     where = f"{path}.{key}" if path else str(key)
-    if isinstance(key, str):
-        field = descriptor.fields_by_name.get(key)
-        if field is None:
-            field = next((f for f in descriptor.fields if f.json_name == key), None)
-        if field is not None:
-            return field
     names = [f.name for f in descriptor.fields]
     close = difflib.get_close_matches(str(key), names, n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"{descriptor.name} has {', '.join(names)}"
-    raise SpecFileError(f"unknown key {where!r} ({hint})")
+    return SpecFileError(f"unknown key {where!r} ({hint})")
 
 
 def _message_tree(raw: object, descriptor: Descriptor, path: str) -> Tree:
@@ -239,7 +200,7 @@ def _message_tree(raw: object, descriptor: Descriptor, path: str) -> Tree:
         tree[field.name] = _field_value(field, value, where)
     oneofs: dict[str, list[str]] = {}
     for name in tree:
-        oneof = _real_oneof(descriptor.fields_by_name[name])
+        oneof = protoreflect.real_oneof(descriptor.fields_by_name[name])
         if oneof is not None:
             oneofs.setdefault(oneof.name, []).append(name)
     for members in oneofs.values():
@@ -279,31 +240,28 @@ def apply_override(tree: Tree, assignment: str,
     path = path.strip()
     if not sep or not path:
         raise SpecFileError(f"--set expects PATH=VALUE (e.g. classifier.learning_rate=0.001), got {assignment!r}")
-    parts = path.split(".")
+    try:
+        fields = protoreflect.field_path(descriptor, path, json_names=True)
+    except protoreflect.FieldNotFound as err:
+        raise SpecFileError(f"--set {assignment}: {_unknown_key(err.message, err.name, err.parent)}") from err
+    except protoreflect.NotAMessage as err:
+        if err.field.is_repeated:
+            raise SpecFileError(f"--set {err.where}: {_LIST_FIELD}") from err
+        raise SpecFileError(f"--set {err.where}: is a value, not a group; it has no field {err.name!r}") from err
+    *parents, field = fields
     node = tree
-    where = ""
-    for i, part in enumerate(parts):
-        try:
-            field = _field(descriptor, part, where)
-        except SpecFileError as err:
-            raise SpecFileError(f"--set {assignment}: {err}") from err
-        where = f"{where}.{field.name}" if where else field.name
-        last = i == len(parts) - 1
-        if field.is_repeated:
-            raise SpecFileError(f"--set {where}: a list field cannot be set with --set; write it in the file")
-        if _is_duration(field) and last:
-            node[field.name] = _duration(text, f"--set {where}")
-            return
-        if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
-            if last:
-                example = _message_type(field).fields[0].name
-                raise SpecFileError(f"--set {where}: is a group of fields; set one of them, e.g. {where}.{example}=…")
-            child = node.setdefault(field.name, {})
-            node, descriptor = child, _message_type(field)
-            continue
-        if not last:
-            raise SpecFileError(f"--set {where}: is a value, not a group; it has no field {parts[i + 1]!r}")
-        oneof = _real_oneof(field)
+    for parent in parents:
+        node = node.setdefault(parent.name, {})
+    where = ".".join(f.name for f in fields)
+    if field.is_repeated:
+        raise SpecFileError(f"--set {where}: {_LIST_FIELD}")
+    if _is_duration(field):
+        node[field.name] = _duration(text, f"--set {where}")
+    elif field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
+        example = _message_type(field).fields[0].name
+        raise SpecFileError(f"--set {where}: is a group of fields; set one of them, e.g. {where}.{example}=…")
+    else:
+        oneof = protoreflect.real_oneof(field)
         if oneof is not None:
             for sibling in oneof.fields:
                 node.pop(sibling.name, None)
@@ -363,16 +321,10 @@ def load_spec_file(path: Path, overrides: Sequence[str] = ()) -> training_spec_p
 
 def _training_field(path: str) -> FieldDescriptor | None:
     """The TrainingSpec field at dotted `path`, or None (the trainer says what is wrong with the path)."""
-    descriptor: Descriptor | None = training_spec_pb2.TrainingSpec.DESCRIPTOR
-    field: FieldDescriptor | None = None
-    for name in path.split("."):
-        if descriptor is None:
-            return None
-        field = descriptor.fields_by_name.get(name)
-        if field is None:
-            return None
-        descriptor = field.message_type
-    return field
+    try:
+        return protoreflect.field_path(training_spec_pb2.TrainingSpec.DESCRIPTOR, path)[-1]
+    except (protoreflect.FieldNotFound, protoreflect.NotAMessage):
+        return None
 
 
 def _categorical_value(field: FieldDescriptor | None, value: object) -> object:
@@ -518,3 +470,46 @@ def dump_spec_yaml(spec: training_spec_pb2.TrainingSpec, header: str = "") -> st
     body = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, default_flow_style=False, allow_unicode=True)
     comments = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     return comments + body
+
+
+# -- the reference -------------------------------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)\.\s")
+
+
+def spec_reference_yaml() -> str:
+    """The TrainingSpec reference as commented YAML (for `visiontune spec defaults`): every field at its default,
+    with its range and a one-line description; docs/spec.md has the full text.
+
+    `parse_spec` reads it back to a spec that validates like an empty one once `dataset.uri` is set: a required
+    field is written without a value, and a oneof's members and a field whose default depends on other fields
+    (the fine-tuning LR, a schedule's peak LR) are commented out.
+    """
+    lines = [
+        "# The TrainingSpec reference: every field at its default, with its range (docs/spec.md).",
+        "# An unset field takes its default: keep only the fields you change.",
+    ]
+    for doc in protoreflect.spec_reference(training_spec_pb2.TrainingSpec.DESCRIPTOR):
+        indent = "  " * doc.depth
+        text = " ".join(doc.description.split())
+        computed = doc.default is None and doc.field.message_type is None  # the whole comment says why
+        summary = text if computed else _SENTENCE_END.split(text, maxsplit=1)[0]
+        if summary:
+            lines.append(f"{indent}# {summary.rstrip('.')}.")
+        facts = ["required"] if "REQUIRED" in doc.behavior else []
+        if doc.rules.range is not None:
+            facts.append(f"range {doc.rules.range.notation()}")
+        note = f"  # {'; '.join(facts)}" if facts else ""
+        if doc.field.message_type is not None or "REQUIRED" in doc.behavior:
+            lines.append(f"{indent}{doc.field.name}:{note}")
+        elif doc.default is None:
+            lines.append(f"{indent}# {doc.field.name}:{note}")
+        else:
+            lines.append(f"{indent}{doc.field.name}: {_yaml_scalar(doc.field, doc.default)}{note}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(field: FieldDescriptor, value: Any) -> str:
+    if field.cpp_type == FieldDescriptor.CPPTYPE_ENUM:
+        return enum_short_name(_enum_type(field), value)
+    return yaml.safe_dump(value).removesuffix("\n").removesuffix("\n...")

@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from tests.integration.trainer_helpers import Trainer, tiny_spec, worker_pid
 from trainer_service.jobs import events
 from trainer_service.jobs.store import JobState, JobStore
-from trainer_service.spec.validate import config_to_spec, validate_spec
+from trainer_service.spec.convert import config_to_spec
+from trainer_service.spec.validate import validate_spec
 from trainer_service.tuning.optuna_setup import create_study, open_storage
 from trainer_service.tuning.study_config import validate_study
 from visiontune import names

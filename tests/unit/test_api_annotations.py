@@ -29,21 +29,18 @@ from visiontune.v1 import (
     study_pb2,
     training_service_pb2,
     training_service_pb2_grpc,
+    training_spec_pb2,
 )
 
 FB = field_behavior_pb2.FieldBehavior
 REQUIRED, OPTIONAL, OUTPUT_ONLY = FB.REQUIRED, FB.OPTIONAL, FB.OUTPUT_ONLY
 IMMUTABLE, IDENTIFIER = FB.IMMUTABLE, FB.IDENTIFIER
 
-# The files annotated here; training_spec.proto carries the spec rules' own field options.
+# Every file of the API: training_spec.proto's fields also carry the spec rules (field_rules.proto).
 FILES: list[FileDescriptor] = [
-    m.DESCRIPTOR for m in (job_pb2, study_pb2, training_service_pb2, inference_service_pb2, manifest_pb2)
+    m.DESCRIPTOR
+    for m in (job_pb2, study_pb2, training_service_pb2, inference_service_pb2, manifest_pb2, training_spec_pb2)
 ]
-# The LR sweep's bounds carry the spec rules' own field options, as training_spec.proto's fields do.
-NOT_ANNOTATED_HERE = {
-    f"visiontune.v1.FindLearningRateRequest.{f}"
-    for f in ("min_learning_rate", "max_learning_rate", "steps", "smoothing", "divergence_factor")
-}
 # Fields that name one of several resource types (`*`, AIP-122) and the types they accept.
 MULTI_TYPE_REFERENCES = {
     "visiontune.v1.ClassifyRequest.model": {"visiontune.io/Model", "visiontune.io/ModelVersion"},
@@ -108,8 +105,7 @@ def _resources() -> dict[str, tuple[resource_pb2.ResourceDescriptor, Descriptor 
 
 def test_every_field_says_its_behavior() -> None:
     fields = {f.full_name: f for f in _fields()}
-    assert fields.keys() >= NOT_ANNOTATED_HERE, "the exemption names fields that do not exist"
-    missing = sorted(name for name, f in fields.items() if name not in NOT_ANNOTATED_HERE and not _behaviors(f))
+    missing = sorted(name for name, f in fields.items() if not _behaviors(f))
     assert not missing, f"fields without google.api.field_behavior: {missing}"
 
 
@@ -138,8 +134,7 @@ def test_response_messages_are_output_only_and_request_messages_are_input() -> N
                     for f in method.output_type.fields:
                         assert _behaviors(f) == [OUTPUT_ONLY], f.full_name
                 for f in method.input_type.fields:
-                    if f.full_name not in NOT_ANNOTATED_HERE:
-                        assert OUTPUT_ONLY not in _behaviors(f), f.full_name
+                    assert OUTPUT_ONLY not in _behaviors(f), f.full_name
 
 
 def test_the_servers_set_the_resource_fields_clients_do_not() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -136,3 +137,66 @@ def test_defaults_that_are_not_zero_are_optional_so_unset_is_detectable() -> Non
                        (spec.classifier, "learning_rate"), (spec.classifier, "batch_size"),
                        (spec.open_set, "target_true_positive_rate")):
         assert not msg.HasField(field)
+
+
+# -- docs/spec.md and the rules' single source (field_rules.proto) -------------------------------------------------
+
+_CLASSIFIER_EPOCHS = '{field: "epochs", rules: {default: "10"}}'
+
+
+def _with_classifier_epochs(tmp_path: Path, default: int) -> Path:
+    """A copy of protos/ whose classifier stage defaults to `default` epochs."""
+    shutil.copytree(ROOT / "protos", tmp_path / "protos")
+    spec = tmp_path / "protos" / "visiontune" / "v1" / "training_spec.proto"
+    text = spec.read_text()
+    assert _CLASSIFIER_EPOCHS in text
+    spec.write_text(text.replace(_CLASSIFIER_EPOCHS, _CLASSIFIER_EPOCHS.replace('"10"', f'"{default}"'), 1))
+    return tmp_path / "protos"
+
+
+def test_the_stale_check_covers_docs_spec_md(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "protos", tmp_path / "protos")
+    spec = tmp_path / "protos" / "visiontune" / "v1" / "training_spec.proto"
+    spec.write_text(spec.read_text().replace("// Images per mini-batch.", "// Images per batch.", 1))
+
+    result = _check(tmp_path / "protos", ROOT)
+
+    assert result.returncode == 1
+    assert "stale: docs/spec.md" in result.stdout
+    assert "stale: visiontune/v1/proto_comments.py" in result.stdout
+
+
+def test_the_committed_docs_list_every_spec_field() -> None:
+    docs = (ROOT / "docs" / "spec.md").read_text()
+    for path in _paths(training_spec_pb2.TrainingSpec.DESCRIPTOR):
+        assert f"| `{path}` |" in docs, path
+
+
+def test_a_default_changed_in_the_proto_reaches_the_validator_the_yaml_reference_and_the_docs(tmp_path: Path) -> None:
+    protos, out = _with_classifier_epochs(tmp_path, 12), tmp_path / "out"
+    generated = subprocess.run([sys.executable, str(GEN), "--proto-root", str(protos), "--out-root", str(out)],
+                               capture_output=True, text=True, check=False)
+    assert generated.returncode == 0, generated.stdout + generated.stderr
+    # This tree's code on the regenerated stubs: nothing but the proto changed.
+    probe = (
+        "import visiontune.v1\n"
+        f"visiontune.v1.__path__.insert(0, {str(out / 'visiontune' / 'v1')!r})\n"
+        "from trainer_service.spec.config import StageConfig\n"
+        "from trainer_service.spec.validate import validate_spec\n"
+        "from visiontune.specfile import spec_reference_yaml\n"
+        "from visiontune.v1 import training_spec_pb2 as pb\n"
+        "config = validate_spec(pb.TrainingSpec(dataset=pb.DatasetSpec(uri='datasets/x')))\n"
+        "print(config.classifier.epochs, StageConfig().epochs, config.fine_tuning.stage.epochs)\n"
+        "print(spec_reference_yaml())\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert ran.returncode == 0, ran.stderr
+    resolved, reference = ran.stdout.split("\n", 1)
+    assert resolved == "12 12 5"
+    classifier = reference[reference.index("\nclassifier:"):reference.index("\nfine_tuning:")]
+    assert "\n  epochs: 12  # range [1, 1000]\n" in classifier
+    docs = (out / "docs" / "spec.md").read_text()
+    assert "| `classifier.epochs` | optional int32 | `12` | `[1, 1000]` |" in docs
+    assert "| `fine_tuning.stage.epochs` | optional int32 | `5` | `[1, 5]` |" in docs
+    assert "stale: docs/spec.md" in _check(protos, ROOT).stdout

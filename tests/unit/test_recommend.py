@@ -1,4 +1,5 @@
-"""RecommendSpec's rules (docs/architecture.md §4): each rule at its thresholds, monotonicity in dataset size, reasons, validity."""
+"""RecommendSpec's rules (docs/architecture.md §4): each rule at its thresholds, monotonicity in dataset size, reasons,
+validity."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from trainer_service.spec.config import (
     TrainingConfig,
     WeightsSource,
 )
-from trainer_service.spec.validate import config_to_spec, validate_spec
+from trainer_service.spec.convert import config_to_spec
+from trainer_service.spec.validate import validate_spec
 
 URI = "s3://data/datasets/Flowers_2024/"
 

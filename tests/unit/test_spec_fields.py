@@ -64,7 +64,8 @@ from trainer_service.spec.config import (
     StageConfig,
     TrainingConfig,
 )
-from trainer_service.spec.validate import SpecInvalid, config_to_spec, validate_spec
+from trainer_service.spec.convert import config_to_spec
+from trainer_service.spec.validate import SpecInvalid, validate_spec
 from visiontune.names import ModelVersionName
 from visiontune.v1 import training_spec_pb2 as pb
 

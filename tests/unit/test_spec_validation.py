@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from trainer_service.jobs.local_executor import max_retries_of
+from trainer_service.jobs.store import JobStore
 from trainer_service.spec.config import (
     BLOCK_COUNTS,
+    FINE_TUNING_LR_DIVISOR,
     Activation,
     Architecture,
     AugmentationConfig,
@@ -35,7 +39,9 @@ from trainer_service.spec.config import (
     TrainingConfig,
     WeightsSource,
 )
-from trainer_service.spec.validate import SpecInvalid, config_to_spec, model_id_from_uri, validate_spec
+from trainer_service.spec.convert import config_to_spec, load_stored_spec
+from trainer_service.spec.validate import SpecInvalid, model_id_from_uri, validate_spec
+from visiontune import protoreflect
 from visiontune.errors import FieldViolation
 from visiontune.v1 import training_spec_pb2 as pb
 
@@ -651,3 +657,37 @@ def test_every_known_enum_value_maps_and_maps_back(path: str, number: int) -> No
 def test_automatic_precision_is_written_back_as_unspecified() -> None:
     assert config_to_spec(DEFAULT_CONFIG).run.precision == pb.PRECISION_UNSPECIFIED
     assert config_to_spec(DEFAULT_CONFIG).run.device == pb.DEVICE_AUTO
+
+
+# -- the stored spec, and the proto as the one source of defaults -------------------------------------------------
+
+
+def test_a_stored_spec_reads_back_to_its_config() -> None:
+    stored = load_stored_spec(json_format.MessageToJson(config_to_spec(NON_DEFAULT_CONFIG), indent=None))
+    assert stored.config == NON_DEFAULT_CONFIG
+    assert stored.spec == config_to_spec(NON_DEFAULT_CONFIG)
+
+
+def test_a_stored_spec_the_trainer_cannot_read_is_not_retried(tmp_path: Path) -> None:
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        bad, _ = jobs.create_job("bad", json_format.MessageToJson(pb.TrainingSpec(run=pb.RunSpec(max_retries=5))))
+        good, _ = jobs.create_job("good", json_format.MessageToJson(config_to_spec(NON_DEFAULT_CONFIG)))
+        assert max_retries_of(jobs.get_job(bad.job_id)) == 0  # no dataset.uri: its worker fails the same way
+        assert max_retries_of(jobs.get_job(good.job_id)) == NON_DEFAULT_CONFIG.run.max_retries
+    with pytest.raises(SpecInvalid):
+        load_stored_spec(json_format.MessageToJson(pb.TrainingSpec()))
+
+
+def test_a_required_field_left_empty_is_the_only_violation_of_an_empty_spec() -> None:
+    required = [f"dataset.{f.name}" for f in pb.DatasetSpec.DESCRIPTOR.fields
+                if protoreflect.field_behavior(f) == ("REQUIRED",)]
+    assert [v.field for v in _violations(pb.TrainingSpec())] == required == ["dataset.uri"]
+
+
+def test_the_config_defaults_are_the_proto_s_field_rules() -> None:
+    spec = pb.TrainingSpec.DESCRIPTOR
+    assert StageConfig().epochs == protoreflect.field_default(spec, "classifier.epochs")
+    assert FineTuningConfig().stage.epochs == protoreflect.field_default(spec, "fine_tuning.stage.epochs")
+    assert ModelConfig().classifier_dim == protoreflect.field_default(spec, "model.classifier_dim")
+    assert FineTuningConfig().stage.learning_rate == pytest.approx(StageConfig().learning_rate / FINE_TUNING_LR_DIVISOR)
+    assert DEFAULT_CONFIG.classifier == StageConfig()

@@ -3,11 +3,14 @@ name the key, the YAML the CLI writes, and the shipped examples/ passing the tra
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
-from trainer_service.spec.validate import config_to_spec, validate_spec
-from visiontune.specfile import SpecFileError, dump_spec_yaml, load_spec_file, parse_spec
+from trainer_service.spec.convert import config_to_spec
+from trainer_service.spec.validate import validate_spec
+from visiontune import protoreflect
+from visiontune.specfile import SpecFileError, dump_spec_yaml, load_spec_file, parse_spec, spec_reference_yaml
 from visiontune.v1 import training_spec_pb2 as pb
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -186,3 +189,35 @@ def test_every_example_passes_the_trainers_validation(path: Path) -> None:
 
 def test_the_examples_are_there() -> None:
     assert {p.name for p in EXAMPLES.iterdir()} >= {"shapes-quick.yaml", "flowers-full.yaml", "shapes-study.yaml"}
+
+
+# -- the reference ---------------------------------------------------------------------------------------------
+
+
+def _yaml_keys(text: str) -> list[str]:
+    """Every key path the reference writes, commented out or not, from its indentation."""
+    paths: list[str] = []
+    stack: list[str] = []
+    for line in text.splitlines():
+        body = line.lstrip(" ")
+        depth = (len(line) - len(body)) // 2
+        key = re.match(r"(?:# )?([a-z0-9_]+):(?: [^#]+)?(?:  # .*)?$", body)
+        if key is None:
+            continue  # a description line
+        stack[depth:] = [key[1]]
+        paths.append(".".join(stack))
+    return paths
+
+
+def test_the_reference_writes_every_field_with_its_default_and_range() -> None:
+    text = spec_reference_yaml()
+    assert _yaml_keys(text) == [d.path for d in protoreflect.spec_reference(pb.TrainingSpec.DESCRIPTOR)]
+    assert "\n  classifier_dim: 256  # range [8, 8192]\n" in text
+    assert "\n  uri:  # required\n" in text
+    assert "\n    # learning_rate:  # range (0, 10]\n" in text  # the fine-tuning LR: its default is derived
+    assert "\n  architecture: MOBILENET_V2\n" in text
+
+
+def test_the_reference_reads_back_to_the_defaults() -> None:
+    spec = parse_spec(spec_reference_yaml(), source="reference", overrides=["dataset.uri=datasets/x"])
+    assert validate_spec(spec) == validate_spec(pb.TrainingSpec(dataset=pb.DatasetSpec(uri="datasets/x")))

@@ -20,15 +20,7 @@ from trainer_service.engine.lr_finder import LrFinderResult, find_learning_rate
 from trainer_service.engine.models import build_classifier, load_base_weights
 from trainer_service.engine.plots import lr_finder_png
 from trainer_service.spec.config import ClassBalancing, TrainingConfig
-
-
-@dataclass(frozen=True)
-class LrSweep:
-    min_lr: float = 1e-7
-    max_lr: float = 10.0
-    steps: int = 100
-    smoothing: float = 0.98
-    divergence_factor: float = 4.0
+from trainer_service.spec.lr_sweep import LrSweep
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """RecommendSpec: a starting `TrainingConfig` for a dataset, from its images per label, with a reason per choice.
 
-Every choice follows an explicit rule of docs/architecture.md §4 (or a rule of thumb stated in its reason), driven only by the
-label counts and whether a GPU is available; each rule is a small pure function below, with its thresholds as module
-constants. The config is valid as it stands: `validate_spec(config_to_spec(config)) == config`.
+Every choice follows an explicit rule of docs/architecture.md §4 (or a rule of thumb stated in its reason), driven
+only by the label counts and whether a GPU is available; each rule is a small pure function below, with its thresholds
+as module constants, and the spec's own defaults and limits read from training_spec.proto (docs/spec.md). The config is
+valid as it stands: `validate_spec(convert.config_to_spec(config)) == config`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from visiontune import protoreflect
 from visiontune.store import ArtifactStore
+from visiontune.v1 import training_spec_pb2
 
 from trainer_service.engine import data as datasets
 from trainer_service.engine.data import label_warnings
 from trainer_service.spec.config import (
     BLOCK_COUNTS,
+    FINE_TUNING_LR_DIVISOR,
+    SHORT_FINE_TUNING_EPOCHS,
     Architecture,
     AugmentationConfig,
     ClassBalancing,
@@ -29,6 +34,7 @@ from trainer_service.spec.config import (
     StageConfig,
     TrainingConfig,
     WeightsSource,
+    fine_tuning_default_lr,
 )
 from trainer_service.spec.validate import model_id_from_uri
 
@@ -46,19 +52,20 @@ BATCH_SMALL, BATCH_MEDIUM, BATCH_LARGE_CPU, BATCH_LARGE_GPU = 16, 32, 64, 128
 # MIN_TRAIN_PER_LABEL to train on, never below the default 20 % (10 % from LARGE_LABEL images on), at most 50 %.
 # A smallest label too small for both gets TINY_LABEL_SPLIT.
 TINY_LABEL_SPLIT = 0.3
-DEFAULT_SPLIT = 0.2
+DEFAULT_SPLIT = DatasetConfig.validation_split
 LARGE_LABEL = 1000
 LARGE_LABEL_SPLIT = 0.1
-MAX_SPLIT = 0.5
+_SPLIT_RANGE = protoreflect.field_rules(training_spec_pb2.TrainingSpec.DESCRIPTOR, "dataset.validation_split").range
+assert _SPLIT_RANGE is not None  # declared in training_spec.proto
+MAX_SPLIT = _SPLIT_RANGE.hi
 
 # Fine-tuning only with enough data to move the base without overfitting it: both thresholds must hold.
 FINE_TUNE_MIN_TOTAL = 1000
 FINE_TUNE_MIN_MEAN_PER_LABEL = 100
-FINE_TUNE_EPOCHS = 5  # docs/architecture.md §4: <= 5 without allow_long_fine_tuning
-FINE_TUNE_LR_DIVISOR = 10  # docs/architecture.md §4: fine-tuning LR <= stage-1 LR / 10
+FINE_TUNE_EPOCHS = SHORT_FINE_TUNING_EPOCHS  # the most fine-tuning takes without allow_long_fine_tuning
 UNFREEZE_ALL_FROM = 10000  # below this, only the last third of the base's blocks
 FINE_TUNE_PATIENCE = 2
-CLASSIFIER_PATIENCE = 3  # EarlyStoppingConfig's default; early stopping itself is switched on in both stages
+CLASSIFIER_PATIENCE = EarlyStoppingConfig.patience  # the default; early stopping itself is switched on in both stages
 
 # Architecture: the smallest (MobileNetV2, whose ImageNet weights ship offline) unless a large dataset on a GPU.
 V3_LARGE_FROM = 10000
@@ -78,7 +85,7 @@ ZOOM_MIN_SCALE = 0.8
 
 # Stage-1 epochs by total images: small sets take few steps per epoch, and cached features make epochs cheap;
 # early stopping (restoring the best epoch) guards against the extra epochs overfitting.
-EPOCHS_SMALL, EPOCHS_MEDIUM, EPOCHS_LARGE = 30, 20, 10
+EPOCHS_SMALL, EPOCHS_MEDIUM, EPOCHS_LARGE = 30, 20, StageConfig.epochs  # large: the classifier stage's default
 
 # Image size: 224 (what the ImageNet weights were trained at) on GPU; on CPU smaller for speed, cost ~ pixels.
 GPU_IMAGE_SIZE = 224
@@ -209,11 +216,6 @@ def expected_split(counts: Mapping[str, int], fraction: float) -> tuple[dict[str
     return {label: n - val[label] for label, n in counts.items()}, val
 
 
-def fine_tuning_lr(classifier_lr: float) -> float:
-    # Shortest decimal: classifier LR / 10 as a float carries noise (0.00030000000000000003) that float32 drops.
-    return float(f"{classifier_lr / FINE_TUNE_LR_DIVISOR:.6g}")
-
-
 # -- assembling the config and the reasons --------------------------------------------------------------------------
 
 
@@ -327,7 +329,7 @@ def _classifier(shape: DatasetShape, train_images: int, gpu: bool, why: _Reasons
 
 
 def _fine_tuning(shape: DatasetShape, classifier: StageConfig, arch: Architecture, why: _Reasons) -> FineTuningConfig:
-    lr = fine_tuning_lr(classifier.learning_rate)
+    lr = fine_tuning_default_lr(classifier.learning_rate)  # also the most the limit allows
     default = FineTuningConfig()
     if not fine_tuning_wanted(shape.total, shape.mean):
         why.add("fine_tuning.enabled", False, f"{shape.total} images, {shape.mean:.0f} per label: too few to "
@@ -336,10 +338,10 @@ def _fine_tuning(shape: DatasetShape, classifier: StageConfig, arch: Architectur
         return replace(default, stage=replace(default.stage, learning_rate=lr))
     why.add("fine_tuning.enabled", True, f"{shape.total} images, {shape.mean:.0f} per label: enough to adapt the "
             "base's features after the head has trained")
-    why.add("fine_tuning.stage.learning_rate", lr, "classifier learning rate / 10 (docs/architecture.md §4): small steps keep "
-            "the pretrained features")
-    why.add("fine_tuning.stage.epochs", FINE_TUNE_EPOCHS, f"at most {FINE_TUNE_EPOCHS} (docs/architecture.md §4), with early "
-            "stopping")
+    why.add("fine_tuning.stage.learning_rate", lr, f"classifier learning rate / {FINE_TUNING_LR_DIVISOR} "
+            "(docs/architecture.md §4): small steps keep the pretrained features")
+    why.add("fine_tuning.stage.epochs", FINE_TUNE_EPOCHS, f"at most {FINE_TUNE_EPOCHS} (docs/architecture.md §4), with "
+            "early stopping")
     why.add("fine_tuning.stage.batch_size", classifier.batch_size, "same batch size as the classifier stage")
     why.add("fine_tuning.stage.early_stopping.enabled", True, "fine-tuning overfits quickly: keep its best epoch")
     why.add("fine_tuning.stage.early_stopping.patience", FINE_TUNE_PATIENCE, f"only {FINE_TUNE_EPOCHS} epochs: "

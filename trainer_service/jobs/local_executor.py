@@ -12,7 +12,6 @@ On start, jobs left RUNNING by a previous trainer process are queued again (thei
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -24,10 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from visiontune.settings import S3Settings
+from google.protobuf import json_format
+from visiontune.settings import DEFAULT_BUCKET, S3Settings
 
 from trainer_service.jobs import events
 from trainer_service.jobs.store import Conflict, JobRecord, JobState, JobStore
+from trainer_service.spec.convert import load_stored_spec
+from trainer_service.spec.validate import SpecInvalid
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,13 @@ def worker_environment(s3: S3Settings, base: Mapping[str, str] | None = None) ->
     return {**(os.environ if base is None else base), **s3.to_env(), "PYTHONUNBUFFERED": "1"}
 
 
-def max_retries_of(record: JobRecord) -> int:
-    run = json.loads(record.spec_json).get("run", {})
-    return int(run.get("maxRetries", 2))
+def max_retries_of(record: JobRecord, default_bucket: str = DEFAULT_BUCKET) -> int:
+    """RunSpec.max_retries of the job's stored spec, read as the worker reads it; 0 for a spec this trainer cannot
+    read, since its worker fails on that spec too and a retry would only fail again."""
+    try:
+        return load_stored_spec(record.spec_json, default_bucket=default_bucket).config.run.max_retries
+    except (json_format.ParseError, SpecInvalid):
+        return 0
 
 
 class JobExecutor:
@@ -193,7 +199,7 @@ class JobExecutor:
             return
         cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         tail = _log_tail(run.log_path)
-        retries = max_retries_of(record)
+        retries = max_retries_of(record, self._s3.bucket)
         if record.attempt <= retries:
             log.warning("worker died; job queued to resume", extra={"job": run.job_id, "cause": cause})
             self._jobs.update_state(run.job_id, JobState.QUEUED, expected={JobState.RUNNING})

@@ -5,25 +5,24 @@ from __future__ import annotations
 import platform
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Final
 
 import numpy as np
 import torch
 import torchvision
 from google.protobuf.duration_pb2 import Duration
+from visiontune import protoreflect
 from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
 
 from trainer_service.engine.evaluation import ClassificationReport, OpenSetReport
-from trainer_service.engine.loop import CLASSIFIER, EpochRecord
+from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
 from trainer_service.engine.recipe import TrainingResult
-from trainer_service.spec.config import OpenSetScore
+from trainer_service.spec.config import OPEN_SET_SCORES, OpenSetScore
 
 MANIFEST_SCHEMA_VERSION = 1
 
-STAGES = {CLASSIFIER: job_pb2.STAGE_CLASSIFIER, "fine_tuning": job_pb2.STAGE_FINE_TUNING}
-OPEN_SET_SCORES = {
-    OpenSetScore.MAX_SOFTMAX: training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX,
-    OpenSetScore.ENERGY: training_spec_pb2.OPEN_SET_SCORE_ENERGY,
-}
+# The engine's stage names are the short names of job.proto's Stage values: `fine_tuning` is STAGE_FINE_TUNING.
+STAGES: Final = {name: protoreflect.enum_value(job_pb2.Stage, name) for name in (CLASSIFIER, FINE_TUNING)}
 
 
 def duration(seconds: float) -> Duration:
@@ -44,7 +43,7 @@ def epoch_metrics(repeat: int, record: EpochRecord) -> job_pb2.EpochMetrics:
 
 def open_set_result(report: OpenSetReport, score: OpenSetScore) -> job_pb2.OpenSetResult:
     out = job_pb2.OpenSetResult(
-        score=OPEN_SET_SCORES[score], threshold=report.threshold,
+        score=OPEN_SET_SCORES.to_proto(score), threshold=report.threshold,
         target_true_positive_rate=report.target_tpr, true_positive_rate=report.validation_tpr,
     )
     if report.fpr_at_threshold is not None:

@@ -38,7 +38,7 @@ from visiontune import names
 from visiontune.logs import configure_logging
 from visiontune.settings import add_s3_arguments, s3_settings_from_args
 from visiontune.store import ArtifactStore, ObjectNotFound, StoreError, sha256_file
-from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
+from visiontune.v1 import job_pb2, manifest_pb2
 
 from trainer_service.engine import data as datasets
 from trainer_service.engine import plots
@@ -62,7 +62,7 @@ from trainer_service.jobs import events, results
 from trainer_service.jobs.local_executor import EXIT_CANCELLED, EXIT_PARENT_GONE
 from trainer_service.jobs.store import JobState, JobStore
 from trainer_service.spec.config import TrainingConfig
-from trainer_service.spec.validate import validate_spec
+from trainer_service.spec.convert import load_stored_spec
 
 if TYPE_CHECKING:
     from trainer_service.tuning.trial_reporter import TrialReporter
@@ -102,8 +102,9 @@ class JobWorker:
         self.job_id = job_id
         self.data_dir = data_dir
         self.record = jobs.get_job(job_id)
-        self.spec = json_format.Parse(self.record.spec_json, training_spec_pb2.TrainingSpec())
-        self.config: TrainingConfig = validate_spec(self.spec, default_bucket=store.bucket)
+        stored = load_stored_spec(self.record.spec_json, default_bucket=store.bucket)
+        self.spec = stored.spec
+        self.config: TrainingConfig = stored.config
         self._stop_requested = False
         self._parent = os.getppid()
         self._stage_started_at = 0.0

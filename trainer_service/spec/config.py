@@ -1,21 +1,20 @@
 """The typed configuration of a training job: what the engine runs on.
 
-`spec_validation.validate_spec` builds a `TrainingConfig` from a protobuf `TrainingSpec` at the edge,
-with every default resolved, so nothing below the servicer sees protobuf or an unset field. The config
-round-trips through JSON (`to_dict` / `from_dict`): that is how a job reaches its worker process, and how
-it is recorded in `jobs/{job}/spec.json` and in the model manifest.
+`validate.validate_spec` builds a `TrainingConfig` from a protobuf `TrainingSpec` at the edge, with every default
+resolved, so nothing below the servicer sees protobuf or an unset field; `convert.config_to_spec` is the way back.
+Every default here is read from training_spec.proto's `field_rules` options (docs/spec.md), so `StageConfig()` and
+a validated empty spec agree; the constants of the rules that relate two fields are below, each written once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
+from visiontune import float32, protoreflect
 from visiontune.openset import OpenSetScore as OpenSetScore  # re-exported: config names every spec enum
+from visiontune.v1 import training_spec_pb2 as pb
 
 
 class ClassBalancing(enum.StrEnum):
@@ -104,7 +103,48 @@ class DeviceKind(enum.StrEnum):
     CUDA = "cuda"  # the job fails when no GPU is present
 
 
-# -- the config tree (defaults = docs/architecture.md §4 and training_spec.proto) --------------------------------------
+# Each proto enum and its config enum, matched by short name (docs/architecture.md §4).
+CLASS_BALANCINGS: Final = protoreflect.EnumMap(pb.ClassBalancing, ClassBalancing)
+ARCHITECTURES: Final = protoreflect.EnumMap(pb.Architecture, Architecture)
+WEIGHTS_SOURCES: Final = protoreflect.EnumMap(pb.WeightsSource, WeightsSource)
+ACTIVATIONS: Final = protoreflect.EnumMap(pb.Activation, Activation)
+OPTIMIZER_TYPES: Final = protoreflect.EnumMap(pb.OptimizerType, OptimizerType)
+SCHEDULE_TYPES: Final = protoreflect.EnumMap(pb.ScheduleType, ScheduleType)
+METRICS: Final = protoreflect.EnumMap(pb.Metric, Metric)
+OPEN_SET_SCORES: Final = protoreflect.EnumMap(pb.OpenSetScore, OpenSetScore)
+PRECISIONS: Final = protoreflect.EnumMap(pb.Precision, Precision)
+DEVICES: Final = protoreflect.EnumMap(pb.Device, DeviceKind)
+
+E = TypeVar("E", bound=enum.Enum)
+_SPEC = pb.TrainingSpec.DESCRIPTOR
+
+
+def _default(path: str) -> Any:
+    """The default of the TrainingSpec field at `path`, from its field_rules option."""
+    return protoreflect.field_default(_SPEC, path)
+
+
+def enum_default(path: str, mapping: protoreflect.EnumMap[Any, E]) -> E:
+    """The config member an unset enum field at `path` resolves to (computed once, at import)."""
+    member = mapping.to_python(_default(path))
+    assert member is not None, f"{path}: its default has no {mapping.proto.name} member"  # a test guards this
+    return member
+
+
+# The rules that relate two fields (their wording is in training_spec.proto's comments):
+# the fine-tuning LR is at most the classifier LR / FINE_TUNING_LR_DIVISOR, which is also its default;
+FINE_TUNING_LR_DIVISOR: Final = 10
+# ONE_CYCLE and CYCLIC peak at PEAK_LR_FACTOR x the stage LR unless max_learning_rate is set;
+PEAK_LR_FACTOR: Final = 10
+# AdamW's weight decay defaults to this instead of the field's own default: decoupled decay is why one picks AdamW;
+ADAMW_DEFAULT_WEIGHT_DECAY: Final = 0.01
+# fine-tuning epochs above the fine-tuning stage's cap need FineTuningSpec.allow_long_fine_tuning.
+_FINE_TUNING_EPOCHS = protoreflect.field_rules(_SPEC, "fine_tuning.stage.epochs").range
+assert _FINE_TUNING_EPOCHS is not None  # declared in training_spec.proto; a test guards it
+SHORT_FINE_TUNING_EPOCHS: Final = int(_FINE_TUNING_EPOCHS.hi)
+
+
+# -- the config tree (defaults: training_spec.proto's field_rules, docs/spec.md) ------------------------------------
 
 
 @dataclass(frozen=True)
@@ -113,26 +153,26 @@ class DatasetConfig:
     validation_uri: str | None = None
     test_uri: str | None = None
     unknown_uri: str | None = None
-    validation_split: float = 0.2
-    image_size: int = 224
-    class_balancing: ClassBalancing = ClassBalancing.NONE
-    cache_max_mb: int = 2048
+    validation_split: float = _default("dataset.validation_split")
+    image_size: int = _default("dataset.image_size")
+    class_balancing: ClassBalancing = field(default=enum_default("dataset.class_balancing", CLASS_BALANCINGS))
+    cache_max_mb: int = _default("dataset.cache_max_mb")
 
 
 @dataclass(frozen=True)
 class AugmentationConfig:
-    horizontal_flip: bool = False
-    vertical_flip: bool = False
-    rotation_degrees: float = 0.0
-    zoom_min_scale: float = 1.0
-    zoom_max_scale: float = 1.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    shear_degrees: float = 0.0
-    gaussian_noise_std: float = 0.0
-    copies_per_original: int = 0
+    horizontal_flip: bool = _default("augmentation.horizontal_flip")
+    vertical_flip: bool = _default("augmentation.vertical_flip")
+    rotation_degrees: float = _default("augmentation.rotation_degrees")
+    zoom_min_scale: float = _default("augmentation.zoom_min_scale")
+    zoom_max_scale: float = _default("augmentation.zoom_max_scale")
+    brightness: float = _default("augmentation.brightness")
+    contrast: float = _default("augmentation.contrast")
+    saturation: float = _default("augmentation.saturation")
+    hue: float = _default("augmentation.hue")
+    shear_degrees: float = _default("augmentation.shear_degrees")
+    gaussian_noise_std: float = _default("augmentation.gaussian_noise_std")
+    copies_per_original: int = _default("augmentation.copies_per_original")
 
     @property
     def is_random(self) -> bool:
@@ -151,86 +191,99 @@ class AugmentationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: Architecture = Architecture.MOBILENET_V2
-    weights: WeightsSource = WeightsSource.IMAGENET
+    architecture: Architecture = field(default=enum_default("model.architecture", ARCHITECTURES))
+    weights: WeightsSource = field(default=enum_default("model.weights", WEIGHTS_SOURCES))
     weights_uri: str | None = None
-    classifier_dim: int = 256
-    dropout: float = 0.5
-    activation: Activation = Activation.RELU
+    classifier_dim: int = _default("model.classifier_dim")
+    dropout: float = _default("model.dropout")
+    activation: Activation = field(default=enum_default("model.activation", ACTIVATIONS))
 
 
+# The messages both stages share default alike; the classifier stage's paths stand for them.
 @dataclass(frozen=True)
 class OptimizerConfig:
-    type: OptimizerType = OptimizerType.ADAM
-    momentum: float = 0.9  # SGD, RMSprop
-    nesterov: bool = False  # SGD
-    weight_decay: float = 0.0
-    beta1: float = 0.9  # Adam, AdamW
-    beta2: float = 0.999
+    type: OptimizerType = field(default=enum_default("classifier.optimizer.type", OPTIMIZER_TYPES))
+    momentum: float = _default("classifier.optimizer.momentum")  # SGD, RMSprop
+    nesterov: bool = _default("classifier.optimizer.nesterov")  # SGD
+    weight_decay: float = _default("classifier.optimizer.weight_decay")  # AdamW: ADAMW_DEFAULT_WEIGHT_DECAY
+    beta1: float = _default("classifier.optimizer.beta1")  # Adam, AdamW
+    beta2: float = _default("classifier.optimizer.beta2")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    type: ScheduleType = ScheduleType.CONSTANT
-    warmup_epochs: float = 0.0
-    step_epochs: int = 3
-    gamma: float = 0.1
-    min_learning_rate: float = 0.0
-    max_learning_rate: float | None = None  # ONE_CYCLE, CYCLIC; resolved to 10 x the stage LR
-    cycle_epochs: float = 2.0
-    restart_epochs: int = 2
-    restart_multiplier: int = 1
-    plateau_patience: int = 2
+    type: ScheduleType = field(default=enum_default("classifier.schedule.type", SCHEDULE_TYPES))
+    warmup_epochs: float = _default("classifier.schedule.warmup_epochs")
+    step_epochs: int = _default("classifier.schedule.step_epochs")
+    gamma: float = _default("classifier.schedule.gamma")
+    min_learning_rate: float = _default("classifier.schedule.min_learning_rate")
+    max_learning_rate: float | None = None  # ONE_CYCLE, CYCLIC; resolved to PEAK_LR_FACTOR x the stage LR
+    cycle_epochs: float = _default("classifier.schedule.cycle_epochs")
+    restart_epochs: int = _default("classifier.schedule.restart_epochs")
+    restart_multiplier: int = _default("classifier.schedule.restart_multiplier")
+    plateau_patience: int = _default("classifier.schedule.plateau_patience")
 
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
-    enabled: bool = False
-    monitor: Metric = Metric.VALIDATION_LOSS
-    patience: int = 3
-    min_delta: float = 0.0
-    restore_best_weights: bool = True
+    enabled: bool = _default("classifier.early_stopping.enabled")
+    monitor: Metric = field(default=enum_default("classifier.early_stopping.monitor", METRICS))
+    patience: int = _default("classifier.early_stopping.patience")
+    min_delta: float = _default("classifier.early_stopping.min_delta")
+    restore_best_weights: bool = _default("classifier.early_stopping.restore_best_weights")
 
 
 @dataclass(frozen=True)
 class StageConfig:
-    epochs: int = 10
-    learning_rate: float = 0.003
-    batch_size: int = 32
+    """A stage; its defaults are the classifier stage's (FineTuningConfig's stage has its own)."""
+
+    epochs: int = _default("classifier.epochs")
+    learning_rate: float = _default("classifier.learning_rate")
+    batch_size: int = _default("classifier.batch_size")
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    label_smoothing: float = 0.0
-    gradient_clip_norm: float = 0.0  # 0 = off
+    label_smoothing: float = _default("classifier.label_smoothing")
+    gradient_clip_norm: float = _default("classifier.gradient_clip_norm")  # 0 = off
 
     @property
     def peak_learning_rate(self) -> float:
         """The top of ONE_CYCLE / CYCLIC schedules."""
         peak = self.schedule.max_learning_rate
-        return peak if peak is not None else 10.0 * self.learning_rate
+        return peak if peak is not None else PEAK_LR_FACTOR * self.learning_rate
+
+
+def fine_tuning_default_lr(classifier_lr: float) -> float:
+    """The fine-tuning stage's default LR, which is also its limit: the classifier's / FINE_TUNING_LR_DIVISOR."""
+    return float32.shortest(classifier_lr / FINE_TUNING_LR_DIVISOR)
+
+
+def _fine_tuning_stage() -> StageConfig:
+    return StageConfig(epochs=_default("fine_tuning.stage.epochs"),
+                       learning_rate=fine_tuning_default_lr(StageConfig.learning_rate))
 
 
 @dataclass(frozen=True)
 class FineTuningConfig:
-    enabled: bool = False
-    stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, learning_rate=0.0003))
+    enabled: bool = _default("fine_tuning.enabled")
+    stage: StageConfig = field(default_factory=_fine_tuning_stage)
     last_n_blocks: int | None = None  # None: unfreeze the whole base
 
 
 @dataclass(frozen=True)
 class OpenSetConfig:
-    score: OpenSetScore = OpenSetScore.MAX_SOFTMAX
-    target_true_positive_rate: float = 0.95
+    score: OpenSetScore = field(default=enum_default("open_set.score", OPEN_SET_SCORES))
+    target_true_positive_rate: float = _default("open_set.target_true_positive_rate")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = 0
-    repeats: int = 1
-    precision: Precision = Precision.AUTO
-    device: DeviceKind = DeviceKind.AUTO
-    data_loader_workers: int = 2
-    max_retries: int = 2
+    seed: int = _default("run.seed")
+    repeats: int = _default("run.repeats")
+    precision: Precision = field(default=enum_default("run.precision", PRECISIONS))
+    device: DeviceKind = field(default=enum_default("run.device", DEVICES))
+    data_loader_workers: int = _default("run.data_loader_workers")
+    max_retries: int = _default("run.max_retries")
 
 
 @dataclass(frozen=True)
@@ -243,53 +296,3 @@ class TrainingConfig:
     fine_tuning: FineTuningConfig = field(default_factory=FineTuningConfig)
     open_set: OpenSetConfig = field(default_factory=OpenSetConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data (enums as their string values)."""
-        return _to_plain(self)  # type: ignore[no-any-return]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
-        """The inverse of `to_dict`; missing keys take their defaults, unknown keys are an error."""
-        return _from_plain(cls, data)
-
-
-# -- JSON round trip ----------------------------------------------------------------------------------------
-
-T = TypeVar("T")
-
-
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
-
-
-def _from_plain(cls: type[T], data: Any) -> T:
-    if not isinstance(data, dict):
-        raise TypeError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - fields
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
-    kwargs = {name: _convert(hints[name], value) for name, value in data.items()}
-    return cls(**kwargs)
-
-
-def _convert(hint: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(inner[0], value)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _from_plain(hint, value)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return hint(value)
-    if hint is float and isinstance(value, int):
-        return float(value)
-    return value

@@ -39,7 +39,8 @@ from visiontune.v1 import study_pb2, training_spec_pb2
 
 from trainer_service.jobs.store import JobRecord, JobState, JobStore, StudyRecord, StudyState, utc_now
 from trainer_service.resources import STUDY_STATES
-from trainer_service.spec.validate import config_to_spec, validate_spec
+from trainer_service.spec.convert import config_to_spec
+from trainer_service.spec.validate import validate_spec
 from trainer_service.tuning import study_proto
 from trainer_service.tuning.optuna_setup import create_study, load_study, open_storage
 from trainer_service.tuning.space import ParamValue, apply_params, distributions

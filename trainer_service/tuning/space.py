@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from optuna.distributions import (
     BaseDistribution,
@@ -23,6 +23,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from visiontune import protoreflect
 from visiontune.v1 import training_spec_pb2 as pb
 
 if TYPE_CHECKING:
@@ -51,14 +52,6 @@ __all__ = [
 # numbers to `apply_params`.
 ParamValue = str | int | float | bool
 
-_FLOAT32_MAX: Final = 3.4028234663852886e38
-_INTEGER_RANGES: Final = {
-    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
-    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
-    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
-}
-_FLOATING: Final = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
 _BOOL_STRINGS: Final = {"true": True, "false": False}
 
 
@@ -94,20 +87,7 @@ def field_at(path: str) -> FieldDescriptor:
     KeyError: no such field. ValueError: the path names something a study cannot search (a message, a repeated
     field, a string such as `dataset.uri`) or walks through a non-message field.
     """
-    names = path.split(".")
-    descriptor: Descriptor = pb.TrainingSpec.DESCRIPTOR
-    field: FieldDescriptor | None = None
-    for i, name in enumerate(names):
-        if field is not None:  # the previous name was a field: walk into it
-            if field.message_type is None or field.is_repeated:
-                raise ValueError(f"{'.'.join(names[:i])} is not a message, so it has no field {name!r}")
-            descriptor = field.message_type
-        field = descriptor.fields_by_name.get(name)
-        if field is None:
-            where = ".".join(names[:i]) or "TrainingSpec"
-            known = ", ".join(f.name for f in descriptor.fields)
-            raise KeyError(f"{where} ({descriptor.name}) has no field {name!r}; its fields are {known}")
-    assert field is not None  # str.split never returns an empty list
+    field = protoreflect.field_path(pb.TrainingSpec.DESCRIPTOR, path)[-1]
     if field.is_repeated:
         raise ValueError(f"{path} is a repeated field; only single numbers, bools and enums can be searched")
     if field.message_type is not None:
@@ -119,27 +99,26 @@ def field_at(path: str) -> FieldDescriptor:
 
 
 def is_integer_field(field: FieldDescriptor) -> bool:
-    return field.cpp_type in _INTEGER_RANGES
+    return protoreflect.is_integer(field)
 
 
 def is_float_field(field: FieldDescriptor) -> bool:
-    return field.cpp_type in _FLOATING
+    return protoreflect.is_float(field)
 
 
 def _coerce(path: str, field: FieldDescriptor, value: ParamValue) -> int | float | bool:
     """`value` as what the proto field takes; TypeError/ValueError name the path and the allowed values."""
     enum_type = field.enum_type
     if enum_type is not None:
+        # Full names only: they are what trials store and show (`ARCHITECTURE_RESNET18`).
+        number = protoreflect.enum_number(enum_type, value, short_names=False)
+        if number is not None:
+            return number
         if isinstance(value, str):
-            member = enum_type.values_by_name.get(value)
-            if member is None:
-                allowed = ", ".join(v.name for v in enum_type.values if v.number != 0)
-                raise ValueError(f"{path}: {value!r} is not a value of {enum_type.name}; one of {allowed}")
-            return int(member.number)
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value not in enum_type.values_by_number:  # proto3 enums are open; a config never holds unknowns
-                raise ValueError(f"{path}: {value} is not a value of {enum_type.name}")
-            return value
+            allowed = ", ".join(v.name for v in enum_type.values if v.number != 0)
+            raise ValueError(f"{path}: {value!r} is not a value of {enum_type.name}; one of {allowed}")
+        if isinstance(value, int) and not isinstance(value, bool):  # proto3 enums are open; a config holds no unknowns
+            raise ValueError(f"{path}: {value} is not a value of {enum_type.name}")
         raise TypeError(f"{path}: an enum takes a value name or number, got {type(value).__name__}")
     if field.cpp_type == FieldDescriptor.CPPTYPE_BOOL:
         if isinstance(value, bool):
@@ -149,20 +128,20 @@ def _coerce(path: str, field: FieldDescriptor, value: ParamValue) -> int | float
         raise ValueError(f"{path}: a bool takes true, false, \"true\" or \"false\", got {value!r}")
     if isinstance(value, bool):  # bool is an int: refuse it where a number is meant
         raise TypeError(f"{path}: a number field does not take a bool, got {value!r}")
-    if field.cpp_type in _INTEGER_RANGES:
+    if protoreflect.is_integer(field):
         number = _integer(path, value)
-        lo, hi = _INTEGER_RANGES[field.cpp_type]
-        if not lo <= number <= hi:
+        if not protoreflect.fits(field, number):
+            lo, hi = protoreflect.INT_BOUNDS[field.cpp_type]
             raise ValueError(f"{path}: {number} is out of the field's range [{lo}, {hi}]")
         return number
-    if field.cpp_type in _FLOATING:
+    if protoreflect.is_float(field):
         try:
             real = float(value)
         except ValueError:
             raise ValueError(f"{path}: {value!r} is not a number") from None
         if not math.isfinite(real):
             raise ValueError(f"{path}: must be finite, got {value!r}")
-        if field.cpp_type == FieldDescriptor.CPPTYPE_FLOAT and abs(real) > _FLOAT32_MAX:
+        if not protoreflect.fits(field, real):
             raise ValueError(f"{path}: {value!r} is out of the float32 range")
         return real
     raise TypeError(f"{path}: fields of C++ type {field.cpp_type} are not searchable")  # field_at refuses these

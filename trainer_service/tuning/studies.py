@@ -17,7 +17,8 @@ from visiontune.v1 import study_pb2
 from trainer_service.jobs import events
 from trainer_service.jobs.store import JobRecord, JobState, JobStore, StudyState
 from trainer_service.resources import study_to_proto
-from trainer_service.spec.validate import SpecInvalid, config_to_spec, validate_spec
+from trainer_service.spec.convert import config_to_spec
+from trainer_service.spec.validate import SpecInvalid, validate_spec
 from trainer_service.tuning import study_proto
 from trainer_service.tuning.runner import StudyRunner, study_jobs
 from trainer_service.tuning.space import apply_params

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from google.protobuf.descriptor import EnumValueDescriptor
-from visiontune.errors import FieldViolation
+from visiontune.protoreflect import EnumMap, Interval
 from visiontune.v1 import study_pb2
 from visiontune.v1 import training_spec_pb2 as pb
 
-from trainer_service.spec.config import Metric, TrainingConfig
+from trainer_service.spec.checker import Checker
+from trainer_service.spec.config import METRICS, Metric, TrainingConfig
 from trainer_service.spec.validate import SpecInvalid, validate_spec
 from trainer_service.tuning.space import (
     ParameterConfig,
@@ -111,39 +112,12 @@ class StudyConfig:
     max_trial_epochs: int = 1
 
 
-# -- the collector ------------------------------------------------------------------------------------------------
-
-
-class _Violations:
-    """At most one violation per field path (the first found), as `validate_spec` reports them."""
-
-    def __init__(self) -> None:
-        self._found: dict[str, str] = {}
-
-    @property
-    def all(self) -> list[FieldViolation]:
-        return [FieldViolation(path, description) for path, description in self._found.items()]
-
-    @property
-    def count(self) -> int:
-        return len(self._found)
-
-    def fail(self, path: str, description: str) -> None:
-        self._found.setdefault(path, description)
-
-    def within(self, path: str, value: int, lo: int, hi: int) -> bool:
-        if lo <= value <= hi:
-            return True
-        self.fail(path, f"must be in [{lo}, {hi}], got {value}")
-        return False
-
-
 # -- validate_study ------------------------------------------------------------------------------------------------
 
 
 def validate_study(spec: study_pb2.StudySpec, *, default_bucket: str) -> StudyConfig:
     """The study spec as a `StudyConfig` with every default resolved; `SpecInvalid` lists every bad field."""
-    v = _Violations()
+    v = Checker(study_pb2.StudySpec.DESCRIPTOR)
     base: TrainingConfig | None = None
     try:
         base = validate_spec(spec.base_spec, default_bucket=default_bucket)
@@ -154,15 +128,15 @@ def validate_study(spec: study_pb2.StudySpec, *, default_bucket: str) -> StudyCo
     metric, direction = _objective(v, spec.objective)
     max_trials, max_duration_s = _budget(v, spec.budget)
     parallelism = spec.parallelism if spec.HasField("parallelism") else 1
-    v.within("spec.parallelism", parallelism, 1, 64)
+    v.within("spec.parallelism", parallelism, Interval(1, 64))
     sampler = _sampler(v, spec.sampler, spec.parameters, parameters)
     epochs = None if base is None else _trial_epochs(base, parameters)
     pruner = _pruner(v, spec.pruner, epochs)
-    v.within("spec.repeat_top_k", spec.repeat_top_k, 0, 10)
+    v.within("spec.repeat_top_k", spec.repeat_top_k, Interval(0, 10))
     repeat_count = spec.repeat_count if spec.HasField("repeat_count") else 3
-    v.within("spec.repeat_count", repeat_count, 2, 20)
-    if v.all:
-        raise SpecInvalid(v.all)
+    v.within("spec.repeat_count", repeat_count, Interval(2, 20))
+    if v.violations:
+        raise SpecInvalid(v.violations)
     if sampler is SamplerType.GRID:
         # Past the last point optuna's GridSampler re-runs visited ones: the grid is the trial limit.
         points = _grid_points(parameters)
@@ -194,7 +168,7 @@ def validate_study(spec: study_pb2.StudySpec, *, default_bucket: str) -> StudyCo
 # -- parameters ----------------------------------------------------------------------------------------------------
 
 
-def _parameters(v: _Violations, spec: study_pb2.StudySpec, default_bucket: str,
+def _parameters(v: Checker, spec: study_pb2.StudySpec, default_bucket: str,
                 *, base_ok: bool) -> list[ParameterConfig | None]:
     """One entry per spec parameter: its config, or None where anything about it is invalid (reported)."""
     if not spec.parameters:
@@ -205,7 +179,7 @@ def _parameters(v: _Violations, spec: study_pb2.StudySpec, default_bucket: str,
     result: list[ParameterConfig | None] = []
     for i, param in enumerate(spec.parameters):
         prefix = f"spec.parameters[{i}]"
-        before = v.count
+        before = len(v.violations)
         if param.path and param.path in first_index:
             v.fail(f"{prefix}.path", f"duplicates spec.parameters[{first_index[param.path]}].path ({param.path})")
         first_index.setdefault(param.path, i)
@@ -215,11 +189,11 @@ def _parameters(v: _Violations, spec: study_pb2.StudySpec, default_bucket: str,
         if fits and config is not None and base_ok:
             # The field's own range needs a valid base: against a bad one every bound would inherit its faults.
             _check_bounds(v, prefix, param, config, spec.base_spec, default_bucket, searched)
-        result.append(config if v.count == before else None)
+        result.append(config if len(v.violations) == before else None)
     return result
 
 
-def _field_fits(v: _Violations, prefix: str, param: study_pb2.SearchParameter) -> bool:
+def _field_fits(v: Checker, prefix: str, param: study_pb2.SearchParameter) -> bool:
     """Whether the path names a searchable field and the domain suits its type."""
     if not param.path:
         v.fail(f"{prefix}.path", "is required: a TrainingSpec field path such as classifier.learning_rate")
@@ -245,7 +219,7 @@ def _field_fits(v: _Violations, prefix: str, param: study_pb2.SearchParameter) -
     return True
 
 
-def _domain(v: _Violations, prefix: str, param: study_pb2.SearchParameter) -> ParameterConfig | None:
+def _domain(v: Checker, prefix: str, param: study_pb2.SearchParameter) -> ParameterConfig | None:
     """The domain as a ParameterConfig (possibly with reported faults), or None where it has no usable shape."""
     which = param.WhichOneof("domain")
     if which == "float_range":
@@ -258,7 +232,7 @@ def _domain(v: _Violations, prefix: str, param: study_pb2.SearchParameter) -> Pa
     return None
 
 
-def _float_range(v: _Violations, prefix: str, path: str, r: study_pb2.FloatRange) -> ParameterConfig | None:
+def _float_range(v: Checker, prefix: str, path: str, r: study_pb2.FloatRange) -> ParameterConfig | None:
     finite = True
     for name, value in (("min", r.min), ("max", r.max), ("step", r.step)):
         if not math.isfinite(value):
@@ -282,7 +256,7 @@ def _float_range(v: _Violations, prefix: str, path: str, r: study_pb2.FloatRange
                            step=r.step if r.step > 0 else None)
 
 
-def _int_range(v: _Violations, prefix: str, path: str, r: study_pb2.IntRange) -> ParameterConfig:
+def _int_range(v: Checker, prefix: str, path: str, r: study_pb2.IntRange) -> ParameterConfig:
     step = r.step or 1  # the proto's "Default 1"
     ordered = r.min < r.max
     if not ordered:
@@ -298,7 +272,7 @@ def _int_range(v: _Violations, prefix: str, path: str, r: study_pb2.IntRange) ->
     return ParameterConfig(path, ParameterKind.INT, low=r.min, high=r.max, log=r.log, step=step)
 
 
-def _categorical(v: _Violations, prefix: str, path: str, c: study_pb2.Categorical) -> ParameterConfig | None:
+def _categorical(v: Checker, prefix: str, path: str, c: study_pb2.Categorical) -> ParameterConfig | None:
     """Empty and duplicate checks; each value's parse and range are `_check_bounds`' job."""
     if not c.values:
         v.fail(f"{prefix}.values", "needs at least one value")
@@ -311,7 +285,7 @@ def _categorical(v: _Violations, prefix: str, path: str, c: study_pb2.Categorica
     return ParameterConfig(path, ParameterKind.CATEGORICAL, choices=tuple(c.values))
 
 
-def _check_bounds(v: _Violations, prefix: str, param: study_pb2.SearchParameter, config: ParameterConfig,
+def _check_bounds(v: Checker, prefix: str, param: study_pb2.SearchParameter, config: ParameterConfig,
                   base_spec: pb.TrainingSpec, default_bucket: str, searched: set[str]) -> None:
     """Apply each bound (each categorical value) to the base spec and validate it: the field's own range and the
     cross-field rules with fields that are not searched. Violations land on the bound."""
@@ -359,32 +333,32 @@ def _probe(path: str, value: str | int | float, base_spec: pb.TrainingSpec, defa
 # -- objective, budget, sampler, pruner ------------------------------------------------------------------------
 
 
-_METRIC_PREFIX: Final = "METRIC_"
+_DIRECTIONS: Final = EnumMap(study_pb2.Direction, Direction)
 
 
-def _objective(v: _Violations, objective: study_pb2.Objective) -> tuple[Metric, Direction]:
+def _objective(v: Checker, objective: study_pb2.Objective) -> tuple[Metric, Direction]:
     metric = Metric.VALIDATION_ACCURACY  # the study default (a TrainingSpec's early stopping defaults to the loss)
     if objective.metric != pb.METRIC_UNSPECIFIED:
-        value = pb.Metric.DESCRIPTOR.values_by_number.get(objective.metric)
-        if value is None:
+        member = METRICS.to_python(objective.metric)
+        if member is None:
             v.fail("spec.objective.metric", f"must be one of {_allowed(pb.Metric.DESCRIPTOR.values)}, "
                                             f"got {objective.metric}")
         else:
-            metric = Metric[value.name.removeprefix(_METRIC_PREFIX)]
+            metric = member
     # An explicit direction that contradicts the metric (minimise an accuracy) is the client's call, not an error.
     direction = Direction.MAXIMIZE if metric.higher_is_better else Direction.MINIMIZE
-    if objective.direction == study_pb2.DIRECTION_MAXIMIZE:
-        direction = Direction.MAXIMIZE
-    elif objective.direction == study_pb2.DIRECTION_MINIMIZE:
-        direction = Direction.MINIMIZE
-    elif objective.direction != study_pb2.DIRECTION_UNSPECIFIED:
-        v.fail("spec.objective.direction", f"must be one of {_allowed(study_pb2.Direction.DESCRIPTOR.values)}, "
-                                           f"got {objective.direction}")
+    if objective.direction != study_pb2.DIRECTION_UNSPECIFIED:
+        chosen = _DIRECTIONS.to_python(objective.direction)
+        if chosen is None:
+            v.fail("spec.objective.direction", f"must be one of {_allowed(study_pb2.Direction.DESCRIPTOR.values)}, "
+                                               f"got {objective.direction}")
+        else:
+            direction = chosen
     return metric, direction
 
 
-def _budget(v: _Violations, budget: study_pb2.StudyBudget) -> tuple[int, float | None]:
-    ok = v.within("spec.budget.max_trials", budget.max_trials, 0, 10_000)
+def _budget(v: Checker, budget: study_pb2.StudyBudget) -> tuple[int, float | None]:
+    ok = v.within("spec.budget.max_trials", budget.max_trials, Interval(0, 10_000))
     duration: float | None = None
     if budget.HasField("max_duration"):
         d = budget.max_duration
@@ -398,19 +372,12 @@ def _budget(v: _Violations, budget: study_pb2.StudyBudget) -> tuple[int, float |
     return budget.max_trials, duration
 
 
-_SAMPLERS: Final = {
-    study_pb2.SAMPLER_UNSPECIFIED: SamplerType.TPE,
-    study_pb2.SAMPLER_TPE: SamplerType.TPE,
-    study_pb2.SAMPLER_GAUSSIAN_PROCESS: SamplerType.GAUSSIAN_PROCESS,
-    study_pb2.SAMPLER_RANDOM: SamplerType.RANDOM,
-    study_pb2.SAMPLER_GRID: SamplerType.GRID,
-    study_pb2.SAMPLER_CMA_ES: SamplerType.CMA_ES,
-}
+_SAMPLERS: Final = EnumMap(study_pb2.Sampler, SamplerType)
 
 
-def _sampler(v: _Violations, number: study_pb2.Sampler.ValueType, spec_parameters: Iterable[study_pb2.SearchParameter],
+def _sampler(v: Checker, number: study_pb2.Sampler.ValueType, spec_parameters: Iterable[study_pb2.SearchParameter],
              parameters: list[ParameterConfig | None]) -> SamplerType:
-    sampler = _SAMPLERS.get(number)
+    sampler = _SAMPLERS.to_python(number) if number else SamplerType.TPE  # study.proto: unset is TPE
     if sampler is None:
         v.fail("spec.sampler", f"must be one of {_allowed(study_pb2.Sampler.DESCRIPTOR.values)}, got {number}")
         return SamplerType.TPE
@@ -431,28 +398,22 @@ def _grid_points(parameters: list[ParameterConfig | None]) -> int:
     return math.prod(grid_size(p) for p in parameters if p is not None and is_stepped(p))
 
 
-_PRUNERS: Final = {
-    study_pb2.PRUNER_TYPE_UNSPECIFIED: PrunerType.NONE,
-    study_pb2.PRUNER_TYPE_NONE: PrunerType.NONE,
-    study_pb2.PRUNER_TYPE_HYPERBAND: PrunerType.HYPERBAND,
-    study_pb2.PRUNER_TYPE_SUCCESSIVE_HALVING: PrunerType.SUCCESSIVE_HALVING,
-    study_pb2.PRUNER_TYPE_MEDIAN: PrunerType.MEDIAN,
-}
+_PRUNERS: Final = EnumMap(study_pb2.PrunerType, PrunerType)
 
 
-def _pruner(v: _Violations, spec: study_pb2.PrunerSpec, epochs: tuple[int, int] | None) -> PrunerConfig:
-    kind = _PRUNERS.get(spec.type)
+def _pruner(v: Checker, spec: study_pb2.PrunerSpec, epochs: tuple[int, int] | None) -> PrunerConfig:
+    kind = _PRUNERS.to_python(spec.type) if spec.type else PrunerType.NONE  # study.proto: unset is no pruning
     if kind is None:
         v.fail("spec.pruner.type", f"must be one of {_allowed(study_pb2.PrunerType.DESCRIPTOR.values)}, "
                                    f"got {spec.type}")
         kind = PrunerType.NONE
     defaults = PrunerConfig()
     min_resource = spec.min_resource if spec.HasField("min_resource") else defaults.min_resource
-    min_ok = v.within("spec.pruner.min_resource", min_resource, 1, 1000)
+    min_ok = v.within("spec.pruner.min_resource", min_resource, Interval(1, 1000))
     factor = spec.reduction_factor if spec.HasField("reduction_factor") else defaults.reduction_factor
-    v.within("spec.pruner.reduction_factor", factor, 2, 10)
+    v.within("spec.pruner.reduction_factor", factor, Interval(2, 10))
     startup = spec.startup_trials if spec.HasField("startup_trials") else defaults.startup_trials
-    v.within("spec.pruner.startup_trials", startup, 0, 1000)
+    v.within("spec.pruner.startup_trials", startup, Interval(0, 1000))
     # Only a pruner that runs needs the resource to fit in a trial; epochs is None where they are unknown.
     if kind is not PrunerType.NONE and min_ok and epochs is not None and min_resource > epochs[0]:
         v.fail("spec.pruner.min_resource",

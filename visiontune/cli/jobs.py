@@ -8,8 +8,9 @@ what to train next.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import grpc
@@ -18,15 +19,16 @@ from tqdm import tqdm
 
 from visiontune import names
 from visiontune.cli.common import SpecError, cli, count, data_dir_option, enum_word, rpc_failed, trainer
+from visiontune.protoreflect import field_default, field_rules, format_number
 from visiontune.specfile import SpecFileError, dump_spec_yaml, load_spec_file
 from visiontune.v1 import job_pb2, training_service_pb2, training_service_pb2_grpc, training_spec_pb2
 
-# The proto's defaults for the fields that size the progress bar (the trainer returns them resolved anyway).
-_DEFAULT_CLASSIFIER_EPOCHS = 10
-_DEFAULT_FINE_TUNING_EPOCHS = 5
+_SPEC = training_spec_pb2.TrainingSpec.DESCRIPTOR
+_SWEEP = training_service_pb2.FindLearningRateRequest.DESCRIPTOR
 _TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED,
              job_pb2.JOB_STATE_PRUNED)
 _SPARK = "▁▂▃▄▅▆▇█"
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 spec_argument = click.argument(
     "spec_file", metavar="SPEC.yaml", type=click.Path(path_type=Path, exists=True, dir_okay=False)
@@ -68,15 +70,17 @@ def _stage_word(stage: int) -> str:
 
 
 def planned_epochs(spec: training_spec_pb2.TrainingSpec) -> int:
-    per_run = spec.classifier.epochs if spec.classifier.HasField("epochs") else _DEFAULT_CLASSIFIER_EPOCHS
+    # Unset fields take the proto's defaults, as the trainer resolves them.
+    classifier = spec.classifier
+    per_run = classifier.epochs if classifier.HasField("epochs") else field_default(_SPEC, "classifier.epochs")
     if spec.fine_tuning.enabled:
         stage = spec.fine_tuning.stage
-        per_run += stage.epochs if stage.HasField("epochs") else _DEFAULT_FINE_TUNING_EPOCHS
+        per_run += stage.epochs if stage.HasField("epochs") else field_default(_SPEC, "fine_tuning.stage.epochs")
     return per_run * _repeats(spec)
 
 
 def _repeats(spec: training_spec_pb2.TrainingSpec) -> int:
-    return spec.run.repeats if spec.run.HasField("repeats") else 1
+    return spec.run.repeats if spec.run.HasField("repeats") else int(field_default(_SPEC, "run.repeats"))
 
 
 class _JobFollower:
@@ -401,14 +405,21 @@ def _print_lr_curve(points: Sequence[training_service_pb2.LearningRatePoint], su
         click.echo(f"  {p.learning_rate:>13.2e}  {p.loss:>8.4f}  {p.smoothed_loss:>8.4f}{mark}")
 
 
+def _sweep_option(flag: str, field: str, what: str) -> Callable[[FC], FC]:
+    """An lr-find option typed, bounded and documented by FindLearningRateRequest's field rules."""
+    rules = field_rules(_SWEEP, field)
+    bounds = rules.range
+    assert bounds is not None, field  # every sweep field declares its range in training_service.proto
+    kind = click.IntRange if isinstance(rules.default, int) else click.FloatRange
+    return click.option(flag, type=kind(min=bounds.lo, max=bounds.hi, min_open=bounds.lo_open, max_open=bounds.hi_open),
+                        default=None, help=f"{what} [default: the trainer's, {format_number(rules.default)}].")
+
+
 @cli.command("lr-find")
 @spec_argument
-@click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Start of the sweep [default: the trainer's, 1e-7].")
-@click.option("--max-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="End of the sweep [default: the trainer's, 10].")
-@click.option("--steps", type=click.IntRange(10, 10000), default=None,
-              help="Mini-batches in the sweep [default: the trainer's, 100].")
+@_sweep_option("--min-lr", "min_learning_rate", "Start of the sweep")
+@_sweep_option("--max-lr", "max_learning_rate", "End of the sweep")
+@_sweep_option("--steps", "steps", "Mini-batches in the sweep")
 @set_option
 @timeout_option
 @data_dir_option

@@ -24,12 +24,13 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from visiontune.v1 import field_rules_pb2 as visiontune_dot_v1_dot_field__rules__pb2
 from visiontune.v1 import job_pb2 as visiontune_dot_v1_dot_job__pb2
 from visiontune.v1 import study_pb2 as visiontune_dot_v1_dot_study__pb2
 from visiontune.v1 import training_spec_pb2 as visiontune_dot_v1_dot_training__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$visiontune/v1/training_service.proto\x12\rvisiontune.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x17visiontune/v1/job.proto\x1a\x19visiontune/v1/study.proto\x1a!visiontune/v1/training_spec.proto\"\x86\x01\n\x10\x43reateJobRequest\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x12.visiontune.v1.JobB\x04\xe2\x41\x01\x02\x12\x14\n\x06job_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rvalidate_only\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"9\n\rGetJobRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\"\xa0\x01\n\x0fListJobsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12-\n\x06states\x18\x03 \x03(\x0e\x32\x17.visiontune.v1.JobStateB\x04\xe2\x41\x01\x01\x12+\n\x05study\x18\x04 \x01(\tB\x1c\xe2\x41\x01\x01\xfa\x41\x15\n\x13visiontune.io/Study\"Y\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x12.visiontune.v1.JobB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"<\n\x10\x43\x61ncelJobRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\"Y\n\x0fWatchJobRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"\xb0\x02\n\x17\x46indLearningRateRequest\x12/\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x02\x12\x1e\n\x11min_learning_rate\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11max_learning_rate\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tsmoothing\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x64ivergence_factor\x18\x06 \x01(\x01H\x04\x88\x01\x01\x42\x14\n\x12_min_learning_rateB\x14\n\x12_max_learning_rateB\x08\n\x06_stepsB\x0c\n\n_smoothingB\x14\n\x12_divergence_factor\"a\n\x11LearningRatePoint\x12\x1b\n\rlearning_rate\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04loss\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rsmoothed_loss\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\"\xa5\x01\n\x18\x46indLearningRateResponse\x12\x36\n\x06points\x18\x01 \x03(\x0b\x32 .visiontune.v1.LearningRatePointB\x04\xe2\x41\x01\x03\x12%\n\x17suggested_learning_rate\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04rule\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08plot_uri\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\"N\n\x14RecommendSpecRequest\x12\x19\n\x0b\x64\x61taset_uri\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rgpu_available\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\"L\n\nSpecReason\x12\x13\n\x05\x66ield\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05value\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\"\xc8\x01\n\x15RecommendSpecResponse\x12/\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x03\x12\x30\n\x07reasons\x18\x02 \x03(\x0b\x32\x19.visiontune.v1.SpecReasonB\x04\xe2\x41\x01\x03\x12\x34\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x1d.visiontune.v1.DatasetSummaryB\x04\xe2\x41\x01\x03\x12\x16\n\x08warnings\x18\x04 \x03(\tB\x04\xe2\x41\x01\x03\"\x8e\x01\n\x12\x43reateStudyRequest\x12)\n\x05study\x18\x01 \x01(\x0b\x32\x14.visiontune.v1.StudyB\x04\xe2\x41\x01\x02\x12\x16\n\x08study_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rvalidate_only\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"=\n\x0fGetStudyRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13visiontune.io/Study\"x\n\x12ListStudiesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12/\n\x06states\x18\x03 \x03(\x0e\x32\x19.visiontune.v1.StudyStateB\x04\xe2\x41\x01\x01\"a\n\x13ListStudiesResponse\x12+\n\x07studies\x18\x01 \x03(\x0b\x32\x14.visiontune.v1.StudyB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"@\n\x12\x43\x61ncelStudyRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13visiontune.io/Study\"]\n\x11WatchStudyRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13visiontune.io/Study\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"\xa4\x01\n\x13PromoteTrialRequest\x12+\n\x05study\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13visiontune.io/Study\x12\x1f\n\x0ctrial_number\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x14\n\x06job_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x42\x0f\n\r_trial_number2\xe3\x07\n\x0fTrainingService\x12@\n\tCreateJob\x12\x1f.visiontune.v1.CreateJobRequest\x1a\x12.visiontune.v1.Job\x12:\n\x06GetJob\x12\x1c.visiontune.v1.GetJobRequest\x1a\x12.visiontune.v1.Job\x12K\n\x08ListJobs\x12\x1e.visiontune.v1.ListJobsRequest\x1a\x1f.visiontune.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.visiontune.v1.CancelJobRequest\x1a\x12.visiontune.v1.Job\x12\x45\n\x08WatchJob\x12\x1e.visiontune.v1.WatchJobRequest\x1a\x17.visiontune.v1.JobEvent0\x01\x12\x63\n\x10\x46indLearningRate\x12&.visiontune.v1.FindLearningRateRequest\x1a\'.visiontune.v1.FindLearningRateResponse\x12Z\n\rRecommendSpec\x12#.visiontune.v1.RecommendSpecRequest\x1a$.visiontune.v1.RecommendSpecResponse\x12\x46\n\x0b\x43reateStudy\x12!.visiontune.v1.CreateStudyRequest\x1a\x14.visiontune.v1.Study\x12@\n\x08GetStudy\x12\x1e.visiontune.v1.GetStudyRequest\x1a\x14.visiontune.v1.Study\x12T\n\x0bListStudies\x12!.visiontune.v1.ListStudiesRequest\x1a\".visiontune.v1.ListStudiesResponse\x12\x46\n\x0b\x43\x61ncelStudy\x12!.visiontune.v1.CancelStudyRequest\x1a\x14.visiontune.v1.Study\x12K\n\nWatchStudy\x12 .visiontune.v1.WatchStudyRequest\x1a\x19.visiontune.v1.StudyEvent0\x01\x12\x46\n\x0cPromoteTrial\x12\".visiontune.v1.PromoteTrialRequest\x1a\x12.visiontune.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$visiontune/v1/training_service.proto\x12\rvisiontune.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fvisiontune/v1/field_rules.proto\x1a\x17visiontune/v1/job.proto\x1a\x19visiontune/v1/study.proto\x1a!visiontune/v1/training_spec.proto\"\x86\x01\n\x10\x43reateJobRequest\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x12.visiontune.v1.JobB\x04\xe2\x41\x01\x02\x12\x14\n\x06job_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rvalidate_only\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"9\n\rGetJobRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\"\xa0\x01\n\x0fListJobsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12-\n\x06states\x18\x03 \x03(\x0e\x32\x17.visiontune.v1.JobStateB\x04\xe2\x41\x01\x01\x12+\n\x05study\x18\x04 \x01(\tB\x1c\xe2\x41\x01\x01\xfa\x41\x15\n\x13visiontune.io/Study\"Y\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x12.visiontune.v1.JobB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"<\n\x10\x43\x61ncelJobRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\"Y\n\x0fWatchJobRequest\x12(\n\x04name\x18\x01 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"\xaf\x03\n\x17\x46indLearningRateRequest\x12/\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x02\x12\x38\n\x11min_learning_rate\x18\x02 \x01(\x01\x42\x18\xe2\x41\x01\x01\xa2\xb8\x19\x10\n\x04\x31\x65-7\x12\x08(0, 100]H\x00\x88\x01\x01\x12\x36\n\x11max_learning_rate\x18\x03 \x01(\x01\x42\x16\xe2\x41\x01\x01\xa2\xb8\x19\x0e\n\x02\x31\x30\x12\x08(0, 100]H\x01\x88\x01\x01\x12.\n\x05steps\x18\x04 \x01(\x05\x42\x1a\xe2\x41\x01\x01\xa2\xb8\x19\x12\n\x03\x31\x30\x30\x12\x0b[10, 10000]H\x02\x88\x01\x01\x12.\n\tsmoothing\x18\x05 \x01(\x01\x42\x16\xe2\x41\x01\x01\xa2\xb8\x19\x0e\n\x04\x30.98\x12\x06[0, 1)H\x03\x88\x01\x01\x12\x37\n\x11\x64ivergence_factor\x18\x06 \x01(\x01\x42\x17\xe2\x41\x01\x01\xa2\xb8\x19\x0f\n\x01\x34\x12\n[1.5, 100]H\x04\x88\x01\x01\x42\x14\n\x12_min_learning_rateB\x14\n\x12_max_learning_rateB\x08\n\x06_stepsB\x0c\n\n_smoothingB\x14\n\x12_divergence_factor\"a\n\x11LearningRatePoint\x12\x1b\n\rlearning_rate\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04loss\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rsmoothed_loss\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\"\xa5\x01\n\x18\x46indLearningRateResponse\x12\x36\n\x06points\x18\x01 \x03(\x0b\x32 .visiontune.v1.LearningRatePointB\x04\xe2\x41\x01\x03\x12%\n\x17suggested_learning_rate\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04rule\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08plot_uri\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\"N\n\x14RecommendSpecRequest\x12\x19\n\x0b\x64\x61taset_uri\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\rgpu_available\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\"L\n\nSpecReason\x12\x13\n\x05\x66ield\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05value\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\"\xc8\x01\n\x15RecommendSpecResponse\x12/\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x03\x12\x30\n\x07reasons\x18\x02 \x03(\x0b\x32\x19.visiontune.v1.SpecReasonB\x04\xe2\x41\x01\x03\x12\x34\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x1d.visiontune.v1.DatasetSummaryB\x04\xe2\x41\x01\x03\x12\x16\n\x08warnings\x18\x04 \x03(\tB\x04\xe2\x41\x01\x03\"\x8e\x01\n\x12\x43reateStudyRequest\x12)\n\x05study\x18\x01 \x01(\x0b\x32\x14.visiontune.v1.StudyB\x04\xe2\x41\x01\x02\x12\x16\n\x08study_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rvalidate_only\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"=\n\x0fGetStudyRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13visiontune.io/Study\"x\n\x12ListStudiesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12/\n\x06states\x18\x03 \x03(\x0e\x32\x19.visiontune.v1.StudyStateB\x04\xe2\x41\x01\x01\"a\n\x13ListStudiesResponse\x12+\n\x07studies\x18\x01 \x03(\x0b\x32\x14.visiontune.v1.StudyB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fnext_page_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"@\n\x12\x43\x61ncelStudyRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13visiontune.io/Study\"]\n\x11WatchStudyRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13visiontune.io/Study\x12\x1c\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"\xa4\x01\n\x13PromoteTrialRequest\x12+\n\x05study\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13visiontune.io/Study\x12\x1f\n\x0ctrial_number\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x14\n\x06job_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x42\x0f\n\r_trial_number2\xe3\x07\n\x0fTrainingService\x12@\n\tCreateJob\x12\x1f.visiontune.v1.CreateJobRequest\x1a\x12.visiontune.v1.Job\x12:\n\x06GetJob\x12\x1c.visiontune.v1.GetJobRequest\x1a\x12.visiontune.v1.Job\x12K\n\x08ListJobs\x12\x1e.visiontune.v1.ListJobsRequest\x1a\x1f.visiontune.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.visiontune.v1.CancelJobRequest\x1a\x12.visiontune.v1.Job\x12\x45\n\x08WatchJob\x12\x1e.visiontune.v1.WatchJobRequest\x1a\x17.visiontune.v1.JobEvent0\x01\x12\x63\n\x10\x46indLearningRate\x12&.visiontune.v1.FindLearningRateRequest\x1a\'.visiontune.v1.FindLearningRateResponse\x12Z\n\rRecommendSpec\x12#.visiontune.v1.RecommendSpecRequest\x1a$.visiontune.v1.RecommendSpecResponse\x12\x46\n\x0b\x43reateStudy\x12!.visiontune.v1.CreateStudyRequest\x1a\x14.visiontune.v1.Study\x12@\n\x08GetStudy\x12\x1e.visiontune.v1.GetStudyRequest\x1a\x14.visiontune.v1.Study\x12T\n\x0bListStudies\x12!.visiontune.v1.ListStudiesRequest\x1a\".visiontune.v1.ListStudiesResponse\x12\x46\n\x0b\x43\x61ncelStudy\x12!.visiontune.v1.CancelStudyRequest\x1a\x14.visiontune.v1.Study\x12K\n\nWatchStudy\x12 .visiontune.v1.WatchStudyRequest\x1a\x19.visiontune.v1.StudyEvent0\x01\x12\x46\n\x0cPromoteTrial\x12\".visiontune.v1.PromoteTrialRequest\x1a\x12.visiontune.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -66,6 +67,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHJOBREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\342A\001\001'
   _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['spec']._loaded_options = None
   _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['spec']._serialized_options = b'\342A\001\002'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['min_learning_rate']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['min_learning_rate']._serialized_options = b'\342A\001\001\242\270\031\020\n\0041e-7\022\010(0, 100]'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['max_learning_rate']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['max_learning_rate']._serialized_options = b'\342A\001\001\242\270\031\016\n\00210\022\010(0, 100]'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['steps']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['steps']._serialized_options = b'\342A\001\001\242\270\031\022\n\003100\022\013[10, 10000]'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['smoothing']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['smoothing']._serialized_options = b'\342A\001\001\242\270\031\016\n\0040.98\022\006[0, 1)'
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['divergence_factor']._loaded_options = None
+  _globals['_FINDLEARNINGRATEREQUEST'].fields_by_name['divergence_factor']._serialized_options = b'\342A\001\001\242\270\031\017\n\0014\022\n[1.5, 100]'
   _globals['_LEARNINGRATEPOINT'].fields_by_name['learning_rate']._loaded_options = None
   _globals['_LEARNINGRATEPOINT'].fields_by_name['learning_rate']._serialized_options = b'\342A\001\003'
   _globals['_LEARNINGRATEPOINT'].fields_by_name['loss']._loaded_options = None
@@ -132,44 +143,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMOTETRIALREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\001'
   _globals['_PROMOTETRIALREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_PROMOTETRIALREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
-  _globals['_CREATEJOBREQUEST']._serialized_start=203
-  _globals['_CREATEJOBREQUEST']._serialized_end=337
-  _globals['_GETJOBREQUEST']._serialized_start=339
-  _globals['_GETJOBREQUEST']._serialized_end=396
-  _globals['_LISTJOBSREQUEST']._serialized_start=399
-  _globals['_LISTJOBSREQUEST']._serialized_end=559
-  _globals['_LISTJOBSRESPONSE']._serialized_start=561
-  _globals['_LISTJOBSRESPONSE']._serialized_end=650
-  _globals['_CANCELJOBREQUEST']._serialized_start=652
-  _globals['_CANCELJOBREQUEST']._serialized_end=712
-  _globals['_WATCHJOBREQUEST']._serialized_start=714
-  _globals['_WATCHJOBREQUEST']._serialized_end=803
-  _globals['_FINDLEARNINGRATEREQUEST']._serialized_start=806
-  _globals['_FINDLEARNINGRATEREQUEST']._serialized_end=1110
-  _globals['_LEARNINGRATEPOINT']._serialized_start=1112
-  _globals['_LEARNINGRATEPOINT']._serialized_end=1209
-  _globals['_FINDLEARNINGRATERESPONSE']._serialized_start=1212
-  _globals['_FINDLEARNINGRATERESPONSE']._serialized_end=1377
-  _globals['_RECOMMENDSPECREQUEST']._serialized_start=1379
-  _globals['_RECOMMENDSPECREQUEST']._serialized_end=1457
-  _globals['_SPECREASON']._serialized_start=1459
-  _globals['_SPECREASON']._serialized_end=1535
-  _globals['_RECOMMENDSPECRESPONSE']._serialized_start=1538
-  _globals['_RECOMMENDSPECRESPONSE']._serialized_end=1738
-  _globals['_CREATESTUDYREQUEST']._serialized_start=1741
-  _globals['_CREATESTUDYREQUEST']._serialized_end=1883
-  _globals['_GETSTUDYREQUEST']._serialized_start=1885
-  _globals['_GETSTUDYREQUEST']._serialized_end=1946
-  _globals['_LISTSTUDIESREQUEST']._serialized_start=1948
-  _globals['_LISTSTUDIESREQUEST']._serialized_end=2068
-  _globals['_LISTSTUDIESRESPONSE']._serialized_start=2070
-  _globals['_LISTSTUDIESRESPONSE']._serialized_end=2167
-  _globals['_CANCELSTUDYREQUEST']._serialized_start=2169
-  _globals['_CANCELSTUDYREQUEST']._serialized_end=2233
-  _globals['_WATCHSTUDYREQUEST']._serialized_start=2235
-  _globals['_WATCHSTUDYREQUEST']._serialized_end=2328
-  _globals['_PROMOTETRIALREQUEST']._serialized_start=2331
-  _globals['_PROMOTETRIALREQUEST']._serialized_end=2495
-  _globals['_TRAININGSERVICE']._serialized_start=2498
-  _globals['_TRAININGSERVICE']._serialized_end=3493
+  _globals['_CREATEJOBREQUEST']._serialized_start=236
+  _globals['_CREATEJOBREQUEST']._serialized_end=370
+  _globals['_GETJOBREQUEST']._serialized_start=372
+  _globals['_GETJOBREQUEST']._serialized_end=429
+  _globals['_LISTJOBSREQUEST']._serialized_start=432
+  _globals['_LISTJOBSREQUEST']._serialized_end=592
+  _globals['_LISTJOBSRESPONSE']._serialized_start=594
+  _globals['_LISTJOBSRESPONSE']._serialized_end=683
+  _globals['_CANCELJOBREQUEST']._serialized_start=685
+  _globals['_CANCELJOBREQUEST']._serialized_end=745
+  _globals['_WATCHJOBREQUEST']._serialized_start=747
+  _globals['_WATCHJOBREQUEST']._serialized_end=836
+  _globals['_FINDLEARNINGRATEREQUEST']._serialized_start=839
+  _globals['_FINDLEARNINGRATEREQUEST']._serialized_end=1270
+  _globals['_LEARNINGRATEPOINT']._serialized_start=1272
+  _globals['_LEARNINGRATEPOINT']._serialized_end=1369
+  _globals['_FINDLEARNINGRATERESPONSE']._serialized_start=1372
+  _globals['_FINDLEARNINGRATERESPONSE']._serialized_end=1537
+  _globals['_RECOMMENDSPECREQUEST']._serialized_start=1539
+  _globals['_RECOMMENDSPECREQUEST']._serialized_end=1617
+  _globals['_SPECREASON']._serialized_start=1619
+  _globals['_SPECREASON']._serialized_end=1695
+  _globals['_RECOMMENDSPECRESPONSE']._serialized_start=1698
+  _globals['_RECOMMENDSPECRESPONSE']._serialized_end=1898
+  _globals['_CREATESTUDYREQUEST']._serialized_start=1901
+  _globals['_CREATESTUDYREQUEST']._serialized_end=2043
+  _globals['_GETSTUDYREQUEST']._serialized_start=2045
+  _globals['_GETSTUDYREQUEST']._serialized_end=2106
+  _globals['_LISTSTUDIESREQUEST']._serialized_start=2108
+  _globals['_LISTSTUDIESREQUEST']._serialized_end=2228
+  _globals['_LISTSTUDIESRESPONSE']._serialized_start=2230
+  _globals['_LISTSTUDIESRESPONSE']._serialized_end=2327
+  _globals['_CANCELSTUDYREQUEST']._serialized_start=2329
+  _globals['_CANCELSTUDYREQUEST']._serialized_end=2393
+  _globals['_WATCHSTUDYREQUEST']._serialized_start=2395
+  _globals['_WATCHSTUDYREQUEST']._serialized_end=2488
+  _globals['_PROMOTETRIALREQUEST']._serialized_start=2491
+  _globals['_PROMOTETRIALREQUEST']._serialized_end=2655
+  _globals['_TRAININGSERVICE']._serialized_start=2658
+  _globals['_TRAININGSERVICE']._serialized_end=3653
 # @@protoc_insertion_point(module_scope)

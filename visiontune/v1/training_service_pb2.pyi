@@ -196,14 +196,15 @@ class FindLearningRateRequest(_message.Message):
     SMOOTHING_FIELD_NUMBER: _builtins.int
     DIVERGENCE_FACTOR_FIELD_NUMBER: _builtins.int
     min_learning_rate: _builtins.float
-    """Range of the sweep. Defaults 1e-7 and 10; 0 < min < max <= 100."""
+    """Start of the sweep; below max_learning_rate."""
     max_learning_rate: _builtins.float
+    """End of the sweep."""
     steps: _builtins.int
-    """Mini-batches in the sweep. Default 100; range [10, 10000]."""
+    """Mini-batches in the sweep."""
     smoothing: _builtins.float
-    """Exponential smoothing of the loss curve. Default 0.98; range [0, 1)."""
+    """Exponential smoothing of the loss curve."""
     divergence_factor: _builtins.float
-    """Stop once the smoothed loss exceeds this multiple of the best. Default 4; range [1.5, 100]."""
+    """Stop once the smoothed loss exceeds this multiple of the best."""
     @_builtins.property
     def spec(self) -> _training_spec_pb2.TrainingSpec:
         """The model and data of the test; the classifier stage's batch size and optimizer are used."""

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 from visiontune.store import ArtifactStore
 
-from trainer_service.engine import data as datasets
-from trainer_service.engine.data import label_warnings
+from trainer_service.datasets import listing as datasets
+from trainer_service.datasets.splits import label_warnings
 from trainer_service.spec.config import (
     BLOCK_COUNTS,
     Architecture,

@@ -1,10 +1,12 @@
 """The classifier the trainer fine-tunes: a torchvision backbone plus a small head (docs/architecture.md §4).
 
 `build_classifier` makes a `Classifier` from a `ModelConfig`, always with `weights=None` so torchvision never
-downloads anything by itself; pretrained backbone weights come from `load_base_weights`, which reads
-torchvision's own cache (ImageNet) or a state_dict in S3. `seed_weights_cache` fills that cache from the
-checkpoints shipped by installed Python packages, so ImageNet MobileNetV2 works on a machine without a
-network. `export_torchscript` writes the weights in a form inference loads without this code (docs/architecture.md §5).
+downloads anything by itself; it takes the pretrained backbone weights as a state_dict: `imagenet_state_dict` reads
+torchvision's own cache ($TORCH_HOME), `load_state_dict_file` a local torch.save file (`trainer_service.weights`
+fetches `WeightsSource.URI` files from S3 and dispatches on `ModelConfig.weights`). `seed_weights_cache` fills
+torchvision's cache from the checkpoints shipped by installed Python packages, so ImageNet MobileNetV2 works on a
+machine without a network. `export_torchscript` writes the weights in a form inference loads without this code
+(docs/architecture.md §5).
 """
 
 from __future__ import annotations
@@ -30,10 +32,8 @@ import torch.hub
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
-from visiontune.store import ArtifactStore, StoreError
-from visiontune.uris import parse_location
 
-from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig, WeightsSource
+from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -276,24 +276,12 @@ def _check_state_dict(obj: object, source: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def load_base_weights(cfg: ModelConfig, store: ArtifactStore | None) -> dict[str, Tensor] | None:
-    """The backbone weights `cfg.weights` asks for, as a state_dict for `build_classifier`; None for NONE.
+def imagenet_state_dict(architecture: Architecture) -> dict[str, Tensor]:
+    """The ImageNet backbone weights `WeightsSource.IMAGENET` means, from torchvision's cache ($TORCH_HOME).
 
-    Raises WeightsUnavailable (ImageNet file neither cached nor downloadable, S3 object missing or not a
-    state_dict), ValueError for a config without the URI it needs.
+    A missing file is seeded from an installed offline package or downloaded by torchvision itself. Raises
+    WeightsUnavailable when the file is neither cached nor downloadable, or damaged.
     """
-    if cfg.weights is WeightsSource.NONE:
-        return None
-    if cfg.weights is WeightsSource.IMAGENET:
-        return _load_imagenet(cfg.architecture)
-    if not cfg.weights_uri:
-        raise ValueError("model.weights_uri is required when model.weights is 'uri'")
-    if store is None:
-        raise ValueError("loading model weights from a URI needs an artifact store")
-    return _load_from_store(cfg.weights_uri, store)
-
-
-def _load_imagenet(architecture: Architecture) -> dict[str, Tensor]:
     weights = imagenet_weights(architecture)
     file_name = _checkpoint_file_name(weights)
     cache_dir = weights_cache_dir()
@@ -331,27 +319,18 @@ def _load_imagenet(architecture: Architecture) -> dict[str, Tensor]:
     return _check_state_dict(state, str(cached))
 
 
-def _load_from_store(uri: str, store: ArtifactStore) -> dict[str, Tensor]:
+def load_state_dict_file(path: Path, source: str) -> dict[str, Tensor]:
+    """The state_dict in a local torch.save file (loaded weights-only, on the CPU); `source` names it in errors.
+
+    Raises WeightsUnavailable when the file is not a torch.save file, does not load, or holds no state_dict.
+    """
+    if not _is_torch_file(path):
+        raise WeightsUnavailable(f"{source} are not a torch.save file")
     try:
-        location = parse_location(uri, default_bucket=store.bucket, folder=False)
-    except ValueError as err:
-        raise WeightsUnavailable(f"model weights {uri!r}: {err}") from err
-    if not location.prefix:
-        raise WeightsUnavailable(f"model weights {uri!r} name a bucket but no object")
-    source = store.for_bucket(location.bucket)
-    with tempfile.TemporaryDirectory(prefix="visiontune-weights-") as tmp:
-        path = Path(tmp) / "weights.pth"
-        try:
-            source.download_file(location.prefix, path)
-        except StoreError as err:
-            raise WeightsUnavailable(f"model weights {location} could not be downloaded: {err}") from err
-        if not _is_torch_file(path):
-            raise WeightsUnavailable(f"model weights {location} are not a torch.save file")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except _LOAD_ERRORS as err:
-            raise WeightsUnavailable(f"model weights {location} are not a loadable state_dict ({_cause(err)})") from err
-    return _check_state_dict(state, f"model weights {location}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as err:
+        raise WeightsUnavailable(f"{source} are not a loadable state_dict ({_cause(err)})") from err
+    return _check_state_dict(state, source)
 
 
 def _is_torch_file(path: Path) -> bool:

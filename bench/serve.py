@@ -67,14 +67,9 @@ import torchvision
 import tritonclient.grpc as triton_grpc
 from google.protobuf import duration_pb2, json_format
 from PIL import Image
-from trainer_service.engine.models import (
-    WeightsUnavailable,
-    build_classifier,
-    export_torchscript,
-    load_base_weights,
-    normalization,
-)
+from trainer_service.engine.models import WeightsUnavailable, build_classifier, export_torchscript, normalization
 from trainer_service.spec.config import Architecture, ModelConfig
+from trainer_service.weights import load_base_weights
 from visiontune.devstack.launch import InferenceProcess, launch_inference
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.preprocessing import center_crop, decode_hwc, normalize

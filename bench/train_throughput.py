@@ -46,25 +46,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler
 from trainer_service.engine import loop
 from trainer_service.engine.augment import build_train_transform
-from trainer_service.engine.loop import (
-    CLASSIFIER,
-    FINE_TUNING,
-    EpochRecord,
-    ImageArrayDataset,
-    NoOpCallbacks,
-    RunContext,
-    Split,
-    StageData,
-    resolve_device,
-    run_stage,
-)
-from trainer_service.engine.models import (
-    Classifier,
-    WeightsUnavailable,
-    build_classifier,
-    load_base_weights,
-    normalization,
-)
+from trainer_service.engine.batches import ImageArrayDataset, Split
+from trainer_service.engine.context import RunContext, resolve_device
+from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks, StageData, run_stage
+from trainer_service.engine.models import Classifier, WeightsUnavailable, build_classifier, normalization
 from trainer_service.spec.config import (
     Architecture,
     AugmentationConfig,
@@ -79,6 +64,7 @@ from trainer_service.spec.config import (
     StageConfig,
     TrainingConfig,
 )
+from trainer_service.weights import load_base_weights
 
 from bench.machine import cpu_model
 

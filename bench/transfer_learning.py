@@ -63,8 +63,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from trainer_service.engine.loop import EpochRecord, NoOpCallbacks, RunContext, Split
-from trainer_service.engine.models import build_classifier, load_base_weights, normalization, seed_weights_cache
+from trainer_service.engine.batches import Split
+from trainer_service.engine.context import RunContext
+from trainer_service.engine.loop import EpochRecord, NoOpCallbacks
+from trainer_service.engine.models import build_classifier, normalization
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 from trainer_service.spec.config import (
     Architecture,
@@ -80,6 +82,8 @@ from trainer_service.spec.config import (
     TrainingConfig,
     WeightsSource,
 )
+from trainer_service.weights import load_base_weights
+from visiontune.weights_cache import seed_weights_cache
 
 from bench.machine import cpu_model
 

@@ -76,16 +76,20 @@ from google.protobuf import duration_pb2
 from torch import Tensor
 from torch.utils.data import DataLoader
 from trainer_service.engine import loop
-from trainer_service.engine.loop import EpochRecord, NoOpCallbacks, RunContext, run_context
-from trainer_service.engine.models import Classifier, build_classifier, load_base_weights, seed_weights_cache
+from trainer_service.engine.batches import ImageArrayDataset
+from trainer_service.engine.context import RunContext, run_context
+from trainer_service.engine.loop import EpochRecord, NoOpCallbacks
+from trainer_service.engine.models import Classifier, build_classifier
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 from trainer_service.spec.config import Architecture, Metric, ModelConfig, TrainingConfig, WeightsSource
 from trainer_service.spec.validate import SpecInvalid, validate_spec
 from trainer_service.tuning.optuna_setup import make_pruner, make_sampler
 from trainer_service.tuning.space import apply_params, suggest
 from trainer_service.tuning.study_config import StudyConfig, validate_study
+from trainer_service.weights import load_base_weights
 from visiontune.v1 import study_pb2
 from visiontune.v1 import training_spec_pb2 as pb
+from visiontune.weights_cache import seed_weights_cache
 
 from bench.machine import cpu_model
 from bench.transfer_learning import APT_PACKAGE, DATA_DIR, DatasetMissing, prepare_data
@@ -218,7 +222,7 @@ def shared_features(enabled: bool) -> Iterator[FeatureStats]:
     def compute(model: Classifier, loader: DataLoader[Any], ctx: RunContext) -> tuple[Tensor, Tensor]:
         dataset = loader.dataset
         key = split = None
-        if enabled and isinstance(dataset, loop.ImageArrayDataset):
+        if enabled and isinstance(dataset, ImageArrayDataset):
             split = dataset.split
             key = (id(split), tuple(dataset.indices))
             hit = cache.get(key)

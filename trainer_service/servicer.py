@@ -20,7 +20,7 @@ from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_ser
 from trainer_service import resources
 from trainer_service.advice.lr_range_test import run_lr_finder
 from trainer_service.advice.recommend import recommend_for_dataset
-from trainer_service.engine.data import DatasetError, dataset_fingerprint
+from trainer_service.datasets.listing import DatasetError, dataset_fingerprint
 from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.jobs import events
 from trainer_service.jobs.local_executor import JobExecutor

@@ -1,6 +1,9 @@
 """Resource names of the v1 API (AIP-122): `jobs/{job}`, `studies/{study}`, `models/{model}/versions/{version}`.
 
-One place parses and formats them, so the servicers, the CLI and the artifact layout agree.
+One place parses and formats them, so the servicers, the CLI and the artifact layout agree. The bucket's keys
+follow the names (docs/architecture.md §5): a model version's files live under its name plus '/', committed by
+`MANIFEST`; the trainer's own keys (`jobs/{job}/...`, `studies/{study}/...`) are built in
+`trainer_service/jobs/artifacts.py` from these names.
 """
 
 from __future__ import annotations
@@ -8,6 +11,10 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Final
+
+# The file that commits a model version: readers see only versions that have one (docs/architecture.md §5).
+MANIFEST: Final = "manifest.json"
 
 # Lowercase letters, digits and '-', 1-63 characters, starting with a letter (AIP-122 / RFC-1034 style),
 # so every ID is also a valid S3 key segment and Kubernetes object name.
@@ -61,6 +68,11 @@ def model_name(model: str) -> str:
     return f"models/{model}"
 
 
+def model_versions_prefix(model: str) -> str:
+    """`models/{model}/versions/`: the key prefix of every version of a model, after validating its ID."""
+    return f"{model_name(check_id('model', model))}/versions/"
+
+
 def parse_model_name(name: str) -> str:
     return _parse(rf"models/({_ID})", name, "model")[0]
 
@@ -71,7 +83,7 @@ class ModelVersionName:
     version: str
 
     def __str__(self) -> str:
-        return f"models/{self.model}/versions/{self.version}"
+        return f"{model_name(self.model)}/versions/{self.version}"
 
     @property
     def prefix(self) -> str:
@@ -82,3 +94,8 @@ class ModelVersionName:
 def parse_model_version_name(name: str) -> ModelVersionName:
     model, version = _parse(rf"models/({_ID})/versions/({_ID})", name, "model version")
     return ModelVersionName(model, version)
+
+
+def model_version_prefix(model: str, version: str) -> str:
+    """`models/{model}/versions/{version}/` after validating both IDs (InvalidName, a ValueError, otherwise)."""
+    return ModelVersionName(check_id("model", model), check_id("version", version)).prefix

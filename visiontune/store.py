@@ -36,7 +36,9 @@ import urllib3
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
-from visiontune.names import check_id
+# MANIFEST is re-exported: the store commits model versions with it, and its callers read it here.
+from visiontune.names import MANIFEST as MANIFEST
+from visiontune.names import ModelVersionName, model_version_prefix, model_versions_prefix
 from visiontune.settings import S3Settings
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PART_SIZE = 16 * 1024 * 1024  # multipart part size for uploads of unknown or large size
-MANIFEST = "manifest.json"
 _CHUNK = 1024 * 1024
 
 # What the minio SDK and the urllib3 pool under it raise for a failed request.
@@ -241,13 +242,6 @@ def make_http_client(
         retries=False,
         cert_reqs="CERT_REQUIRED",
     )
-
-
-def model_version_prefix(model: str, version: str) -> str:
-    """`models/{model}/versions/{version}/` after validating both IDs (ValueError otherwise)."""
-    check_id("model", model)
-    check_id("version", version)
-    return f"models/{model}/versions/{version}/"
 
 
 _RELPATH_SEGMENT = re.compile(r"^[^/\\]+$")
@@ -636,8 +630,7 @@ class ArtifactStore:
 
     def list_model_versions(self, model: str) -> builtins.list[str]:
         """The committed versions of `model` (those with a manifest), sorted."""
-        check_id("model", model)
-        root = f"models/{model}/versions/"
+        root = model_versions_prefix(model)
         versions = []
         for info in self.list(root, recursive=True):
             rest = info.key[len(root):].split("/")
@@ -677,7 +670,7 @@ class ModelVersionWriter:
 
     @property
     def name(self) -> str:
-        return f"models/{self.model}/versions/{self.version}"
+        return str(ModelVersionName(self.model, self.version))
 
     @property
     def committed(self) -> bool:

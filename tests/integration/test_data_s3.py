@@ -9,13 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from trainer_service.engine.data import (
-    DatasetError,
-    ImageItem,
-    dataset_fingerprint,
-    list_image_folder,
-    materialize,
-)
+from trainer_service.datasets.cache import materialize
+from trainer_service.datasets.listing import DatasetError, ImageItem, dataset_fingerprint, list_image_folder
 from visiontune.devstack.ports import free_port
 from visiontune.settings import S3Settings
 from visiontune.store import ArtifactStore, RetryPolicy, StoreError, StoreUnavailable

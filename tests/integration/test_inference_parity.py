@@ -18,19 +18,17 @@ import pytest
 import torch
 from PIL import Image
 from tests.integration.inference_helpers import publish_model, start_inference
-from trainer_service.engine.data import decode_image
-from trainer_service.engine.loop import RunContext, Split, predict
-from trainer_service.engine.models import (
-    build_classifier,
-    export_torchscript,
-    load_base_weights,
-    normalization,
-    seed_weights_cache,
-)
+from trainer_service.engine.batches import Split
+from trainer_service.engine.context import RunContext
+from trainer_service.engine.loop import predict
+from trainer_service.engine.models import build_classifier, export_torchscript, normalization
 from trainer_service.spec.config import ModelConfig
+from trainer_service.weights import load_base_weights
 from visiontune.devstack.s3server import S3ServerProcess
+from visiontune.preprocessing import decode_image
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2 as pb
+from visiontune.weights_cache import seed_weights_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from trainer_service.engine.models import WeightsUnavailable, build_classifier, load_base_weights
+from trainer_service.engine.models import WeightsUnavailable, build_classifier
 from trainer_service.spec.config import Architecture, ModelConfig, WeightsSource
+from trainer_service.weights import load_base_weights
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 

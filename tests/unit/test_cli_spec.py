@@ -6,7 +6,6 @@ from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
-
 from trainer_service.spec.validate import validate_spec
 from visiontune.cli import cli
 from visiontune.protoreflect import field_default

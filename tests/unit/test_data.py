@@ -1,4 +1,4 @@
-"""Tests of the engine's data layer without S3: splitting, decoding, balancing, warnings, the decoded set."""
+"""Tests of the datasets package without S3: splitting, decoding, warnings, the decoded set and its cache."""
 
 from __future__ import annotations
 
@@ -15,21 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
-from trainer_service.engine.data import (
-    PREPROCESSING,
-    DatasetError,
-    ImageDataset,
-    ImageItem,
-    balanced_sampler,
-    class_weights,
-    count_labels,
-    decode_image,
-    label_warnings,
-    materialize,
-    preprocessing,
-    stratified_split,
-)
+from trainer_service.datasets.cache import materialize
+from trainer_service.datasets.listing import DatasetError, ImageItem
+from trainer_service.datasets.splits import count_labels, label_warnings, stratified_split
+from visiontune.preprocessing import PREPROCESSING, decode_image, preprocessing
 
 RED = (220, 20, 30)
 BLUE = (10, 40, 230)
@@ -215,27 +204,7 @@ def test_preprocessing_record() -> None:
     assert "size" not in PREPROCESSING
 
 
-# -- balancing and warnings -------------------------------------------------------------------------------
-
-
-def test_class_weights_are_inverse_frequency_with_mean_one() -> None:
-    weights = class_weights([0, 0, 0, 1], 2)
-    assert weights.dtype == torch.float32
-    assert torch.allclose(weights, torch.tensor([0.5, 1.5]))
-    assert torch.allclose(class_weights([0, 1, 2], 3), torch.ones(3))
-    absent = class_weights([0, 0, 2], 3)  # class 1 has no examples: weight 0, the others mean 1
-    assert absent[1] == 0
-    assert torch.allclose(absent[[0, 2]].mean(), torch.tensor(1.0))
-    assert float(absent[2]) == pytest.approx(2 * float(absent[0]))
-
-
-def test_balanced_sampler_draws_labels_equally_and_deterministically() -> None:
-    labels = [0] * 90 + [1] * 10
-    draws = list(balanced_sampler(labels, 4000, torch.Generator().manual_seed(5)))
-    assert len(draws) == 4000
-    share = sum(labels[i] for i in draws) / len(draws)
-    assert 0.45 < share < 0.55
-    assert draws == list(balanced_sampler(labels, 4000, torch.Generator().manual_seed(5)))
+# -- warnings ---------------------------------------------------------------------------------------------
 
 
 def test_label_warnings_one_line_per_small_label() -> None:
@@ -257,7 +226,7 @@ def test_count_labels_includes_empty_labels() -> None:
     assert count_labels([0, 2, 2], ["a", "b", "c"]) == {"a": 1, "b": 0, "c": 2}
 
 
-# -- materialize and ImageDataset on an in-memory object source ---------------------------------------------
+# -- materialize on an in-memory object source ------------------------------------------------------------
 
 
 class DictReader:
@@ -282,33 +251,18 @@ def _source(n: int = 8) -> tuple[DictReader, list[ImageItem]]:
     return DictReader(objects), items
 
 
-def _to_float(image: torch.Tensor) -> torch.Tensor:
-    return image.float() / 255
-
-
-def test_decoded_set_and_image_dataset_pickle_and_load_in_workers(tmp_path: Path) -> None:
+def test_decoded_set_pickles_and_reopens_lazily(tmp_path: Path) -> None:
     reader, items = _source()
     with materialize(reader, items, 16, tmp_path, cache_max_mb=16, workers=2) as decoded:
         assert len(decoded) == 8
         assert decoded.images.shape == (8, 3, 16, 16)
         assert decoded.labels.tolist() == [0, 1] * 4
-        dataset = ImageDataset(decoded, [1, 3, 5], transform=_to_float)
-        image, label = dataset[1]
-        assert label == 1
-        assert image.dtype == torch.float32
-        assert tuple(image.shape) == (3, 16, 16)
 
-        copy = pickle.loads(pickle.dumps(dataset))
-        assert copy.decoded._images is None  # reopened lazily
-        assert torch.equal(copy[2][0], dataset[2][0])
-
-        # Spawned workers receive the dataset pickled, so they must reopen the memmap by path.
-        loader = DataLoader(ImageDataset(decoded, range(8)), batch_size=4, num_workers=1,
-                            multiprocessing_context="spawn")
-        batches = list(loader)
-        assert torch.equal(torch.cat([b[0] for b in batches]), torch.from_numpy(np.array(decoded.images)))
-        assert torch.cat([b[1] for b in batches]).tolist() == [0, 1] * 4
+        copy = pickle.loads(pickle.dumps(decoded))
+        assert copy._images is None  # reopened lazily
+        assert np.array_equal(copy.images[[1, 3, 5]], decoded.images[[1, 3, 5]])
         path = decoded.path
+        copy.close()  # a copy never deletes the file: it belongs to the process that made it
         assert path.exists()
     assert not path.exists()  # the private link goes with the set; the cache entry stays
     assert len(list((tmp_path / "decoded").iterdir())) == 1

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 from trainer_service.engine.augment import build_eval_transform
-from trainer_service.engine.loop import RunContext, Split
+from trainer_service.engine.batches import Split
+from trainer_service.engine.context import RunContext
 from trainer_service.engine.lr_finder import (
     MINIMUM_RULE,
     SKIP_END,

@@ -25,13 +25,13 @@ from trainer_service.engine.models import (
     export_torchscript,
     freeze_base,
     imagenet_weights,
-    load_base_weights,
     normalization,
-    seed_weights_cache,
     trainable_parameters,
     unfreeze,
 )
 from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig, WeightsSource
+from trainer_service.weights import load_base_weights
+from visiontune.weights_cache import seed_weights_cache
 
 torch.set_num_threads(2)
 

@@ -9,15 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from trainer_service.engine.loop import (
-    CLASSIFIER,
-    FINE_TUNING,
-    Cancelled,
-    EpochRecord,
-    NoOpCallbacks,
-    RunContext,
-    Split,
-)
+from trainer_service.engine.batches import Split
+from trainer_service.engine.context import RunContext
+from trainer_service.engine.epoch import Cancelled
+from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks
 from trainer_service.engine.models import build_classifier, normalization
 from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, train
 from trainer_service.spec.config import (

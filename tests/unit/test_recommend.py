@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from trainer_service.advice import recommend as r
 from trainer_service.advice.recommend import Recommendation, recommend_spec
-from trainer_service.engine.data import stratified_split
+from trainer_service.datasets.splits import stratified_split
 from trainer_service.spec.config import (
     Architecture,
     ClassBalancing,

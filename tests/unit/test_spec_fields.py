@@ -37,20 +37,15 @@ from google.protobuf.message import Message
 from PIL import Image
 from test_augment import SWITCHES
 from torch import Tensor, nn
+from trainer_service.datasets.cache import materialize
+from trainer_service.datasets.listing import ImageItem
+from trainer_service.datasets.splits import stratified_split
 from trainer_service.engine import loop
 from trainer_service.engine.augment import build_eval_transform
-from trainer_service.engine.data import ImageItem, materialize, stratified_split
-from trainer_service.engine.loop import (
-    CLASSIFIER,
-    FINE_TUNING,
-    EpochRecord,
-    NoOpCallbacks,
-    Split,
-    StageData,
-    resolve_autocast,
-    run_context,
-)
-from trainer_service.engine.models import Classifier, build_classifier, load_base_weights, normalization
+from trainer_service.engine.batches import Split
+from trainer_service.engine.context import resolve_autocast, run_context
+from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks, StageData
+from trainer_service.engine.models import Classifier, build_classifier, normalization
 from trainer_service.engine.recipe import PreparedData, RepeatResult, train
 from trainer_service.engine.schedules import PlateauReducer, lr_curve
 from trainer_service.jobs.local_executor import max_retries_of
@@ -66,6 +61,7 @@ from trainer_service.spec.config import (
 )
 from trainer_service.spec.convert import config_to_spec
 from trainer_service.spec.validate import SpecInvalid, validate_spec
+from trainer_service.weights import load_base_weights
 from visiontune.names import ModelVersionName
 from visiontune.v1 import training_spec_pb2 as pb
 

@@ -14,13 +14,18 @@ from pathlib import Path
 import numpy as np
 from visiontune.store import ArtifactStore
 
-from trainer_service.engine import data as datasets
-from trainer_service.engine.loop import Split, class_weights, run_context
+from trainer_service.datasets.cache import materialize
+from trainer_service.datasets.listing import list_image_folder
+from trainer_service.datasets.splits import stratified_split
+from trainer_service.engine.batches import Split, class_weights
+from trainer_service.engine.context import run_context
 from trainer_service.engine.lr_finder import LrFinderResult, find_learning_rate
-from trainer_service.engine.models import build_classifier, load_base_weights
+from trainer_service.engine.models import build_classifier
 from trainer_service.engine.plots import lr_finder_png
+from trainer_service.jobs import artifacts
 from trainer_service.spec.config import ClassBalancing, TrainingConfig
 from trainer_service.spec.lr_sweep import LrSweep
+from trainer_service.weights import load_base_weights
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,8 @@ class LrFinderOutcome:
 
 def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, cache_dir: Path) -> LrFinderOutcome:
     """The LR range test on the spec's model and the training part of its data; the plot goes to the bucket."""
-    listing = datasets.list_image_folder(store, config.dataset.uri)
-    train_rows, _ = datasets.stratified_split(
+    listing = list_image_folder(store, config.dataset.uri)
+    train_rows, _ = stratified_split(
         [item.label for item in listing.items], config.dataset.validation_split, config.run.seed)
     # The sweep sees at most steps x batch images; decode only a seeded sample of that size.
     needed = sweep.steps * config.classifier.batch_size
@@ -40,8 +45,8 @@ def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, 
     if len(train_rows) > needed:
         train_rows = sorted(rng.choice(train_rows, size=needed, replace=False).tolist())
     items = [listing.items[i] for i in train_rows]
-    with datasets.materialize(store.for_bucket(listing.bucket), items, config.dataset.image_size, cache_dir,
-                              config.dataset.cache_max_mb) as decoded:
+    with materialize(store.for_bucket(listing.bucket), items, config.dataset.image_size, cache_dir,
+                     config.dataset.cache_max_mb) as decoded:
         train = Split(images=decoded.images, targets=np.asarray(decoded.labels, dtype=np.int64))
         model = build_classifier(config.model, len(listing.labels), load_base_weights(config.model, store))
         # In the server process: no DataLoader worker processes for a sweep over a small sample.
@@ -55,6 +60,6 @@ def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, 
             class_weight=weight,
         )
     png = lr_finder_png([p.lr for p in result.points], [p.smoothed_loss for p in result.points], result.suggested_lr)
-    key = f"lr-finder/{config.output_model}-{secrets.token_hex(4)}/loss_vs_lr.png"
+    key = artifacts.lr_finder_plot_key(config.output_model, secrets.token_hex(4))
     store.put_bytes(key, png, content_type="image/png")
-    return LrFinderOutcome(result=result, plot_uri=f"s3://{store.bucket}/{key}")
+    return LrFinderOutcome(result=result, plot_uri=artifacts.object_uri(store, key))

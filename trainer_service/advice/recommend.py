@@ -18,8 +18,8 @@ from visiontune import protoreflect
 from visiontune.store import ArtifactStore
 from visiontune.v1 import training_spec_pb2
 
-from trainer_service.engine import data as datasets
-from trainer_service.engine.data import label_warnings
+from trainer_service.datasets import listing as datasets
+from trainer_service.datasets.splits import label_warnings
 from trainer_service.spec.config import (
     BLOCK_COUNTS,
     FINE_TUNING_LR_DIVISOR,

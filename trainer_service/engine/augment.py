@@ -1,8 +1,8 @@
 """Image pipelines (torchvision.transforms.v2) and the per-epoch sample plan of augmented copies.
 
 Images reach the pipelines as uint8 tensors [3, S, S] (or batches [N, 3, S, S]), already decoded and resized
-to the job's image_size S by the data module; the pipelines return float32 tensors normalised with the base's
-mean and std.
+to the job's image_size S by `trainer_service.datasets`; the pipelines return float32 tensors normalised with the
+base's mean and std.
 
 Randomness: the transforms draw from torch's global RNG, so callers make a run reproducible by seeding it
 (`torch.manual_seed` per epoch, and per DataLoader worker, which PyTorch derives from the loader's base seed).

@@ -1,8 +1,16 @@
-"""The training recipe: stage 1 (head on the frozen base), optional stage 2 (fine-tuning), evaluation.
+"""A training stage: stage 1 (the head on the frozen base) or stage 2 (fine-tuning), epoch by epoch.
 
 Plain PyTorch, in the spirit of torchvision's references/classification: functions over a model, tensors
 and a validated `TrainingConfig`; no gRPC, S3 or database in here. The caller passes callbacks that see
 every stage start, every epoch and every checkpoint, and can ask the loop to stop (cancellation).
+
+`run_stage` feeds `epoch.train_one_epoch` from one of two paths:
+
+- the cached-feature path (stage 1 when nothing random happens before the base): the frozen base's bottleneck
+  features are computed once (`cached_train_features`), and each epoch trains the head on those tensors
+  (`feature_epoch`);
+- the image path (random augmentation before the base, or fine-tuning): each epoch runs the whole model over
+  images through a DataLoader (`image_epoch`).
 
 Determinism and resume: every epoch seeds torch's RNG (dropout, augmentation) and the shuffling generator
 from (seed, stage, epoch), so a run resumed from a checkpoint taken after epoch e replays epochs e+1...
@@ -11,30 +19,36 @@ exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from trainer_service.engine.augment import build_eval_transform, build_train_transform, epoch_index_plan
-from trainer_service.engine.models import Classifier, freeze_base, normalization, unfreeze
+from trainer_service.engine.batches import (
+    ImageArrayDataset,
+    PlanDataset,
+    Split,
+    Transform,
+    balanced_sampler,
+    class_weights,
+    tensor_batches,
+)
+from trainer_service.engine.context import RunContext, autocast, derive_seed, seeded_generator
+from trainer_service.engine.epoch import Batches, build_optimizer, compute_features, evaluate, train_one_epoch
+from trainer_service.engine.models import Classifier, freeze_base, unfreeze
 from trainer_service.engine.plots import weight_histogram
-from trainer_service.engine.schedules import PlateauReducer, lr_at
+from trainer_service.engine.schedules import PlateauReducer
 from trainer_service.spec.config import (
+    AugmentationConfig,
     ClassBalancing,
-    DeviceKind,
     Metric,
-    OptimizerType,
-    Precision,
     ScheduleType,
     StageConfig,
     TrainingConfig,
@@ -43,25 +57,8 @@ from trainer_service.spec.config import (
 CLASSIFIER = "classifier"
 FINE_TUNING = "fine_tuning"
 
-Transform = Callable[[Tensor], Tensor]
-
-
-class Cancelled(Exception):
-    """The caller asked the loop to stop (CancelJob); nothing after the last checkpoint is kept."""
-
 
 # -- inputs and outputs ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Split:
-    """Decoded images of one split: uint8 [N, 3, S, S] (a numpy memmap is fine) and their label indices."""
-
-    images: np.ndarray[Any, Any]
-    targets: np.ndarray[Any, Any]
-
-    def __len__(self) -> int:
-        return int(self.targets.shape[0])
 
 
 @dataclass(frozen=True)
@@ -118,22 +115,6 @@ class NoOpCallbacks:
 
 
 @dataclass
-class RunContext:
-    """What the loop needs besides the config: device, precision and the data-loading setup."""
-
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # None: full fp32
-    workers: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    eval_batch_size: int = 64
-
-    @property
-    def use_scaler(self) -> bool:
-        return self.autocast_dtype == torch.float16 and self.device.type == "cuda"
-
-
-@dataclass
 class StageState:
     """Everything needed to resume a stage after its last completed epoch."""
 
@@ -149,98 +130,21 @@ class StageState:
     stopped_early: bool = False
 
 
-# -- device and precision -----------------------------------------------------------------------------
+@dataclass
+class StageData:
+    train: Split
+    val: Split
+    num_classes: int
 
 
-def resolve_device(kind: DeviceKind) -> torch.device:
-    if kind == DeviceKind.CUDA:
-        if not torch.cuda.is_available():
-            raise RuntimeError("the spec asks for device CUDA, but no GPU is available to this trainer")
-        return torch.device("cuda")
-    if kind == DeviceKind.AUTO and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+@dataclass
+class StageOutcome:
+    state: StageState
+    lrs: list[float]
+    histograms: dict[str, list[tuple[int, list[float], list[float]]]]
 
 
-def resolve_autocast(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. AUTO: bf16 on GPUs that support it, fp16 on older ones."""
-    if precision == Precision.FP32:
-        return None
-    if precision == Precision.AMP_BF16:
-        return torch.bfloat16
-    if precision == Precision.AMP_FP16:
-        return torch.float16
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def run_context(config: TrainingConfig) -> RunContext:
-    """The RunContext a job's spec asks for: its device, precision and data-loader workers (run.*)."""
-    device = resolve_device(config.run.device)
-    mean, std = normalization(config.model)
-    return RunContext(device=device, autocast_dtype=resolve_autocast(config.run.precision, device),
-                      workers=config.run.data_loader_workers, mean=mean, std=std)
-
-
-def _autocast(ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
-    if ctx.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
-
-
-# -- seeding ------------------------------------------------------------------------------------------
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from the run seed and where we are (stage, epoch, purpose)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seeded_generator(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-# -- datasets -------------------------------------------------------------------------------------------
-
-
-class ImageArrayDataset(Dataset[tuple[Tensor, int]]):
-    """Rows of a uint8 image array through a transform. Picklable for DataLoader worker processes."""
-
-    def __init__(self, split: Split, indices: Sequence[int], transform: Transform) -> None:
-        self.split = split
-        self.indices = list(indices)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        row = self.indices[i]
-        image = torch.from_numpy(np.ascontiguousarray(self.split.images[row]))
-        return self.transform(image), int(self.split.targets[row])
-
-
-class _PlanDataset(Dataset[tuple[Tensor, int]]):
-    """One epoch's plan of (original index, augmented?) pairs: originals plain, copies augmented."""
-
-    def __init__(self, split: Split, plan: Sequence[tuple[int, bool]], plain: Transform, augmented: Transform):
-        self.split = split
-        self.plan = list(plan)
-        self.plain = plain
-        self.augmented = augmented
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        row, is_augmented = self.plan[i]
-        image = torch.from_numpy(np.ascontiguousarray(self.split.images[row]))
-        transform = self.augmented if is_augmented else self.plain
-        return transform(image), int(self.split.targets[row])
+# -- data loading ---------------------------------------------------------------------------------------
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -272,165 +176,71 @@ def make_loader(
     )
 
 
-def class_weights(targets: np.ndarray[Any, Any], num_classes: int) -> Tensor:
-    """Inverse label frequency, normalised to mean 1 over the labels present."""
-    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.long), minlength=num_classes).double()
-    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-    return weights.float()
-
-
-def _balanced_sampler(targets: np.ndarray[Any, Any], num_classes: int, count: int, seed: int) -> WeightedRandomSampler:
-    per_class = class_weights(targets, num_classes)
-    sample_weights = per_class[torch.as_tensor(targets, dtype=torch.long)].double()
-    return WeightedRandomSampler(sample_weights.tolist(), num_samples=count, replacement=True,
-                                 generator=seeded_generator(seed))
-
-
-# -- optimizer and learning rate ------------------------------------------------------------------------
-
-
-def build_optimizer(params: Sequence[nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
-    opt = stage.optimizer
-    lr = stage.learning_rate
-    if opt.type == OptimizerType.SGD:
-        return torch.optim.SGD(
-            params, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0,
-            weight_decay=opt.weight_decay,
-        )
-    if opt.type == OptimizerType.ADAM:
-        return torch.optim.Adam(params, lr=lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
-    if opt.type == OptimizerType.ADAMW:
-        return torch.optim.AdamW(params, lr=lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
-    return torch.optim.RMSprop(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-# -- one epoch ------------------------------------------------------------------------------------------
+# -- the two paths: what one epoch trains on -----------------------------------------------------------
 
 
 @dataclass
-class _EpochTotals:
-    loss: float = 0.0
-    correct: int = 0
-    seen: int = 0
+class EpochBatches:
+    """One epoch's training batches, how many optimizer steps they make, and how many images they hold."""
 
-    def add(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
-        n = int(targets.shape[0])
-        self.loss += float(loss.detach()) * n
-        self.correct += int((logits.detach().argmax(1) == targets).sum())
-        self.seen += n
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss / max(1, self.seen)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / max(1, self.seen)
+    batches: Batches
+    steps: int
+    count: int
 
 
-def _train_epoch(
-    forward: Callable[[Tensor], Tensor],
-    trainable: Sequence[nn.Parameter],
-    batches: Iterator[tuple[Tensor, Tensor]] | DataLoader[Any],
-    steps: int,
-    optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
-    stage: StageConfig,
-    epoch_index: int,
-    lr_scale: float,
-    ctx: RunContext,
-    scaler: torch.amp.GradScaler | None,
-    should_stop: Callable[[], bool],
-) -> tuple[_EpochTotals, float, list[float]]:
-    totals = _EpochTotals()
-    lrs: list[float] = []
-    lr = stage.learning_rate
-    for step, (inputs, targets) in enumerate(batches):
-        if should_stop():
-            raise Cancelled()
-        lr = lr_at(stage, epoch_index + step / max(1, steps), steps_per_epoch=max(1, steps)) * lr_scale
-        set_lr(optimizer, lr)
-        lrs.append(lr)
-        inputs = inputs.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        if ctx.device.type == "cuda" and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with _autocast(ctx):
-            logits = forward(inputs)
-            loss = criterion(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if stage.gradient_clip_norm > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trainable, stage.gradient_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if stage.gradient_clip_norm > 0:
-                nn.utils.clip_grad_norm_(trainable, stage.gradient_clip_norm)
-            optimizer.step()
-        totals.add(loss, logits, targets)
-    return totals, lr, lrs
+def cached_train_features(
+    model: Classifier, train: Split, copies_per_original: int, eval_tf: Transform, train_tf: Transform,
+    ctx: RunContext, copies_seed: int,
+) -> tuple[Tensor, Tensor]:
+    """The cached-feature path's training set: the frozen base's features of every original, and of
+    `copies_per_original` augmented copies of each (drawn once, from `copies_seed`)."""
+    rows = list(range(len(train)))
+    if copies_per_original == 0:
+        loader = make_loader(ImageArrayDataset(train, rows, eval_tf), ctx, ctx.eval_batch_size)
+        return compute_features(model, loader, ctx)
+    plan = [(i, False) for i in rows] + [(i, True) for _ in range(copies_per_original) for i in rows]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(copies_seed)
+        # Workers would draw their own seeds; the copies must be the same on a resumed run.
+        loader = make_loader(PlanDataset(train, plan, eval_tf, train_tf), replace(ctx, workers=0), ctx.eval_batch_size)
+        return compute_features(model, loader, ctx)
 
 
-@torch.no_grad()
-def _evaluate(
-    forward: Callable[[Tensor], Tensor], batches: Iterator[tuple[Tensor, Tensor]] | DataLoader[Any],
-    criterion: nn.Module, ctx: RunContext,
-) -> tuple[_EpochTotals, Tensor]:
-    totals = _EpochTotals()
-    all_logits: list[Tensor] = []
-    for inputs, targets in batches:
-        inputs = inputs.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        with _autocast(ctx):
-            logits = forward(inputs).float()
-        totals.add(criterion(logits, targets), logits, targets)
-        all_logits.append(logits.cpu())
-    return totals, torch.cat(all_logits) if all_logits else torch.empty(0)
+def feature_epoch(
+    train_x: Tensor, train_y: Tensor, balancing: ClassBalancing, num_classes: int, batch_size: int, shuffle_seed: int,
+) -> EpochBatches:
+    """The cached-feature path's epoch: the cached features in an order drawn from `shuffle_seed`."""
+    count = int(train_x.shape[0])
+    if balancing == ClassBalancing.WEIGHTED_SAMPLER:
+        order = torch.tensor(list(balanced_sampler(train_y.numpy(), num_classes, count, shuffle_seed)))
+    else:
+        order = torch.randperm(count, generator=seeded_generator(shuffle_seed))
+    return EpochBatches(tensor_batches(train_x, train_y, batch_size, order), math.ceil(count / batch_size), count)
 
 
-def tensor_batches(x: Tensor, y: Tensor, batch_size: int, order: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
-    index = order if order is not None else torch.arange(x.shape[0])
-    for start in range(0, int(index.shape[0]), batch_size):
-        rows = index[start:start + batch_size]
-        yield x[rows], y[rows]
-
-
-# -- features -------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def compute_features(model: Classifier, loader: DataLoader[Any], ctx: RunContext) -> tuple[Tensor, Tensor]:
-    """The frozen base's bottleneck features of every image the loader yields, on the CPU in fp32."""
-    model.base.eval()
-    feats: list[Tensor] = []
-    labels: list[Tensor] = []
-    for inputs, targets in loader:
-        inputs = inputs.to(ctx.device, non_blocking=True)
-        if ctx.device.type == "cuda":
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with _autocast(ctx):
-            feats.append(model.base(inputs).float().cpu())
-        labels.append(targets)
-    return torch.cat(feats), torch.cat(labels)
+def image_epoch(
+    train: Split, aug: AugmentationConfig, balancing: ClassBalancing, num_classes: int, eval_tf: Transform,
+    train_tf: Transform, ctx: RunContext, batch_size: int, shuffle_seed: int,
+) -> EpochBatches:
+    """The image path's epoch: a DataLoader over the images (and this epoch's augmented copies), shuffled or
+    class-balanced from `shuffle_seed`; the transforms draw from torch's RNG, seeded by the caller."""
+    rows = list(range(len(train)))
+    dataset: ImageArrayDataset | PlanDataset
+    if aug.copies_per_original > 0:
+        epoch_plan = epoch_index_plan(len(train), aug.copies_per_original, seeded_generator(shuffle_seed))
+        dataset = PlanDataset(train, epoch_plan, eval_tf, train_tf)
+        rows = [r for r, _ in epoch_plan]
+    else:
+        dataset = ImageArrayDataset(train, rows, train_tf)
+    sampler = None
+    if balancing == ClassBalancing.WEIGHTED_SAMPLER:
+        sampler = balanced_sampler(train.targets[rows], num_classes, len(dataset), shuffle_seed)
+    loader = make_loader(dataset, ctx, batch_size, shuffle=True, sampler=sampler,
+                         generator=seeded_generator(shuffle_seed))
+    return EpochBatches(loader, len(loader), len(dataset))
 
 
 # -- a stage --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StageData:
-    train: Split
-    val: Split
-    num_classes: int
 
 
 def _criterion(config: TrainingConfig, stage: StageConfig, train: Split, num_classes: int, device: torch.device,
@@ -458,11 +268,34 @@ def _weight_groups(model: Classifier) -> dict[str, list[Tensor]]:
     }
 
 
-@dataclass
-class StageOutcome:
-    state: StageState
-    lrs: list[float]
-    histograms: dict[str, list[tuple[int, list[float], list[float]]]]
+def _end_epoch(
+    state: StageState, record: EpochRecord, stage: StageConfig, model: Classifier, optimizer: torch.optim.Optimizer,
+    plateau: PlateauReducer, histograms: dict[str, list[tuple[int, list[float], list[float]]]],
+) -> bool:
+    """Record an epoch: history, weight histograms, the plateau reducer, the best weights, early stopping, and
+    the optimizer's state for the checkpoint. True when the stage stops after this epoch."""
+    state.history.append(record)
+    state.completed_epochs = record.epoch
+    for group, params in _weight_groups(model).items():
+        edges, counts = weight_histogram(params)
+        histograms[group].append((record.epoch, list(edges), list(counts)))
+
+    monitor = stage.early_stopping.monitor
+    value = record.metric(monitor)
+    if stage.schedule.type == ScheduleType.REDUCE_ON_PLATEAU:
+        plateau.update(value)
+    if _improved(value, state.best_value, monitor, stage.early_stopping.min_delta):
+        state.best_value, state.best_epoch = value, record.epoch
+        state.epochs_without_improvement = 0
+        if stage.early_stopping.enabled and stage.early_stopping.restore_best_weights:
+            state.best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    else:
+        state.epochs_without_improvement += 1
+    stop_now = stage.early_stopping.enabled and state.epochs_without_improvement >= stage.early_stopping.patience
+    state.stopped_early = stop_now and record.epoch < stage.epochs
+    state.optimizer = optimizer.state_dict()
+    state.plateau = plateau.state_dict()
+    return stop_now
 
 
 def run_stage(
@@ -487,6 +320,7 @@ def run_stage(
     """
     stage = config.classifier if stage_name == CLASSIFIER else config.fine_tuning.stage
     aug = config.augmentation
+    balancing = config.dataset.class_balancing
     if stage_name == CLASSIFIER:
         freeze_base(model)
     else:
@@ -502,7 +336,6 @@ def run_stage(
     eval_tf = build_eval_transform(image_size, ctx.mean, ctx.std)
     train_tf = build_train_transform(aug, image_size, ctx.mean, ctx.std)
     plateau = PlateauReducer(stage, higher_is_better=stage.early_stopping.monitor.higher_is_better)
-    monitor = stage.early_stopping.monitor
     state = resume if resume is not None else StageState(stage=stage_name)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
@@ -516,28 +349,27 @@ def run_stage(
         raise ValueError(f"cannot cache features in stage {stage_name!r} with random augmentation before the base")
     cache_features = can_cache if cache_features is None else cache_features
     callbacks.stage_started(repeat, stage_name, stage.epochs, cache_features)
-    n_train = len(data.train)
-    all_rows = list(range(n_train))
     val_loader = make_loader(ImageArrayDataset(data.val, range(len(data.val)), eval_tf), ctx, ctx.eval_batch_size)
+    # Stage 1 validates the head on the validation set's features, computed once: the base is frozen.
+    val_features = compute_features(model, val_loader, ctx) if stage_name == CLASSIFIER else None
 
-    train_x = train_y = val_x = val_y = None
-    if stage_name == CLASSIFIER:
-        val_x, val_y = compute_features(model, val_loader, ctx)
+    epoch_batches: Callable[[int], EpochBatches]
+    forward: Callable[[Tensor], Tensor]
     if cache_features:
-        plan = [(i, False) for i in all_rows]
-        if aug.copies_per_original > 0:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, stage_name, "copies"))
-                plan += [(i, True) for _ in range(aug.copies_per_original) for i in all_rows]
-                copies_ds = _PlanDataset(data.train, plan, eval_tf, train_tf)
-                # Workers would draw their own seeds; the copies must be the same on a resumed run.
-                train_x, train_y = compute_features(
-                    model, make_loader(copies_ds, replace(ctx, workers=0), ctx.eval_batch_size), ctx
-                )
-        else:
-            train_x, train_y = compute_features(
-                model, make_loader(ImageArrayDataset(data.train, all_rows, eval_tf), ctx, ctx.eval_batch_size), ctx
-            )
+        train_x, train_y = cached_train_features(model, data.train, aug.copies_per_original, eval_tf, train_tf, ctx,
+                                                 derive_seed(seed, stage_name, "copies"))
+
+        def epoch_batches(shuffle_seed: int) -> EpochBatches:
+            return feature_epoch(train_x, train_y, balancing, data.num_classes, stage.batch_size, shuffle_seed)
+
+        forward = model.head
+    else:
+
+        def epoch_batches(shuffle_seed: int) -> EpochBatches:
+            return image_epoch(data.train, aug, balancing, data.num_classes, eval_tf, train_tf, ctx,
+                               stage.batch_size, shuffle_seed)
+
+        forward = model
 
     lrs: list[float] = []
     histograms: dict[str, list[tuple[int, list[float], list[float]]]] = {"early": [], "late": [], "head": []}
@@ -546,75 +378,28 @@ def run_stage(
         torch.manual_seed(derive_seed(seed, stage_name, epoch_index, "torch"))
         shuffle_seed = derive_seed(seed, stage_name, epoch_index, "order")
         model.train()  # a frozen base keeps its BatchNorm in eval mode (Classifier.train)
-        if cache_features:
-            assert train_x is not None
-            assert train_y is not None
-            count = int(train_x.shape[0])
-            if config.dataset.class_balancing == ClassBalancing.WEIGHTED_SAMPLER:
-                order = torch.tensor(list(_balanced_sampler(train_y.numpy(), data.num_classes, count, shuffle_seed)))
-            else:
-                order = torch.randperm(count, generator=seeded_generator(shuffle_seed))
-            steps = math.ceil(count / stage.batch_size)
-            batches: Iterator[tuple[Tensor, Tensor]] | DataLoader[Any] = tensor_batches(
-                train_x, train_y, stage.batch_size, order
-            )
-            forward: Callable[[Tensor], Tensor] = model.head
-        else:
-            if aug.copies_per_original > 0:
-                epoch_plan = epoch_index_plan(n_train, aug.copies_per_original, seeded_generator(shuffle_seed))
-                dataset: ImageArrayDataset | _PlanDataset = _PlanDataset(data.train, epoch_plan, eval_tf, train_tf)
-            else:
-                dataset = ImageArrayDataset(data.train, all_rows, train_tf)
-            sampler = None
-            if config.dataset.class_balancing == ClassBalancing.WEIGHTED_SAMPLER:
-                rows = [r for r, _ in epoch_plan] if aug.copies_per_original > 0 else all_rows
-                sampler = _balanced_sampler(data.train.targets[rows], data.num_classes, len(dataset), shuffle_seed)
-            batches = make_loader(dataset, ctx, stage.batch_size, shuffle=True, sampler=sampler,
-                              generator=seeded_generator(shuffle_seed))
-            count = len(dataset)
-            steps = len(batches)
-            forward = model
-        totals, lr, epoch_lrs = _train_epoch(
-            forward, trainable, batches, steps, optimizer, criterion, stage, epoch_index,
+        epoch = epoch_batches(shuffle_seed)
+        totals, lr, epoch_lrs = train_one_epoch(
+            forward, trainable, epoch.batches, epoch.steps, optimizer, criterion, stage, epoch_index,
             plateau.scale, ctx, scaler, callbacks.should_stop,
         )
         lrs.extend(epoch_lrs)
         train_seconds = time.perf_counter() - started
         model.eval()
-        if stage_name == CLASSIFIER:
-            assert val_x is not None
-            assert val_y is not None
-            val_totals, _ = _evaluate(model.head, tensor_batches(val_x, val_y, ctx.eval_batch_size, None),
-                                      criterion, ctx)
+        if val_features is not None:
+            val_x, val_y = val_features
+            val_totals, _ = evaluate(model.head, tensor_batches(val_x, val_y, ctx.eval_batch_size, None), criterion,
+                                     ctx)
         else:
-            val_totals, _ = _evaluate(model, val_loader, criterion, ctx)
+            val_totals, _ = evaluate(model, val_loader, criterion, ctx)
         record = EpochRecord(
             stage=stage_name, epoch=epoch_index + 1, epochs=stage.epochs,
             train_loss=totals.mean_loss, train_accuracy=totals.accuracy,
             val_loss=val_totals.mean_loss, val_accuracy=val_totals.accuracy,
-            learning_rate=lr, images_per_second=count / max(train_seconds, 1e-9),
+            learning_rate=lr, images_per_second=epoch.count / max(train_seconds, 1e-9),
             epoch_seconds=time.perf_counter() - started,
         )
-        state.history.append(record)
-        state.completed_epochs = epoch_index + 1
-        for group, params in _weight_groups(model).items():
-            edges, counts = weight_histogram(params)
-            histograms[group].append((epoch_index + 1, list(edges), list(counts)))
-
-        value = record.metric(monitor)
-        if stage.schedule.type == ScheduleType.REDUCE_ON_PLATEAU:
-            plateau.update(value)
-        if _improved(value, state.best_value, monitor, stage.early_stopping.min_delta):
-            state.best_value, state.best_epoch = value, record.epoch
-            state.epochs_without_improvement = 0
-            if stage.early_stopping.enabled and stage.early_stopping.restore_best_weights:
-                state.best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            state.epochs_without_improvement += 1
-        stop_now = stage.early_stopping.enabled and state.epochs_without_improvement >= stage.early_stopping.patience
-        state.stopped_early = stop_now and record.epoch < stage.epochs
-        state.optimizer = optimizer.state_dict()
-        state.plateau = plateau.state_dict()
+        stop_now = _end_epoch(state, record, stage, model, optimizer, plateau, histograms)
         callbacks.epoch_ended(repeat, record)
         extra = checkpoint_extra(state) if checkpoint_extra is not None else {}
         callbacks.checkpoint({**extra, "stage_state": state, "model": model.state_dict()})
@@ -637,6 +422,6 @@ def predict(model: Classifier, split: Split, ctx: RunContext) -> Tensor:
     outputs: list[Tensor] = []
     for inputs, _ in loader:
         inputs = inputs.to(ctx.device, non_blocking=True)
-        with _autocast(ctx):
+        with autocast(ctx):
             outputs.append(model(inputs).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)

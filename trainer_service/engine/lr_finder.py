@@ -21,18 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from trainer_service.engine.augment import build_eval_transform
-from trainer_service.engine.loop import (
-    ImageArrayDataset,
-    RunContext,
-    Split,
-    build_optimizer,
-    compute_features,
-    derive_seed,
-    make_loader,
-    seeded_generator,
-    set_lr,
-    tensor_batches,
-)
+from trainer_service.engine.batches import ImageArrayDataset, Split, tensor_batches
+from trainer_service.engine.context import RunContext, derive_seed, seeded_generator
+from trainer_service.engine.epoch import build_optimizer, compute_features, set_lr
+from trainer_service.engine.loop import make_loader
 from trainer_service.engine.models import Classifier, freeze_base
 from trainer_service.spec.config import StageConfig
 

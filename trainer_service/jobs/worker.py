@@ -1,8 +1,9 @@
 """`python -m trainer_service.jobs.worker --job ID`: runs one training job, started by the executor.
 
 The worker is where S3, the job store and the engine meet: it reads the job's spec, fetches and decodes
-the data, loads the base weights, resumes from the job's last checkpoint if there is one, runs the
-engine, and publishes the model version (manifest.json last). Progress goes to the job's event log as it
+the data (`trainer_service.datasets`), loads the base weights (`trainer_service.weights`), resumes from the
+job's last checkpoint if there is one, runs the engine, and publishes the model version; what it writes to
+the bucket, and under which keys, is `jobs/artifacts.py`. Progress goes to the job's event log as it
 happens; the final state and result are written here too.
 
 Jobs of a tuning study (the record has `study_id`) publish no model version: their JobResult carries the
@@ -16,13 +17,10 @@ resumes when it restarts). Dying any other way leaves the job RUNNING for the ex
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,46 +32,37 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from google.protobuf import json_format
-from visiontune import names
 from visiontune.logs import configure_logging
 from visiontune.settings import add_s3_arguments, s3_settings_from_args
-from visiontune.store import ArtifactStore, ObjectNotFound, StoreError, sha256_file
-from visiontune.v1 import job_pb2, manifest_pb2
+from visiontune.store import ArtifactStore, StoreError
+from visiontune.v1 import job_pb2
 
-from trainer_service.engine import data as datasets
-from trainer_service.engine import plots
-from trainer_service.engine.loop import (
-    CLASSIFIER,
-    FINE_TUNING,
-    Cancelled,
-    EpochRecord,
-    Split,
-    run_context,
+from trainer_service.datasets.cache import DecodedSet, materialize
+from trainer_service.datasets.listing import (
+    DatasetError,
+    ImageFolderListing,
+    ImageItem,
+    dataset_fingerprint,
+    list_image_folder,
 )
-from trainer_service.engine.models import (
-    WeightsUnavailable,
-    build_classifier,
-    export_torchscript,
-    load_base_weights,
-    normalization,
-)
-from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, train
-from trainer_service.jobs import events, results
+from trainer_service.datasets.splits import label_warnings, stratified_split
+from trainer_service.engine.batches import Split
+from trainer_service.engine.context import run_context
+from trainer_service.engine.epoch import Cancelled
+from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
+from trainer_service.engine.models import WeightsUnavailable, build_classifier
+from trainer_service.engine.recipe import PreparedData, TrainingResult, train
+from trainer_service.jobs import artifacts, events, results
 from trainer_service.jobs.local_executor import EXIT_CANCELLED, EXIT_PARENT_GONE
 from trainer_service.jobs.store import JobState, JobStore
 from trainer_service.spec.config import TrainingConfig
 from trainer_service.spec.convert import load_stored_spec
+from trainer_service.weights import load_base_weights
 
 if TYPE_CHECKING:
     from trainer_service.tuning.trial_reporter import TrialReporter
 
 log = logging.getLogger("trainer_service.jobs.worker")
-
-MODEL_FILE = "model.pt"
-
-
-def checkpoint_key(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoints/last.pt"
 
 
 class _Pruned(Exception):
@@ -90,7 +79,7 @@ class LoadedData:
     prepared: PreparedData
     summary: job_pb2.DatasetSummary
     keys: dict[str, list[str]]  # split -> object keys, row-aligned with the split's images
-    handles: list[datasets.DecodedSet]
+    handles: list[DecodedSet]
 
 
 class JobWorker:
@@ -152,10 +141,7 @@ class JobWorker:
                                   f"{stage} stage stopped early after {epochs_run} epochs (repeat {repeat + 1})")
 
     def checkpoint(self, state: dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        # One object, overwritten each epoch: an S3 PUT is atomic, so a reader sees the old or the new one.
-        self.store.put_bytes(checkpoint_key(self.job_id), buffer.getvalue())
+        artifacts.save_checkpoint(self.store, self.job_id, state)
 
     # -- the job
 
@@ -166,8 +152,7 @@ class JobWorker:
         signal.signal(signal.SIGTERM, self.request_stop)
         try:
             if self.record.attempt <= 1:
-                self.store.put_bytes(f"jobs/{self.job_id}/spec.json", self.record.spec_json.encode(),
-                                     content_type="application/json")
+                artifacts.save_spec(self.store, self.job_id, self.record.spec_json)
             outcome = self._run()
         except Cancelled:
             self._clean_up()
@@ -184,7 +169,7 @@ class JobWorker:
                       f"({metric} {pruned.value:.4g})",
                       result=self._pruned_result())
             return 0
-        except (datasets.DatasetError, WeightsUnavailable, StoreError, RuntimeError, ValueError) as err:
+        except (DatasetError, WeightsUnavailable, StoreError, RuntimeError, ValueError) as err:
             log.exception("job failed", extra={"job": self.job_id})
             self._end(JobState.FAILED, f"{type(err).__name__}: {err}", error=str(err))
             return 0
@@ -199,20 +184,12 @@ class JobWorker:
         # The last events and the log in the bucket come before the state: a watcher that sees the job
         # ended has then already been able to read every event.
         events.record_state(self.jobs, self.job_id, state, message)
-        self._upload_event_log()
+        artifacts.save_event_log(self.store, self.job_id, self.jobs.events_after(self.job_id, 0, limit=10_000))
         self.jobs.update_state(self.job_id, state, error=error, result_json=result_json,
                                expected={JobState.RUNNING, JobState.CANCELLING})
 
-    def _upload_event_log(self) -> None:
-        """jobs/{job}/events.jsonl: the job's whole event log beside its spec (docs/architecture.md §5)."""
-        lines = [json.dumps({"sequence": e.sequence, "time": e.time.isoformat(), "kind": e.kind,
-                             "event": json.loads(e.payload_json)})
-                 for e in self.jobs.events_after(self.job_id, 0, limit=10_000)]
-        self.store.put_bytes(f"jobs/{self.job_id}/events.jsonl", ("\n".join(lines) + "\n").encode(),
-                             content_type="application/x-ndjson")
-
     def _clean_up(self) -> None:
-        self.store.delete_prefix(f"jobs/{self.job_id}/checkpoints/")
+        artifacts.delete_checkpoints(self.store, self.job_id)
 
     def _run(self) -> job_pb2.JobResult:
         config = self.config
@@ -234,7 +211,7 @@ class JobWorker:
             def make_model(seed: int) -> Any:
                 return build_classifier(config.model, len(labels), base_state)
 
-            resume = self._load_checkpoint()
+            resume = artifacts.load_checkpoint(self.store, self.job_id)
             if resume is not None:
                 events.record_warning(
                     self.jobs, self.job_id, "resumed",
@@ -265,12 +242,12 @@ class JobWorker:
         cfg = self.config.dataset
         size = cfg.image_size
         cache = self.data_dir / "trainer" / "cache"
-        listing = datasets.list_image_folder(self.store, cfg.uri)
+        listing = list_image_folder(self.store, cfg.uri)
         labels = list(listing.labels)
-        handles: list[datasets.DecodedSet] = []
+        handles: list[DecodedSet] = []
 
-        def decode(listing: datasets.ImageFolderListing, items: Sequence[datasets.ImageItem]) -> datasets.DecodedSet:
-            decoded = datasets.materialize(self.store.for_bucket(listing.bucket), items, size, cache, cfg.cache_max_mb)
+        def decode(listing: ImageFolderListing, items: Sequence[ImageItem]) -> DecodedSet:
+            decoded = materialize(self.store.for_bucket(listing.bucket), items, size, cache, cfg.cache_max_mb)
             handles.append(decoded)
             if self.should_stop():
                 raise Cancelled()
@@ -279,20 +256,20 @@ class JobWorker:
         val_listing = listing
         if cfg.validation_uri:
             train_items = list(listing.items)
-            val_listing = datasets.list_image_folder(self.store, cfg.validation_uri)
+            val_listing = list_image_folder(self.store, cfg.validation_uri)
             val_items = self._relabel(val_listing, labels, "validation")
         else:
-            train_rows, val_rows = datasets.stratified_split(
+            train_rows, val_rows = stratified_split(
                 [item.label for item in listing.items], cfg.validation_split, self.config.run.seed)
             train_items = [listing.items[i] for i in train_rows]
             val_items = [listing.items[i] for i in val_rows]
         train_set, val_set = decode(listing, train_items), decode(val_listing, val_items)
         test_set = unknown_set = None
         if cfg.test_uri:
-            test_listing = datasets.list_image_folder(self.store, cfg.test_uri)
+            test_listing = list_image_folder(self.store, cfg.test_uri)
             test_set = decode(test_listing, self._relabel(test_listing, labels, "test"))
         if cfg.unknown_uri:
-            unknown_listing = datasets.list_image_folder(self.store, cfg.unknown_uri, min_labels=1)
+            unknown_listing = list_image_folder(self.store, cfg.unknown_uri, min_labels=1)
             unknown_set = decode(unknown_listing, [item._replace(label=0) for item in unknown_listing.items])
 
         corrupt = [key for d in handles for key in d.corrupt]
@@ -301,14 +278,14 @@ class JobWorker:
         train_counts = Counter(int(t) for t in train_set.labels)
         val_counts = Counter(int(t) for t in val_set.labels)
         test_counts = Counter(int(t) for t in test_set.labels) if test_set is not None else Counter()
-        for message in datasets.label_warnings(
+        for message in label_warnings(
             {labels[i]: train_counts.get(i, 0) for i in range(len(labels))},
             {labels[i]: val_counts.get(i, 0) for i in range(len(labels))},
         ):
             events.record_warning(self.jobs, self.job_id, "few_images", message)
         missing = [labels[i] for i in range(len(labels)) if train_counts.get(i, 0) == 0]
         if missing:
-            raise datasets.DatasetError(f"{cfg.uri}: no decodable training images for labels {missing}")
+            raise DatasetError(f"{cfg.uri}: no decodable training images for labels {missing}")
         summary = job_pb2.DatasetSummary(
             uri=cfg.uri,
             labels=[job_pb2.LabelCount(label=labels[i], train_images=train_counts.get(i, 0),
@@ -317,10 +294,10 @@ class JobWorker:
             total_images=len(listing.items),
             skipped_files=len(corrupt) + len(listing.skipped),
             skipped_examples=(corrupt + list(listing.skipped))[:10],
-            fingerprint=datasets.dataset_fingerprint(listing),
+            fingerprint=dataset_fingerprint(listing),
         )
 
-        def split(decoded: datasets.DecodedSet) -> Split:
+        def split(decoded: DecodedSet) -> Split:
             return Split(images=decoded.images, targets=np.asarray(decoded.labels, dtype=np.int64))
 
         prepared = PreparedData(
@@ -333,8 +310,7 @@ class JobWorker:
             keys["test"] = list(test_set.keys)
         return LoadedData(prepared=prepared, summary=summary, keys=keys, handles=handles)
 
-    def _relabel(self, listing: datasets.ImageFolderListing, labels: list[str], what: str,
-                 ) -> list[datasets.ImageItem]:
+    def _relabel(self, listing: ImageFolderListing, labels: list[str], what: str) -> list[ImageItem]:
         """Items of a separate validation/test set, indexed by the training labels; others are skipped."""
         index = {label: i for i, label in enumerate(labels)}
         unknown = sorted(set(listing.labels) - set(index))
@@ -343,21 +319,6 @@ class JobWorker:
                                   f"{what} set labels not in the training set are ignored: {unknown}")
         return [item._replace(label=index[listing.labels[item.label]])
                 for item in listing.items if listing.labels[item.label] in index]
-
-    # -- checkpoints
-
-    def _load_checkpoint(self) -> ResumeState | None:
-        try:
-            raw = self.store.get_bytes(checkpoint_key(self.job_id))
-        except ObjectNotFound:
-            return None
-        # Our own checkpoint, written by this code: it carries dataclasses, so it is not weights-only.
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-        return ResumeState(
-            repeat=state["repeat"], stage=state["stage"], stage_state=state["stage_state"], model=state["model"],
-            finished=state["finished"], best_model=state["best_model"],
-            classifier_state=state["classifier_state"], lrs=state["lrs"], histograms=state["histograms"],
-        )
 
     # -- tuning studies
 
@@ -400,57 +361,12 @@ class JobWorker:
     # -- publishing
 
     def _publish(self, result: TrainingResult, loaded: LoadedData) -> job_pb2.JobResult:
-        config = self.config
         events.record(self.jobs, self.job_id, "stage_started", job_pb2.StageStarted(stage=job_pb2.STAGE_EXPORT))
-        version = self.job_id
-        model_version = names.ModelVersionName(config.output_model, version)
-        best = result.best
-        labels = loaded.prepared.labels
-        history_rows: list[dict[str, float | str]] = [
-            {"epoch": i + 1, "stage": r.stage, "train_loss": r.train_loss, "val_loss": r.val_loss,
-             "train_accuracy": r.train_accuracy, "val_accuracy": r.val_accuracy, "learning_rate": r.learning_rate}
-            for i, r in enumerate(best.history)
-        ]
-        report = best.test if best.test is not None else best.validation
-        steps = max(1, len(best.lrs.get(CLASSIFIER, [])) // max(1, config.classifier.epochs))
-        pngs = {
-            "plots/curves.png": plots.training_curves_png(history_rows),
-            "plots/learning_rate.png": plots.learning_rate_png(
-                [lr for stage in best.lrs.values() for lr in stage], steps),
-            "plots/confusion_matrix.png": plots.confusion_matrix_png(report.confusion_matrix, labels),
-            "plots/weight_histograms.png": plots.weight_histograms_png(best.histograms),
-        }
-        with tempfile.TemporaryDirectory(prefix=f"vt-{self.job_id}-") as tmp:
-            weights_path = Path(tmp) / MODEL_FILE
-            export_torchscript(result.model.cpu(), config.dataset.image_size, weights_path)
-            sha = sha256_file(weights_path)
-            with self.store.begin_model_version(config.output_model, version) as writer:
-                writer.put_file(MODEL_FILE, weights_path)
-                plot_uris = []
-                for relpath, png in pngs.items():
-                    writer.put_bytes(relpath, png, content_type="image/png")
-                    plot_uris.append(f"s3://{self.store.bucket}/{model_version.prefix}{relpath}")
-                job_result = results.job_result(
-                    result, labels=labels, score=config.open_set.score, model_version=str(model_version),
-                    dataset=loaded.summary, plots=plot_uris, keys_by_split=loaded.keys,
-                )
-                size = config.dataset.image_size
-                mean, std = normalization(config.model)
-                manifest = results.manifest(
-                    name=str(model_version), job=names.job_name(self.job_id), created=self.record.create_time,
-                    labels=labels, architecture=self.spec.model.architecture,
-                    preprocessing=manifest_pb2.Preprocessing(
-                        resize_size=size, crop_size=size, interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
-                        mean=list(mean), std=list(std), color_mode=manifest_pb2.COLOR_MODE_RGB),
-                    weights=manifest_pb2.Weights(
-                        path=MODEL_FILE, format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT, sha256=sha,
-                        size_bytes=weights_path.stat().st_size, input_name="images", input_shape=[-1, 3, size, size],
-                        output_name="logits", output_shape=[-1, len(labels)]),
-                    open_set=job_result.open_set, metrics=job_result.metrics, spec=self.spec,
-                    dataset=loaded.summary, files=[MODEL_FILE, *pngs],
-                )
-                writer.commit(json_format.MessageToJson(manifest).encode())
-        self.store.delete_prefix(f"jobs/{self.job_id}/checkpoints/")
+        job_result = artifacts.publish_model_version(
+            self.store, job_id=self.job_id, created=self.record.create_time, config=self.config, spec=self.spec,
+            result=result, labels=loaded.prepared.labels, dataset=loaded.summary, keys_by_split=loaded.keys,
+        )
+        self._clean_up()
         return job_result
 
 

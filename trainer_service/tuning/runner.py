@@ -37,6 +37,7 @@ from visiontune import names
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import study_pb2, training_spec_pb2
 
+from trainer_service.jobs import artifacts
 from trainer_service.jobs.store import JobRecord, JobState, JobStore, StudyRecord, StudyState, utc_now
 from trainer_service.resources import STUDY_STATES
 from trainer_service.spec.convert import config_to_spec
@@ -310,9 +311,9 @@ class StudyRunner:
     def _write_plots(self, study_id: str, study: optuna.Study) -> list[str]:
         uris = []
         for name, png in study_proto.plots(study).items():
-            key = f"studies/{study_id}/plots/{name}.png"
+            key = artifacts.study_plot_key(study_id, name)
             self._store.put_bytes(key, png, content_type="image/png")
-            uris.append(f"s3://{self._store.bucket}/{key}")
+            uris.append(artifacts.object_uri(self._store, key))
         return uris
 
     def _end(self, study_id: str, state: StudyState, *, error: str | None = None, result_json: str | None = None

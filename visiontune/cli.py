@@ -27,7 +27,6 @@ from visiontune.client import list_services, make_channel
 from visiontune.dataset_upload import IMAGE_SUFFIXES, plan_upload, upload
 from visiontune.devstack import stack
 from visiontune.devstack.sample_data import SHAPES, write_shapes_dataset
-from visiontune.errors import field_violations
 from visiontune.settings import S3Settings, default_data_dir
 from visiontune.specfile import (
     SpecFileError,
@@ -37,6 +36,7 @@ from visiontune.specfile import (
     load_study_file,
     parse_spec,
 )
+from visiontune.status import field_violations
 from visiontune.store import MANIFEST, ArtifactStore, StoreError
 from visiontune.uris import parse_location
 from visiontune.v1 import inference_service_pb2 as inference_pb

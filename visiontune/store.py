@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Protocol, TypeVar, cast
+from typing import Any, BinaryIO, ClassVar, Protocol, TypeVar, cast
 
 import minio
 import urllib3
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
+from visiontune import errors
 from visiontune.names import check_id
 from visiontune.settings import S3Settings
 
@@ -63,7 +64,7 @@ _PROBE_PREFIX = ".visiontune-probe/"
 # -- errors -----------------------------------------------------------------------------------------------
 
 
-class StoreError(Exception):
+class StoreError(errors.VisionTuneError):
     """An artifact-store operation failed; the message names the endpoint, the key and the cause."""
 
     def __init__(
@@ -75,23 +76,26 @@ class StoreError(Exception):
         self.cause = cause
 
 
-class StoreConfigError(StoreError):
+class StoreConfigError(StoreError, errors.FailedPrecondition):
     """Wrong credentials, a missing bucket or an endpoint that does not answer: fix the configuration."""
 
 
-class ObjectNotFound(StoreError):
+class ObjectNotFound(StoreError, errors.NotFound):
     """The key (or the committed model version) does not exist."""
 
 
-class StoreUnavailable(StoreError):
+class StoreUnavailable(StoreError, errors.Unavailable):
     """The server did not answer, or answered with transient errors, on every attempt."""
 
 
 class StoreUnreachable(StoreConfigError, StoreUnavailable):
     """`check()` found nobody answering at the endpoint: a wrong address, or a server that is down."""
 
+    # Not FAILED_PRECONDITION, which it would inherit first: the server may just not be up yet.
+    code: ClassVar[errors.Code] = "UNAVAILABLE"
 
-class ModelVersionExists(StoreError):
+
+class ModelVersionExists(StoreError, errors.AlreadyExists):
     """The model version is already committed; committed versions are immutable."""
 
 

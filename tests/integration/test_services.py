@@ -17,8 +17,8 @@ from google.protobuf import json_format
 from trainer_service.jobs.store import JobStore
 from visiontune.client import is_serving, list_services
 from visiontune.devstack.ports import free_port
-from visiontune.errors import field_violations
 from visiontune.settings import S3Settings
+from visiontune.status import field_violations
 from visiontune.v1 import (
     inference_service_pb2,
     inference_service_pb2_grpc,

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 from visiontune.dataset_upload import IMAGE_SUFFIXES
+from visiontune.errors import FailedPrecondition
 from visiontune.preprocessing import (  # noqa: F401 (re-exported: the trainer's decoding is the shared one)
     MAX_IMAGE_PIXELS,
     PREPROCESSING,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 # -- listing ----------------------------------------------------------------------------------------------
 
 
-class DatasetError(Exception):
+class DatasetError(FailedPrecondition):
     """The dataset cannot be used as given; the one-line message names its URI."""
 
 

@@ -30,6 +30,7 @@ import torch.hub
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
+from visiontune.errors import FailedPrecondition
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.uris import parse_location
 
@@ -64,7 +65,7 @@ _CHUNK = 1024 * 1024
 _EXPORT_ATOL = 1e-5
 
 
-class WeightsUnavailable(Exception):
+class WeightsUnavailable(FailedPrecondition):
     """Pretrained weights could not be obtained; the one-line message says what is missing and where."""
 
 

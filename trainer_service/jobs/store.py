@@ -6,7 +6,8 @@ is where Optuna's RDB storage will keep its own tables later, so every table her
 prefix (Optuna owns names such as ``studies`` and ``trials``) and the schema version lives in
 ``PRAGMA user_version``, which SQLAlchemy/Alembic never touch.
 
-Plain Python only: no protobuf, no gRPC. The servicer converts records to messages.
+Plain Python only: no protobuf, no gRPC. The servicer converts records to messages; the errors are
+`visiontune.errors` classes that the server runtime turns into status codes.
 
 Concurrency model:
 - one sqlite3 connection per thread (``threading.local``), so readers never queue behind one lock;
@@ -17,11 +18,8 @@ Concurrency model:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import enum
-import hashlib
 import json
 import sqlite3
 import threading
@@ -34,9 +32,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
+from visiontune import errors, names, pagination
+
 __all__ = [
-    "DEFAULT_PAGE_SIZE",
-    "MAX_PAGE_SIZE",
     "SCHEMA_VERSION",
     "AlreadyExists",
     "Conflict",
@@ -53,8 +51,6 @@ __all__ = [
     "utc_now",
 ]
 
-DEFAULT_PAGE_SIZE: Final = 50
-MAX_PAGE_SIZE: Final = 1000
 MAX_EVENTS_PER_CALL: Final = 10_000
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -69,23 +65,23 @@ def utc_now() -> datetime:
 # --------------------------------------------------------------------------------------------- errors
 
 
-class JobStoreError(Exception):
-    """Base class of every error the job store raises on purpose."""
+class JobStoreError(errors.VisionTuneError):
+    """Base class of every error the job store raises on purpose (the store is closed, for one)."""
 
 
-class NotFound(JobStoreError):
+class NotFound(JobStoreError, errors.NotFound):
     """The job or study does not exist."""
 
 
-class AlreadyExists(JobStoreError):
+class AlreadyExists(JobStoreError, errors.AlreadyExists):
     """A job or study with this id exists and was not created by the same request."""
 
 
-class Conflict(JobStoreError):
+class Conflict(JobStoreError, errors.Aborted):
     """A compare-and-set failed: the resource is not in one of the expected states."""
 
 
-class SchemaError(JobStoreError):
+class SchemaError(JobStoreError, errors.FailedPrecondition):
     """The database file has a schema this code cannot use (newer, or not a job store at all)."""
 
 
@@ -274,10 +270,11 @@ class _Table:
     id_column: str
     resource_type: ResourceType
     noun: str  # for error messages
+    resource_name: Callable[[str], str]  # the ID's API name (`jobs/{id}`), for error messages
 
 
-_JOBS: Final = _Table("vt_jobs", "job_id", ResourceType.JOB, "job")
-_STUDIES: Final = _Table("vt_studies", "study_id", ResourceType.STUDY, "study")
+_JOBS: Final = _Table("vt_jobs", "job_id", ResourceType.JOB, "job", names.job_name)
+_STUDIES: Final = _Table("vt_studies", "study_id", ResourceType.STUDY, "study", names.study_name)
 
 
 def _job_from_row(row: sqlite3.Row) -> JobRecord:
@@ -329,41 +326,6 @@ def _event_from_row(row: sqlite3.Row) -> EventRecord:
 def _require_id(value: str, what: str) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
-
-
-# ------------------------------------------------------------------------------------------ page token
-
-
-def _filter_fingerprint(parts: Sequence[object]) -> str:
-    # A page token is only valid for the filter it was issued under (AIP-158); a short hash is enough.
-    return hashlib.sha256(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _encode_page_token(create_us: int, resource_id: str, fingerprint: str) -> str:
-    raw = json.dumps({"t": create_us, "id": resource_id, "f": fingerprint}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode("ascii")
-
-
-def _decode_page_token(token: str, fingerprint: str) -> tuple[int, str]:
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8"))
-        create_us, resource_id, token_fingerprint = payload["t"], payload["id"], payload["f"]
-    except (binascii.Error, UnicodeError, ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"invalid page_token {token!r}: not a token this server issued") from exc
-    if type(create_us) is not int or not isinstance(resource_id, str):
-        raise ValueError(f"invalid page_token {token!r}: not a token this server issued")
-    if token_fingerprint != fingerprint:
-        raise ValueError("invalid page_token: it was issued for a different filter than this request's")
-    return create_us, resource_id
-
-
-def _effective_page_size(page_size: int) -> int:
-    # 0 means "unspecified" (the proto default) and gets the default size, as AIP-158 asks.
-    if page_size < 0:
-        raise ValueError(f"page_size must be >= 0, got {page_size}")
-    if page_size == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(page_size, MAX_PAGE_SIZE)
 
 
 # ------------------------------------------------------------------------------------------ the store
@@ -571,7 +533,8 @@ class JobStore:
             f"SELECT * FROM {table.name} WHERE {table.id_column} = ?", (resource_id,)
         ).fetchone()
         if row is None:
-            raise NotFound(f"{table.noun} {resource_id!r} not found")
+            # The API's words: the servicer passes this message on to the client as it is.
+            raise NotFound(f"{table.resource_name(resource_id)} does not exist")
         return row
 
     def _get(self, table: _Table, resource_id: str, from_row: Callable[[sqlite3.Row], _R]) -> _R:
@@ -587,11 +550,11 @@ class JobStore:
         page_token: str,
         from_row: Callable[[sqlite3.Row], _R],
     ) -> tuple[list[_R], str]:
-        size = _effective_page_size(page_size)
-        fingerprint = _filter_fingerprint([table.name, *fingerprint_parts])
+        size = pagination.page_size(page_size)
+        fingerprint = pagination.filter_fingerprint([table.name, *fingerprint_parts])
         where, params = list(where), list(params)
         if page_token:
-            after_us, after_id = _decode_page_token(page_token, fingerprint)
+            after_us, after_id = pagination.decode_page_token(page_token, fingerprint, (int, str))
             # Keyset pagination, newest first: rows strictly "older" than the last one handed out.
             # Stable under concurrent inserts (new rows are newer), unlike OFFSET.
             where.append(f"(create_time < ? OR (create_time = ? AND {table.id_column} < ?))")
@@ -610,7 +573,7 @@ class JobStore:
         if len(rows) > size:
             rows = rows[:size]
             last = rows[-1]
-            next_token = _encode_page_token(last["create_time"], last[table.id_column], fingerprint)
+            next_token = pagination.encode_page_token((last["create_time"], last[table.id_column]), fingerprint)
         return [from_row(r) for r in rows], next_token
 
     def _update_state(
@@ -672,7 +635,10 @@ class JobStore:
         """
         if study_id is not None:
             # Checked here for a clear message; the foreign key still guards it inside the transaction.
-            self.get_study(study_id)
+            try:
+                self.get_study(study_id)
+            except NotFound as err:
+                raise NotFound(f"cannot add job {job_id!r} to study {study_id!r}: {err}") from err
         return self._insert_idempotent(
             _JOBS,
             job_id,
@@ -696,14 +662,14 @@ class JobStore:
         *,
         states: set[JobState] | None = None,
         study_id: str | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
+        page_size: int = pagination.DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> tuple[list[JobRecord], str]:
         """One page of jobs, newest first, and the token of the next page ("" on the last page).
 
-        An empty or None ``states`` means no state filter. ``page_size`` 0 means the default; larger
-        than MAX_PAGE_SIZE is clamped; negative raises ValueError. A malformed token, or one issued
-        for a different filter, raises ValueError.
+        An empty or None ``states`` means no state filter. ``page_size`` and ``page_token`` follow
+        `visiontune.pagination`: 0 means the default size, a larger one than the maximum is clamped; a
+        negative size, a malformed token or one issued for a different filter raise InvalidPage.
         """
         where: list[str] = []
         params: list[Any] = []
@@ -825,7 +791,7 @@ class JobStore:
         self,
         *,
         states: set[StudyState] | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
+        page_size: int = pagination.DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> tuple[list[StudyRecord], str]:
         """One page of studies, newest first; same rules as list_jobs."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from visiontune import pagination
-from visiontune.errors import FieldViolation
+from visiontune.errors import FieldViolation, parse_field
 from visiontune.names import InvalidName, ModelVersionName, parse_model_name, parse_model_version_name
 from visiontune.v1 import inference_service_pb2 as pb
 from visiontune.v1 import inference_service_pb2_grpc
@@ -36,20 +36,14 @@ _OUTCOMES = {
 
 def _parse_target(model: str) -> tuple[str, str | None]:
     """`models/{m}` or `models/{m}/versions/{v}` -> (m, v or None)."""
-    try:
-        if "/versions/" in model:
-            name = parse_model_version_name(model)
-            return name.model, name.version
-        return parse_model_name(model), None
-    except InvalidName as err:
-        raise InvalidRequest([FieldViolation("model", str(err))]) from err
+    if "/versions/" in model:
+        name = parse_field("model", parse_model_version_name, model, InvalidRequest)
+        return name.model, name.version
+    return parse_field("model", parse_model_name, model, InvalidRequest), None
 
 
-def _version_name(value: str, field: str = "model_version") -> ModelVersionName:
-    try:
-        return parse_model_version_name(value)
-    except InvalidName as err:
-        raise InvalidRequest([FieldViolation(field, str(err))]) from err
+def _version_name(value: str) -> ModelVersionName:
+    return parse_field("model_version", parse_model_version_name, value, InvalidRequest)
 
 
 def deploy_settings(request: pb.DeployModelRequest) -> DeploySettings:

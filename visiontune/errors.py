@@ -120,12 +120,13 @@ class Unavailable(VisionTuneError):
     code: ClassVar[Code] = "UNAVAILABLE"
 
 
-def parse_field(field: str, parse: Callable[[str], T], value: str) -> T:
-    """`parse(value)`, or InvalidArgument naming `field` when it raises ValueError (`names.InvalidName`)."""
+def parse_field(field: str, parse: Callable[[str], T], value: str,
+                error: type[InvalidArgument] = InvalidArgument) -> T:
+    """`parse(value)`, or `error` naming `field` when it raises ValueError (`names.InvalidName`)."""
     try:
         return parse(value)
     except ValueError as err:
-        raise InvalidArgument([FieldViolation(field, str(err))]) from err
+        raise error([FieldViolation(field, str(err))]) from err
 
 
 @contextlib.contextmanager

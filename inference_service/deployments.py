@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from visiontune.errors import NotFound, Unavailable, VisionTuneError
 from visiontune.names import ModelVersionName, parse_model_version_name
 from visiontune.store import ArtifactStore, ObjectNotFound
 
@@ -76,12 +77,22 @@ class Deployment:
         return replace(self)
 
 
-class NoLiveVersion(LookupError):
+class NoLiveVersion(VisionTuneError):
     """No version of the model can answer: none deployed (`deployed` False) or none ready yet."""
 
-    def __init__(self, message: str, *, deployed: bool) -> None:
-        super().__init__(message)
-        self.deployed = deployed
+    deployed: bool
+
+
+class NotDeployed(NoLiveVersion, NotFound):
+    """Nothing is deployed to answer: the client must deploy first."""
+
+    deployed = False
+
+
+class NotReady(NoLiveVersion, Unavailable):
+    """Versions are deployed but none is ready to answer (loading, failed, or at weight 0): try again later."""
+
+    deployed = True
 
 
 class DeploymentRegistry:
@@ -127,15 +138,13 @@ class DeploymentRegistry:
     def _choose(self, model: str) -> Deployment:
         versions = [d for d in self._deployments.values() if d.name.model == model]
         if not versions:
-            raise NoLiveVersion(f"models/{model} has no deployed version; deploy one with DeployModel",
-                                deployed=False)
+            raise NotDeployed(f"models/{model} has no deployed version; deploy one with DeployModel")
         ready = [d for d in versions if d.state == DeploymentState.READY and d.settings.traffic_weight > 0]
         if not ready:
             states = ", ".join(f"{d.name.version}: {d.state.value}"
                                + (f" (weight {d.settings.traffic_weight})" if d.state == DeploymentState.READY else "")
                                for d in versions)
-            raise NoLiveVersion(f"models/{model} has no ready version with traffic weight > 0 ({states})",
-                                deployed=True)
+            raise NotReady(f"models/{model} has no ready version with traffic weight > 0 ({states})")
         total = sum(d.settings.traffic_weight for d in ready)
         pick = self._rng.uniform(0, total)
         for deployment in ready:
@@ -147,17 +156,16 @@ class DeploymentRegistry:
     @contextmanager
     def lease(self, model: str, version: str | None = None) -> Iterator[Deployment]:
         """Route one request: a ready version of `model` (weighted by traffic), or exactly `version`.
-        While the lease is held the version is not unloaded."""
+        While the lease is held the version is not unloaded. Raises NotDeployed or NotReady."""
         with self._lock:
             if version is None:
                 chosen = self._choose(model)
             else:
                 chosen_or_none = self._deployments.get(ModelVersionName(model, version))
                 if chosen_or_none is None:
-                    raise NoLiveVersion(f"models/{model}/versions/{version} is not deployed", deployed=False)
+                    raise NotDeployed(f"models/{model}/versions/{version} is not deployed")
                 if chosen_or_none.state != DeploymentState.READY:
-                    raise NoLiveVersion(f"models/{model}/versions/{version} is {chosen_or_none.state.value}",
-                                        deployed=True)
+                    raise NotReady(f"models/{model}/versions/{version} is {chosen_or_none.state.value}")
                 chosen = chosen_or_none
             chosen.in_flight += 1
             handed_out = chosen.snapshot()

@@ -1,7 +1,8 @@
 """The inference engine: deploy model versions into Triton, classify images, take feedback.
 
 Plain typed Python over a `TritonModels` client, an `ArtifactStore` and `InferenceMetrics`; the gRPC
-servicer is a thin translation layer on top. One Classify request:
+servicer is a thin translation layer on top. Failures are `visiontune.errors` classes (InvalidRequest for bad
+fields), each with the status code the client sees. One Classify request:
 
 1. route: a ready version of the model, chosen by traffic weight (or the pinned version), leased so it
    cannot be unloaded mid-request;
@@ -30,23 +31,23 @@ from typing import Final
 
 import numpy as np
 import torch
-from visiontune.errors import FieldViolation
+from visiontune.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VisionTuneError,
+)
 from visiontune.names import ModelVersionName
 from visiontune.openset import is_known, open_set_scores
 from visiontune.preprocessing import MAX_IMAGE_PIXELS, ImageRejected, center_crop, decode_hwc, normalize
 from visiontune.store import ArtifactStore, ObjectNotFound, StoreError, sha256_file
 
 from inference_service import deployments as dep
-from inference_service.deployments import Deployment, DeploymentRegistry, DeploymentState, DeploySettings, NoLiveVersion
-from inference_service.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidRequest,
-    NotFound,
-    ServiceError,
-    TooLarge,
-    Unavailable,
-)
+from inference_service.deployments import Deployment, DeploymentRegistry, DeploymentState, DeploySettings
+from inference_service.errors import InvalidRequest
 from inference_service.feedback import (
     FeedbackError,
     FeedbackResult,
@@ -143,7 +144,7 @@ class InferenceEngine:
             return self._deploy_locks.setdefault(name, threading.Lock())
 
     def deploy(self, name: ModelVersionName, settings: DeploySettings, *, restoring: bool = False) -> Deployment:
-        """Make `name` live with `settings`; returns once Triton has it ready (or raises ServiceError).
+        """Make `name` live with `settings`; returns once Triton has it ready (or raises a VisionTuneError).
 
         A version that is already live keeps serving: a new traffic weight applies at once, new batching
         settings reload it in Triton (which answers with the old instance until the new one is ready)."""
@@ -162,7 +163,7 @@ class InferenceEngine:
                                              device="cuda" if self.gpu else "cpu", deploy_time=deploy_time))
             try:
                 served = self._load(name, settings)
-            except ServiceError as err:
+            except VisionTuneError as err:
                 if current is not None and current.state == DeploymentState.READY:
                     log.error("%s: reload with new settings failed, the old one keeps serving: %s", name, err)
                 elif restoring:
@@ -275,7 +276,7 @@ class InferenceEngine:
         for record in saved:
             try:
                 self.deploy(record.name, record.settings, restoring=True)
-            except ServiceError as err:
+            except VisionTuneError as err:
                 log.error("could not restore %s: %s", record.name, err.message)
 
     def mark_all_loading(self, reason: str) -> None:
@@ -289,7 +290,7 @@ class InferenceEngine:
         for deployment in self.registry.list():
             try:
                 self.deploy(deployment.name, deployment.settings, restoring=True)
-            except ServiceError as err:
+            except VisionTuneError as err:
                 log.error("could not reload %s: %s", deployment.name, err.message)
 
     def _save_record(self, name: ModelVersionName, settings: DeploySettings, deploy_time: datetime) -> None:
@@ -315,7 +316,7 @@ class InferenceEngine:
         labels = {"model": request.model, "version": request.version or ""}
         try:
             output = self._classify(request, labels, started)
-        except ServiceError as err:
+        except VisionTuneError as err:
             self.metrics.requests.labels(labels["model"], labels["version"], err.code).inc()
             if labels["version"]:
                 self.metrics.request_seconds.labels(labels["model"], labels["version"]).observe(
@@ -329,10 +330,12 @@ class InferenceEngine:
         if not request.images:
             raise InvalidRequest([FieldViolation("images", "at least one image is required")])
         if len(request.images) > self.limits.max_images:
-            raise TooLarge(f"{len(request.images)} images in one request; the limit is {self.limits.max_images}")
+            raise ResourceExhausted(
+                f"{len(request.images)} images in one request; the limit is {self.limits.max_images}")
         for i, content in enumerate(request.images):
             if len(content) > self.limits.max_image_bytes:
-                raise TooLarge(f"images[{i}] is {len(content)} bytes; the limit is {self.limits.max_image_bytes}")
+                raise ResourceExhausted(
+                    f"images[{i}] is {len(content)} bytes; the limit is {self.limits.max_image_bytes}")
         request_id = request.request_id or f"req-{secrets.token_hex(8)}"
         if not _REQUEST_ID_RE.match(request_id):
             raise InvalidRequest([FieldViolation("request_id", "1-128 characters of letters, digits and ._:-")])
@@ -342,16 +345,14 @@ class InferenceEngine:
 
     def _classify(self, request: ClassifyInput, labels: dict[str, str], started: float) -> ClassifyOutput:
         request_id = self._check_request(request)
-        try:
-            with self.registry.lease(request.model, request.version) as deployment:
-                labels["version"] = deployment.name.version
-                served = deployment.served
-                assert served is not None  # READY deployments have their manifest
-                top_k, threshold = self._decision_settings(request, served)
-                batch = self._preprocess(request.images, served, labels)
-                logits = self._infer(deployment, served, batch, labels)
-        except NoLiveVersion as err:
-            raise (Unavailable(str(err)) if err.deployed else NotFound(str(err))) from err
+        # NotDeployed (NOT_FOUND) or NotReady (UNAVAILABLE) when no version can answer.
+        with self.registry.lease(request.model, request.version) as deployment:
+            labels["version"] = deployment.name.version
+            served = deployment.served
+            assert served is not None  # READY deployments have their manifest
+            top_k, threshold = self._decision_settings(request, served)
+            batch = self._preprocess(request.images, served, labels)
+            logits = self._infer(deployment, served, batch, labels)
         results = _decide(logits, served, top_k, threshold, request.client_ids)
         self.predictions.add(request_id, RequestRecord(
             model=deployment.name.model, version=deployment.name.version, labels=frozenset(served.labels),

@@ -1,53 +1,23 @@
-"""Errors the inference engine raises, each tied to the gRPC status a client should see.
+"""The one error of the inference service's own: INVALID_ARGUMENT in the words its clients have always read.
 
-The engine stays free of gRPC; the servicer turns `ServiceError.code` (a `grpc.StatusCode` name) into
-the call's status, with every field violation in the details for INVALID_ARGUMENT.
+Everything else the engine and the servicer raise is a shared `visiontune.errors` class.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from visiontune.errors import FieldViolation
+from visiontune.errors import FieldViolation, InvalidArgument
+
+_SUMMARY_MAX_FIELDS = 10
 
 
-class ServiceError(Exception):
-    code = "INTERNAL"
+class InvalidRequest(InvalidArgument):
+    """InvalidArgument summarised as `2 invalid field(s): a: why; b: why` (the trainer writes `a (why)`)."""
 
-    def __init__(self, message: str, violations: Sequence[FieldViolation] = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        self.violations = tuple(violations)
-
-
-class InvalidRequest(ServiceError):
-    code = "INVALID_ARGUMENT"
-
-    def __init__(self, violations: Sequence[FieldViolation]) -> None:
-        shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:10])
-        more = f"; and {len(violations) - 10} more" if len(violations) > 10 else ""
-        super().__init__(f"{len(violations)} invalid field(s): {shown}{more}", violations)
-
-
-class NotFound(ServiceError):
-    code = "NOT_FOUND"
-
-
-class AlreadyExists(ServiceError):
-    code = "ALREADY_EXISTS"
-
-
-class FailedPrecondition(ServiceError):
-    code = "FAILED_PRECONDITION"
-
-
-class TooLarge(ServiceError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Unavailable(ServiceError):
-    code = "UNAVAILABLE"
-
-
-class Internal(ServiceError):
-    code = "INTERNAL"
+    @staticmethod
+    def summary(violations: Sequence[FieldViolation]) -> str:
+        n = len(violations)
+        shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:_SUMMARY_MAX_FIELDS])
+        more = f"; and {n - _SUMMARY_MAX_FIELDS} more" if n > _SUMMARY_MAX_FIELDS else ""
+        return f"{n} invalid field(s): {shown}{more}"

@@ -1,12 +1,15 @@
-"""The gRPC InferenceService: protobuf in, `InferenceEngine` calls, protobuf out, errors as statuses."""
+"""The gRPC InferenceService: protobuf in, `InferenceEngine` calls, protobuf out.
+
+Errors are raised, never aborted here: the server runtime maps every `visiontune.errors` class to its status
+code in one place (docs/architecture.md §3).
+"""
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-from visiontune.errors import FieldViolation, abort_with, invalid_argument
+from visiontune import pagination
+from visiontune.errors import FieldViolation, parse_field
 from visiontune.names import InvalidName, ModelVersionName, parse_model_name, parse_model_version_name
 from visiontune.v1 import inference_service_pb2 as pb
 from visiontune.v1 import inference_service_pb2_grpc
@@ -14,7 +17,7 @@ from visiontune.v1 import inference_service_pb2_grpc
 from inference_service import deployments as dep
 from inference_service.deployments import Deployment, DeploymentState, DeploySettings
 from inference_service.engine import ClassifyInput, InferenceEngine
-from inference_service.errors import InvalidRequest, ServiceError
+from inference_service.errors import InvalidRequest
 from inference_service.feedback import Outcome
 
 _STATES = {
@@ -29,32 +32,18 @@ _OUTCOMES = {
     Outcome.FALSE_POSITIVE: pb.FEEDBACK_OUTCOME_FALSE_POSITIVE,
     Outcome.TRUE_REJECTION: pb.FEEDBACK_OUTCOME_TRUE_REJECTION,
 }
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-
-
-def _abort(context: grpc.ServicerContext, err: ServiceError) -> NoReturn:
-    if err.violations:
-        abort_with(context, invalid_argument(err.violations, err.message))
-    context.abort(grpc.StatusCode[err.code], err.message)
 
 
 def _parse_target(model: str) -> tuple[str, str | None]:
     """`models/{m}` or `models/{m}/versions/{v}` -> (m, v or None)."""
-    try:
-        if "/versions/" in model:
-            name = parse_model_version_name(model)
-            return name.model, name.version
-        return parse_model_name(model), None
-    except InvalidName as err:
-        raise InvalidRequest([FieldViolation("model", str(err))]) from err
+    if "/versions/" in model:
+        name = parse_field("model", parse_model_version_name, model, InvalidRequest)
+        return name.model, name.version
+    return parse_field("model", parse_model_name, model, InvalidRequest), None
 
 
-def _version_name(value: str, field: str = "model_version") -> ModelVersionName:
-    try:
-        return parse_model_version_name(value)
-    except InvalidName as err:
-        raise InvalidRequest([FieldViolation(field, str(err))]) from err
+def _version_name(value: str) -> ModelVersionName:
+    return parse_field("model_version", parse_model_version_name, value, InvalidRequest)
 
 
 def deploy_settings(request: pb.DeployModelRequest) -> DeploySettings:
@@ -96,17 +85,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self._engine = engine
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
-        try:
-            model, version = _parse_target(request.model)
-            output = self._engine.classify(ClassifyInput(
-                model=model, version=version, images=[image.content for image in request.images],
-                client_ids=[image.client_id for image in request.images],
-                top_k=request.top_k if request.HasField("top_k") else None,
-                threshold=request.unknown_threshold if request.HasField("unknown_threshold") else None,
-                request_id=request.request_id,
-            ))
-        except ServiceError as err:
-            _abort(context, err)
+        model, version = _parse_target(request.model)
+        output = self._engine.classify(ClassifyInput(
+            model=model, version=version, images=[image.content for image in request.images],
+            client_ids=[image.client_id for image in request.images],
+            top_k=request.top_k if request.HasField("top_k") else None,
+            threshold=request.unknown_threshold if request.HasField("unknown_threshold") else None,
+            request_id=request.request_id,
+        ))
         latency = duration_pb2.Duration()
         latency.FromNanoseconds(round(output.latency_s * 1e9))
         return pb.ClassifyResponse(
@@ -120,50 +106,39 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
 
     def DeployModel(self, request: pb.DeployModelRequest, context: grpc.ServicerContext) -> pb.Deployment:
-        try:
-            name = _version_name(request.model_version)
-            deployment = self._engine.deploy(name, deploy_settings(request))
-        except ServiceError as err:
-            _abort(context, err)
+        deployment = self._engine.deploy(_version_name(request.model_version), deploy_settings(request))
         return deployment_proto(deployment)
 
     def UndeployModel(
         self, request: pb.UndeployModelRequest, context: grpc.ServicerContext
     ) -> pb.UndeployModelResponse:
-        try:
-            deployment = self._engine.undeploy(_version_name(request.model_version))
-        except ServiceError as err:
-            _abort(context, err)
+        deployment = self._engine.undeploy(_version_name(request.model_version))
         return pb.UndeployModelResponse(deployment=deployment_proto(deployment))
 
     def ListDeployments(
         self, request: pb.ListDeploymentsRequest, context: grpc.ServicerContext
     ) -> pb.ListDeploymentsResponse:
-        try:
-            model = parse_model_name(request.model) if request.model else None
-        except InvalidName as err:
-            _abort(context, InvalidRequest([FieldViolation("model", str(err))]))
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        if not 0 < size <= MAX_PAGE_SIZE:
-            _abort(context, InvalidRequest([FieldViolation("page_size", f"must be in [0, {MAX_PAGE_SIZE}]")]))
-        found = self._engine.list_deployments(model)
-        # The page token is the last name of the previous page: stable while deployments come and go.
-        after = request.page_token
-        page = [d for d in found if str(d.name) > after][:size]
-        more = len(page) == size and str(found[-1].name) > str(page[-1].name)
-        return pb.ListDeploymentsResponse(deployments=[deployment_proto(d) for d in page],
-                                          next_page_token=str(page[-1].name) if more else "")
+        violations = pagination.page_size_violations(request.page_size)
+        model = None
+        if request.model:
+            try:
+                model = parse_model_name(request.model)
+            except InvalidName as err:
+                violations.append(FieldViolation("model", str(err)))
+        if violations:
+            raise InvalidRequest(violations)
+        # Sorted by name, which the page token holds: pages stay stable while deployments come and go.
+        page, token = pagination.page_of(self._engine.list_deployments(model), lambda d: str(d.name),
+                                         request.page_size, request.page_token, [model])
+        return pb.ListDeploymentsResponse(deployments=[deployment_proto(d) for d in page], next_page_token=token)
 
     def ReportFeedback(
         self, request: pb.ReportFeedbackRequest, context: grpc.ServicerContext
     ) -> pb.ReportFeedbackResponse:
-        try:
-            truth = request.WhichOneof("truth")
-            if truth is None or (truth == "unknown" and not request.unknown):
-                raise InvalidRequest([FieldViolation("truth", "set true_label, or unknown = true")])
-            result = self._engine.report_feedback(request.request_id, request.index,
-                                                  request.true_label if truth == "true_label" else None)
-        except ServiceError as err:
-            _abort(context, err)
+        truth = request.WhichOneof("truth")
+        if truth is None or (truth == "unknown" and not request.unknown):
+            raise InvalidRequest([FieldViolation("truth", "set true_label, or unknown = true")])
+        result = self._engine.report_feedback(request.request_id, request.index,
+                                              request.true_label if truth == "true_label" else None)
         return pb.ReportFeedbackResponse(outcome=_OUTCOMES[result.outcome], duplicate=result.duplicate,
                                          model_version=f"models/{result.model}/versions/{result.version}")

@@ -1,49 +1,35 @@
-"""The gRPC TrainingService: a thin layer from protobuf requests to the job store and the executor.
+"""The gRPC TrainingService: a thin layer from protobuf requests to the job store, the executor and the studies.
 
-CreateJob validates the whole spec at the edge (every bad field in one INVALID_ARGUMENT), stores the
-resolved spec and wakes the executor; the engine runs in the executor's worker processes. RPCs that a
-later issue delivers answer UNIMPLEMENTED, naming that issue.
+Each method parses the request's names and fields (every bad field in one InvalidArgument), calls the domain
+and builds the response. Errors are raised, never aborted here: the server runtime maps every
+`visiontune.errors` class to its status code in one place (docs/architecture.md §3). CreateJob validates the
+whole spec at the edge, stores the resolved spec and wakes the executor; the engine runs in the executor's
+worker processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
-from visiontune import names
-from visiontune.errors import FieldViolation, abort_with, invalid_argument
+from visiontune import names, pagination
+from visiontune.errors import FailedPrecondition, FieldViolation, InvalidArgument, parse_field, reraise_as
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
 
 from trainer_service import resources
 from trainer_service.advice.lr_range_test import run_lr_finder
 from trainer_service.advice.recommend import recommend_for_dataset
-from trainer_service.datasets.listing import DatasetError, dataset_fingerprint
-from trainer_service.engine.models import WeightsUnavailable
+from trainer_service.datasets.listing import dataset_fingerprint
 from trainer_service.jobs import events
 from trainer_service.jobs.local_executor import JobExecutor
-from trainer_service.jobs.store import AlreadyExists, JobState, JobStore, NotFound
+from trainer_service.jobs.store import JobState, JobStore
 from trainer_service.spec.convert import config_to_spec
 from trainer_service.spec.lr_sweep import validate_lr_request
 from trainer_service.spec.validate import SpecInvalid, validate_spec
-from trainer_service.tuning.studies import Studies, StudyPreconditionFailed
-
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 50
-
-
-def _page_size(requested: int) -> int:
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
-
-
-def _name_or_abort(context: grpc.ServicerContext, field: str, parse: Callable[[str], str], value: str) -> str:
-    try:
-        return parse(value)
-    except names.InvalidName as err:
-        abort_with(context, invalid_argument([FieldViolation(field, str(err))]))
-
+from trainer_service.tuning.studies import Studies
 
 # GetJob derives progress and warnings from the event log (about one event per epoch).
 MAX_EVENTS_READ = 10_000
@@ -65,12 +51,9 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     # --- jobs -------------------------------------------------------------------------------------
 
     def GetJob(self, request: training_service_pb2.GetJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
-        job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
-        try:
-            job = resources.job_to_proto(self._jobs.get_job(job_id))
-            log = self._jobs.events_after(job_id, 0, limit=MAX_EVENTS_READ)
-        except NotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        job_id = parse_field("name", names.parse_job_name, request.name)
+        job = resources.job_to_proto(self._jobs.get_job(job_id))
+        log = self._jobs.events_after(job_id, 0, limit=MAX_EVENTS_READ)
         progress, warnings = events.progress(job, log)
         job.progress.CopyFrom(progress)
         job.warnings.extend(warnings)
@@ -79,9 +62,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def ListJobs(
         self, request: training_service_pb2.ListJobsRequest, context: grpc.ServicerContext
     ) -> training_service_pb2.ListJobsResponse:
-        violations = []
-        if request.page_size < 0:
-            violations.append(FieldViolation("page_size", "must be >= 0"))
+        violations = pagination.page_size_violations(request.page_size)
         study_id = None
         if request.study:
             try:
@@ -95,16 +76,11 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             else:
                 states.add(resources.JOB_STATE_FROM_PROTO[state])
         if violations:
-            abort_with(context, invalid_argument(violations))
-        try:
-            records, token = self._jobs.list_jobs(
-                states=states or None,
-                study_id=study_id,
-                page_size=_page_size(request.page_size),
-                page_token=request.page_token,
-            )
-        except ValueError as err:
-            abort_with(context, invalid_argument([FieldViolation("page_token", str(err))]))
+            raise InvalidArgument(violations)
+        # A bad page_token is the store's to find: only it knows the filter the token must match.
+        records, token = self._jobs.list_jobs(
+            states=states or None, study_id=study_id, page_size=request.page_size, page_token=request.page_token,
+        )
         return training_service_pb2.ListJobsResponse(
             jobs=[resources.job_to_proto(r) for r in records], next_page_token=token
         )
@@ -124,44 +100,35 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             except SpecInvalid as err:
                 violations += [FieldViolation(f"job.spec.{v.field}", v.description) for v in err.violations]
         if violations:
-            abort_with(context, invalid_argument(violations))
+            raise InvalidArgument(violations)
         resolved = config_to_spec(config)
         if request.validate_only:
             return job_pb2.Job(name=names.job_name(job_id), display_name=request.job.display_name, spec=resolved,
                                state=job_pb2.JOB_STATE_QUEUED, labels=request.job.labels)
-        try:
-            record, created = self._jobs.create_job(
-                job_id, json_format.MessageToJson(resolved, indent=None), display_name=request.job.display_name,
-                request_id=request.request_id or None, labels=dict(request.job.labels),
-            )
-        except AlreadyExists as err:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        record, created = self._jobs.create_job(
+            job_id, json_format.MessageToJson(resolved, indent=None), display_name=request.job.display_name,
+            request_id=request.request_id or None, labels=dict(request.job.labels),
+        )
         if created:
             events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued")
             self._executor.wake()
         return resources.job_to_proto(record)
 
     def CancelJob(self, request: training_service_pb2.CancelJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
-        job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
-        try:
-            record = self._executor.cancel(job_id)
-        except NotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        job_id = parse_field("name", names.parse_job_name, request.name)
+        record = self._executor.cancel(job_id)
         if record.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.PRUNED):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{request.name} already ended ({record.state.value}); there is nothing to cancel")
+            raise FailedPrecondition(
+                f"{request.name} already ended ({record.state.value}); there is nothing to cancel")
         return resources.job_to_proto(record)
 
     def WatchJob(
         self, request: training_service_pb2.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[job_pb2.JobEvent]:
-        job_id = _name_or_abort(context, "name", names.parse_job_name, request.name)
+        job_id = parse_field("name", names.parse_job_name, request.name)
         if request.after_sequence < 0:
-            abort_with(context, invalid_argument([FieldViolation("after_sequence", "must be >= 0")]))
-        try:
-            self._jobs.get_job(job_id)
-        except NotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+            raise InvalidArgument([FieldViolation("after_sequence", "must be >= 0")])
+        self._jobs.get_job(job_id)  # NotFound before the stream starts
         return self._watch(job_id, request.after_sequence, context)
 
     def _watch(self, job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[job_pb2.JobEvent]:
@@ -185,11 +152,11 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         try:
             config, sweep = validate_lr_request(request, default_bucket=self._default_bucket)
         except SpecInvalid as err:
-            abort_with(context, invalid_argument(err.violations))
-        try:
+            raise InvalidArgument(err.violations) from err
+        # The dataset and the weights are the caller's to fix, whatever S3 said (DatasetError and
+        # WeightsUnavailable are FailedPrecondition already).
+        with reraise_as(FailedPrecondition, StoreError):
             outcome = run_lr_finder(config, sweep, self._store, self._cache_dir)
-        except (DatasetError, StoreError, WeightsUnavailable) as err:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         result = outcome.result
         return training_service_pb2.FindLearningRateResponse(
             points=[
@@ -203,12 +170,11 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         self, request: training_service_pb2.RecommendSpecRequest, context: grpc.ServicerContext
     ) -> training_service_pb2.RecommendSpecResponse:
         if not request.dataset_uri:
-            abort_with(context, invalid_argument([FieldViolation("dataset_uri", "required")]))
-        try:
+            raise InvalidArgument([FieldViolation("dataset_uri", "required")])
+        # As in FindLearningRate; a ValueError is a dataset the rules cannot recommend for.
+        with reraise_as(FailedPrecondition, StoreError, ValueError):
             recommendation, listing = recommend_for_dataset(
                 self._store, request.dataset_uri, gpu_available=request.gpu_available)
-        except (DatasetError, StoreError, ValueError) as err:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         counts = listing.label_counts()
         return training_service_pb2.RecommendSpecResponse(
             spec=config_to_spec(recommendation.config),
@@ -228,18 +194,12 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def GetStudy(
         self, request: training_service_pb2.GetStudyRequest, context: grpc.ServicerContext
     ) -> study_pb2.Study:
-        study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
-        try:
-            return self._studies.get(study_id)
-        except NotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+        return self._studies.get(parse_field("name", names.parse_study_name, request.name))
 
     def ListStudies(
         self, request: training_service_pb2.ListStudiesRequest, context: grpc.ServicerContext
     ) -> training_service_pb2.ListStudiesResponse:
-        violations = []
-        if request.page_size < 0:
-            violations.append(FieldViolation("page_size", "must be >= 0"))
+        violations = pagination.page_size_violations(request.page_size)
         states = set()
         for i, state in enumerate(request.states):
             if state not in resources.STUDY_STATE_FROM_PROTO:
@@ -247,13 +207,10 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             else:
                 states.add(resources.STUDY_STATE_FROM_PROTO[state])
         if violations:
-            abort_with(context, invalid_argument(violations))
-        try:
-            records, token = self._jobs.list_studies(
-                states=states or None, page_size=_page_size(request.page_size), page_token=request.page_token
-            )
-        except ValueError as err:
-            abort_with(context, invalid_argument([FieldViolation("page_token", str(err))]))
+            raise InvalidArgument(violations)
+        records, token = self._jobs.list_studies(
+            states=states or None, page_size=request.page_size, page_token=request.page_token
+        )
         return training_service_pb2.ListStudiesResponse(
             studies=[resources.study_to_proto(r) for r in records], next_page_token=token
         )
@@ -261,53 +218,28 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def CreateStudy(
         self, request: training_service_pb2.CreateStudyRequest, context: grpc.ServicerContext
     ) -> study_pb2.Study:
-        try:
-            return self._studies.create(request.study, study_id=request.study_id or names.new_id("study"),
-                                        request_id=request.request_id, validate_only=request.validate_only)
-        except names.InvalidName as err:
-            abort_with(context, invalid_argument([FieldViolation("study_id", str(err))]))
-        except SpecInvalid as err:
-            abort_with(context, invalid_argument(err.violations))
-        except AlreadyExists as err:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        return self._studies.create(request.study, study_id=request.study_id or names.new_id("study"),
+                                    request_id=request.request_id, validate_only=request.validate_only)
 
     def CancelStudy(
         self, request: training_service_pb2.CancelStudyRequest, context: grpc.ServicerContext
     ) -> study_pb2.Study:
-        study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
-        try:
-            return self._studies.cancel(study_id)
-        except NotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
-        except StudyPreconditionFailed as err:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        return self._studies.cancel(parse_field("name", names.parse_study_name, request.name))
 
     def WatchStudy(
         self, request: training_service_pb2.WatchStudyRequest, context: grpc.ServicerContext
     ) -> Iterator[study_pb2.StudyEvent]:
-        study_id = _name_or_abort(context, "name", names.parse_study_name, request.name)
+        study_id = parse_field("name", names.parse_study_name, request.name)
         if request.after_sequence < 0:
-            abort_with(context, invalid_argument([FieldViolation("after_sequence", "must be >= 0")]))
-        try:
-            self._jobs.get_study(study_id)
-        except NotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} does not exist")
+            raise InvalidArgument([FieldViolation("after_sequence", "must be >= 0")])
+        self._jobs.get_study(study_id)  # NotFound before the stream starts
         return self._studies.watch(study_id, request.after_sequence, context.is_active)
 
     def PromoteTrial(
         self, request: training_service_pb2.PromoteTrialRequest, context: grpc.ServicerContext
     ) -> job_pb2.Job:
-        study_id = _name_or_abort(context, "study", names.parse_study_name, request.study)
-        try:
-            record = self._studies.promote(
-                study_id, request.trial_number if request.HasField("trial_number") else None,
-                job_id=request.job_id or names.new_id("job"), request_id=request.request_id)
-        except names.InvalidName as err:
-            abort_with(context, invalid_argument([FieldViolation("job_id", str(err))]))
-        except NotFound:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.study} does not exist")
-        except StudyPreconditionFailed as err:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-        except AlreadyExists as err:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        study_id = parse_field("study", names.parse_study_name, request.study)
+        record = self._studies.promote(
+            study_id, request.trial_number if request.HasField("trial_number") else None,
+            job_id=request.job_id or names.new_id("job"), request_id=request.request_id)
         return resources.job_to_proto(record)

@@ -1,26 +1,43 @@
-"""Rich gRPC errors: `google.rpc.Status` with `BadRequest` field violations, and reading them back.
+"""The one error hierarchy of both services: what went wrong, and the gRPC status code it travels as.
 
-Servers report every invalid field of a spec in one INVALID_ARGUMENT (docs/architecture.md §3), carried as a
-`google.rpc.BadRequest` detail in the `grpc-status-details-bin` trailer; clients read it with
-`field_violations`.
+Domain code (the job store, the artifact store, the engines, the study functions) raises these, or its own
+subclasses of them, and knows nothing of gRPC: each class names its status code as a plain string (the
+`google.rpc.Code` name). `visiontune.status` turns an error into a `grpc.Status` and the server runtime does
+that for every servicer method (`visiontune.server.ErrorStatusInterceptor`), so a servicer only raises
+(docs/architecture.md §3). An error that is not a `VisionTuneError` is a bug and reaches the client as UNKNOWN.
+
+`InvalidArgument` carries every bad field of a request, not only the first: the client gets them all in one
+`google.rpc.BadRequest` detail.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, cast
-
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from typing import ClassVar, Literal, TypeVar
 
 __all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "Code",
+    "FailedPrecondition",
     "FieldViolation",
-    "abort_with",
-    "field_violations",
-    "invalid_argument",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "Unavailable",
+    "VisionTuneError",
+    "parse_field",
+    "reraise_as",
+]
+
+T = TypeVar("T")
+
+# The status codes the hierarchy uses (names of `grpc.StatusCode` and `google.rpc.Code` alike).
+Code = Literal[
+    "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "ABORTED", "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE", "INTERNAL",
 ]
 
 # The summary goes into the `grpc-message` header as well; the full list is in the details. Capping the
@@ -36,53 +53,87 @@ class FieldViolation:
     description: str
 
 
-def _summary(violations: Sequence[FieldViolation]) -> str:
-    n = len(violations)
-    shown = "; ".join(f"{v.field} ({v.description})" for v in violations[:_SUMMARY_MAX_FIELDS])
-    more = f"; and {n - _SUMMARY_MAX_FIELDS} more" if n > _SUMMARY_MAX_FIELDS else ""
-    return f"{n} invalid field{'s' if n != 1 else ''}: {shown}{more}"
+class VisionTuneError(Exception):
+    """Base of every error raised on purpose; `message` is what the client reads. INTERNAL unless a subclass
+    says otherwise."""
+
+    code: ClassVar[Code] = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
-def invalid_argument(violations: Sequence[FieldViolation], message: str | None = None) -> grpc.Status:
-    """An INVALID_ARGUMENT status whose BadRequest detail lists every violation (not only the first)."""
-    if not violations:
-        raise ValueError("invalid_argument needs at least one field violation")
-    bad_request = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in violations
-        ]
-    )
-    detail = any_pb2.Any()
-    detail.Pack(bad_request)
-    status = status_pb2.Status(
-        code=code_pb2.INVALID_ARGUMENT,
-        message=message if message is not None else _summary(violations),
-        details=[detail],
-    )
-    result: grpc.Status = rpc_status.to_status(status)
-    return result
+class InvalidArgument(VisionTuneError):
+    """The request has bad fields, all of them listed in `violations` (sent as `google.rpc.BadRequest`)."""
+
+    code: ClassVar[Code] = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[FieldViolation], message: str | None = None) -> None:
+        if not violations:
+            raise ValueError("InvalidArgument needs at least one field violation")
+        self.violations = tuple(violations)
+        super().__init__(message if message is not None else self.summary(self.violations))
+
+    @staticmethod
+    def summary(violations: Sequence[FieldViolation]) -> str:
+        """`2 invalid fields: a (why); b (why)`, naming at most 10 of them."""
+        n = len(violations)
+        shown = "; ".join(f"{v.field} ({v.description})" for v in violations[:_SUMMARY_MAX_FIELDS])
+        more = f"; and {n - _SUMMARY_MAX_FIELDS} more" if n > _SUMMARY_MAX_FIELDS else ""
+        return f"{n} invalid field{'s' if n != 1 else ''}: {shown}{more}"
 
 
-def abort_with(context: grpc.ServicerContext, status: grpc.Status) -> NoReturn:
-    """End the current call with `status` (code, message and the details trailer)."""
-    context.abort_with_status(status)
+class NotFound(VisionTuneError):
+    """The resource the request names does not exist."""
+
+    code: ClassVar[Code] = "NOT_FOUND"
 
 
-def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
-    """The BadRequest field violations carried by a failed call; empty when it carries none."""
+class AlreadyExists(VisionTuneError):
+    """A resource with this ID (or this request ID) exists already."""
+
+    code: ClassVar[Code] = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(VisionTuneError):
+    """The request is well formed, but what it refers to is not in a state that allows it (fix that first)."""
+
+    code: ClassVar[Code] = "FAILED_PRECONDITION"
+
+
+class Aborted(VisionTuneError):
+    """A concurrent change won (a compare-and-set failed); retrying the whole read-modify-write may succeed."""
+
+    code: ClassVar[Code] = "ABORTED"
+
+
+class ResourceExhausted(VisionTuneError):
+    """The request exceeds a limit (too many images, too many bytes)."""
+
+    code: ClassVar[Code] = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(VisionTuneError):
+    """A backend (S3, Triton) did not answer; the same request may succeed later."""
+
+    code: ClassVar[Code] = "UNAVAILABLE"
+
+
+def parse_field(field: str, parse: Callable[[str], T], value: str,
+                error: type[InvalidArgument] = InvalidArgument) -> T:
+    """`parse(value)`, or `error` naming `field` when it raises ValueError (`names.InvalidName`)."""
     try:
-        # A failed blocking call's RpcError is also its grpc.Call (code, details, trailers).
-        status = rpc_status.from_call(cast(grpc.Call, error))
-    except (AttributeError, ValueError):
-        # Not a call-shaped error (no trailers), or trailers that contradict the call's code.
-        return []
-    if status is None:
-        return []
-    found: list[FieldViolation] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            found.extend(FieldViolation(v.field, v.description) for v in bad_request.field_violations)
-    return found
+        return parse(value)
+    except ValueError as err:
+        raise error([FieldViolation(field, str(err))]) from err
+
+
+@contextlib.contextmanager
+def reraise_as(error: Callable[[str], VisionTuneError], *causes: type[Exception]) -> Iterator[None]:
+    """Raise `error(str(cause))` for any of `causes` raised in the block: for a call whose failures all mean
+    the same thing to this caller (an unreadable dataset is the client's precondition to fix, whatever S3 said)."""
+    try:
+        yield
+    except causes as err:
+        raise error(str(err)) from err

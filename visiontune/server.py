@@ -2,8 +2,9 @@
 
 What every VisionTune server gets (docs/architecture.md §3): `grpc.health.v1` health, server reflection, graceful
 shutdown on SIGTERM (health flips to NOT_SERVING, in-flight calls drain, new calls are refused), message
-size limits, and optional TLS and bearer-token authentication. A service plugs in through
-`ServiceBinding`s; this module knows nothing about the services' own protobuf modules.
+size limits, optional TLS and bearer-token authentication, and one error mapping: a `VisionTuneError` raised
+by any servicer method, unary or streaming, ends the call with its status (`ErrorStatusInterceptor`). A
+service plugs in through `ServiceBinding`s; this module knows nothing about the services' own protobuf modules.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from visiontune import status
+from visiontune.errors import VisionTuneError
 from visiontune.settings import ServerSettings
 
 __all__ = [
     "AUTH_EXEMPT_PREFIXES",
     "BearerTokenInterceptor",
     "CallLoggingInterceptor",
+    "ErrorStatusInterceptor",
     "GrpcServer",
     "ServerStartError",
     "ServiceBinding",
@@ -205,6 +209,46 @@ class CallLoggingInterceptor(_ServerInterceptor):
         return unary
 
 
+class ErrorStatusInterceptor(_ServerInterceptor):
+    """Ends a call whose servicer method raised a `VisionTuneError` with that error's status
+    (`visiontune.status.abort`): the one place both services map errors to status codes.
+
+    Streaming methods are wrapped too, so an error raised before or while the stream yields ends it the same
+    way. Any other exception is left to gRPC, which answers UNKNOWN: it is a bug, not an answer.
+    """
+
+    def intercept_service(
+        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> _Handler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return handler
+        behavior = _behavior(handler)
+        # The health service's non-blocking Watch must keep its grpc-specific attributes; it raises nothing of ours.
+        if getattr(behavior, "experimental_non_blocking", False):
+            return handler
+        return _method_handler_like(handler, self._wrap(behavior, handler.response_streaming), keep_serializers=True)
+
+    @staticmethod
+    def _wrap(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+        if streaming:
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from behavior(request, context)
+                except VisionTuneError as err:
+                    status.abort(context, err)
+
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behavior(request, context)
+            except VisionTuneError as err:
+                status.abort(context, err)
+
+        return unary
+
+
 # ------------------------------------------------------------------------------------------------- server
 
 
@@ -309,6 +353,8 @@ class GrpcServer:
             interceptors: list[_ServerInterceptor] = [CallLoggingInterceptor()]
             if s.auth_token:
                 interceptors.append(BearerTokenInterceptor(s.auth_token))
+            # Innermost, next to the servicers: the logging interceptor then sees the mapped status code.
+            interceptors.append(ErrorStatusInterceptor())
             rpc_pool = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix=f"{self._label}-rpc")
             # Health Watch streams run on their own small pool so they never take an RPC worker.
             health_pool = futures.ThreadPoolExecutor(2, thread_name_prefix=f"{self._label}-health")

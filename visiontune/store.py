@@ -1,9 +1,9 @@
 """The artifact store both services share: an S3 bucket reached through the `minio` SDK.
 
 Every call goes through one retry policy (exponential backoff with jitter, transient errors only) and
-every failure surfaces as a `StoreError` whose one-line message names the endpoint, the key and the cause.
-The urllib3 pool under the client has its own retries switched off, so this module's policy is the only
-one and a dead server fails within seconds.
+every failure surfaces as a `StoreError` whose one-line message names the endpoint, the key and the cause
+(both in `visiontune.store_errors`, re-exported here). The urllib3 pool under the client has its own retries
+switched off, so that policy is the only one and a dead server fails within seconds.
 
 Model versions follow docs/architecture.md §5: files under `models/{model}/versions/{version}/`, committed by
 writing `manifest.json` last. Readers see only versions that have a manifest, so a crash or a kill in the
@@ -34,12 +34,49 @@ from typing import Any, BinaryIO, Protocol, TypeVar, cast
 import minio
 import urllib3
 from minio.deleteobjects import DeleteObject
-from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.error import S3Error
 
 # MANIFEST is re-exported: the store commits model versions with it, and its callers read it here.
 from visiontune.names import MANIFEST as MANIFEST
 from visiontune.names import ModelVersionName, model_version_prefix, model_versions_prefix
 from visiontune.settings import S3Settings
+from visiontune.store_errors import (
+    CLIENT_ERRORS,
+    DEFAULT_RETRY,
+    ModelVersionExists,
+    ObjectNotFound,
+    RetryPolicy,
+    StoreConfigError,
+    StoreError,
+    StoreUnavailable,
+    StoreUnreachable,
+    describe_error,
+    is_transient,
+    retry_call,
+    translate,
+)
+
+__all__ = [
+    "MANIFEST",
+    "PART_SIZE",
+    "ArtifactStore",
+    "ModelVersionExists",
+    "ModelVersionWriter",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ReadableStream",
+    "RetryPolicy",
+    "StoreConfigError",
+    "StoreError",
+    "StoreUnavailable",
+    "StoreUnreachable",
+    "describe_error",
+    "is_transient",
+    "make_http_client",
+    "model_version_prefix",
+    "retry_call",
+    "sha256_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,162 +85,9 @@ T = TypeVar("T")
 PART_SIZE = 16 * 1024 * 1024  # multipart part size for uploads of unknown or large size
 _CHUNK = 1024 * 1024
 
-# What the minio SDK and the urllib3 pool under it raise for a failed request.
-_CLIENT_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
-_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
-_TRANSIENT_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
-_CREDENTIAL_CODES = frozenset({
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
-    "AuthorizationHeaderMalformed", "InvalidSecurity",
-})
 _BUCKET_EXISTS_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
 # A prefix nothing is stored under: listing it checks credentials and bucket access without reading data.
 _PROBE_PREFIX = ".visiontune-probe/"
-
-
-# -- errors -----------------------------------------------------------------------------------------------
-
-
-class StoreError(Exception):
-    """An artifact-store operation failed; the message names the endpoint, the key and the cause."""
-
-    def __init__(
-        self, message: str, *, endpoint: str, key: str | None = None, cause: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.endpoint = endpoint
-        self.key = key
-        self.cause = cause
-
-
-class StoreConfigError(StoreError):
-    """Wrong credentials, a missing bucket or an endpoint that does not answer: fix the configuration."""
-
-
-class ObjectNotFound(StoreError):
-    """The key (or the committed model version) does not exist."""
-
-
-class StoreUnavailable(StoreError):
-    """The server did not answer, or answered with transient errors, on every attempt."""
-
-
-class StoreUnreachable(StoreConfigError, StoreUnavailable):
-    """`check()` found nobody answering at the endpoint: a wrong address, or a server that is down."""
-
-
-class ModelVersionExists(StoreError):
-    """The model version is already committed; committed versions are immutable."""
-
-
-# -- retries ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently to retry transient failures."""
-
-    attempts: int = 5
-    initial_backoff_s: float = 0.1
-    max_backoff_s: float = 2.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("RetryPolicy.attempts must be at least 1")
-        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
-            raise ValueError("RetryPolicy backoffs must be >= 0 and the multiplier >= 1")
-
-    def backoff(self, retry: int, rng: random.Random) -> float:
-        """Seconds to wait before retry number `retry` (1-based): exponential, capped, half of it jittered."""
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
-        # "Equal jitter": never less than half the base, so a retry storm still backs off.
-        return base / 2 + rng.uniform(0, base / 2)
-
-
-def _status_of(exc: BaseException) -> int | None:
-    if isinstance(exc, S3Error):
-        response = getattr(exc, "response", None)
-        status = getattr(response, "status", None)
-        return status if isinstance(status, int) else None
-    if isinstance(exc, ServerError):
-        return exc.status_code
-    if isinstance(exc, InvalidResponseError):
-        code = getattr(exc, "_code", None)  # the SDK keeps the HTTP status only in this attribute
-        return code if isinstance(code, int) else None
-    return None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the connection failed or broke, or the server said "try again later"."""
-    if isinstance(exc, S3Error):
-        return exc.code in _TRANSIENT_CODES or _status_of(exc) in _TRANSIENT_STATUS
-    if isinstance(exc, (ServerError, InvalidResponseError)):
-        return _status_of(exc) in _TRANSIENT_STATUS
-    return isinstance(exc, (
-        urllib3.exceptions.MaxRetryError,
-        urllib3.exceptions.NewConnectionError,
-        urllib3.exceptions.ProtocolError,
-        urllib3.exceptions.TimeoutError,
-        urllib3.exceptions.IncompleteRead,
-        ConnectionError,
-        TimeoutError,
-    ))
-
-
-def retry_call(
-    fn: Callable[[], T],
-    policy: RetryPolicy,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: random.Random | None = None,
-) -> T:
-    """Call `fn` until it succeeds, retrying transient client errors; the last error propagates."""
-    rng = rng if rng is not None else random.Random()
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return fn()
-        except _CLIENT_ERRORS as exc:
-            if attempt >= policy.attempts or not is_transient(exc):
-                raise
-            delay = policy.backoff(attempt, rng)
-            log.debug("transient S3 error (attempt %d/%d), retrying in %.2fs: %s",
-                      attempt, policy.attempts, delay, exc)
-            sleep(delay)
-    raise AssertionError("unreachable: the loop returns or raises")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short, one-line cause for an SDK or connection error."""
-    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-        return describe_error(exc.reason)
-    if isinstance(exc, S3Error):
-        return f"{exc.code}: {exc.message}" if exc.message else str(exc.code)
-    if isinstance(exc, ServerError):
-        return f"HTTP {exc.status_code} from the server"
-    if isinstance(exc, InvalidResponseError):
-        return f"not an S3 response (HTTP {_status_of(exc)})"
-    if isinstance(exc, urllib3.exceptions.NameResolutionError):
-        host = getattr(getattr(exc, "conn", None), "host", None)
-        return f"cannot resolve host {host!r}" if host else "cannot resolve host"
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):
-        text = str(exc)
-        if "refused" in text.lower():
-            return "connection refused"
-        return _one_line(text.split(": ", 1)[-1])
-    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
-        return "connection timed out"
-    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-        return "read timed out"
-    if isinstance(exc, urllib3.exceptions.ProtocolError):
-        inner = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], BaseException) else None
-        detail = f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)
-        return _one_line(f"connection broken ({detail})")
-    return _one_line(f"{type(exc).__name__}: {exc}")
 
 
 # -- values -----------------------------------------------------------------------------------------------
@@ -274,7 +158,7 @@ class _ObjectReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         try:
             return int(self._response.readinto(buffer))
-        except _CLIENT_ERRORS as exc:
+        except CLIENT_ERRORS as exc:
             raise self._on_error(exc) from exc
 
     def close(self) -> None:
@@ -294,7 +178,7 @@ class ArtifactStore:
         bucket: str,
         *,
         endpoint: str,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         sleep: Callable[[float], None] = time.sleep,
         access_key: str | None = None,
     ) -> None:
@@ -311,7 +195,7 @@ class ArtifactStore:
         cls,
         settings: S3Settings,
         *,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         sleep: Callable[[float], None] = time.sleep,
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 60.0,
@@ -340,33 +224,9 @@ class ArtifactStore:
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
-    def _where(self, key: str | None) -> str:
-        return f"'{self.bucket}/{key}'" if key else f"bucket '{self.bucket}'"
-
     def _translate(self, exc: BaseException, op: str, key: str | None, attempts: int) -> StoreError:
-        cause = describe_error(exc)
-        ep = self.endpoint
-        code = exc.code if isinstance(exc, S3Error) else None
-        if code in ("NoSuchKey", "NoSuchObject"):
-            return ObjectNotFound(f"S3 at {ep}: object {self._where(key)} does not exist",
-                                  endpoint=ep, key=key, cause=cause)
-        if code == "NoSuchBucket":
-            during = f" ({op} '{key}')" if key else ""
-            return StoreConfigError(f"S3 at {ep}: bucket '{self.bucket}' does not exist{during}",
-                                    endpoint=ep, key=key, cause=cause)
-        if code in _CREDENTIAL_CODES:
-            who = f" (access key '{self._access_key}')" if self._access_key else ""
-            if code == "AccessDenied":
-                msg = f"S3 at {ep} denied {op} of {self._where(key)} to these credentials{who}: {code}"
-            else:
-                msg = f"S3 at {ep} rejected the credentials{who}: {code}"
-            return StoreConfigError(msg, endpoint=ep, key=key, cause=cause)
-        if is_transient(exc):
-            tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}"
-            return StoreUnavailable(f"S3 at {ep} unavailable: {op} {self._where(key)} failed{tries}: {cause}",
-                                    endpoint=ep, key=key, cause=cause)
-        return StoreError(f"S3 at {ep}: {op} {self._where(key)} failed: {cause}",
-                          endpoint=ep, key=key, cause=cause)
+        return translate(exc, op=op, endpoint=self.endpoint, bucket=self.bucket, key=key, attempts=attempts,
+                         access_key=self._access_key)
 
     def _run(self, op: str, key: str | None, fn: Callable[[], T], *, retry: RetryPolicy | None = None) -> T:
         attempts = 0
@@ -378,7 +238,7 @@ class ArtifactStore:
 
         try:
             return retry_call(counted, retry or self.retry, sleep=self._sleep, rng=self._rng)
-        except _CLIENT_ERRORS as exc:
+        except CLIENT_ERRORS as exc:
             raise self._translate(exc, op, key, attempts) from exc
 
     @staticmethod
@@ -580,7 +440,7 @@ class ArtifactStore:
                     last = info.key
                     failures = 0
                 return
-            except _CLIENT_ERRORS as exc:
+            except CLIENT_ERRORS as exc:
                 failures += 1
                 if failures >= self.retry.attempts or not is_transient(exc):
                     raise self._translate(exc, "list", prefix, failures) from exc

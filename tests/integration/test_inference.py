@@ -37,7 +37,7 @@ from tests.integration.inference_helpers import (
     wait_ready,
 )
 from visiontune.devstack.s3server import S3ServerProcess
-from visiontune.errors import field_violations
+from visiontune.status import field_violations
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2 as pb
 

@@ -19,7 +19,7 @@ from tests.fuzz_images import malformed_images
 from tests.integration.inference_helpers import RED, Inference, publish_color_model, solid_image, start_inference
 from visiontune.client import is_serving
 from visiontune.devstack.s3server import S3ServerProcess
-from visiontune.errors import field_violations
+from visiontune.status import field_violations
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2 as pb
 

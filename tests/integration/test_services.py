@@ -18,8 +18,8 @@ from trainer_service.jobs.store import JobStore
 from visiontune.client import is_serving, list_services
 from visiontune.devstack.launch import service_environment
 from visiontune.devstack.ports import free_port
-from visiontune.errors import field_violations
 from visiontune.settings import S3Settings
+from visiontune.status import field_violations
 from visiontune.v1 import (
     inference_service_pb2,
     inference_service_pb2_grpc,

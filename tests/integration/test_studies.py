@@ -19,7 +19,7 @@ import grpc
 import pytest
 from tests.integration.trainer_helpers import Trainer, start_trainer, tiny_spec
 from visiontune.devstack.s3server import S3ServerProcess
-from visiontune.errors import field_violations
+from visiontune.status import field_violations
 from visiontune.store import ArtifactStore
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_spec_pb2
 

@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from tests.integration.trainer_helpers import Trainer, tiny_spec, worker_pid
 from visiontune.devstack.dataset_upload import plan_upload, upload
 from visiontune.devstack.sample_data import SHAPES, write_shapes_dataset
-from visiontune.errors import field_violations
+from visiontune.status import field_violations
 from visiontune.store import ArtifactStore
 from visiontune.v1 import (
     job_pb2,

@@ -52,6 +52,7 @@ ENGINE_MAY_IMPORT: Final = (
     "visiontune.preprocessing",
     "visiontune.openset",
     "visiontune.float32",
+    "visiontune.errors",
     "visiontune.weights_cache",
 )
 ENGINE_MAY_NOT_IMPORT_STDLIB: Final = ("sqlite3",)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from trainer_service.jobs.store import (
-    DEFAULT_PAGE_SIZE,
     SCHEMA_VERSION,
     AlreadyExists,
     Conflict,
@@ -25,6 +24,7 @@ from trainer_service.jobs.store import (
     SchemaError,
     StudyState,
 )
+from visiontune.pagination import DEFAULT_PAGE_SIZE
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -26,10 +26,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from visiontune.client import make_channel, wait_for_serving
-from visiontune.errors import FieldViolation, field_violations, invalid_argument
+from visiontune.errors import FieldViolation
 from visiontune.logs import configure_logging
 from visiontune.server import GrpcServer, ServerStartError, ServiceBinding
 from visiontune.settings import S3Settings, ServerSettings
+from visiontune.status import field_violations, invalid_argument
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "visiontune.test.Echo"

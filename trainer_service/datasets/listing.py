@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+from visiontune.errors import FailedPrecondition
 from visiontune.imagefolder import label_of
 from visiontune.store import ArtifactStore
 from visiontune.uris import S3Location, parse_location
@@ -22,7 +23,7 @@ from trainer_service.datasets.splits import count_labels
 log = logging.getLogger(__name__)
 
 
-class DatasetError(Exception):
+class DatasetError(FailedPrecondition):
     """The dataset cannot be used as given; the one-line message names its URI."""
 
 

@@ -29,6 +29,7 @@ import torch.hub
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
+from visiontune.errors import FailedPrecondition
 from visiontune.weights_cache import has_hash_prefix, hash_prefix, seed_weights_cache, weights_cache_dir
 
 from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig
@@ -56,7 +57,7 @@ _CHUNK = 1024 * 1024
 _EXPORT_ATOL = 1e-5
 
 
-class WeightsUnavailable(Exception):
+class WeightsUnavailable(FailedPrecondition):
     """Pretrained weights could not be obtained; the one-line message says what is missing and where."""
 
 

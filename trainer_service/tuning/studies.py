@@ -11,7 +11,7 @@ from typing import Final
 
 from google.protobuf import json_format
 from visiontune import names
-from visiontune.errors import FieldViolation
+from visiontune.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from visiontune.v1 import study_pb2
 
 from trainer_service.jobs import events
@@ -29,7 +29,7 @@ WATCH_POLL_S: Final = 1.0
 WATCH_FINAL_GRACE_S: Final = 0.5
 
 
-class StudyPreconditionFailed(Exception):
+class StudyPreconditionFailed(FailedPrecondition):
     """The study is not in a state that allows the call (cancel a finished study, promote with no result)."""
 
 
@@ -46,15 +46,23 @@ class Studies:
 
     def create(self, study: study_pb2.Study, *, study_id: str, request_id: str, validate_only: bool
                ) -> study_pb2.Study:
-        """Validate and start a study. Raises SpecInvalid (fields prefixed `study.`), names.InvalidName,
-        jobstore.AlreadyExists."""
-        names.check_id("study_id", study_id)
-        if not study.HasField("spec"):
-            raise SpecInvalid([FieldViolation("study.spec", "required")])
+        """Validate and start a study. Raises InvalidArgument naming every bad field (`study_id`, and the
+        spec's fields prefixed `study.`), or the job store's AlreadyExists."""
+        violations: list[FieldViolation] = []
         try:
-            config = self._config(study.spec)
-        except SpecInvalid as err:
-            raise SpecInvalid([FieldViolation(f"study.{v.field}", v.description) for v in err.violations]) from err
+            names.check_id("study_id", study_id)
+        except names.InvalidName as err:
+            violations.append(FieldViolation("study_id", str(err)))
+        config = None
+        if not study.HasField("spec"):
+            violations.append(FieldViolation("study.spec", "required"))
+        else:
+            try:
+                config = self._config(study.spec)
+            except SpecInvalid as err:
+                violations += [FieldViolation(f"study.{v.field}", v.description) for v in err.violations]
+        if violations or config is None:
+            raise InvalidArgument(violations)
         if validate_only:
             return study_pb2.Study(name=names.study_name(study_id), display_name=study.display_name,
                                    spec=study.spec, state=study_pb2.STUDY_STATE_RUNNING)
@@ -103,8 +111,12 @@ class Studies:
                 return
 
     def promote(self, study_id: str, trial_number: int | None, *, job_id: str, request_id: str) -> JobRecord:
-        """A full training job with a trial's configuration (default: the best), publishing a model version."""
-        names.check_id("job_id", job_id)
+        """A full training job with a trial's configuration (default: the best), publishing a model version.
+        Raises InvalidArgument for a bad `job_id`, NotFound, StudyPreconditionFailed, AlreadyExists."""
+        try:
+            names.check_id("job_id", job_id)
+        except names.InvalidName as err:
+            raise InvalidArgument([FieldViolation("job_id", str(err))]) from err
         study = self.get(study_id)
         if trial_number is None:
             if not study.HasField("best_trial"):

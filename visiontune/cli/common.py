@@ -18,9 +18,9 @@ from google.protobuf.descriptor import EnumDescriptor
 
 from visiontune.client import make_channel
 from visiontune.devstack import stack
-from visiontune.errors import field_violations
 from visiontune.settings import S3Settings, default_data_dir
 from visiontune.specfile import enum_short_name
+from visiontune.status import field_violations
 from visiontune.v1 import inference_service_pb2_grpc, training_service_pb2_grpc
 
 data_dir_option = click.option(

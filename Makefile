@@ -58,8 +58,12 @@ bench-tuning: setup fashion-mnist
 bench-serve: setup
 	$(BIN)/python -m bench.serve
 
+# What ruff checks and formats (the generated stubs under visiontune/v1 are excluded in pyproject.toml).
+PY_SOURCES := visiontune trainer_service inference_service tests scripts bench
+
 lint: setup
-	$(BIN)/ruff check visiontune trainer_service inference_service tests scripts bench
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
 	$(BIN)/mypy
 
 # Regenerate visiontune/v1 from protos/ after editing a .proto.

@@ -101,8 +101,11 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"  # what the trainer's manifest name
 MAX_MESSAGE = 64 * 1024 * 1024
 # One TCP connection per client thread: without a local subchannel pool, gRPC Python shares one connection
 # among every channel of a process to the same target.
-CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", MAX_MESSAGE),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE)]
+CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+]
 # --quick: the smoke test's run. Also: ceiling at batch sizes 1, 8, 32 only, agreement on the first 16 images.
 QUICK = {"seconds": 1.0, "warmup": 0.5, "concurrency": (1, 8)}
 
@@ -153,7 +156,7 @@ def make_jpegs(count: int, side: int, seed: int) -> list[bytes]:
         for _ in range(3):  # rectangles: edges for the JPEG coder and the network
             y, x = rng.integers(0, side * 3 // 4, size=2)
             h, w = rng.integers(side // 8, side // 3, size=2)
-            pixels[y:y + h, x:x + w] = rng.uniform(0, 255, size=3)
+            pixels[y : y + h, x : x + w] = rng.uniform(0, 255, size=3)
         pixels += rng.normal(0, 8, size=pixels.shape)
         buffer = io.BytesIO()
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
@@ -186,21 +189,36 @@ def export_model(settings: Settings, path: Path) -> tuple[str, tuple[float, ...]
     return described, mean, std
 
 
-def publish(store: ArtifactStore, weights: Path, labels: Sequence[str], size: int, mean: Sequence[float],
-            std: Sequence[float]) -> str:
+def publish(
+    store: ArtifactStore, weights: Path, labels: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float]
+) -> str:
     """The exported file plus a manifest like the trainer's (worker._publish), committed as a model version."""
     manifest = manifest_pb2.ModelManifest(
-        schema_version=1, name=f"models/{MODEL_ID}/versions/{VERSION_ID}", labels=list(labels),
+        schema_version=1,
+        name=f"models/{MODEL_ID}/versions/{VERSION_ID}",
+        labels=list(labels),
         architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V2,
         preprocessing=manifest_pb2.Preprocessing(
-            resize_size=size, crop_size=size, interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
-            mean=list(mean), std=list(std), color_mode=manifest_pb2.COLOR_MODE_RGB),
+            resize_size=size,
+            crop_size=size,
+            interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
+            mean=list(mean),
+            std=list(std),
+            color_mode=manifest_pb2.COLOR_MODE_RGB,
+        ),
         weights=manifest_pb2.Weights(
-            path="model.pt", format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT, sha256=sha256_file(weights),
-            size_bytes=weights.stat().st_size, input_name=INPUT_NAME, input_shape=[-1, 3, size, size],
-            output_name=OUTPUT_NAME, output_shape=[-1, len(labels)]),
-        open_set=job_pb2.OpenSetResult(score=training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX, threshold=0.5,
-                                       target_true_positive_rate=0.95),
+            path="model.pt",
+            format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT,
+            sha256=sha256_file(weights),
+            size_bytes=weights.stat().st_size,
+            input_name=INPUT_NAME,
+            input_shape=[-1, 3, size, size],
+            output_name=OUTPUT_NAME,
+            output_shape=[-1, len(labels)],
+        ),
+        open_set=job_pb2.OpenSetResult(
+            score=training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX, threshold=0.5, target_true_positive_rate=0.95
+        ),
     )
     with store.begin_model_version(MODEL_ID, VERSION_ID) as writer:
         writer.put_file("model.pt", weights)
@@ -227,7 +245,7 @@ def _stat(pid: int | str) -> tuple[int, float] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime(12) stime(13)
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... utime(12) stime(13)
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -254,11 +272,19 @@ def cpu_seconds(service_pid: int) -> dict[str, float] | None:
 # -- the servers' own metrics (Prometheus text) -------------------------------------------------------------------
 
 
-TRITON_METRICS = ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success",
-                  "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
-                  "nv_inference_compute_infer_duration_us")
-SERVICE_METRICS = tuple(f"visiontune_inference_{name}_duration_seconds_{part}"
-                        for name in ("request", "preprocess", "triton") for part in ("sum", "count"))
+TRITON_METRICS = (
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_request_success",
+    "nv_inference_request_duration_us",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_infer_duration_us",
+)
+SERVICE_METRICS = tuple(
+    f"visiontune_inference_{name}_duration_seconds_{part}"
+    for name in ("request", "preprocess", "triton")
+    for part in ("sum", "count")
+)
 
 
 def scrape(urls: Sequence[str]) -> dict[str, float] | None:
@@ -333,8 +359,15 @@ class Point:
         return self.completed / self.seconds
 
 
-def run_point(path: str, concurrency: int, connect: Callable[[], tuple[Call, Callable[[], None]]], images: int,
-              settings: Settings, service_pid: int, metrics_urls: Sequence[str]) -> Point:
+def run_point(
+    path: str,
+    concurrency: int,
+    connect: Callable[[], tuple[Call, Callable[[], None]]],
+    images: int,
+    settings: Settings,
+    service_pid: int,
+    metrics_urls: Sequence[str],
+) -> Point:
     """`concurrency` threads, each with its own client from `connect`, calling back to back."""
     logs = [_ThreadLog() for _ in range(concurrency)]
     clock: dict[str, float] = {}
@@ -397,12 +430,16 @@ def run_point(path: str, concurrency: int, connect: Callable[[], tuple[Call, Cal
     if cpu_before is not None and cpu_after is not None and completed:
         cpu = {k: (cpu_after[k] - cpu_before[k]) * 1e3 / completed for k in cpu_before}
     return Point(
-        path=path, concurrency=concurrency, completed=completed, failed=sum(log.failed for log in logs),
+        path=path,
+        concurrency=concurrency,
+        completed=completed,
+        failed=sum(log.failed for log in logs),
         seconds=settings.seconds,
         p50_ms=float(np.percentile(latencies, 50)) if completed else float("nan"),
         p99_ms=float(np.percentile(latencies, 99)) if completed else float("nan"),
         mean_ms=float(latencies.mean()) if completed else float("nan"),
-        errors=tuple(e for log in logs for e in log.errors)[:5], cpu_ms_per_image=cpu,
+        errors=tuple(e for log in logs for e in log.errors)[:5],
+        cpu_ms_per_image=cpu,
         servers=inside(metrics_before, metrics_after),
     )
 
@@ -424,15 +461,18 @@ def classify_client(target: str, model: str, jpegs: Sequence[bytes]) -> Callable
     return connect
 
 
-def triton_client(url: str, triton_model: str, tensors: np.ndarray[Any, Any],
-                  ) -> Callable[[], tuple[Call, Callable[[], None]]]:
+def triton_client(
+    url: str,
+    triton_model: str,
+    tensors: np.ndarray[Any, Any],
+) -> Callable[[], tuple[Call, Callable[[], None]]]:
     def connect() -> tuple[Call, Callable[[], None]]:
         client = triton_grpc.InferenceServerClient(url, channel_args=CHANNEL_OPTIONS)
         output = [triton_grpc.InferRequestedOutput(OUTPUT_NAME)]
 
         def call(i: int) -> None:
             tensor = triton_grpc.InferInput(INPUT_NAME, [1, *tensors.shape[1:]], "FP32")
-            tensor.set_data_from_numpy(tensors[i:i + 1])
+            tensor.set_data_from_numpy(tensors[i : i + 1])
             result = client.infer(triton_model, [tensor], outputs=output, client_timeout=60)
             logits = result.as_numpy(OUTPUT_NAME)
             if logits is None or logits.shape[0] != 1:
@@ -456,8 +496,12 @@ class CeilingPoint:
     cpu_ms_per_image: float  # this process's CPU time over the timed batches
 
 
-def ceiling(model: torch.jit.ScriptModule, tensors: np.ndarray[Any, Any], settings: Settings,
-            batch_sizes: Sequence[int] = CEILING_BATCHES) -> list[CeilingPoint]:
+def ceiling(
+    model: torch.jit.ScriptModule,
+    tensors: np.ndarray[Any, Any],
+    settings: Settings,
+    batch_sizes: Sequence[int] = CEILING_BATCHES,
+) -> list[CeilingPoint]:
     """The TorchScript model in this process, back-to-back batches for --warmup, then --seconds, per size."""
     source = torch.from_numpy(tensors)
     out = []
@@ -481,10 +525,15 @@ def ceiling(model: torch.jit.ScriptModule, tensors: np.ndarray[Any, Any], settin
                     times.append(time.perf_counter() - now)
                 cpu = time.process_time() - cpu_start
             median = float(np.median(times))
-            out.append(CeilingPoint(b, b / median, b * len(times) / sum(times), median * 1e3, len(times),
-                                    cpu * 1e3 / (b * len(times))))
-            _progress(f"in-process batch {b:3d}: {out[-1].images_per_second:8.1f} images/s at the median batch, "
-                      f"{out[-1].images_per_second_overall:8.1f} overall")
+            out.append(
+                CeilingPoint(
+                    b, b / median, b * len(times) / sum(times), median * 1e3, len(times), cpu * 1e3 / (b * len(times))
+                )
+            )
+            _progress(
+                f"in-process batch {b:3d}: {out[-1].images_per_second:8.1f} images/s at the median batch, "
+                f"{out[-1].images_per_second_overall:8.1f} overall"
+            )
     finally:
         torch.set_num_threads(previous)
     return out
@@ -493,8 +542,14 @@ def ceiling(model: torch.jit.ScriptModule, tensors: np.ndarray[Any, Any], settin
 # -- agreement --------------------------------------------------------------------------------------------------
 
 
-def agreement(service: Service, name: str, triton_model: str, tensors: np.ndarray[Any, Any],
-              jpegs: Sequence[bytes], reference: torch.Tensor) -> dict[str, Any]:
+def agreement(
+    service: Service,
+    name: str,
+    triton_model: str,
+    tensors: np.ndarray[Any, Any],
+    jpegs: Sequence[bytes],
+    reference: torch.Tensor,
+) -> dict[str, Any]:
     """Each image once through Classify and Triton; the largest differences from the in-process model."""
     probabilities = reference.softmax(dim=1)
     first_ms: list[float] = []  # the first requests after DeployModel: Triton direct, then Classify
@@ -503,7 +558,7 @@ def agreement(service: Service, name: str, triton_model: str, tensors: np.ndarra
         triton_logits = []
         for i in range(len(tensors)):
             tensor = triton_grpc.InferInput(INPUT_NAME, [1, *tensors.shape[1:]], "FP32")
-            tensor.set_data_from_numpy(tensors[i:i + 1])
+            tensor.set_data_from_numpy(tensors[i : i + 1])
             before = time.perf_counter()
             triton_logits.append(client.infer(triton_model, [tensor]).as_numpy(OUTPUT_NAME))
             if i < FIRST_CALLS:
@@ -520,9 +575,14 @@ def agreement(service: Service, name: str, triton_model: str, tensors: np.ndarra
         expected = int(probabilities[i].argmax())
         top1_same += int(top.label == f"class-{expected}")
         prob_diff = max(prob_diff, abs(top.score - float(probabilities[i].max())))
-    return {"triton_max_logit_diff": triton_diff, "classify_max_top1_prob_diff": prob_diff,
-            "classify_top1_agree": top1_same, "images": len(jpegs),
-            "first_triton_ms": first_ms[:FIRST_CALLS], "first_classify_ms": first_ms[FIRST_CALLS:]}
+    return {
+        "triton_max_logit_diff": triton_diff,
+        "classify_max_top1_prob_diff": prob_diff,
+        "classify_top1_agree": top1_same,
+        "images": len(jpegs),
+        "first_triton_ms": first_ms[:FIRST_CALLS],
+        "first_classify_ms": first_ms[FIRST_CALLS:],
+    }
 
 
 # -- the benchmark ------------------------------------------------------------------------------------------------
@@ -539,8 +599,6 @@ def _load_average() -> float | None:
         return None
 
 
-
-
 @dataclass
 class Service:
     """A running `python -m inference_service` (visiontune.devstack.launch) and a gRPC stub on it."""
@@ -553,13 +611,14 @@ class Service:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(queue_delay_ms * 1e6))
         deployment: pb.Deployment = self.stub.DeployModel(
-            pb.DeployModelRequest(model_version=name, max_batch_size=max_batch_size, max_queue_delay=delay),
-            timeout=300)
+            pb.DeployModelRequest(model_version=name, max_batch_size=max_batch_size, max_queue_delay=delay), timeout=300
+        )
         return deployment
 
     def classify(self, model: str, image: bytes) -> pb.ClassifyResponse:
         response: pb.ClassifyResponse = self.stub.Classify(
-            pb.ClassifyRequest(model=model, images=[pb.Image(content=image)]), timeout=60)
+            pb.ClassifyRequest(model=model, images=[pb.Image(content=image)]), timeout=60
+        )
         return response
 
     def stop(self) -> None:
@@ -576,8 +635,9 @@ def start_service(s3: S3ServerProcess, bucket: str, data_dir: Path, timeout: flo
 @contextlib.contextmanager
 def running_stack(workdir: Path) -> Iterator[tuple[ArtifactStore, Service]]:
     """A real S3 server and a real inference service (with its Triton) for the duration of the block."""
-    s3 = S3ServerProcess(workdir / "s3", access_key="bench-" + secrets.token_hex(4),
-                         secret_key=secrets.token_urlsafe(24))
+    s3 = S3ServerProcess(
+        workdir / "s3", access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(24)
+    )
     s3.start(timeout=60)
     service: Service | None = None
     try:
@@ -628,8 +688,9 @@ def benchmark(settings: Settings) -> dict[str, Any]:
                 raise RuntimeError(f"{name} is {pb.DeploymentState.Name(deployment.state)} after DeployModel")
             _progress(f"{name} deployed as Triton model {deployment.triton_model} in {deploy_seconds:.1f} s")
             checked = QUICK_AGREEMENT_IMAGES if settings.quick else len(jpegs)
-            agree = agreement(service, name, deployment.triton_model, tensors[:checked], jpegs[:checked],
-                              reference[:checked])
+            agree = agreement(
+                service, name, deployment.triton_model, tensors[:checked], jpegs[:checked], reference[:checked]
+            )
             _progress(f"agreement: {agree}")
 
             connectors = {
@@ -639,16 +700,22 @@ def benchmark(settings: Settings) -> dict[str, Any]:
             points = []
             for round_index, concurrency in enumerate(settings.concurrency):
                 # Alternating which path goes first spreads slow drifts in machine load over both.
-                for path in (PATHS if round_index % 2 == 0 else PATHS[::-1]):
+                for path in PATHS if round_index % 2 == 0 else PATHS[::-1]:
                     endpoints = (service.process.metrics_url, service.process.triton_metrics_url)
-                    point = run_point(path, concurrency, connectors[path], len(jpegs), settings,
-                                      service.process.proc.pid, endpoints)
+                    point = run_point(
+                        path, concurrency, connectors[path], len(jpegs), settings, service.process.proc.pid, endpoints
+                    )
                     points.append(point)
-                    _progress(f"{path:13} c={concurrency:3d}: {point.images_per_second:8.1f} images/s, "
-                              f"p50 {point.p50_ms:7.2f} ms, p99 {point.p99_ms:7.2f} ms, failed {point.failed}")
+                    _progress(
+                        f"{path:13} c={concurrency:3d}: {point.images_per_second:8.1f} images/s, "
+                        f"p50 {point.p50_ms:7.2f} ms, p99 {point.p99_ms:7.2f} ms, failed {point.failed}"
+                    )
 
-    device = "cpu (no GPU visible to torch)" if not torch.cuda.is_available() else \
-        f"cuda ({torch.cuda.get_device_name(0)}); Triton ran the model on the GPU"
+    device = (
+        "cpu (no GPU visible to torch)"
+        if not torch.cuda.is_available()
+        else f"cuda ({torch.cuda.get_device_name(0)}); Triton ran the model on the GPU"
+    )
     return {
         "settings": asdict(settings),
         "weights": described,
@@ -689,16 +756,20 @@ def problems(result: dict[str, Any]) -> list[str]:
     out = []
     for p in result["points"]:
         if p["failed"]:
-            out.append(f"{p['path']} at concurrency {p['concurrency']}: {p['failed']} failed request(s): "
-                       + "; ".join(p["errors"]))
+            out.append(
+                f"{p['path']} at concurrency {p['concurrency']}: {p['failed']} failed request(s): "
+                + "; ".join(p["errors"])
+            )
         if not p["completed"]:
             out.append(f"{p['path']} at concurrency {p['concurrency']}: no request completed in the window")
     a = result["agreement"]
     if a["triton_max_logit_diff"] > AGREEMENT_TOLERANCE:
         out.append(f"Triton's logits differ from the in-process model's by {a['triton_max_logit_diff']:.3g}")
     if a["classify_max_top1_prob_diff"] > AGREEMENT_TOLERANCE:
-        out.append(f"Classify's top-1 probabilities differ from the in-process model's by "
-                   f"{a['classify_max_top1_prob_diff']:.3g}")
+        out.append(
+            f"Classify's top-1 probabilities differ from the in-process model's by "
+            f"{a['classify_max_top1_prob_diff']:.3g}"
+        )
     return out
 
 
@@ -712,14 +783,16 @@ def ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
         def ratio(a: float, b: float) -> float:
             return a / b if b else float("nan")
 
-        rows.append({
-            "concurrency": c,
-            "classify_over_triton": ratio(ours["images_per_second"], triton["images_per_second"]),
-            "triton_over_ceiling": ratio(triton["images_per_second"], best),
-            "classify_over_ceiling": ratio(ours["images_per_second"], best),
-            "p50_classify_over_triton": ratio(ours["p50_ms"], triton["p50_ms"]),
-            "p99_classify_over_triton": ratio(ours["p99_ms"], triton["p99_ms"]),
-        })
+        rows.append(
+            {
+                "concurrency": c,
+                "classify_over_triton": ratio(ours["images_per_second"], triton["images_per_second"]),
+                "triton_over_ceiling": ratio(triton["images_per_second"], best),
+                "classify_over_ceiling": ratio(ours["images_per_second"], best),
+                "p50_classify_over_triton": ratio(ours["p50_ms"], triton["p50_ms"]),
+                "p99_classify_over_triton": ratio(ours["p99_ms"], triton["p99_ms"]),
+            }
+        )
     return rows
 
 
@@ -735,10 +808,15 @@ def _inside_row(p: dict[str, Any]) -> str:
     i = p["servers"]
     if i is None:
         return f"| {p['path']} | {p['concurrency']} | n/a | n/a | n/a | n/a | n/a | {p['mean_ms']:.2f} |"
-    service = (f"{i['service_preprocess_ms']:.2f} / {i['service_triton_ms']:.2f} / {i['service_request_ms']:.2f}"
-               if "service_request_ms" in i else "-")
-    return (f"| {p['path']} | {p['concurrency']} | {i['triton_batch']:.2f} | {i['triton_queue_ms']:.2f} "
-            f"| {i['triton_compute_ms']:.2f} | {i['triton_request_ms']:.2f} | {service} | {p['mean_ms']:.2f} |")
+    service = (
+        f"{i['service_preprocess_ms']:.2f} / {i['service_triton_ms']:.2f} / {i['service_request_ms']:.2f}"
+        if "service_request_ms" in i
+        else "-"
+    )
+    return (
+        f"| {p['path']} | {p['concurrency']} | {i['triton_batch']:.2f} | {i['triton_queue_ms']:.2f} "
+        f"| {i['triton_compute_ms']:.2f} | {i['triton_request_ms']:.2f} | {service} | {p['mean_ms']:.2f} |"
+    )
 
 
 def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> str:
@@ -774,9 +852,11 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in result["points"]:
-        lines.append(f"| {p['path']} | {p['concurrency']} | {p['images_per_second']:.1f} | {p['p50_ms']:.2f} "
-                     f"| {p['p99_ms']:.2f} | {p['mean_ms']:.2f} | {p['completed']} | {p['failed']} "
-                     f"| {_cpu(p['cpu_ms_per_image'])} |")
+        lines.append(
+            f"| {p['path']} | {p['concurrency']} | {p['images_per_second']:.1f} | {p['p50_ms']:.2f} "
+            f"| {p['p99_ms']:.2f} | {p['mean_ms']:.2f} | {p['completed']} | {p['failed']} "
+            f"| {_cpu(p['cpu_ms_per_image'])} |"
+        )
     lines += [
         "",
         "In-process ceiling (`torch.jit.load` of the same file, preprocessed tensors, `torch.inference_mode`):",
@@ -787,15 +867,17 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
     ]
     for c in result["ceiling"]:
         mark = " (**ceiling**)" if c is best else ""
-        lines.append(f"| {c['batch_size']}{mark} | {c['images_per_second']:.1f} | {c['images_per_second_overall']:.1f} "
-                     f"| {c['batch_p50_ms']:.2f} | {c['batches']} | {c['cpu_ms_per_image']:.2f} |")
+        lines.append(
+            f"| {c['batch_size']}{mark} | {c['images_per_second']:.1f} | {c['images_per_second_overall']:.1f} "
+            f"| {c['batch_p50_ms']:.2f} | {c['batches']} | {c['cpu_ms_per_image']:.2f} |"
+        )
     lines += [
         "",
         f"Decode + resize + normalise of one {PHOTO_SIDE}x{PHOTO_SIDE} JPEG to {s['size']} px in this process "
         f"(what Classify adds before Triton): {result['preprocess_ms_per_image']:.2f} ms.",
         "",
         "Inside the servers, from their own metrics over each window (means per request; Triton charges each "
-        "request its whole batch's execution, so \"execution\" is the mean batch time):",
+        'request its whole batch\'s execution, so "execution" is the mean batch time):',
         "",
         "| path | concurrency | Triton batch size | Triton queue ms | Triton execution ms | Triton request ms "
         "| service: preprocess / Triton call / whole Classify ms | client latency ms |",
@@ -809,9 +891,11 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in ratios(result):
-        lines.append(f"| {r['concurrency']} | {r['classify_over_triton']:.3f} | {r['triton_over_ceiling']:.3f} "
-                     f"| {r['classify_over_ceiling']:.3f} | {r['p50_classify_over_triton']:.2f} "
-                     f"| {r['p99_classify_over_triton']:.2f} |")
+        lines.append(
+            f"| {r['concurrency']} | {r['classify_over_triton']:.3f} | {r['triton_over_ceiling']:.3f} "
+            f"| {r['classify_over_ceiling']:.3f} | {r['p50_classify_over_triton']:.2f} "
+            f"| {r['p99_classify_over_triton']:.2f} |"
+        )
     lines += [
         "",
         f"Ceiling: {best['images_per_second']:.1f} images/s in-process at batch size {best['batch_size']}.",
@@ -868,24 +952,40 @@ def _concurrency(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", type=int, default=d.size, help="model input side in px (default %(default)s)")
     p.add_argument("--seconds", type=float, default=None, help=f"measured seconds per point (default {d.seconds:g})")
     p.add_argument("--warmup", type=float, default=None, help=f"warm-up seconds per point (default {d.warmup:g})")
-    p.add_argument("--concurrency", type=_concurrency, default=None,
-                   help="comma-separated client threads (default " + ",".join(map(str, d.concurrency)) + ")")
+    p.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        default=None,
+        help="comma-separated client threads (default " + ",".join(map(str, d.concurrency)) + ")",
+    )
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="Triton (default %(default)s)")
-    p.add_argument("--queue-delay-ms", type=float, default=d.queue_delay_ms,
-                   help="Triton dynamic batching max queue delay (default %(default)s)")
+    p.add_argument(
+        "--queue-delay-ms",
+        type=float,
+        default=d.queue_delay_ms,
+        help="Triton dynamic batching max queue delay (default %(default)s)",
+    )
     p.add_argument("--images", type=int, default=d.images, help="distinct JPEGs (default %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch threads in-process (default %(default)s: what the service gives a Triton instance)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch threads in-process (default %(default)s: what the service gives a Triton instance)",
+    )
     p.add_argument("--weights", choices=("imagenet", "none"), default=d.weights, help="(default %(default)s)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run for the smoke test: 1 s per point, 0.5 s warm-up, concurrency 1,8, ceiling at batch "
-                        "1, 8, 32, agreement on 16 images "
-                        "(explicit --seconds/--warmup/--concurrency still win)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run for the smoke test: 1 s per point, 0.5 s warm-up, concurrency 1,8, ceiling at batch "
+        "1, 8, 32, agreement on 16 images "
+        "(explicit --seconds/--warmup/--concurrency still win)",
+    )
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown report (default bench/results/...)")
     a = p.parse_args(list(argv))
 
@@ -895,10 +995,18 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
             return given
         return QUICK[name] if a.quick else getattr(d, name)
 
-    settings = Settings(size=a.size, seconds=pick("seconds"), warmup=pick("warmup"),
-                        concurrency=pick("concurrency"), max_batch_size=a.max_batch_size,
-                        queue_delay_ms=a.queue_delay_ms, images=a.images, threads=a.threads, weights=a.weights,
-                        quick=a.quick)
+    settings = Settings(
+        size=a.size,
+        seconds=pick("seconds"),
+        warmup=pick("warmup"),
+        concurrency=pick("concurrency"),
+        max_batch_size=a.max_batch_size,
+        queue_delay_ms=a.queue_delay_ms,
+        images=a.images,
+        threads=a.threads,
+        weights=a.weights,
+        quick=a.quick,
+    )
     return settings, a.output
 
 

@@ -97,8 +97,17 @@ class Settings:
     seed: int = 0
 
     def check(self) -> None:
-        for name in ("images", "size", "batch_size", "epochs", "stage1_epochs", "rounds", "threads", "classes",
-                     "val_images"):
+        for name in (
+            "images",
+            "size",
+            "batch_size",
+            "epochs",
+            "stage1_epochs",
+            "rounds",
+            "threads",
+            "classes",
+            "val_images",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.workers < 0:
@@ -117,12 +126,12 @@ def make_split(count: int, size: int, classes: int, seed: int) -> Split:
     palette = torch.rand(classes, 3, 1, 1, generator=generator)
     images = np.empty((count, 3, size, size), dtype=np.uint8)
     for start in range(0, count, 256):  # in chunks: float intermediates stay small for large --images
-        rows = targets[start:start + 256]
+        rows = targets[start : start + 256]
         low = torch.rand(len(rows), 3, 6, 6, generator=generator)
         smooth = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
         noise = torch.rand(len(rows), 3, size, size, generator=generator)
         pixels = (0.5 * palette[rows] + 0.4 * smooth + 0.1 * noise).clamp(0.0, 1.0)
-        images[start:start + len(rows)] = (pixels * 255.0).round().to(torch.uint8).numpy()
+        images[start : start + len(rows)] = (pixels * 255.0).round().to(torch.uint8).numpy()
     return Split(images=images, targets=targets.numpy().astype(np.int64))
 
 
@@ -148,9 +157,10 @@ def build_model(settings: Settings) -> tuple[Classifier, str]:
 
 def training_config(settings: Settings) -> TrainingConfig:
     stage = StageConfig(
-        epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-        optimizer=OptimizerConfig(type=OptimizerType(settings.optimizer), momentum=MOMENTUM,
-                                  weight_decay=WEIGHT_DECAY),
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        optimizer=OptimizerConfig(type=OptimizerType(settings.optimizer), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
     )
     return TrainingConfig(
         dataset=DatasetConfig(uri="bench/synthetic", image_size=settings.size),
@@ -159,15 +169,24 @@ def training_config(settings: Settings) -> TrainingConfig:
         model=ModelConfig(architecture=Architecture(settings.arch)),
         classifier=replace(stage, epochs=settings.stage1_epochs),
         fine_tuning=FineTuningConfig(enabled=True, stage=stage, last_n_blocks=None),
-        run=RunConfig(seed=settings.seed, precision=Precision.FP32, device=DeviceKind(settings.device),
-                      data_loader_workers=settings.workers),
+        run=RunConfig(
+            seed=settings.seed,
+            precision=Precision.FP32,
+            device=DeviceKind(settings.device),
+            data_loader_workers=settings.workers,
+        ),
     )
 
 
 def run_context(settings: Settings) -> RunContext:
     mean, std = normalization(ModelConfig(architecture=Architecture(settings.arch)))
-    return RunContext(device=resolve_device(DeviceKind(settings.device)), autocast_dtype=None,
-                      workers=settings.workers, mean=mean, std=std)
+    return RunContext(
+        device=resolve_device(DeviceKind(settings.device)),
+        autocast_dtype=None,
+        workers=settings.workers,
+        mean=mean,
+        std=std,
+    )
 
 
 # -- our loop -----------------------------------------------------------------------------------------------------
@@ -205,8 +224,9 @@ def ours_fine_tuning(template: Classifier, config: TrainingConfig, data: StageDa
     recorder = _Recorder()
     run_stage(model, config, FINE_TUNING, data, ctx, recorder, repeat=0, seed=config.run.seed)
     count = len(data.train)
-    return Throughput(images=count * len(recorder.records),
-                      seconds=sum(count / r.images_per_second for r in recorder.records))
+    return Throughput(
+        images=count * len(recorder.records), seconds=sum(count / r.images_per_second for r in recorder.records)
+    )
 
 
 # -- torchvision's reference recipe -----------------------------------------------------------------------------
@@ -224,8 +244,12 @@ def _reference_accuracy(output: Tensor, target: Tensor, topk: tuple[int, ...]) -
 
 
 def reference_train_one_epoch(
-    model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-    data_loader: Iterable[tuple[Tensor, Tensor]], device: torch.device, topk: tuple[int, ...],
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    topk: tuple[int, ...],
 ) -> int:
     """`train_one_epoch` of pytorch/vision references/classification/train.py, its default fp32 path (no
     --amp, --clip-grad-norm or --model-ema). Upstream's MetricLogger (printing every --print-freq batches)
@@ -256,13 +280,15 @@ def reference_train_one_epoch(
 def reference_optimizer(params: Iterable[nn.Parameter], settings: Settings) -> torch.optim.Optimizer:
     """As train.py builds it (`--opt sgd` / `--opt adamw`, no --norm-weight-decay)."""
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.learning_rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                               nesterov=False)
+        return torch.optim.SGD(
+            params, lr=settings.learning_rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=False
+        )
     return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=WEIGHT_DECAY)
 
 
-def reference_fine_tuning(template: Classifier, settings: Settings, train: Split, ctx: RunContext,
-                          epochs: int) -> Throughput:
+def reference_fine_tuning(
+    template: Classifier, settings: Settings, train: Split, ctx: RunContext, epochs: int
+) -> Throughput:
     """The reference recipe's set-up and epoch loop (train.py `main`) on the same model, data and transform.
 
     Same as upstream: a RandomSampler DataLoader built once, CrossEntropyLoss, the optimizer over
@@ -280,7 +306,10 @@ def reference_fine_tuning(template: Classifier, settings: Settings, train: Split
     transform = build_train_transform(AugmentationConfig(), settings.size, ctx.mean, ctx.std)
     dataset = ImageArrayDataset(train, range(len(train)), transform)
     data_loader: DataLoader[tuple[Tensor, int]] = DataLoader(
-        dataset, batch_size=settings.batch_size, sampler=RandomSampler(dataset), num_workers=ctx.workers,
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=RandomSampler(dataset),
+        num_workers=ctx.workers,
         pin_memory=ctx.device.type == "cuda",
     )
     topk = (1, min(5, settings.classes))
@@ -324,29 +353,42 @@ def _timed_feature_passes() -> Iterator[list[tuple[int, float]]]:
         loop.compute_features = original
 
 
-def ours_stage1(template: Classifier, config: TrainingConfig, data: StageData, ctx: RunContext, *,
-                cache: bool) -> Stage1Run:
+def ours_stage1(
+    template: Classifier, config: TrainingConfig, data: StageData, ctx: RunContext, *, cache: bool
+) -> Stage1Run:
     model = copy.deepcopy(template)
     recorder = _Recorder()
     with _timed_feature_passes() as calls:
-        run_stage(model, config, CLASSIFIER, data, ctx, recorder, repeat=0, seed=config.run.seed,
-                  cache_features=None if cache else False)
+        run_stage(
+            model,
+            config,
+            CLASSIFIER,
+            data,
+            ctx,
+            recorder,
+            repeat=0,
+            seed=config.run.seed,
+            cache_features=None if cache else False,
+        )
     if recorder.cached_features is not cache:
         raise RuntimeError(f"stage 1 cached features: {recorder.cached_features}, expected {cache}")
     # Stage 1 always computes the validation features first (both variants); what the cache adds is the
     # pass over the training images after it.
-    return Stage1Run(epoch_seconds=[r.epoch_seconds for r in recorder.records],
-                     feature_seconds=sum(seconds for _, seconds in calls[1:]))
+    return Stage1Run(
+        epoch_seconds=[r.epoch_seconds for r in recorder.records],
+        feature_seconds=sum(seconds for _, seconds in calls[1:]),
+    )
 
 
 # -- the benchmark ------------------------------------------------------------------------------------------------
 
 
-
-
 def _epochs_once(config: TrainingConfig) -> TrainingConfig:
-    return replace(config, classifier=replace(config.classifier, epochs=1),
-                   fine_tuning=replace(config.fine_tuning, stage=replace(config.fine_tuning.stage, epochs=1)))
+    return replace(
+        config,
+        classifier=replace(config.classifier, epochs=1),
+        fine_tuning=replace(config.fine_tuning, stage=replace(config.fine_tuning.stage, epochs=1)),
+    )
 
 
 def _progress(message: str) -> None:
@@ -385,8 +427,11 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
     # Warm-up: one short epoch (two batches) of every variant, so that no timed run pays for first-call costs
     # (allocator growth, kernel selection, lazy initialisation).
     _progress("warm-up ...")
-    small = StageData(train=_head(data.train, 2 * settings.batch_size),
-                      val=_head(data.val, min(settings.val_images, settings.batch_size)), num_classes=settings.classes)
+    small = StageData(
+        train=_head(data.train, 2 * settings.batch_size),
+        val=_head(data.val, min(settings.val_images, settings.batch_size)),
+        num_classes=settings.classes,
+    )
     once = _epochs_once(config)
     ours_fine_tuning(template, once, small, ctx)
     reference_fine_tuning(template, settings, small.train, ctx, epochs=1)
@@ -405,19 +450,23 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
             else:
                 reference.append(reference_fine_tuning(template, settings, data.train, ctx, settings.epochs))
                 result = reference[-1]
-            _progress(f"fine-tuning round {round_index + 1}/{settings.rounds}: {which:9} "
-                      f"{result.images_per_second:8.2f} images/s")
+            _progress(
+                f"fine-tuning round {round_index + 1}/{settings.rounds}: {which:9} "
+                f"{result.images_per_second:8.2f} images/s"
+            )
         paired.append(ours[-1].images_per_second / reference[-1].images_per_second)
 
     cached: list[Stage1Run] = []
     uncached: list[Stage1Run] = []
     for round_index in range(settings.rounds):
-        for cache in ([True, False] if round_index % 2 == 0 else [False, True]):
+        for cache in [True, False] if round_index % 2 == 0 else [False, True]:
             run = ours_stage1(template, config, data, ctx, cache=cache)
             (cached if cache else uncached).append(run)
-            _progress(f"stage 1 round {round_index + 1}/{settings.rounds}: {'cache' if cache else 'no cache':8} "
-                      f"epochs {', '.join(f'{s:.3f}' for s in run.epoch_seconds)} s"
-                      + (f", features {run.feature_seconds:.3f} s" if cache else ""))
+            _progress(
+                f"stage 1 round {round_index + 1}/{settings.rounds}: {'cache' if cache else 'no cache':8} "
+                f"epochs {', '.join(f'{s:.3f}' for s in run.epoch_seconds)} s"
+                + (f", features {run.feature_seconds:.3f} s" if cache else "")
+            )
 
     ours_ips = statistics.median(t.images_per_second for t in ours)
     reference_ips = statistics.median(t.images_per_second for t in reference)
@@ -485,8 +534,11 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
     ft = result["fine_tuning"]
     st = result["stage1"]
     ahead = st["cache_ahead_from_epoch"]
-    break_even = (f"{st['break_even_epochs']:.2f} epochs: the cache is ahead from epoch {ahead} on"
-                  if ahead is not None else "never (no epoch time saved)")
+    break_even = (
+        f"{st['break_even_epochs']:.2f} epochs: the cache is ahead from epoch {ahead} on"
+        if ahead is not None
+        else "never (no epoch time saved)"
+    )
     lines = [
         "# Training throughput (`bench/train_throughput`)",
         "",
@@ -561,10 +613,15 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
     p.add_argument("--images", type=int, default=d.images, help="training images (default %(default)s)")
     p.add_argument("--size", type=int, default=d.size, help="image side S (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs,
-                   help="timed fine-tuning epochs per round (default %(default)s)")
-    p.add_argument("--stage1-epochs", type=int, default=d.stage1_epochs,
-                   help="timed stage-1 epochs per round (default %(default)s)")
+    p.add_argument(
+        "--epochs", type=int, default=d.epochs, help="timed fine-tuning epochs per round (default %(default)s)"
+    )
+    p.add_argument(
+        "--stage1-epochs",
+        type=int,
+        default=d.stage1_epochs,
+        help="timed stage-1 epochs per round (default %(default)s)",
+    )
     p.add_argument("--rounds", type=int, default=d.rounds, help="(default %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch.set_num_threads (default %(default)s)")
     p.add_argument("--arch", choices=[a.value for a in Architecture], default=d.arch, help="(default %(default)s)")
@@ -578,9 +635,21 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, Path]:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report (default bench/results/...)")
     a = p.parse_args(list(argv))
     settings = Settings(
-        images=a.images, size=a.size, batch_size=a.batch_size, epochs=a.epochs, stage1_epochs=a.stage1_epochs,
-        rounds=a.rounds, threads=a.threads, arch=a.arch, device=a.device, workers=a.workers, optimizer=a.optimizer,
-        learning_rate=a.lr, classes=a.classes, val_images=a.val_images, weights=a.weights,
+        images=a.images,
+        size=a.size,
+        batch_size=a.batch_size,
+        epochs=a.epochs,
+        stage1_epochs=a.stage1_epochs,
+        rounds=a.rounds,
+        threads=a.threads,
+        arch=a.arch,
+        device=a.device,
+        workers=a.workers,
+        optimizer=a.optimizer,
+        learning_rate=a.lr,
+        classes=a.classes,
+        val_images=a.val_images,
+        weights=a.weights,
     )
     return settings, a.out
 

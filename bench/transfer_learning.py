@@ -90,8 +90,7 @@ from bench.machine import cpu_model
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 APT_PACKAGE = "dataset-fashion-mnist"
 INSTALL_HINT = (
-    f"Fashion-MNIST is not installed (expected under {DATA_DIR}): "
-    f"apt-get update && apt-get install -y {APT_PACKAGE}"
+    f"Fashion-MNIST is not installed (expected under {DATA_DIR}): apt-get update && apt-get install -y {APT_PACKAGE}"
 )
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -131,7 +130,7 @@ def read_idx(path: Path) -> np.ndarray[Any, Any]:
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != math.prod(shape):
         raise ValueError(f"{path}: {data.size} bytes of data for shape {shape}")
@@ -150,8 +149,11 @@ def load_fashion_mnist(part: str, data_dir: Path = DATA_DIR) -> tuple[np.ndarray
     return images, labels.astype(np.int64)
 
 
-def stratified_indices(labels: np.ndarray[Any, Any], counts: Sequence[int], rng: np.random.Generator,
-                       ) -> list[np.ndarray[Any, Any]]:
+def stratified_indices(
+    labels: np.ndarray[Any, Any],
+    counts: Sequence[int],
+    rng: np.random.Generator,
+) -> list[np.ndarray[Any, Any]]:
     """Disjoint index sets, set k holding counts[k] rows of every class, drawn at random with `rng`."""
     need = sum(counts)
     chosen: list[list[np.ndarray[Any, Any]]] = [[] for _ in counts]
@@ -162,7 +164,7 @@ def stratified_indices(labels: np.ndarray[Any, Any], counts: Sequence[int], rng:
         rows = rng.permutation(rows)[:need]
         start = 0
         for k, count in enumerate(counts):
-            chosen[k].append(rows[start:start + count])
+            chosen[k].append(rows[start : start + count])
             start += count
     return [np.concatenate(parts) for parts in chosen]
 
@@ -176,8 +178,9 @@ def to_rgb(images: np.ndarray[Any, Any], size: int) -> np.ndarray[Any, Any]:
     return x.expand(-1, 3, -1, -1).contiguous().numpy()
 
 
-def prepare_data(per_class: int, val_per_class: int, test_per_class: int, size: int, seed: int,
-                 data_dir: Path = DATA_DIR) -> PreparedData:
+def prepare_data(
+    per_class: int, val_per_class: int, test_per_class: int, size: int, seed: int, data_dir: Path = DATA_DIR
+) -> PreparedData:
     """A stratified subset of Fashion-MNIST as the engine's PreparedData; the same for the same arguments."""
     rng = np.random.default_rng(seed)
     train_images, train_labels = load_fashion_mnist("train", data_dir)
@@ -233,15 +236,23 @@ class Outcome:
 
 
 def _adam_stage(epochs: int, learning_rate: float, s: Settings) -> StageConfig:
-    return StageConfig(epochs=epochs, learning_rate=learning_rate, batch_size=s.batch_size,
-                       optimizer=OptimizerConfig(type=OptimizerType.ADAM), schedule=ScheduleConfig(type=s.schedule))
+    return StageConfig(
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=s.batch_size,
+        optimizer=OptimizerConfig(type=OptimizerType.ADAM),
+        schedule=ScheduleConfig(type=s.schedule),
+    )
 
 
 def variant_config(variant: str, s: Settings, e2e_lr: float | None = None) -> tuple[TrainingConfig, str, str, str]:
     """(config, epochs, what trains, learning rates) of one variant; `e2e_lr` for the end-to-end ones."""
     pretrained = variant not in (SCRATCH_STAGE1, SCRATCH_E2E)
-    model = ModelConfig(architecture=Architecture.MOBILENET_V2,
-                        weights=WeightsSource.IMAGENET if pretrained else WeightsSource.NONE, classifier_dim=256)
+    model = ModelConfig(
+        architecture=Architecture.MOBILENET_V2,
+        weights=WeightsSource.IMAGENET if pretrained else WeightsSource.NONE,
+        classifier_dim=256,
+    )
     no_fine_tuning = FineTuningConfig(enabled=False)
     blocks = "all blocks" if s.fine_tune_blocks is None else f"last {s.fine_tune_blocks} blocks"
     ft_lr = s.learning_rate / 10
@@ -254,8 +265,9 @@ def variant_config(variant: str, s: Settings, e2e_lr: float | None = None) -> tu
         epochs, trained, lr = f"{total}", "head", f"{s.learning_rate:g}"
     elif variant == PRETRAINED_FT:
         classifier = _adam_stage(s.epochs, s.learning_rate, s)
-        fine_tuning = FineTuningConfig(enabled=True, last_n_blocks=s.fine_tune_blocks,
-                                       stage=_adam_stage(s.fine_tune_epochs, ft_lr, s))
+        fine_tuning = FineTuningConfig(
+            enabled=True, last_n_blocks=s.fine_tune_blocks, stage=_adam_stage(s.fine_tune_epochs, ft_lr, s)
+        )
         epochs = f"{s.epochs} + {s.fine_tune_epochs}"
         trained, lr = f"head, then head + {blocks}", f"{s.learning_rate:g}, then {ft_lr:g}"
     elif variant in (SCRATCH_E2E, PRETRAINED_E2E):
@@ -263,8 +275,7 @@ def variant_config(variant: str, s: Settings, e2e_lr: float | None = None) -> tu
             raise ValueError(f"{variant} needs its learning rate")
         # No stage 1 (0 epochs), then every layer trains from the first step.
         classifier = _adam_stage(0, s.learning_rate, s)
-        fine_tuning = FineTuningConfig(enabled=True, last_n_blocks=None,
-                                       stage=_adam_stage(s.epochs, e2e_lr, s))
+        fine_tuning = FineTuningConfig(enabled=True, last_n_blocks=None, stage=_adam_stage(s.epochs, e2e_lr, s))
         epochs, trained, lr = f"{s.epochs}", "everything", f"{e2e_lr:g}"
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -291,13 +302,21 @@ class _Progress(NoOpCallbacks):
             print(f"  [{self.variant}] {stage}: {epochs} epochs{cached}", flush=True)
 
     def epoch_ended(self, repeat: int, record: EpochRecord) -> None:
-        print(f"  [{self.variant}] {record.stage} {record.epoch}/{record.epochs}: "
-              f"train loss {record.train_loss:.3f} acc {record.train_accuracy:.3f}, "
-              f"val acc {record.val_accuracy:.3f} ({record.epoch_seconds:.1f} s)", flush=True)
+        print(
+            f"  [{self.variant}] {record.stage} {record.epoch}/{record.epochs}: "
+            f"train loss {record.train_loss:.3f} acc {record.train_accuracy:.3f}, "
+            f"val acc {record.val_accuracy:.3f} ({record.epoch_seconds:.1f} s)",
+            flush=True,
+        )
 
 
-def run_variant(variant: str, s: Settings, data: PreparedData, imagenet_state: dict[str, torch.Tensor] | None,
-                e2e_lr: float | None = None) -> Outcome:
+def run_variant(
+    variant: str,
+    s: Settings,
+    data: PreparedData,
+    imagenet_state: dict[str, torch.Tensor] | None,
+    e2e_lr: float | None = None,
+) -> Outcome:
     config, epochs, trained, lr = variant_config(variant, s, e2e_lr)
     base_state = imagenet_state if config.model.weights is WeightsSource.IMAGENET else None
     mean, std = normalization(config.model)  # ImageNet statistics for both: the same input pipeline
@@ -305,22 +324,32 @@ def run_variant(variant: str, s: Settings, data: PreparedData, imagenet_state: d
     print(f"{variant}: epochs {epochs}, trains {trained}, LR {lr}", flush=True)
     started = time.perf_counter()
     result: TrainingResult = train(
-        config, data, lambda seed: build_classifier(config.model, len(data.labels), base_state), ctx,
+        config,
+        data,
+        lambda seed: build_classifier(config.model, len(data.labels), base_state),
+        ctx,
         _Progress(variant),
     )
     seconds = time.perf_counter() - started
     test = result.best.test
     assert test is not None
-    outcome = Outcome(variant=variant, epochs=epochs, trained=trained, learning_rate=lr,
-                      val_accuracy=result.best.validation.accuracy, test_accuracy=test.accuracy,
-                      test_count=test.count, seconds=seconds)
-    print(f"{variant}: val {outcome.val_accuracy:.3f}, test {outcome.test_accuracy:.3f} in {seconds:.0f} s",
-          flush=True)
+    outcome = Outcome(
+        variant=variant,
+        epochs=epochs,
+        trained=trained,
+        learning_rate=lr,
+        val_accuracy=result.best.validation.accuracy,
+        test_accuracy=test.accuracy,
+        test_count=test.count,
+        seconds=seconds,
+    )
+    print(f"{variant}: val {outcome.val_accuracy:.3f}, test {outcome.test_accuracy:.3f} in {seconds:.0f} s", flush=True)
     return outcome
 
 
-def run_all(variants: Sequence[str], s: Settings, data: PreparedData,
-            imagenet_state: dict[str, torch.Tensor] | None) -> list[Outcome]:
+def run_all(
+    variants: Sequence[str], s: Settings, data: PreparedData, imagenet_state: dict[str, torch.Tensor] | None
+) -> list[Outcome]:
     """Every run, in VARIANTS order; an end-to-end variant once per LR, the best on validation selected."""
     outcomes: list[Outcome] = []
     for variant in VARIANTS:
@@ -353,18 +382,33 @@ class Claim:
 
 
 CLAIMS = (
-    Claim("pretrained beats scratch at equal epochs, both trained end-to-end, each at its best LR (the fair "
-          "comparison)", PRETRAINED_E2E, SCRATCH_E2E, gated=True),
+    Claim(
+        "pretrained beats scratch at equal epochs, both trained end-to-end, each at its best LR (the fair comparison)",
+        PRETRAINED_E2E,
+        SCRATCH_E2E,
+        gated=True,
+    ),
     Claim("stage 1 + fine-tuning beats stage 1 alone (E epochs)", PRETRAINED_FT, PRETRAINED_STAGE1, gated=True),
-    Claim("stage 1 + fine-tuning beats stage 1 alone given the same total epochs (E + F)",
-          PRETRAINED_FT, PRETRAINED_STAGE1_LONG, gated=True),
-    Claim("pretrained frozen-base head beats scratch trained end-to-end at equal epochs (not like for like: "
-          "head only vs every weight)", PRETRAINED_STAGE1, SCRATCH_E2E, gated=False),
-    Claim("pretrained beats scratch with the stage-1 recipe (strawman: a frozen random base)",
-          PRETRAINED_STAGE1, SCRATCH_STAGE1, gated=False),
+    Claim(
+        "stage 1 + fine-tuning beats stage 1 alone given the same total epochs (E + F)",
+        PRETRAINED_FT,
+        PRETRAINED_STAGE1_LONG,
+        gated=True,
+    ),
+    Claim(
+        "pretrained frozen-base head beats scratch trained end-to-end at equal epochs (not like for like: "
+        "head only vs every weight)",
+        PRETRAINED_STAGE1,
+        SCRATCH_E2E,
+        gated=False,
+    ),
+    Claim(
+        "pretrained beats scratch with the stage-1 recipe (strawman: a frozen random base)",
+        PRETRAINED_STAGE1,
+        SCRATCH_STAGE1,
+        gated=False,
+    ),
 )
-
-
 
 
 def _standard_error(accuracy: float, count: int) -> float:
@@ -375,8 +419,9 @@ def _lrs(values: Sequence[float]) -> str:
     return ", ".join(f"{v:g}" for v in values)
 
 
-def render_report(s: Settings, outcomes: Sequence[Outcome], command: str, data: PreparedData,
-                  total_seconds: float) -> tuple[str, bool]:
+def render_report(
+    s: Settings, outcomes: Sequence[Outcome], command: str, data: PreparedData, total_seconds: float
+) -> tuple[str, bool]:
     """(Markdown, whether every gated claim that could be checked holds)."""
     results = {o.variant: o for o in outcomes if o.selected}
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -404,8 +449,10 @@ def render_report(s: Settings, outcomes: Sequence[Outcome], command: str, data: 
     for r in outcomes:
         se = _standard_error(r.test_accuracy, r.test_count)
         mark = (" (selected on val)" if r.selected else " (not selected)") if r.variant in several else ""
-        lines.append(f"| {r.variant}{mark} | {r.epochs} | {r.trained} | {r.learning_rate} | {r.val_accuracy:.1%} | "
-                     f"{r.test_accuracy:.1%} (± {se:.1%}) | {r.seconds:.0f} s |")
+        lines.append(
+            f"| {r.variant}{mark} | {r.epochs} | {r.trained} | {r.learning_rate} | {r.val_accuracy:.1%} | "
+            f"{r.test_accuracy:.1%} (± {se:.1%}) | {r.seconds:.0f} s |"
+        )
     lines += ["", "| claim | test acc | verdict |", "|---|---|---|"]
     ok = True
     for claim in CLAIMS:
@@ -413,8 +460,9 @@ def render_report(s: Settings, outcomes: Sequence[Outcome], command: str, data: 
         if verdict is None:
             continue
         diff = results[claim.better].test_accuracy - results[claim.worse].test_accuracy
-        accuracies = (f"{results[claim.better].test_accuracy:.1%} vs {results[claim.worse].test_accuracy:.1%} "
-                      f"({diff:+.1%})")
+        accuracies = (
+            f"{results[claim.better].test_accuracy:.1%} vs {results[claim.worse].test_accuracy:.1%} ({diff:+.1%})"
+        )
         word = "holds" if verdict else ("**fails**" if claim.gated else "does not hold (informational)")
         lines.append(f"| {claim.text} | {accuracies} | {word} |")
         ok = ok and (verdict or not claim.gated)
@@ -444,28 +492,50 @@ def _lr_list(text: str) -> tuple[float, ...]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.transfer_learning", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.transfer_learning",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--per-class", type=int, default=200, help="training images per class (default 200)")
     parser.add_argument("--val-per-class", type=int, default=50, help="validation images per class (default 50)")
     parser.add_argument("--test-per-class", type=int, default=100, help="test images per class, from t10k (100)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--epochs", type=int, default=4, help="E: stage-1 and end-to-end epochs (default 4)")
     parser.add_argument("--fine-tune-epochs", type=int, default=4, help="F: fine-tuning epochs (default 4)")
-    parser.add_argument("--fine-tune-blocks", type=int, default=None,
-                        help="unfreeze only the last N of MobileNetV2's 18 blocks (default: the whole base)")
+    parser.add_argument(
+        "--fine-tune-blocks",
+        type=int,
+        default=None,
+        help="unfreeze only the last N of MobileNetV2's 18 blocks (default: the whole base)",
+    )
     parser.add_argument("--lr", type=float, default=3e-3, help="stage-1 LR; fine-tuning uses a tenth (3e-3)")
-    parser.add_argument("--scratch-lr", type=_lr_list, default=(3e-3,),
-                        help="end-to-end LR from scratch; a comma-separated list picks on validation (3e-3)")
-    parser.add_argument("--pretrained-lr", type=_lr_list, default=(1e-3,),
-                        help="end-to-end LR from ImageNet weights; a list picks on validation (1e-3)")
+    parser.add_argument(
+        "--scratch-lr",
+        type=_lr_list,
+        default=(3e-3,),
+        help="end-to-end LR from scratch; a comma-separated list picks on validation (3e-3)",
+    )
+    parser.add_argument(
+        "--pretrained-lr",
+        type=_lr_list,
+        default=(1e-3,),
+        help="end-to-end LR from ImageNet weights; a list picks on validation (1e-3)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--schedule", choices=[ScheduleType.COSINE.value, ScheduleType.CONSTANT.value],
-                        default=ScheduleType.COSINE.value,
-                        help="LR schedule of every stage (default cosine: decays to 0 over each stage)")
+    parser.add_argument(
+        "--schedule",
+        choices=[ScheduleType.COSINE.value, ScheduleType.CONSTANT.value],
+        default=ScheduleType.COSINE.value,
+        help="LR schedule of every stage (default cosine: decays to 0 over each stage)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared 2-core machine 2 threads oversubscribe)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine 2 threads oversubscribe)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SLUGS)}")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help=argparse.SUPPRESS)
@@ -482,11 +552,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     raw = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m bench.transfer_learning", *map(shlex.quote, raw)])
-    s = Settings(per_class=args.per_class, val_per_class=args.val_per_class, test_per_class=args.test_per_class,
-                 size=args.size, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-                 fine_tune_blocks=args.fine_tune_blocks, learning_rate=args.lr, scratch_lrs=args.scratch_lr,
-                 pretrained_lrs=args.pretrained_lr, batch_size=args.batch_size,
-                 schedule=ScheduleType(args.schedule), seed=args.seed, threads=args.threads, workers=args.workers)
+    s = Settings(
+        per_class=args.per_class,
+        val_per_class=args.val_per_class,
+        test_per_class=args.test_per_class,
+        size=args.size,
+        epochs=args.epochs,
+        fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_blocks=args.fine_tune_blocks,
+        learning_rate=args.lr,
+        scratch_lrs=args.scratch_lr,
+        pretrained_lrs=args.pretrained_lr,
+        batch_size=args.batch_size,
+        schedule=ScheduleType(args.schedule),
+        seed=args.seed,
+        threads=args.threads,
+        workers=args.workers,
+    )
     torch.set_num_threads(s.threads)
     try:
         data = prepare_data(s.per_class, s.val_per_class, s.test_per_class, s.size, s.seed, args.data_dir)

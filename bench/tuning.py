@@ -149,10 +149,24 @@ class Settings:
             raise ValueError("; ".join(problems))
 
 
-DEFAULTS: Final = {"seeds": 3, "budget_epochs": 180, "max_epochs": 9, "per_class": 100, "val_per_class": 50,
-                   "test_per_class": 100, "size": 32}
-QUICK: Final = {"seeds": 1, "budget_epochs": 18, "max_epochs": 3, "per_class": 20, "val_per_class": 10,
-                "test_per_class": 10, "size": 32}
+DEFAULTS: Final = {
+    "seeds": 3,
+    "budget_epochs": 180,
+    "max_epochs": 9,
+    "per_class": 100,
+    "val_per_class": 50,
+    "test_per_class": 100,
+    "size": 32,
+}
+QUICK: Final = {
+    "seeds": 1,
+    "budget_epochs": 18,
+    "max_epochs": 3,
+    "per_class": 20,
+    "val_per_class": 10,
+    "test_per_class": 10,
+    "size": 32,
+}
 
 
 # -- the study spec -----------------------------------------------------------------------------------------------
@@ -164,8 +178,9 @@ def base_spec(s: Settings) -> pb.TrainingSpec:
         dataset=pb.DatasetSpec(uri="bench/fashion-mnist", image_size=s.size),
         model=pb.ModelSpec(architecture=pb.ARCHITECTURE_MOBILENET_V2, weights=pb.WEIGHTS_SOURCE_IMAGENET),
         classifier=pb.StageSpec(epochs=s.max_epochs, schedule=pb.ScheduleSpec(type=pb.SCHEDULE_TYPE_COSINE)),
-        run=pb.RunSpec(seed=s.data_seed, repeats=1, device=pb.DEVICE_CPU, precision=pb.PRECISION_FP32,
-                       data_loader_workers=0),
+        run=pb.RunSpec(
+            seed=s.data_seed, repeats=1, device=pb.DEVICE_CPU, precision=pb.PRECISION_FP32, data_loader_workers=0
+        ),
         output_model="bench-tuning",
     )
 
@@ -175,8 +190,9 @@ def search_space() -> list[study_pb2.SearchParameter]:
         return study_pb2.SearchParameter(path=path, categorical=study_pb2.Categorical(values=list(values)))
 
     return [
-        study_pb2.SearchParameter(path="classifier.learning_rate",
-                                  float_range=study_pb2.FloatRange(min=1e-5, max=1e-1, log=True)),
+        study_pb2.SearchParameter(
+            path="classifier.learning_rate", float_range=study_pb2.FloatRange(min=1e-5, max=1e-1, log=True)
+        ),
         categorical("model.classifier_dim", "32", "64", "128", "256"),
         study_pb2.SearchParameter(path="model.dropout", float_range=study_pb2.FloatRange(min=0.0, max=0.7)),
         categorical("classifier.optimizer.type", *_OPTIMIZERS),
@@ -190,8 +206,7 @@ def study_spec(s: Settings, arm: Arm, seed: int) -> study_pb2.StudySpec:
     return study_pb2.StudySpec(
         base_spec=base_spec(s),
         parameters=search_space(),
-        objective=study_pb2.Objective(metric=pb.METRIC_VALIDATION_ACCURACY,
-                                      direction=study_pb2.DIRECTION_MAXIMIZE),
+        objective=study_pb2.Objective(metric=pb.METRIC_VALIDATION_ACCURACY, direction=study_pb2.DIRECTION_MAXIMIZE),
         budget=study_pb2.StudyBudget(max_duration=duration_pb2.Duration(seconds=24 * 3600)),
         sampler=arm.sampler,
         pruner=study_pb2.PrunerSpec(type=arm.pruner, min_resource=1, reduction_factor=s.reduction_factor),
@@ -332,9 +347,11 @@ class ArmRun:
 
 def _short(params: dict[str, str | int | float]) -> str:
     lr = float(params["classifier.learning_rate"])
-    return (f"{_OPTIMIZERS.get(str(params['classifier.optimizer.type']), params['classifier.optimizer.type'])} "
-            f"LR {lr:.2g}, head {params['model.classifier_dim']}, dropout {float(params['model.dropout']):.2f}, "
-            f"batch {params['classifier.batch_size']}")
+    return (
+        f"{_OPTIMIZERS.get(str(params['classifier.optimizer.type']), params['classifier.optimizer.type'])} "
+        f"LR {lr:.2g}, head {params['model.classifier_dim']}, dropout {float(params['model.dropout']):.2f}, "
+        f"batch {params['classifier.batch_size']}"
+    )
 
 
 def _trial_config(config: StudyConfig, params: dict[str, str | int | float]) -> TrainingConfig:
@@ -342,20 +359,34 @@ def _trial_config(config: StudyConfig, params: dict[str, str | int | float]) -> 
     return validate_spec(apply_params(config.base_spec, params), default_bucket=BUCKET)
 
 
-def _run_training(trial_config: TrainingConfig, data: PreparedData, base_state: dict[str, Tensor] | None,
-                  callbacks: NoOpCallbacks) -> TrainingResult:
-    return train(trial_config, data, lambda seed: build_classifier(trial_config.model, len(data.labels), base_state),
-                 run_context(trial_config), callbacks)
+def _run_training(
+    trial_config: TrainingConfig, data: PreparedData, base_state: dict[str, Tensor] | None, callbacks: NoOpCallbacks
+) -> TrainingResult:
+    return train(
+        trial_config,
+        data,
+        lambda seed: build_classifier(trial_config.model, len(data.labels), base_state),
+        run_context(trial_config),
+        callbacks,
+    )
 
 
-def run_arm(arm: Arm, seed: int, s: Settings, data: PreparedData, base_state: dict[str, Tensor] | None,
-            ) -> tuple[ArmRun, StudyConfig]:
+def run_arm(
+    arm: Arm,
+    seed: int,
+    s: Settings,
+    data: PreparedData,
+    base_state: dict[str, Tensor] | None,
+) -> tuple[ArmRun, StudyConfig]:
     """Trials of one arm until `s.budget_epochs` epochs are spent; `data` without its test split."""
     config = validate_study(study_spec(s, arm, seed), default_bucket=BUCKET)
     # A fixed name: HyperbandPruner puts a trial in a bracket by a hash of the study name and trial number.
-    study = optuna.create_study(study_name=f"bench-tuning-{arm.name}-seed-{seed}".replace(" ", ""),
-                                direction=config.direction.value, sampler=make_sampler(config),
-                                pruner=make_pruner(config))
+    study = optuna.create_study(
+        study_name=f"bench-tuning-{arm.name}-seed-{seed}".replace(" ", ""),
+        direction=config.direction.value,
+        sampler=make_sampler(config),
+        pruner=make_pruner(config),
+    )
     run = ArmRun(arm=arm, seed=seed)
     started = time.perf_counter()
     spent = 0
@@ -383,17 +414,33 @@ def run_arm(arm: Arm, seed: int, s: Settings, data: PreparedData, base_state: di
             study.tell(trial, value)
         spent += callbacks.epochs
         now = time.perf_counter()
-        run.trials.append(TrialRun(
-            number=trial.number, state=state, epochs=callbacks.epochs, spent=spent, elapsed=now - started,
-            value=value, last_value=callbacks.last_value, seconds=now - trial_started,
-            epoch_seconds=callbacks.epoch_seconds, params=params, error=error,
-        ))
-        shown = f"val {value:.3f}" if value is not None else (
-            f"last val {callbacks.last_value:.3f}" if callbacks.last_value is not None else error or "")
+        run.trials.append(
+            TrialRun(
+                number=trial.number,
+                state=state,
+                epochs=callbacks.epochs,
+                spent=spent,
+                elapsed=now - started,
+                value=value,
+                last_value=callbacks.last_value,
+                seconds=now - trial_started,
+                epoch_seconds=callbacks.epoch_seconds,
+                params=params,
+                error=error,
+            )
+        )
+        shown = (
+            f"val {value:.3f}"
+            if value is not None
+            else (f"last val {callbacks.last_value:.3f}" if callbacks.last_value is not None else error or "")
+        )
         best = run.best
-        print(f"  [{arm.name}, seed {seed}] trial {trial.number}: {state} after {callbacks.epochs} epoch(s), "
-              f"{shown}; spent {spent}/{s.budget_epochs}, best {'-' if best is None else f'{best:.3f}'} "
-              f"({_short(params)}; {now - trial_started:.1f} s)", flush=True)
+        print(
+            f"  [{arm.name}, seed {seed}] trial {trial.number}: {state} after {callbacks.epochs} epoch(s), "
+            f"{shown}; spent {spent}/{s.budget_epochs}, best {'-' if best is None else f'{best:.3f}'} "
+            f"({_short(params)}; {now - trial_started:.1f} s)",
+            flush=True,
+        )
         # A trial that fails before its first epoch spends nothing: don't let a broken setup loop forever.
         if state == FAILED and callbacks.epochs == 0 and run.count(FAILED) >= 5:
             break
@@ -501,19 +548,25 @@ def _mean_std(values: Sequence[float | None]) -> str:
     return f"{statistics.fmean(present):.1%} ± {std:.1%}"
 
 
-
-
 def ratio_line(comparisons: Sequence[SeedComparison]) -> str:
     ratios = [c.ratio for c in comparisons]
     per_seed = ", ".join(f"seed {c.seed}: {_ratio(c.ratio)}" for c in comparisons)
-    return (f"Compute ratio TPE + Hyperband / random search (epochs to reach random search's best-of-budget "
-            f"validation accuracy): median {_ratio(median_ratio(ratios))} over {len(comparisons)} seed(s) "
-            f"({per_seed})")
+    return (
+        f"Compute ratio TPE + Hyperband / random search (epochs to reach random search's best-of-budget "
+        f"validation accuracy): median {_ratio(median_ratio(ratios))} over {len(comparisons)} seed(s) "
+        f"({per_seed})"
+    )
 
 
-def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: FeatureStats, data: PreparedData,
-                  command: str, total_seconds: float, load: tuple[tuple[float, float, float], tuple[float, ...]],
-                  ) -> str:
+def render_report(
+    s: Settings,
+    comparisons: Sequence[SeedComparison],
+    features: FeatureStats,
+    data: PreparedData,
+    command: str,
+    total_seconds: float,
+    load: tuple[tuple[float, float, float], tuple[float, ...]],
+) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     runs = {arm.name: [c.random if arm.name == RANDOM else c.tpe_hb for c in comparisons] for arm in ARMS}
     brackets = math.floor(math.log(s.max_epochs, s.reduction_factor)) + 1 if s.max_epochs > 1 else 1
@@ -536,7 +589,7 @@ def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: 
         f"reports validation accuracy after every epoch and stops when pruned). Compute is counted in training "
         f"epochs actually run; each arm gets B = {s.budget_epochs} epochs ({s.budget_epochs / s.max_epochs:g} full "
         f"trials), trials one after another, sampler seeds 0..{s.seeds - 1}. Only completed trials count as "
-        f"\"best\", as in a study's result. c_random: epochs random search had spent when it first reached its "
+        f'"best", as in a study\'s result. c_random: epochs random search had spent when it first reached its '
         f"best-of-budget validation accuracy A_r; c_tpe_hb: epochs TPE + Hyperband had spent when a completed "
         f"trial first scored >= A_r. Ratio = c_tpe_hb / c_random (below 1: TPE + Hyperband needs less compute).",
         "",
@@ -546,20 +599,28 @@ def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: 
     # Stage 1's feature pass over the train and validation images: what each trial job pays in the product.
     per_trial_features = 2 * features.seconds / max(features.passes, 1)
     estimate = s.share_features
-    header = ("| seed | A_r (random best) | c_random | TPE + HB best | c_tpe_hb | ratio (epochs) | c_tpe_hb / B "
-              "| ratio (wall time, as run) |")
-    lines += [header + (" ratio (wall time, each trial paying its feature pass; estimate) |" if estimate else ""),
-              "|---|---|---|---|---|---|---|---|" + ("---|" if estimate else "")]
+    header = (
+        "| seed | A_r (random best) | c_random | TPE + HB best | c_tpe_hb | ratio (epochs) | c_tpe_hb / B "
+        "| ratio (wall time, as run) |"
+    )
+    lines += [
+        header + (" ratio (wall time, each trial paying its feature pass; estimate) |" if estimate else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if estimate else ""),
+    ]
     for c in comparisons:
         r, t = c.random_reach, c.tpe_hb_reach
         lines.append(
             f"| {c.seed} | {_pct(c.target)} | {'-' if r is None else f'{r.spent} (trial {r.number})'} | "
             f"{_pct(c.tpe_hb.best)} | {'not reached' if t is None else f'{t.spent} (trial {t.number})'} | "
             f"{_ratio(c.ratio)} | {'-' if t is None else f'{t.spent / s.budget_epochs:.2f}'} | "
-            f"{_ratio(c.wall_ratio())} |" + (f" {_ratio(c.wall_ratio(per_trial_features))} |" if estimate else ""))
+            f"{_ratio(c.wall_ratio())} |" + (f" {_ratio(c.wall_ratio(per_trial_features))} |" if estimate else "")
+        )
     wall_estimates = [c.wall_ratio(per_trial_features if estimate else 0.0) for c in comparisons]
-    lines += ["", f"Median wall-time ratio{' (each trial paying its feature pass, estimated)' if estimate else ''}: "
-                  f"{_ratio(median_ratio(wall_estimates))}."]
+    lines += [
+        "",
+        f"Median wall-time ratio{' (each trial paying its feature pass, estimated)' if estimate else ''}: "
+        f"{_ratio(median_ratio(wall_estimates))}.",
+    ]
     lines += [
         "",
         "| arm | trials (complete / pruned / cut by budget / failed) | epochs spent | epochs per trial | "
@@ -580,7 +641,8 @@ def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: 
         lines.append(
             f"| {arm.name} | {n} ({counts}) | {spent} | {spent / max(n, 1):.1f} | {drawn} | "
             f"{_mean_std([run.best for run in arm_runs])} | {_mean_std([run.test_accuracy for run in arm_runs])} | "
-            f"{wall:.0f} s | {overhead:.2f} s |")
+            f"{wall:.0f} s | {overhead:.2f} s |"
+        )
     lines += ["", "Best configuration of each arm and seed (validation accuracy; test accuracy when retrained):", ""]
     lines += ["| seed | arm | trial | configuration | val acc | test acc |", "|---|---|---|---|---|---|"]
     for c in comparisons:
@@ -589,8 +651,10 @@ def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: 
             if best is None:
                 lines.append(f"| {c.seed} | {run.arm.name} | - | no trial completed | - | - |")
                 continue
-            lines.append(f"| {c.seed} | {run.arm.name} | {best.number} | {_short(best.params)} | "
-                         f"{_pct(best.value)} | {_pct(run.test_accuracy)} |")
+            lines.append(
+                f"| {c.seed} | {run.arm.name} | {best.number} | {_short(best.params)} | "
+                f"{_pct(best.value)} | {_pct(run.test_accuracy)} |"
+            )
     if s.share_features:
         trials_each = {arm.name: sum(len(r.trials) for r in runs[arm.name]) / len(comparisons) for arm in ARMS}
         feature_note = (
@@ -600,21 +664,26 @@ def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: 
             f"In a study of trial jobs every trial pays stage 1's feature pass of the train and validation images, "
             f"about {per_trial_features:.1f} s here: add that per trial to the wall times above "
             f"({trials_each[RANDOM]:.0f} trials per seed for random search, {trials_each[TPE_HB]:.0f} for "
-            f"TPE + Hyperband), as the estimated wall-time ratio does. Epoch counts do not depend on it.")
+            f"TPE + Hyperband), as the estimated wall-time ratio does. Epoch counts do not depend on it."
+        )
     else:
-        feature_note = (f"Every trial computed its own bottleneck features, as a trial job does "
-                        f"({features.passes} passes, {features.seconds:.1f} s in all).")
+        feature_note = (
+            f"Every trial computed its own bottleneck features, as a trial job does "
+            f"({features.passes} passes, {features.seconds:.1f} s in all)."
+        )
     test_note = ""
     if s.retrain and test_count:
-        test_note = (f" Test accuracy: each arm's best configuration trained once more with the test split attached "
-                     f"(the same seed, so the same validation accuracy), evaluated once; {test_count} test images, "
-                     f"so ± about {100 * math.sqrt(0.25 / test_count):.1f} points of binomial noise per run.")
+        test_note = (
+            f" Test accuracy: each arm's best configuration trained once more with the test split attached "
+            f"(the same seed, so the same validation accuracy), evaluated once; {test_count} test images, "
+            f"so ± about {100 * math.sqrt(0.25 / test_count):.1f} points of binomial noise per run."
+        )
     lines += [
         "",
         "TPE draws at random until 10 trials have finished (optuna's `n_startup_trials`, which `make_sampler` "
         "leaves at its default), and under Hyperband it counts only the trials of the asking trial's bracket, "
         f"so with {brackets} bracket(s) about {10 * brackets} trials are random draws before the model is used "
-        "everywhere; the \"trials drawn by TPE's model\" column counts the others. Its random draws come from a "
+        'everywhere; the "trials drawn by TPE\'s model" column counts the others. Its random draws come from a '
         "RandomSampler with the same seed as the random-search arm's, so the two arms start with the same "
         "configurations (a paired comparison: early on, the difference is Hyperband's pruning).",
         "",
@@ -629,8 +698,9 @@ def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: 
         for run in (c.random, c.tpe_hb):
             marks = " ".join(f"{t.epochs}{_STATE_MARK[t.state]}" for t in run.trials)
             lines.append(f"- seed {c.seed}, {run.arm.name} ({len(run.trials)} trials, {run.spent} epochs): {marks}")
-    failures = [(c.seed, run.arm.name, t) for c in comparisons for run in (c.random, c.tpe_hb) for t in run.trials
-                if t.error]
+    failures = [
+        (c.seed, run.arm.name, t) for c in comparisons for run in (c.random, c.tpe_hb) for t in run.trials if t.error
+    ]
     lines += ["", "</details>", ""]
     if failures:
         lines += ["Failed trials:", ""]
@@ -652,30 +722,50 @@ def render_report(s: Settings, comparisons: Sequence[SeedComparison], features: 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.tuning", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tuning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     d = DEFAULTS
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny run for the smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run for the smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()),
+    )
     parser.add_argument("--seeds", type=int, help=f"sampler seeds per arm, 0..N-1 (default {d['seeds']})")
-    parser.add_argument("--budget-epochs", type=int,
-                        help=f"B: training epochs each arm may spend per seed (default {d['budget_epochs']})")
-    parser.add_argument("--max-epochs", type=int,
-                        help=f"R: epochs of a full trial, Hyperband's max resource (default {d['max_epochs']})")
+    parser.add_argument(
+        "--budget-epochs",
+        type=int,
+        help=f"B: training epochs each arm may spend per seed (default {d['budget_epochs']})",
+    )
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        help=f"R: epochs of a full trial, Hyperband's max resource (default {d['max_epochs']})",
+    )
     parser.add_argument("--reduction-factor", type=int, default=3, help="Hyperband's reduction factor (default 3)")
     parser.add_argument("--per-class", type=int, help=f"training images per class (default {d['per_class']})")
-    parser.add_argument("--val-per-class", type=int,
-                        help=f"validation images per class (default {d['val_per_class']})")
-    parser.add_argument("--test-per-class", type=int,
-                        help=f"test images per class, from t10k (default {d['test_per_class']}; 0: no test)")
+    parser.add_argument("--val-per-class", type=int, help=f"validation images per class (default {d['val_per_class']})")
+    parser.add_argument(
+        "--test-per-class",
+        type=int,
+        help=f"test images per class, from t10k (default {d['test_per_class']}; 0: no test)",
+    )
     parser.add_argument("--size", type=int, help=f"image side in pixels, >= 32 (default {d['size']})")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the subset and of every trial's run")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared 2-core machine 2 threads oversubscribe)")
-    parser.add_argument("--no-retrain", action="store_true",
-                        help="skip retraining each arm's best configuration for its test accuracy")
-    parser.add_argument("--no-share-features", action="store_true",
-                        help="every trial computes its own bottleneck features, as a trial job does (slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine 2 threads oversubscribe)",
+    )
+    parser.add_argument(
+        "--no-retrain", action="store_true", help="skip retraining each arm's best configuration for its test accuracy"
+    )
+    parser.add_argument(
+        "--no-share-features",
+        action="store_true",
+        help="every trial computes its own bottleneck features, as a trial job does (slower)",
+    )
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"report file (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
@@ -692,10 +782,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     raw = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m bench.tuning", *map(shlex.quote, raw)])
-    s = Settings(seeds=args.seeds, budget_epochs=args.budget_epochs, max_epochs=args.max_epochs,
-                 reduction_factor=args.reduction_factor, per_class=args.per_class, val_per_class=args.val_per_class,
-                 test_per_class=args.test_per_class, size=args.size, data_seed=args.data_seed, threads=args.threads,
-                 retrain=not args.no_retrain, share_features=not args.no_share_features)
+    s = Settings(
+        seeds=args.seeds,
+        budget_epochs=args.budget_epochs,
+        max_epochs=args.max_epochs,
+        reduction_factor=args.reduction_factor,
+        per_class=args.per_class,
+        val_per_class=args.val_per_class,
+        test_per_class=args.test_per_class,
+        size=args.size,
+        data_seed=args.data_seed,
+        threads=args.threads,
+        retrain=not args.no_retrain,
+        share_features=not args.no_share_features,
+    )
     try:
         s.check()
         for arm in ARMS:  # the study spec itself, before any data is loaded
@@ -727,14 +827,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run, config = run_arm(arm, seed, s, search_data, base_state)
                 if s.retrain:
                     retrain_best(run, config, data, base_state)
-                print(f"{arm.name}, seed {seed}: {len(run.trials)} trials, {run.spent} epochs, best val "
-                      f"{_pct(run.best)}, test {_pct(run.test_accuracy)}, {run.seconds:.0f} s", flush=True)
+                print(
+                    f"{arm.name}, seed {seed}: {len(run.trials)} trials, {run.spent} epochs, best val "
+                    f"{_pct(run.best)}, test {_pct(run.test_accuracy)}, {run.seconds:.0f} s",
+                    flush=True,
+                )
                 runs[arm.name] = run
             comparison = SeedComparison(seed=seed, random=runs[RANDOM], tpe_hb=runs[TPE_HB])
             print(f"seed {seed}: ratio {_ratio(comparison.ratio)}", flush=True)
             comparisons.append(comparison)
-    report = render_report(s, comparisons, features, data, command, time.perf_counter() - started,
-                           (load_start, os.getloadavg()))
+    report = render_report(
+        s, comparisons, features, data, command, time.perf_counter() - started, (load_start, os.getloadavg())
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     print()

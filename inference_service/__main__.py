@@ -44,28 +44,60 @@ def _env_int(name: str, default: int) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving = parser.add_argument_group("serving")
-    serving.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", DEFAULT_METRICS_PORT),
-                         help="Prometheus /metrics port, on --host [VISIONTUNE_METRICS_PORT]")
-    serving.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                         default=os.environ.get("VISIONTUNE_DEVICE", "auto"),
-                         help="where Triton runs models: auto = cuda when a GPU is visible [VISIONTUNE_DEVICE]")
-    serving.add_argument("--max-images", type=int, default=_env_int("MAX_IMAGES", DEFAULT_MAX_IMAGES),
-                         help=f"images per Classify request (default {DEFAULT_MAX_IMAGES})")
-    serving.add_argument("--max-image-bytes", type=int, default=_env_int("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
-                         help="encoded bytes per image (default 16 MiB)")
-    serving.add_argument("--max-image-pixels", type=int, default=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
-                         help="decoded pixels per image; more is refused as a decompression bomb (default 64 Mi)")
-    serving.add_argument("--feedback-capacity", type=int, default=_env_int("FEEDBACK_CAPACITY", DEFAULT_CAPACITY),
-                         help="recent requests kept for ReportFeedback (default 100000)")
-    serving.add_argument("--fp-rate-window", type=int, default=_env_int("FP_RATE_WINDOW", DEFAULT_RATE_WINDOW),
-                         help="unknown-class reports the rolling false-positive rate is over (default 100)")
+    serving.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int("METRICS_PORT", DEFAULT_METRICS_PORT),
+        help="Prometheus /metrics port, on --host [VISIONTUNE_METRICS_PORT]",
+    )
+    serving.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=os.environ.get("VISIONTUNE_DEVICE", "auto"),
+        help="where Triton runs models: auto = cuda when a GPU is visible [VISIONTUNE_DEVICE]",
+    )
+    serving.add_argument(
+        "--max-images",
+        type=int,
+        default=_env_int("MAX_IMAGES", DEFAULT_MAX_IMAGES),
+        help=f"images per Classify request (default {DEFAULT_MAX_IMAGES})",
+    )
+    serving.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=_env_int("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+        help="encoded bytes per image (default 16 MiB)",
+    )
+    serving.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
+        help="decoded pixels per image; more is refused as a decompression bomb (default 64 Mi)",
+    )
+    serving.add_argument(
+        "--feedback-capacity",
+        type=int,
+        default=_env_int("FEEDBACK_CAPACITY", DEFAULT_CAPACITY),
+        help="recent requests kept for ReportFeedback (default 100000)",
+    )
+    serving.add_argument(
+        "--fp-rate-window",
+        type=int,
+        default=_env_int("FP_RATE_WINDOW", DEFAULT_RATE_WINDOW),
+        help="unknown-class reports the rolling false-positive rate is over (default 100)",
+    )
     triton = parser.add_argument_group("Triton")
     grpc_port, http_port, metrics_port = DEFAULT_TRITON_PORTS
-    triton.add_argument("--triton-binary", default=os.environ.get("VISIONTUNE_TRITON_BINARY"),
-                        help="tritonserver to run (default: on PATH, else nvidia-pytriton's)"
-                        " [VISIONTUNE_TRITON_BINARY]")
-    triton.add_argument("--triton-address", default=os.environ.get("VISIONTUNE_TRITON_ADDRESS", "127.0.0.1"),
-                        help="address Triton's endpoints listen on [VISIONTUNE_TRITON_ADDRESS]")
+    triton.add_argument(
+        "--triton-binary",
+        default=os.environ.get("VISIONTUNE_TRITON_BINARY"),
+        help="tritonserver to run (default: on PATH, else nvidia-pytriton's) [VISIONTUNE_TRITON_BINARY]",
+    )
+    triton.add_argument(
+        "--triton-address",
+        default=os.environ.get("VISIONTUNE_TRITON_ADDRESS", "127.0.0.1"),
+        help="address Triton's endpoints listen on [VISIONTUNE_TRITON_ADDRESS]",
+    )
     triton.add_argument("--triton-grpc-port", type=int, default=_env_int("TRITON_GRPC_PORT", grpc_port))
     triton.add_argument("--triton-http-port", type=int, default=_env_int("TRITON_HTTP_PORT", http_port))
     triton.add_argument("--triton-metrics-port", type=int, default=_env_int("TRITON_METRICS_PORT", metrics_port))
@@ -86,11 +118,16 @@ def build(
     # Deployments come back from their records in the bucket; a model repository left by an earlier run
     # would only be stale.
     shutil.rmtree(workdir / "triton" / "models", ignore_errors=True)
-    ports = TritonPorts(grpc=args.triton_grpc_port, http=args.triton_http_port, metrics=args.triton_metrics_port,
-                        address=args.triton_address)
+    ports = TritonPorts(
+        grpc=args.triton_grpc_port,
+        http=args.triton_http_port,
+        metrics=args.triton_metrics_port,
+        address=args.triton_address,
+    )
     try:
-        triton = TritonServer(find_triton(args.triton_binary), ports, workdir / "triton",
-                              startup_timeout=args.triton_startup_timeout)
+        triton = TritonServer(
+            find_triton(args.triton_binary), ports, workdir / "triton", startup_timeout=args.triton_startup_timeout
+        )
         triton.start()
     except TritonError as err:
         raise StartupError(str(err).splitlines()[0] + f" (log: {workdir / 'triton' / 'tritonserver.log'})") from err
@@ -105,9 +142,14 @@ def build(
 
     models = TritonModels(ports.grpc_url)
     engine = InferenceEngine(
-        store, models, workdir, metrics, gpu=gpu,
-        limits=Limits(max_images=args.max_images, max_image_bytes=args.max_image_bytes,
-                      max_image_pixels=args.max_image_pixels),
+        store,
+        models,
+        workdir,
+        metrics,
+        gpu=gpu,
+        limits=Limits(
+            max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels
+        ),
         predictions=PredictionLog(args.feedback_capacity),
     )
     threading.Thread(target=engine.restore, name="restore-deployments", daemon=True).start()

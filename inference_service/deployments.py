@@ -132,8 +132,11 @@ class DeploymentRegistry:
     def weights(self) -> dict[tuple[str, str], int]:
         """{(model, version): traffic weight} of the ready versions (for the metrics gauges)."""
         with self._lock:
-            return {(d.name.model, d.name.version): d.settings.traffic_weight
-                    for d in self._deployments.values() if d.state == DeploymentState.READY}
+            return {
+                (d.name.model, d.name.version): d.settings.traffic_weight
+                for d in self._deployments.values()
+                if d.state == DeploymentState.READY
+            }
 
     def _choose(self, model: str) -> Deployment:
         versions = [d for d in self._deployments.values() if d.name.model == model]
@@ -141,9 +144,11 @@ class DeploymentRegistry:
             raise NotDeployed(f"models/{model} has no deployed version; deploy one with DeployModel")
         ready = [d for d in versions if d.state == DeploymentState.READY and d.settings.traffic_weight > 0]
         if not ready:
-            states = ", ".join(f"{d.name.version}: {d.state.value}"
-                               + (f" (weight {d.settings.traffic_weight})" if d.state == DeploymentState.READY else "")
-                               for d in versions)
+            states = ", ".join(
+                f"{d.name.version}: {d.state.value}"
+                + (f" (weight {d.settings.traffic_weight})" if d.state == DeploymentState.READY else "")
+                for d in versions
+            )
             raise NotReady(f"models/{model} has no ready version with traffic weight > 0 ({states})")
         total = sum(d.settings.traffic_weight for d in ready)
         pick = self._rng.uniform(0, total)
@@ -225,16 +230,18 @@ def load_records(store: ArtifactStore) -> tuple[list[SavedDeployment], list[str]
             continue
         try:
             body = json.loads(store.get_bytes(info.key))
-            saved.append(SavedDeployment(
-                name=parse_model_version_name(body["model_version"]),
-                settings=DeploySettings(
-                    traffic_weight=int(body["traffic_weight"]),
-                    max_batch_size=int(body["max_batch_size"]),
-                    max_queue_delay_s=float(body["max_queue_delay_s"]),
-                    instance_count=int(body["instance_count"]),
-                ),
-                deploy_time=datetime.fromisoformat(body["deploy_time"]),
-            ))
+            saved.append(
+                SavedDeployment(
+                    name=parse_model_version_name(body["model_version"]),
+                    settings=DeploySettings(
+                        traffic_weight=int(body["traffic_weight"]),
+                        max_batch_size=int(body["max_batch_size"]),
+                        max_queue_delay_s=float(body["max_queue_delay_s"]),
+                        instance_count=int(body["instance_count"]),
+                    ),
+                    deploy_time=datetime.fromisoformat(body["deploy_time"]),
+                )
+            )
         except ObjectNotFound:
             continue  # undeployed while we listed
         except (ValueError, KeyError, TypeError) as err:

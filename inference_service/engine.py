@@ -129,8 +129,9 @@ class InferenceEngine:
         self.weights_dir = workdir / "weights"
         self.predictions = predictions or PredictionLog()
         self.registry = registry or DeploymentRegistry()
-        self._decoder = ThreadPoolExecutor(max_workers=decode_threads or os.cpu_count() or 1,
-                                           thread_name_prefix="decode")
+        self._decoder = ThreadPoolExecutor(
+            max_workers=decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
+        )
         self._deploy_locks: dict[ModelVersionName, threading.Lock] = {}
         self._deploy_locks_guard = threading.Lock()
 
@@ -159,8 +160,15 @@ class InferenceEngine:
                 return updated
             deploy_time = current.deploy_time if current is not None and restoring else dep.now()
             if current is None:
-                self.registry.put(Deployment(name=name, settings=settings, triton_model=triton_model_name(name),
-                                             device="cuda" if self.gpu else "cpu", deploy_time=deploy_time))
+                self.registry.put(
+                    Deployment(
+                        name=name,
+                        settings=settings,
+                        triton_model=triton_model_name(name),
+                        device="cuda" if self.gpu else "cpu",
+                        deploy_time=deploy_time,
+                    )
+                )
             try:
                 served = self._load(name, settings)
             except VisionTuneError as err:
@@ -171,14 +179,21 @@ class InferenceEngine:
                 else:
                     self.registry.remove(name)
                 raise
-            updated = self.registry.update(name, settings=settings, served=served, state=DeploymentState.READY,
-                                           error="")
+            updated = self.registry.update(
+                name, settings=settings, served=served, state=DeploymentState.READY, error=""
+            )
             if not restoring:
                 self._save_record(name, settings, updated.deploy_time)
             self._publish_weights()
-            log.info("%s is live as Triton model %s (weight %d, batch <= %d, %d instance(s), %s)", name,
-                     updated.triton_model, settings.traffic_weight, settings.max_batch_size,
-                     settings.instance_count, updated.device)
+            log.info(
+                "%s is live as Triton model %s (weight %d, batch <= %d, %d instance(s), %s)",
+                name,
+                updated.triton_model,
+                settings.traffic_weight,
+                settings.max_batch_size,
+                settings.instance_count,
+                updated.device,
+            )
             return updated
 
     def _load(self, name: ModelVersionName, settings: DeploySettings) -> ServedModel:
@@ -224,7 +239,8 @@ class InferenceEngine:
             self.store.download_file(served.weights_key, path)
         except ObjectNotFound as err:
             raise FailedPrecondition(
-                f"{served.name}: its manifest names {served.weights_path}, which is missing") from err
+                f"{served.name}: its manifest names {served.weights_path}, which is missing"
+            ) from err
         except StoreError as err:
             raise Unavailable(f"cannot download the weights of {served.name}: {err}") from err
         digest = sha256_file(path)
@@ -245,8 +261,12 @@ class InferenceEngine:
             self._delete_record(name)
             self._publish_weights()
             if not DeploymentRegistry.wait_drained(removed, DRAIN_TIMEOUT_S):
-                log.warning("%s: %d request(s) still running after %.0f s; unloading anyway", name,
-                            removed.in_flight, DRAIN_TIMEOUT_S)
+                log.warning(
+                    "%s: %d request(s) still running after %.0f s; unloading anyway",
+                    name,
+                    removed.in_flight,
+                    DRAIN_TIMEOUT_S,
+                )
             try:
                 self.triton.unload(removed.triton_model)
             except TritonError as err:
@@ -269,9 +289,15 @@ class InferenceEngine:
         for problem in problems:
             log.error("skipping an unreadable deployment record: %s", problem)
         for record in saved:
-            self.registry.put(Deployment(name=record.name, settings=record.settings,
-                                         triton_model=triton_model_name(record.name),
-                                         device="cuda" if self.gpu else "cpu", deploy_time=record.deploy_time))
+            self.registry.put(
+                Deployment(
+                    name=record.name,
+                    settings=record.settings,
+                    triton_model=triton_model_name(record.name),
+                    device="cuda" if self.gpu else "cpu",
+                    deploy_time=record.deploy_time,
+                )
+            )
         self._publish_weights()
         for record in saved:
             try:
@@ -298,7 +324,8 @@ class InferenceEngine:
             dep.save_record(self.store, name, settings, deploy_time)
         except StoreError as err:
             raise Unavailable(
-                f"{name} is live but its record could not be saved (a restart would lose it): {err}") from err
+                f"{name} is live but its record could not be saved (a restart would lose it): {err}"
+            ) from err
 
     def _delete_record(self, name: ModelVersionName) -> None:
         try:
@@ -320,7 +347,8 @@ class InferenceEngine:
             self.metrics.requests.labels(labels["model"], labels["version"], err.code).inc()
             if labels["version"]:
                 self.metrics.request_seconds.labels(labels["model"], labels["version"]).observe(
-                    time.perf_counter() - started)
+                    time.perf_counter() - started
+                )
             raise
         self.metrics.requests.labels(labels["model"], labels["version"], "OK").inc()
         self.metrics.request_seconds.labels(labels["model"], labels["version"]).observe(output.latency_s)
@@ -331,11 +359,13 @@ class InferenceEngine:
             raise InvalidRequest([FieldViolation("images", "at least one image is required")])
         if len(request.images) > self.limits.max_images:
             raise ResourceExhausted(
-                f"{len(request.images)} images in one request; the limit is {self.limits.max_images}")
+                f"{len(request.images)} images in one request; the limit is {self.limits.max_images}"
+            )
         for i, content in enumerate(request.images):
             if len(content) > self.limits.max_image_bytes:
                 raise ResourceExhausted(
-                    f"images[{i}] is {len(content)} bytes; the limit is {self.limits.max_image_bytes}")
+                    f"images[{i}] is {len(content)} bytes; the limit is {self.limits.max_image_bytes}"
+                )
         request_id = request.request_id or f"req-{secrets.token_hex(8)}"
         if not _REQUEST_ID_RE.match(request_id):
             raise InvalidRequest([FieldViolation("request_id", "1-128 characters of letters, digits and ._:-")])
@@ -354,10 +384,15 @@ class InferenceEngine:
             batch = self._preprocess(request.images, served, labels)
             logits = self._infer(deployment, served, batch, labels)
         results = _decide(logits, served, top_k, threshold, request.client_ids)
-        self.predictions.add(request_id, RequestRecord(
-            model=deployment.name.model, version=deployment.name.version, labels=frozenset(served.labels),
-            images=tuple(ImagePrediction(r.top_k[0][0], r.unknown) for r in results),
-        ))
+        self.predictions.add(
+            request_id,
+            RequestRecord(
+                model=deployment.name.model,
+                version=deployment.name.version,
+                labels=frozenset(served.labels),
+                images=tuple(ImagePrediction(r.top_k[0][0], r.unknown) for r in results),
+            ),
+        )
         unknown = sum(r.unknown for r in results)
         mv = (deployment.name.model, deployment.name.version)
         self.metrics.images.labels(*mv).inc(len(results))
@@ -377,8 +412,11 @@ class InferenceEngine:
         if request.threshold is not None:
             low, high = served.threshold_bounds()
             if not (math.isfinite(request.threshold) and low <= request.threshold <= high):
-                violations.append(FieldViolation(
-                    "unknown_threshold", f"must be in [{low:g}, {high:g}] for the {served.score.value} score"))
+                violations.append(
+                    FieldViolation(
+                        "unknown_threshold", f"must be in [{low:g}, {high:g}] for the {served.score.value} score"
+                    )
+                )
             threshold = request.threshold
         if violations:
             raise InvalidRequest(violations)
@@ -400,16 +438,20 @@ class InferenceEngine:
         chw = torch.from_numpy(np.stack([d for d in decoded if not isinstance(d, str)])).permute(0, 3, 1, 2)
         batch = normalize(center_crop(chw, served.crop_size).contiguous(), served.mean, served.std).numpy()
         self.metrics.preprocess_seconds.labels(labels["model"], labels["version"]).observe(
-            time.perf_counter() - started)
+            time.perf_counter() - started
+        )
         return batch
 
-    def _infer(self, deployment: Deployment, served: ServedModel, batch: np.ndarray,
-               labels: dict[str, str]) -> np.ndarray:
+    def _infer(
+        self, deployment: Deployment, served: ServedModel, batch: np.ndarray, labels: dict[str, str]
+    ) -> np.ndarray:
         started = time.perf_counter()
         step = deployment.settings.max_batch_size
         try:
-            parts = [self.triton.infer(deployment.triton_model, served.input_name, served.output_name,
-                                       batch[i:i + step]) for i in range(0, len(batch), step)]
+            parts = [
+                self.triton.infer(deployment.triton_model, served.input_name, served.output_name, batch[i : i + step])
+                for i in range(0, len(batch), step)
+            ]
         except TritonError as err:
             raise Unavailable(f"{deployment.name}: {err}") from err
         self.metrics.triton_seconds.labels(labels["model"], labels["version"]).observe(time.perf_counter() - started)
@@ -450,7 +492,14 @@ def _decide(
     results = []
     for i in range(tensor.shape[0]):
         pairs = tuple((served.labels[int(j)], float(p)) for p, j in zip(top.values[i], top.indices[i], strict=True))
-        results.append(ImageResult(index=i, client_id=client_ids[i] if i < len(client_ids) else "", top_k=pairs,
-                                   unknown=not bool(known[i]), score=float(scores[i]), threshold=threshold))
+        results.append(
+            ImageResult(
+                index=i,
+                client_id=client_ids[i] if i < len(client_ids) else "",
+                top_k=pairs,
+                unknown=not bool(known[i]),
+                score=float(scores[i]),
+                threshold=threshold,
+            )
+        )
     return tuple(results)
-

@@ -100,21 +100,26 @@ class PredictionLog:
             if record is None:
                 raise FeedbackError(
                     f"no prediction with request id {request_id!r} on this replica: unknown, or older than the "
-                    f"last {self.capacity} requests it keeps", "request")
+                    f"last {self.capacity} requests it keeps",
+                    "request",
+                )
             if not 0 <= index < len(record.images):
                 raise FeedbackError(
                     f"request {request_id!r} classified {len(record.images)} image(s); index {index} is out of range",
-                    "index")
+                    "index",
+                )
             if true_label is not None and true_label not in record.labels:
                 raise FeedbackError(
                     f"true_label {true_label!r} is not a label of models/{record.model}/versions/{record.version} "
                     f"(labels: {', '.join(sorted(record.labels))}); report an image of another class as unknown",
-                    "label")
+                    "label",
+                )
             earlier = record.reported.get(index)
             if earlier is not None:
                 return FeedbackResult(earlier, True, record.model, record.version)
             predicted = record.images[index]
-            result = outcome(predicted_label=predicted.label, predicted_unknown=predicted.unknown,
-                             true_label=true_label)
+            result = outcome(
+                predicted_label=predicted.label, predicted_unknown=predicted.unknown, true_label=true_label
+            )
             record.reported[index] = result
             return FeedbackResult(result, False, record.model, record.version)

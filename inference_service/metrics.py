@@ -35,8 +35,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 PREFIX: Final = "visiontune_inference"
 LATENCY_BUCKETS: Final = (
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075,
-    0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 DEFAULT_RATE_WINDOW: Final = 100
 
@@ -54,37 +70,58 @@ class InferenceMetrics:
         self._rate_window = rate_window
         mv = ("model", "version")
         r = self.registry
-        self.request_seconds = Histogram(f"{PREFIX}_request_duration_seconds",
-                                         "Classify latency end to end, as the server sees it.", mv,
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.preprocess_seconds = Histogram(f"{PREFIX}_preprocess_duration_seconds",
-                                            "Decoding, resizing and normalising the images of one request.", mv,
-                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.triton_seconds = Histogram(f"{PREFIX}_triton_duration_seconds",
-                                        "The Triton inference call of one request.", mv,
-                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.requests = Counter(f"{PREFIX}_requests", "Classify calls by gRPC status code.", (*mv, "code"),
-                                registry=r)
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Classify latency end to end, as the server sees it.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            f"{PREFIX}_preprocess_duration_seconds",
+            "Decoding, resizing and normalising the images of one request.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.triton_seconds = Histogram(
+            f"{PREFIX}_triton_duration_seconds",
+            "The Triton inference call of one request.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(f"{PREFIX}_requests", "Classify calls by gRPC status code.", (*mv, "code"), registry=r)
         self.images = Counter(f"{PREFIX}_images", "Images classified.", mv, registry=r)
-        self.predictions = Counter(f"{PREFIX}_predictions", "Classified images by verdict (known / unknown).",
-                                   (*mv, "verdict"), registry=r)
+        self.predictions = Counter(
+            f"{PREFIX}_predictions", "Classified images by verdict (known / unknown).", (*mv, "verdict"), registry=r
+        )
         self.feedback = Counter(f"{PREFIX}_feedback", "Feedback reports by outcome.", (*mv, "outcome"), registry=r)
-        self.false_positives = Counter(f"{PREFIX}_unknown_false_positives",
-                                       "Images of an unknown class classified as a known class (from feedback).",
-                                       mv, registry=r)
-        self.false_rejections = Counter(f"{PREFIX}_false_rejections",
-                                        "Images of a known class rejected as unknown (from feedback).", mv,
-                                        registry=r)
-        self.false_positive_rate = Gauge(f"{PREFIX}_unknown_false_positive_rate",
-                                         f"Unknown-class false positives over the last {rate_window} "
-                                         "unknown-class feedback reports.", mv, registry=r)
-        self.rate_window_size = Gauge(f"{PREFIX}_unknown_feedback_window",
-                                      "How many unknown-class feedback reports the false-positive rate is over.",
-                                      mv, registry=r)
-        self.deployed_versions = Gauge(f"{PREFIX}_deployed_versions", "Live (ready) versions of a model.",
-                                       ("model",), registry=r)
-        self.traffic_weight = Gauge(f"{PREFIX}_traffic_weight", "Traffic weight of a live version.", mv,
-                                    registry=r)
+        self.false_positives = Counter(
+            f"{PREFIX}_unknown_false_positives",
+            "Images of an unknown class classified as a known class (from feedback).",
+            mv,
+            registry=r,
+        )
+        self.false_rejections = Counter(
+            f"{PREFIX}_false_rejections", "Images of a known class rejected as unknown (from feedback).", mv, registry=r
+        )
+        self.false_positive_rate = Gauge(
+            f"{PREFIX}_unknown_false_positive_rate",
+            f"Unknown-class false positives over the last {rate_window} unknown-class feedback reports.",
+            mv,
+            registry=r,
+        )
+        self.rate_window_size = Gauge(
+            f"{PREFIX}_unknown_feedback_window",
+            "How many unknown-class feedback reports the false-positive rate is over.",
+            mv,
+            registry=r,
+        )
+        self.deployed_versions = Gauge(
+            f"{PREFIX}_deployed_versions", "Live (ready) versions of a model.", ("model",), registry=r
+        )
+        self.traffic_weight = Gauge(f"{PREFIX}_traffic_weight", "Traffic weight of a live version.", mv, registry=r)
         self._lock = threading.Lock()
         self._unknown_outcomes: dict[tuple[str, str], collections.deque[bool]] = {}
         self._models: set[str] = set()  # every model that had a deployment: its count stays, at 0 if need be

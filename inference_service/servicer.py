@@ -55,8 +55,11 @@ def deploy_settings(request: pb.DeployModelRequest) -> DeploySettings:
     batch = request.max_batch_size if request.HasField("max_batch_size") else dep.DEFAULT_MAX_BATCH_SIZE
     if not 1 <= batch <= dep.MAX_BATCH_SIZE_LIMIT:
         violations.append(FieldViolation("max_batch_size", f"must be in [1, {dep.MAX_BATCH_SIZE_LIMIT}]"))
-    delay = (request.max_queue_delay.ToTimedelta().total_seconds() if request.HasField("max_queue_delay")
-             else dep.DEFAULT_MAX_QUEUE_DELAY_S)
+    delay = (
+        request.max_queue_delay.ToTimedelta().total_seconds()
+        if request.HasField("max_queue_delay")
+        else dep.DEFAULT_MAX_QUEUE_DELAY_S
+    )
     if not 0 <= delay <= dep.MAX_QUEUE_DELAY_S:
         violations.append(FieldViolation("max_queue_delay", f"must be in [0, {dep.MAX_QUEUE_DELAY_S:g} s]"))
     instances = request.instance_count if request.HasField("instance_count") else dep.DEFAULT_INSTANCE_COUNT
@@ -64,8 +67,9 @@ def deploy_settings(request: pb.DeployModelRequest) -> DeploySettings:
         violations.append(FieldViolation("instance_count", f"must be in [1, {dep.MAX_INSTANCE_COUNT}]"))
     if violations:
         raise InvalidRequest(violations)
-    return DeploySettings(traffic_weight=weight, max_batch_size=batch, max_queue_delay_s=delay,
-                          instance_count=instances)
+    return DeploySettings(
+        traffic_weight=weight, max_batch_size=batch, max_queue_delay_s=delay, instance_count=instances
+    )
 
 
 def deployment_proto(d: Deployment) -> pb.Deployment:
@@ -74,9 +78,15 @@ def deployment_proto(d: Deployment) -> pb.Deployment:
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(round(d.settings.max_queue_delay_s * 1e9))
     return pb.Deployment(
-        model_version=str(d.name), traffic_weight=d.settings.traffic_weight, state=_STATES[d.state],
-        triton_model=d.triton_model, max_batch_size=d.settings.max_batch_size, max_queue_delay=delay,
-        instance_count=d.settings.instance_count, deploy_time=deploy_time, device=d.device,
+        model_version=str(d.name),
+        traffic_weight=d.settings.traffic_weight,
+        state=_STATES[d.state],
+        triton_model=d.triton_model,
+        max_batch_size=d.settings.max_batch_size,
+        max_queue_delay=delay,
+        instance_count=d.settings.instance_count,
+        deploy_time=deploy_time,
+        device=d.device,
     )
 
 
@@ -86,21 +96,32 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         model, version = _parse_target(request.model)
-        output = self._engine.classify(ClassifyInput(
-            model=model, version=version, images=[image.content for image in request.images],
-            client_ids=[image.client_id for image in request.images],
-            top_k=request.top_k if request.HasField("top_k") else None,
-            threshold=request.unknown_threshold if request.HasField("unknown_threshold") else None,
-            request_id=request.request_id,
-        ))
+        output = self._engine.classify(
+            ClassifyInput(
+                model=model,
+                version=version,
+                images=[image.content for image in request.images],
+                client_ids=[image.client_id for image in request.images],
+                top_k=request.top_k if request.HasField("top_k") else None,
+                threshold=request.unknown_threshold if request.HasField("unknown_threshold") else None,
+                request_id=request.request_id,
+            )
+        )
         latency = duration_pb2.Duration()
         latency.FromNanoseconds(round(output.latency_s * 1e9))
         return pb.ClassifyResponse(
-            request_id=output.request_id, model_version=str(output.name), latency=latency,
+            request_id=output.request_id,
+            model_version=str(output.name),
+            latency=latency,
             classifications=[
-                pb.Classification(index=r.index, client_id=r.client_id, unknown=r.unknown, unknown_score=r.score,
-                                  threshold=r.threshold,
-                                  top_k=[pb.LabelScore(label=label, score=score) for label, score in r.top_k])
+                pb.Classification(
+                    index=r.index,
+                    client_id=r.client_id,
+                    unknown=r.unknown,
+                    unknown_score=r.score,
+                    threshold=r.threshold,
+                    top_k=[pb.LabelScore(label=label, score=score) for label, score in r.top_k],
+                )
                 for r in output.results
             ],
         )
@@ -128,8 +149,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if violations:
             raise InvalidRequest(violations)
         # Sorted by name, which the page token holds: pages stay stable while deployments come and go.
-        page, token = pagination.page_of(self._engine.list_deployments(model), lambda d: str(d.name),
-                                         request.page_size, request.page_token, [model])
+        page, token = pagination.page_of(
+            self._engine.list_deployments(model), lambda d: str(d.name), request.page_size, request.page_token, [model]
+        )
         return pb.ListDeploymentsResponse(deployments=[deployment_proto(d) for d in page], next_page_token=token)
 
     def ReportFeedback(
@@ -138,7 +160,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         truth = request.WhichOneof("truth")
         if truth is None or (truth == "unknown" and not request.unknown):
             raise InvalidRequest([FieldViolation("truth", "set true_label, or unknown = true")])
-        result = self._engine.report_feedback(request.request_id, request.index,
-                                              request.true_label if truth == "true_label" else None)
-        return pb.ReportFeedbackResponse(outcome=_OUTCOMES[result.outcome], duplicate=result.duplicate,
-                                         model_version=f"models/{result.model}/versions/{result.version}")
+        result = self._engine.report_feedback(
+            request.request_id, request.index, request.true_label if truth == "true_label" else None
+        )
+        return pb.ReportFeedbackResponse(
+            outcome=_OUTCOMES[result.outcome],
+            duplicate=result.duplicate,
+            model_version=f"models/{result.model}/versions/{result.version}",
+        )

@@ -34,8 +34,10 @@ def valid_images(draw: st.DrawFn) -> bytes:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (a valid CRC) with one tiny IDAT: a dimension bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + body

@@ -26,7 +26,9 @@ SERVICE_NAME = training_service_pb2.DESCRIPTOR.services_by_name["TrainingService
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training jobs")
     group.add_argument(
-        "--job-slots", type=int, default=int(os.environ.get("VISIONTUNE_JOB_SLOTS", "0")),
+        "--job-slots",
+        type=int,
+        default=int(os.environ.get("VISIONTUNE_JOB_SLOTS", "0")),
         help="jobs run at once; 0 = one per GPU, or 1 on a CPU-only machine [VISIONTUNE_JOB_SLOTS]",
     )
 
@@ -43,8 +45,9 @@ def build(
     jobs = JobStore(settings.data_dir / "trainer" / "jobs.sqlite3")
     executor = JobExecutor(jobs, settings.s3, settings.data_dir, slots=job_slots(args.job_slots))
     executor.start()
-    runner = StudyRunner(jobs, store, default_bucket=store.bucket, wake_executor=executor.wake,
-                         cancel_job=executor.cancel)
+    runner = StudyRunner(
+        jobs, store, default_bucket=store.bucket, wake_executor=executor.wake, cancel_job=executor.cancel
+    )
     runner.start()
     studies = Studies(jobs, runner, default_bucket=store.bucket, wake_executor=executor.wake)
     servicer = TrainingServicer(jobs, executor, store, settings.data_dir / "trainer" / "cache", studies)

@@ -39,8 +39,9 @@ WATCH_FINAL_GRACE_S = 0.5
 
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, jobs: JobStore, executor: JobExecutor, store: ArtifactStore, cache_dir: Path,
-                 studies: Studies) -> None:
+    def __init__(
+        self, jobs: JobStore, executor: JobExecutor, store: ArtifactStore, cache_dir: Path, studies: Studies
+    ) -> None:
         self._jobs = jobs
         self._studies = studies
         self._executor = executor
@@ -79,7 +80,10 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             raise InvalidArgument(violations)
         # A bad page_token is the store's to find: only it knows the filter the token must match.
         records, token = self._jobs.list_jobs(
-            states=states or None, study_id=study_id, page_size=request.page_size, page_token=request.page_token,
+            states=states or None,
+            study_id=study_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
         return training_service_pb2.ListJobsResponse(
             jobs=[resources.job_to_proto(r) for r in records], next_page_token=token
@@ -103,11 +107,19 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             raise InvalidArgument(violations)
         resolved = config_to_spec(config)
         if request.validate_only:
-            return job_pb2.Job(name=names.job_name(job_id), display_name=request.job.display_name, spec=resolved,
-                               state=job_pb2.JOB_STATE_QUEUED, labels=request.job.labels)
+            return job_pb2.Job(
+                name=names.job_name(job_id),
+                display_name=request.job.display_name,
+                spec=resolved,
+                state=job_pb2.JOB_STATE_QUEUED,
+                labels=request.job.labels,
+            )
         record, created = self._jobs.create_job(
-            job_id, json_format.MessageToJson(resolved, indent=None), display_name=request.job.display_name,
-            request_id=request.request_id or None, labels=dict(request.job.labels),
+            job_id,
+            json_format.MessageToJson(resolved, indent=None),
+            display_name=request.job.display_name,
+            request_id=request.request_id or None,
+            labels=dict(request.job.labels),
         )
         if created:
             events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued")
@@ -118,8 +130,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         job_id = parse_field("name", names.parse_job_name, request.name)
         record = self._executor.cancel(job_id)
         if record.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.PRUNED):
-            raise FailedPrecondition(
-                f"{request.name} already ended ({record.state.value}); there is nothing to cancel")
+            raise FailedPrecondition(f"{request.name} already ended ({record.state.value}); there is nothing to cancel")
         return resources.job_to_proto(record)
 
     def WatchJob(
@@ -163,7 +174,9 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
                 training_service_pb2.LearningRatePoint(learning_rate=p.lr, loss=p.loss, smoothed_loss=p.smoothed_loss)
                 for p in result.points
             ],
-            suggested_learning_rate=result.suggested_lr, rule=result.rule, plot_uri=outcome.plot_uri,
+            suggested_learning_rate=result.suggested_lr,
+            rule=result.rule,
+            plot_uri=outcome.plot_uri,
         )
 
     def RecommendSpec(
@@ -174,16 +187,21 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         # As in FindLearningRate; a ValueError is a dataset the rules cannot recommend for.
         with reraise_as(FailedPrecondition, StoreError, ValueError):
             recommendation, listing = recommend_for_dataset(
-                self._store, request.dataset_uri, gpu_available=request.gpu_available)
+                self._store, request.dataset_uri, gpu_available=request.gpu_available
+            )
         counts = listing.label_counts()
         return training_service_pb2.RecommendSpecResponse(
             spec=config_to_spec(recommendation.config),
-            reasons=[training_service_pb2.SpecReason(field=r.field, value=r.value, reason=r.reason)
-                     for r in recommendation.reasons],
+            reasons=[
+                training_service_pb2.SpecReason(field=r.field, value=r.value, reason=r.reason)
+                for r in recommendation.reasons
+            ],
             dataset=job_pb2.DatasetSummary(
-                uri=request.dataset_uri, total_images=len(listing.items),
+                uri=request.dataset_uri,
+                total_images=len(listing.items),
                 labels=[job_pb2.LabelCount(label=label, train_images=count) for label, count in counts.items()],
-                skipped_files=len(listing.skipped), skipped_examples=list(listing.skipped_examples),
+                skipped_files=len(listing.skipped),
+                skipped_examples=list(listing.skipped_examples),
                 fingerprint=dataset_fingerprint(listing),
             ),
             warnings=recommendation.warnings,
@@ -191,9 +209,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
 
     # --- studies ----------------------------------------------------------------------------------
 
-    def GetStudy(
-        self, request: training_service_pb2.GetStudyRequest, context: grpc.ServicerContext
-    ) -> study_pb2.Study:
+    def GetStudy(self, request: training_service_pb2.GetStudyRequest, context: grpc.ServicerContext) -> study_pb2.Study:
         return self._studies.get(parse_field("name", names.parse_study_name, request.name))
 
     def ListStudies(
@@ -218,8 +234,12 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def CreateStudy(
         self, request: training_service_pb2.CreateStudyRequest, context: grpc.ServicerContext
     ) -> study_pb2.Study:
-        return self._studies.create(request.study, study_id=request.study_id or names.new_id("study"),
-                                    request_id=request.request_id, validate_only=request.validate_only)
+        return self._studies.create(
+            request.study,
+            study_id=request.study_id or names.new_id("study"),
+            request_id=request.request_id,
+            validate_only=request.validate_only,
+        )
 
     def CancelStudy(
         self, request: training_service_pb2.CancelStudyRequest, context: grpc.ServicerContext
@@ -240,6 +260,9 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     ) -> job_pb2.Job:
         study_id = parse_field("study", names.parse_study_name, request.study)
         record = self._studies.promote(
-            study_id, request.trial_number if request.HasField("trial_number") else None,
-            job_id=request.job_id or names.new_id("job"), request_id=request.request_id)
+            study_id,
+            request.trial_number if request.HasField("trial_number") else None,
+            job_id=request.job_id or names.new_id("job"),
+            request_id=request.request_id,
+        )
         return resources.job_to_proto(record)

@@ -23,6 +23,7 @@ EXIT_CONFIG_ERROR = 2
 class StartupError(Exception):
     """A service's own start-up failed (e.g. its Triton server would not start); the message is one line."""
 
+
 # Builds a service's bindings from its settings, a checked store and its own parsed flags; returns them
 # and a close hook.
 ServiceFactory = Callable[

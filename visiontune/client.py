@@ -27,6 +27,7 @@ else:
     _StreamUnaryClientInterceptor = grpc.StreamUnaryClientInterceptor
     _StreamStreamClientInterceptor = grpc.StreamStreamClientInterceptor
 
+
 class _TokenPlugin(grpc.AuthMetadataPlugin):
     def __init__(self, token: str) -> None:
         self._metadata: grpc.Metadata = (("authorization", f"Bearer {token}"),)
@@ -66,20 +67,24 @@ class _TokenClientInterceptor(
             compression=getattr(details, "compression", None),
         )
 
-    def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.ClientCallDetails,
-                              request: Any) -> Any:
+    def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
         return continuation(self._details(client_call_details), request)
 
-    def intercept_unary_stream(self, continuation: Any, client_call_details: grpc.ClientCallDetails,
-                               request: Any) -> Any:
+    def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
         return continuation(self._details(client_call_details), request)
 
-    def intercept_stream_unary(self, continuation: Any, client_call_details: grpc.ClientCallDetails,
-                               request_iterator: Any) -> Any:
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request_iterator: Any
+    ) -> Any:
         return continuation(self._details(client_call_details), request_iterator)
 
-    def intercept_stream_stream(self, continuation: Any, client_call_details: grpc.ClientCallDetails,
-                                request_iterator: Any) -> Any:
+    def intercept_stream_stream(
+        self, continuation: Any, client_call_details: grpc.ClientCallDetails, request_iterator: Any
+    ) -> Any:
         return continuation(self._details(client_call_details), request_iterator)
 
 
@@ -116,9 +121,7 @@ def make_channel(
 
 
 # Codes that mean "not up yet": keep polling. Anything else (UNIMPLEMENTED: no health service) is final.
-_RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND}
-)
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND})
 
 
 def wait_for_serving(

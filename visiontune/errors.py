@@ -36,8 +36,14 @@ T = TypeVar("T")
 
 # The status codes the hierarchy uses (names of `grpc.StatusCode` and `google.rpc.Code` alike).
 Code = Literal[
-    "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "ABORTED", "RESOURCE_EXHAUSTED",
-    "UNAVAILABLE", "INTERNAL",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "INTERNAL",
 ]
 
 # The summary goes into the `grpc-message` header as well; the full list is in the details. Capping the
@@ -120,8 +126,7 @@ class Unavailable(VisionTuneError):
     code: ClassVar[Code] = "UNAVAILABLE"
 
 
-def parse_field(field: str, parse: Callable[[str], T], value: str,
-                error: type[InvalidArgument] = InvalidArgument) -> T:
+def parse_field(field: str, parse: Callable[[str], T], value: str, error: type[InvalidArgument] = InvalidArgument) -> T:
     """`parse(value)`, or `error` naming `field` when it raises ValueError (`names.InvalidName`)."""
     try:
         return parse(value)

@@ -67,17 +67,11 @@ class TextFormatter(logging.Formatter):
         self._service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        line = (
-            f"{_timestamp(record)} {record.levelname:<5} {self._service} {record.name}: "
-            f"{record.getMessage()}"
-        )
+        line = f"{_timestamp(record)} {record.levelname:<5} {self._service} {record.name}: {record.getMessage()}"
         extras = _extras(record)
         if extras:
             # repr for strings: a value with spaces stays one visibly-delimited token.
-            line += " " + " ".join(
-                f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                for k, v in extras.items()
-            )
+            line += " " + " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in extras.items())
         # The traceback stays multi-line (readability beats grep-ability when a human reads text logs).
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -67,25 +67,35 @@ def encode_page_token(position: Position, fingerprint: str) -> str:
 def decode_page_token(token: str, fingerprint: str, shape: tuple[type[int] | type[str], ...]) -> Position:
     """The position in `token`, whose items have the types in `shape`; InvalidPage for a token this server did
     not issue, or issued under another filter."""
-    foreign = InvalidPage([
-        FieldViolation("page_token", f"invalid page_token {token!r}: not a token this server issued")])
+    foreign = InvalidPage(
+        [FieldViolation("page_token", f"invalid page_token {token!r}: not a token this server issued")]
+    )
     try:
         payload = json.loads(base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8"))
         position, token_fingerprint = payload["p"], payload["f"]
     except (binascii.Error, UnicodeError, ValueError, TypeError, KeyError) as exc:
         raise foreign from exc
     # `type(...) is`: JSON's true/false are bools, which isinstance would accept as ints.
-    if (not isinstance(position, list) or len(position) != len(shape)
-            or any(type(value) is not kind for value, kind in zip(position, shape, strict=False))):
+    if (
+        not isinstance(position, list)
+        or len(position) != len(shape)
+        or any(type(value) is not kind for value, kind in zip(position, shape, strict=False))
+    ):
         raise foreign
     if token_fingerprint != fingerprint:
-        raise InvalidPage([FieldViolation(
-            "page_token", "invalid page_token: it was issued for a different filter than this request's")])
+        raise InvalidPage(
+            [
+                FieldViolation(
+                    "page_token", "invalid page_token: it was issued for a different filter than this request's"
+                )
+            ]
+        )
     return tuple(position)
 
 
-def page_of(items: Sequence[T], key: Callable[[T], str], requested_size: int, token: str,
-            filter_parts: Sequence[object]) -> tuple[list[T], str]:
+def page_of(
+    items: Sequence[T], key: Callable[[T], str], requested_size: int, token: str, filter_parts: Sequence[object]
+) -> tuple[list[T], str]:
     """One page of `items` (sorted by `key`, unique) and the next page's token ("" on the last page).
 
     The token holds the last key handed out, so the pages stay consistent while items come and go.

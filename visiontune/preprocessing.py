@@ -68,7 +68,13 @@ class ImageRejected(ValueError):
 # EOFError or struct.error on malformed headers, TypeError on odd metadata. DecompressionBombError
 # derives from Exception alone.
 _DECODE_ERRORS: Final = (
-    OSError, ValueError, TypeError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
+    OSError,
+    ValueError,
+    TypeError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
 )
 _SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 

@@ -69,8 +69,10 @@ INT_BOUNDS: Final = {
 }
 _FLOATS: Final = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
 _INT_NAMES: Final = {
-    FieldDescriptor.CPPTYPE_INT32: "int32", FieldDescriptor.CPPTYPE_UINT32: "uint32",
-    FieldDescriptor.CPPTYPE_INT64: "int64", FieldDescriptor.CPPTYPE_UINT64: "uint64",
+    FieldDescriptor.CPPTYPE_INT32: "int32",
+    FieldDescriptor.CPPTYPE_UINT32: "uint32",
+    FieldDescriptor.CPPTYPE_INT64: "int64",
+    FieldDescriptor.CPPTYPE_UINT64: "uint64",
 }
 
 
@@ -101,8 +103,10 @@ def type_name(field: FieldDescriptor) -> str:
     if field.cpp_type in _INT_NAMES:
         return _INT_NAMES[field.cpp_type]
     return {
-        FieldDescriptor.CPPTYPE_FLOAT: "float", FieldDescriptor.CPPTYPE_DOUBLE: "double",
-        FieldDescriptor.CPPTYPE_BOOL: "bool", FieldDescriptor.CPPTYPE_STRING: "string",
+        FieldDescriptor.CPPTYPE_FLOAT: "float",
+        FieldDescriptor.CPPTYPE_DOUBLE: "double",
+        FieldDescriptor.CPPTYPE_BOOL: "bool",
+        FieldDescriptor.CPPTYPE_STRING: "string",
     }.get(field.cpp_type, "bytes")
 
 
@@ -120,8 +124,9 @@ class FieldNotFound(KeyError):
     def __init__(self, message: Descriptor, name: str, parent: str) -> None:
         self.message, self.name, self.parent = message, name, parent
         self.known = [f.name for f in message.fields]
-        super().__init__(f"{parent or message.name} ({message.name}) has no field {name!r}; "
-                         f"its fields are {', '.join(self.known)}")
+        super().__init__(
+            f"{parent or message.name} ({message.name}) has no field {name!r}; its fields are {', '.join(self.known)}"
+        )
 
 
 class NotAMessage(ValueError):
@@ -148,8 +153,12 @@ def find_field(message: Descriptor, name: str, *, json_names: bool = False) -> F
     return field
 
 
-def field_path(root: Descriptor, path: str | Sequence[str], *, json_names: bool = False,
-               ) -> tuple[FieldDescriptor, ...]:
+def field_path(
+    root: Descriptor,
+    path: str | Sequence[str],
+    *,
+    json_names: bool = False,
+) -> tuple[FieldDescriptor, ...]:
     """The fields a dotted path walks through, root first: `classifier.epochs` -> (classifier, epochs).
 
     FieldNotFound (a KeyError) for a name a message lacks; NotAMessage (a ValueError) for a path that goes on
@@ -338,7 +347,7 @@ def field_rules(root: Descriptor, path: str) -> Rules:
     fields = field_path(root, path)
     declared: list[field_rules_pb2.FieldRules] = []
     for i, outer in enumerate(fields[:-1]):
-        rest = ".".join(f.name for f in fields[i + 1:])
+        rest = ".".join(f.name for f in fields[i + 1 :])
         declared += [n.rules for n in _options(outer).nested if n.field == rest]
     declared.append(_options(fields[-1]))
     default_text = next((r.default for r in declared if r.default), "")
@@ -387,8 +396,10 @@ def field_default(root: Descriptor, path: str) -> Any:
 
 def _zero(field: FieldDescriptor) -> Any:
     return {
-        FieldDescriptor.CPPTYPE_BOOL: False, FieldDescriptor.CPPTYPE_STRING: "",
-        FieldDescriptor.CPPTYPE_FLOAT: 0.0, FieldDescriptor.CPPTYPE_DOUBLE: 0.0,
+        FieldDescriptor.CPPTYPE_BOOL: False,
+        FieldDescriptor.CPPTYPE_STRING: "",
+        FieldDescriptor.CPPTYPE_FLOAT: 0.0,
+        FieldDescriptor.CPPTYPE_DOUBLE: 0.0,
     }.get(field.cpp_type, 0)
 
 

@@ -77,9 +77,7 @@ class ServiceBinding:
 # --------------------------------------------------------------------------------------------- interceptors
 
 
-def _method_handler_like(
-    handler: _Handler, behavior: Callable[..., Any], *, keep_serializers: bool
-) -> _Handler:
+def _method_handler_like(handler: _Handler, behavior: Callable[..., Any], *, keep_serializers: bool) -> _Handler:
     """A handler of the same kind (unary/streaming on each side) as `handler`, running `behavior`."""
     req = handler.request_deserializer if keep_serializers else None
     resp = handler.response_serializer if keep_serializers else None
@@ -153,16 +151,12 @@ class CallLoggingInterceptor(_ServerInterceptor):
         method = handler_call_details.method
         behavior = _behavior(handler)
         # Health probes would flood the log; the non-blocking Watch must keep its grpc-specific attributes.
-        if method.startswith(f"/{HEALTH_SERVICE_NAME}/") or getattr(
-            behavior, "experimental_non_blocking", False
-        ):
+        if method.startswith(f"/{HEALTH_SERVICE_NAME}/") or getattr(behavior, "experimental_non_blocking", False):
             return handler
         wrapped = self._wrap(method, behavior, handler.response_streaming)
         return _method_handler_like(handler, wrapped, keep_serializers=True)
 
-    def _done(
-        self, method: str, context: grpc.ServicerContext, started: float, error: BaseException | None
-    ) -> None:
+    def _done(self, method: str, context: grpc.ServicerContext, started: float, error: BaseException | None) -> None:
         code: grpc.StatusCode | None = getattr(context, "code", lambda: None)()
         if code is None:
             if error is None:
@@ -182,6 +176,7 @@ class CallLoggingInterceptor(_ServerInterceptor):
 
     def _wrap(self, method: str, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
         if streaming:
+
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 started = time.perf_counter()
                 error: BaseException | None = None
@@ -232,6 +227,7 @@ class ErrorStatusInterceptor(_ServerInterceptor):
     @staticmethod
     def _wrap(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
         if streaming:
+
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
                     yield from behavior(request, context)
@@ -363,9 +359,7 @@ class GrpcServer:
 
             for binding in self._bindings:
                 binding.register(server)
-            self._health = health.HealthServicer(
-                experimental_non_blocking=True, experimental_thread_pool=health_pool
-            )
+            self._health = health.HealthServicer(experimental_non_blocking=True, experimental_thread_pool=health_pool)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             for name in ["", *self.service_names]:
                 self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -113,37 +113,65 @@ def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--s3-access-key", default=env.access_key, help=f"S3 access key [{name('access_key')}]")
     group.add_argument("--s3-secret-key", default=env.secret_key, help=f"S3 secret key [{name('secret_key')}]")
     group.add_argument("--s3-bucket", default=env.bucket, help=f"artifact bucket [{name('bucket')}]")
-    group.add_argument("--s3-secure", action=argparse.BooleanOptionalAction, default=env.secure,
-                       help=f"use https [{name('secure')}]")
+    group.add_argument(
+        "--s3-secure", action=argparse.BooleanOptionalAction, default=env.secure, help=f"use https [{name('secure')}]"
+    )
     group.add_argument("--s3-region", default=env.region, help=f"S3 region [{name('region')}]")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, port_env: str) -> None:
-    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"),
-                        help="address to listen on [VISIONTUNE_HOST]")
-    parser.add_argument("--port", type=int, default=int(_env(port_env, str(default_port)) or default_port),
-                        help=f"port to listen on [VISIONTUNE_{port_env}]")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                        help="local state directory [VISIONTUNE_DATA_DIR]")
-    parser.add_argument("--tls-cert", type=Path, default=_env("TLS_CERT"),
-                        help="PEM certificate chain; enables TLS with --tls-key [VISIONTUNE_TLS_CERT]")
-    parser.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"),
-                        help="PEM private key [VISIONTUNE_TLS_KEY]")
-    parser.add_argument("--auth-token", default=_env("AUTH_TOKEN"),
-                        help="require 'authorization: Bearer TOKEN' on every call [VISIONTUNE_AUTH_TOKEN]")
+    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on [VISIONTUNE_HOST]")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(_env(port_env, str(default_port)) or default_port),
+        help=f"port to listen on [VISIONTUNE_{port_env}]",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=default_data_dir(), help="local state directory [VISIONTUNE_DATA_DIR]"
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env("TLS_CERT"),
+        help="PEM certificate chain; enables TLS with --tls-key [VISIONTUNE_TLS_CERT]",
+    )
+    parser.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"), help="PEM private key [VISIONTUNE_TLS_KEY]")
+    parser.add_argument(
+        "--auth-token",
+        default=_env("AUTH_TOKEN"),
+        help="require 'authorization: Bearer TOKEN' on every call [VISIONTUNE_AUTH_TOKEN]",
+    )
     default_mb = DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024)
-    parser.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB") or default_mb),
-                        help="largest request/response message in MiB [VISIONTUNE_MAX_MESSAGE_MB]")
-    parser.add_argument("--grace-seconds", type=float, default=float(_env("GRACE_SECONDS", "10") or 10),
-                        help="drain time for in-flight calls on SIGTERM [VISIONTUNE_GRACE_SECONDS]")
-    parser.add_argument("--s3-wait-seconds", type=float, default=float(_env("S3_WAIT_SECONDS", "30") or 30),
-                        help="at start-up, wait this long for an unreachable or not-ready S3; bad credentials "
-                        "fail at once [VISIONTUNE_S3_WAIT_SECONDS]")
-    parser.add_argument("--rpc-threads", type=int, default=int(_env("RPC_THREADS", "64") or 64),
-                        help="gRPC calls handled at once; more wait in a queue [VISIONTUNE_RPC_THREADS]")
+    parser.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=int(_env("MAX_MESSAGE_MB") or default_mb),
+        help="largest request/response message in MiB [VISIONTUNE_MAX_MESSAGE_MB]",
+    )
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=float(_env("GRACE_SECONDS", "10") or 10),
+        help="drain time for in-flight calls on SIGTERM [VISIONTUNE_GRACE_SECONDS]",
+    )
+    parser.add_argument(
+        "--s3-wait-seconds",
+        type=float,
+        default=float(_env("S3_WAIT_SECONDS", "30") or 30),
+        help="at start-up, wait this long for an unreachable or not-ready S3; bad credentials "
+        "fail at once [VISIONTUNE_S3_WAIT_SECONDS]",
+    )
+    parser.add_argument(
+        "--rpc-threads",
+        type=int,
+        default=int(_env("RPC_THREADS", "64") or 64),
+        help="gRPC calls handled at once; more wait in a queue [VISIONTUNE_RPC_THREADS]",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="[VISIONTUNE_LOG_LEVEL]")
-    parser.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", "json"),
-                        help="[VISIONTUNE_LOG_FORMAT]")
+    parser.add_argument(
+        "--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", "json"), help="[VISIONTUNE_LOG_FORMAT]"
+    )
     add_s3_arguments(parser)
 
 

@@ -229,8 +229,9 @@ def _field_value_one(field: FieldDescriptor, value: object, where: str) -> Any:
 # -- overrides -----------------------------------------------------------------------------------------------
 
 
-def apply_override(tree: Tree, assignment: str,
-                   descriptor: Descriptor = training_spec_pb2.TrainingSpec.DESCRIPTOR) -> None:
+def apply_override(
+    tree: Tree, assignment: str, descriptor: Descriptor = training_spec_pb2.TrainingSpec.DESCRIPTOR
+) -> None:
     """Apply `path=value` (e.g. `classifier.learning_rate=0.001`) in place to a spec tree as `parse_spec` builds it.
 
     The value is typed by the proto field the path names. Setting a member of a oneof clears its siblings, so
@@ -287,8 +288,9 @@ def _read_tree(text: str, source: str, *, json_syntax: bool) -> object:
         raise SpecFileError(f"{source}: invalid YAML: {err}") from err
 
 
-def parse_spec(text: str, *, source: str = "spec", overrides: Sequence[str] = (),
-               json_syntax: bool = False) -> training_spec_pb2.TrainingSpec:
+def parse_spec(
+    text: str, *, source: str = "spec", overrides: Sequence[str] = (), json_syntax: bool = False
+) -> training_spec_pb2.TrainingSpec:
     """A TrainingSpec from YAML (or JSON) text, with `overrides` (`path=value`) applied in order."""
     raw = _read_tree(text, source, json_syntax=json_syntax)
     if raw is None:
@@ -389,8 +391,14 @@ def _referenced_base_spec(reference: str, source: str, base_dir: Path | None) ->
         raise SpecFileError(f"{path} (the base_spec of {source}): {err}") from err
 
 
-def parse_study_spec(text: str, *, source: str = "study", overrides: Sequence[str] = (), json_syntax: bool = False,
-                     base_dir: Path | None = None) -> study_pb2.StudySpec:
+def parse_study_spec(
+    text: str,
+    *,
+    source: str = "study",
+    overrides: Sequence[str] = (),
+    json_syntax: bool = False,
+    base_dir: Path | None = None,
+) -> study_pb2.StudySpec:
     """A StudySpec from YAML (or JSON) text, with `overrides` (`budget.max_trials=3`,
     `base_spec.classifier.epochs=2`) applied in order. A string `base_spec` is a TrainingSpec file's path,
     relative to `base_dir` (the study file's folder)."""
@@ -426,8 +434,9 @@ def load_study_file(path: Path, overrides: Sequence[str] = ()) -> study_pb2.Stud
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise SpecFileError(f"{path}: cannot read: {err}") from err
-    return parse_study_spec(text, source=str(path), overrides=overrides,
-                            json_syntax=path.suffix.lower() == ".json", base_dir=path.parent)
+    return parse_study_spec(
+        text, source=str(path), overrides=overrides, json_syntax=path.suffix.lower() == ".json", base_dir=path.parent
+    )
 
 
 # -- writing -------------------------------------------------------------------------------------------------

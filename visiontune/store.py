@@ -133,8 +133,12 @@ _RELPATH_SEGMENT = re.compile(r"^[^/\\]+$")
 
 def _check_relpath(relpath: str) -> str:
     parts = relpath.split("/")
-    if (not relpath or relpath.startswith("/") or any(p in ("", ".", "..") for p in parts)
-            or not all(_RELPATH_SEGMENT.match(p) for p in parts)):
+    if (
+        not relpath
+        or relpath.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or not all(_RELPATH_SEGMENT.match(p) for p in parts)
+    ):
         raise ValueError(f"invalid artifact path {relpath!r}: use a relative path such as 'plots/loss.png'")
     if relpath == MANIFEST:
         raise ValueError(f"{MANIFEST!r} is written by commit(), not put directly")
@@ -209,15 +213,22 @@ class ArtifactStore:
             region=settings.region or None,
             http_client=make_http_client(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s),
         )
-        return cls(client, settings.bucket, endpoint=settings.url, retry=retry, sleep=sleep,
-                   access_key=settings.access_key)
+        return cls(
+            client, settings.bucket, endpoint=settings.url, retry=retry, sleep=sleep, access_key=settings.access_key
+        )
 
     def for_bucket(self, bucket: str) -> ArtifactStore:
         """This endpoint, credentials and retry policy on another bucket (sharing the connection pool)."""
         if bucket == self.bucket:
             return self
-        return ArtifactStore(self._client, bucket, endpoint=self.endpoint, retry=self.retry, sleep=self._sleep,
-                             access_key=self._access_key)
+        return ArtifactStore(
+            self._client,
+            bucket,
+            endpoint=self.endpoint,
+            retry=self.retry,
+            sleep=self._sleep,
+            access_key=self._access_key,
+        )
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.endpoint}, bucket={self.bucket!r})"
@@ -225,8 +236,15 @@ class ArtifactStore:
     # -- plumbing -----------------------------------------------------------------------------------------
 
     def _translate(self, exc: BaseException, op: str, key: str | None, attempts: int) -> StoreError:
-        return translate(exc, op=op, endpoint=self.endpoint, bucket=self.bucket, key=key, attempts=attempts,
-                         access_key=self._access_key)
+        return translate(
+            exc,
+            op=op,
+            endpoint=self.endpoint,
+            bucket=self.bucket,
+            key=key,
+            attempts=attempts,
+            access_key=self._access_key,
+        )
 
     def _run(self, op: str, key: str | None, fn: Callable[[], T], *, retry: RetryPolicy | None = None) -> T:
         attempts = 0
@@ -253,6 +271,7 @@ class ArtifactStore:
 
     def _bucket_exists(self) -> bool:
         """Probe the bucket with a GET listing (unlike HEAD, its errors carry the S3 error code)."""
+
         def probe() -> bool:
             try:
                 next(iter(self._client.list_objects(self.bucket, prefix=_PROBE_PREFIX)), None)
@@ -283,7 +302,9 @@ class ArtifactStore:
         except StoreConfigError as err:
             raise StoreConfigError(
                 f"S3 at {self.endpoint}: bucket '{self.bucket}' does not exist and cannot be created with "
-                f"these credentials: {err.cause}", endpoint=self.endpoint, cause=err.cause,
+                f"these credentials: {err.cause}",
+                endpoint=self.endpoint,
+                cause=err.cause,
             ) from err
         log.info("created bucket %s at %s", self.bucket, self.endpoint)
 
@@ -297,28 +318,31 @@ class ArtifactStore:
             exists = self._bucket_exists()
         except StoreUnavailable as err:
             cause = err.cause or "no answer"
-            raise StoreUnreachable(f"S3 at {self.endpoint} is unreachable: {cause}",
-                                   endpoint=self.endpoint, cause=cause) from err
+            raise StoreUnreachable(
+                f"S3 at {self.endpoint} is unreachable: {cause}", endpoint=self.endpoint, cause=cause
+            ) from err
         except StoreConfigError:
             raise
         except StoreError as err:
             raise StoreConfigError(
                 f"S3 at {self.endpoint} did not accept a listing of bucket '{self.bucket}': {err.cause}",
-                endpoint=self.endpoint, cause=err.cause,
+                endpoint=self.endpoint,
+                cause=err.cause,
             ) from err
         if not exists:
             raise StoreConfigError(
                 f"S3 at {self.endpoint}: bucket '{self.bucket}' does not exist (create it, or let the "
-                "service create it with credentials that may)", endpoint=self.endpoint,
+                "service create it with credentials that may)",
+                endpoint=self.endpoint,
             )
 
     # -- objects ------------------------------------------------------------------------------------------
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         """Upload `data` to `key`; returns the ETag."""
+
         def put() -> str:
-            result = self._client.put_object(self.bucket, key, io.BytesIO(data), len(data),
-                                             content_type=content_type)
+            result = self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
             return str(result.etag)
 
         return self._run("put", key, put)
@@ -328,14 +352,16 @@ class ArtifactStore:
         ctype = content_type or mimetypes.guess_type(str(path))[0] or "application/octet-stream"
 
         def put() -> str:
-            result = self._client.fput_object(self.bucket, key, str(path), content_type=ctype,
-                                              part_size=PART_SIZE)
+            result = self._client.fput_object(self.bucket, key, str(path), content_type=ctype, part_size=PART_SIZE)
             return str(result.etag)
 
         return self._run("put", key, put)
 
     def put_stream(
-        self, key: str, stream: ReadableStream, length: int = -1,
+        self,
+        key: str,
+        stream: ReadableStream,
+        length: int = -1,
         content_type: str = "application/octet-stream",
     ) -> str:
         """Upload from a stream; `length=-1` when unknown (multipart, 16 MiB parts). Returns the ETag.
@@ -352,8 +378,9 @@ class ArtifactStore:
                 stream.seek(start)
             first = False
             # The SDK only calls read(); BinaryIO is its annotation, not a requirement.
-            result = self._client.put_object(self.bucket, key, cast(BinaryIO, stream), length,
-                                             content_type=content_type, part_size=PART_SIZE)
+            result = self._client.put_object(
+                self.bucket, key, cast(BinaryIO, stream), length, content_type=content_type, part_size=PART_SIZE
+            )
             return str(result.etag)
 
         policy = self.retry if rewindable else RetryPolicy(attempts=1)
@@ -392,6 +419,7 @@ class ArtifactStore:
         done = False
         try:
             with os.fdopen(fd, "wb") as out:
+
                 def download() -> None:
                     out.seek(0)
                     out.truncate()
@@ -431,8 +459,9 @@ class ArtifactStore:
         while True:
             start_after = last if recursive else None
             try:
-                for obj in self._client.list_objects(self.bucket, prefix=prefix or None, recursive=recursive,
-                                                     start_after=start_after):
+                for obj in self._client.list_objects(
+                    self.bucket, prefix=prefix or None, recursive=recursive, start_after=start_after
+                ):
                     info = self._info(obj)
                     if last is not None and info.key <= last:
                         continue  # already yielded before the retry
@@ -456,7 +485,7 @@ class ArtifactStore:
             raise ValueError("refusing to delete the whole bucket: give a non-empty prefix")
         keys = [info.key for info in self.list(prefix, recursive=True)]
         for start in range(0, len(keys), 1000):
-            batch = keys[start:start + 1000]
+            batch = keys[start : start + 1000]
 
             def remove(batch: builtins.list[str] = batch) -> builtins.list[Any]:
                 # The SDK returns a lazy iterator of per-key errors; the request runs when it is consumed.
@@ -469,7 +498,9 @@ class ArtifactStore:
                 raise StoreError(
                     f"S3 at {self.endpoint}: deleting {len(errors)} of {len(batch)} objects under "
                     f"'{self.bucket}/{prefix}' failed, e.g. {first.name}: {first.code}",
-                    endpoint=self.endpoint, key=first.name, cause=str(first.code),
+                    endpoint=self.endpoint,
+                    key=first.name,
+                    cause=str(first.code),
                 )
         return len(keys)
 
@@ -481,7 +512,9 @@ class ArtifactStore:
         if self.exists(prefix + MANIFEST):
             raise ModelVersionExists(
                 f"S3 at {self.endpoint}: model version models/{model}/versions/{version} is already "
-                f"committed in bucket '{self.bucket}'", endpoint=self.endpoint, key=prefix + MANIFEST,
+                f"committed in bucket '{self.bucket}'",
+                endpoint=self.endpoint,
+                key=prefix + MANIFEST,
             )
         leftovers = self.delete_prefix(prefix)
         if leftovers:
@@ -493,7 +526,7 @@ class ArtifactStore:
         root = model_versions_prefix(model)
         versions = []
         for info in self.list(root, recursive=True):
-            rest = info.key[len(root):].split("/")
+            rest = info.key[len(root) :].split("/")
             if len(rest) == 2 and rest[1] == MANIFEST:
                 versions.append(rest[0])
         return sorted(versions)
@@ -505,7 +538,9 @@ class ArtifactStore:
         except ObjectNotFound as err:
             raise ObjectNotFound(
                 f"S3 at {self.endpoint}: model version models/{model}/versions/{version} does not exist "
-                f"(no committed manifest in bucket '{self.bucket}')", endpoint=self.endpoint, key=key,
+                f"(no committed manifest in bucket '{self.bucket}')",
+                endpoint=self.endpoint,
+                key=key,
                 cause=err.cause,
             ) from err
 
@@ -574,7 +609,8 @@ class ModelVersionWriter:
         if self.store.exists(key):
             raise ModelVersionExists(
                 f"S3 at {self.store.endpoint}: {self.name} was committed by someone else meanwhile",
-                endpoint=self.store.endpoint, key=key,
+                endpoint=self.store.endpoint,
+                key=key,
             )
         self.store.put_bytes(key, manifest_json, content_type="application/json")
         self._state = "committed"

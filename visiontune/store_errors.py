@@ -43,10 +43,17 @@ T = TypeVar("T")
 CLIENT_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
 _TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
-_CREDENTIAL_CODES = frozenset({
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
-    "AuthorizationHeaderMalformed", "InvalidSecurity",
-})
+_CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "InvalidToken",
+        "ExpiredToken",
+        "AuthorizationHeaderMalformed",
+        "InvalidSecurity",
+    }
+)
 
 
 # -- errors -----------------------------------------------------------------------------------------------
@@ -55,9 +62,7 @@ _CREDENTIAL_CODES = frozenset({
 class StoreError(errors.VisionTuneError):
     """An artifact-store operation failed; the message names the endpoint, the key and the cause."""
 
-    def __init__(
-        self, message: str, *, endpoint: str, key: str | None = None, cause: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, endpoint: str, key: str | None = None, cause: str | None = None) -> None:
         super().__init__(message)
         self.endpoint = endpoint
         self.key = key
@@ -134,15 +139,18 @@ def is_transient(exc: BaseException) -> bool:
         return exc.code in _TRANSIENT_CODES or _status_of(exc) in _TRANSIENT_STATUS
     if isinstance(exc, (ServerError, InvalidResponseError)):
         return _status_of(exc) in _TRANSIENT_STATUS
-    return isinstance(exc, (
-        urllib3.exceptions.MaxRetryError,
-        urllib3.exceptions.NewConnectionError,
-        urllib3.exceptions.ProtocolError,
-        urllib3.exceptions.TimeoutError,
-        urllib3.exceptions.IncompleteRead,
-        ConnectionError,
-        TimeoutError,
-    ))
+    return isinstance(
+        exc,
+        (
+            urllib3.exceptions.MaxRetryError,
+            urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.TimeoutError,
+            urllib3.exceptions.IncompleteRead,
+            ConnectionError,
+            TimeoutError,
+        ),
+    )
 
 
 def retry_call(
@@ -161,8 +169,7 @@ def retry_call(
             if attempt >= policy.attempts or not is_transient(exc):
                 raise
             delay = policy.backoff(attempt, rng)
-            log.debug("transient S3 error (attempt %d/%d), retrying in %.2fs: %s",
-                      attempt, policy.attempts, delay, exc)
+            log.debug("transient S3 error (attempt %d/%d), retrying in %.2fs: %s", attempt, policy.attempts, delay, exc)
             sleep(delay)
     raise AssertionError("unreachable: the loop returns or raises")
 
@@ -201,7 +208,13 @@ def describe_error(exc: BaseException) -> str:
 
 
 def translate(
-    exc: BaseException, *, op: str, endpoint: str, bucket: str, key: str | None, attempts: int,
+    exc: BaseException,
+    *,
+    op: str,
+    endpoint: str,
+    bucket: str,
+    key: str | None,
+    attempts: int,
     access_key: str | None,
 ) -> StoreError:
     """The StoreError for an SDK or connection error of operation `op` on `key` (None: the bucket itself)."""
@@ -213,8 +226,9 @@ def translate(
         return ObjectNotFound(f"S3 at {ep}: object {where} does not exist", endpoint=ep, key=key, cause=cause)
     if code == "NoSuchBucket":
         during = f" ({op} '{key}')" if key else ""
-        return StoreConfigError(f"S3 at {ep}: bucket '{bucket}' does not exist{during}",
-                                endpoint=ep, key=key, cause=cause)
+        return StoreConfigError(
+            f"S3 at {ep}: bucket '{bucket}' does not exist{during}", endpoint=ep, key=key, cause=cause
+        )
     if code in _CREDENTIAL_CODES:
         who = f" (access key '{access_key}')" if access_key else ""
         if code == "AccessDenied":
@@ -224,6 +238,7 @@ def translate(
         return StoreConfigError(msg, endpoint=ep, key=key, cause=cause)
     if is_transient(exc):
         tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}"
-        return StoreUnavailable(f"S3 at {ep} unavailable: {op} {where} failed{tries}: {cause}",
-                                endpoint=ep, key=key, cause=cause)
+        return StoreUnavailable(
+            f"S3 at {ep} unavailable: {op} {where} failed{tries}: {cause}", endpoint=ep, key=key, cause=cause
+        )
     return StoreError(f"S3 at {ep}: {op} {where} failed: {cause}", endpoint=ep, key=key, cause=cause)

@@ -17,7 +17,7 @@ class S3Location:
 def parse_location(uri: str, *, default_bucket: str, folder: bool = True) -> S3Location:
     """`s3://b/p` -> (b, p/); `datasets/x` -> (default_bucket, datasets/x/). Raises ValueError."""
     if uri.startswith("s3://"):
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
             raise ValueError(f"{uri!r} names no bucket: expected s3://BUCKET/PREFIX")
     elif "://" in uri:

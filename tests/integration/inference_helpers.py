@@ -52,8 +52,16 @@ class ColorModel(nn.Module):
 
 
 def publish_model(
-    store: ArtifactStore, model: str, version: str, network: nn.Module | Path, *, labels: Sequence[str], size: int,
-    mean: Sequence[float], std: Sequence[float], threshold: float,
+    store: ArtifactStore,
+    model: str,
+    version: str,
+    network: nn.Module | Path,
+    *,
+    labels: Sequence[str],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    threshold: float,
     score: training_spec_pb2.OpenSetScore.ValueType = training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX,
 ) -> str:
     """Write `network` as TorchScript (or the TorchScript file `network`) plus its manifest as
@@ -69,14 +77,27 @@ def publish_model(
                 traced = torch.jit.trace(network.eval(), torch.zeros(1, 3, size, size))
                 torch.jit.save(traced, str(path))
         manifest = manifest_pb2.ModelManifest(
-            schema_version=1, name=name, labels=list(labels),
+            schema_version=1,
+            name=name,
+            labels=list(labels),
             preprocessing=manifest_pb2.Preprocessing(
-                resize_size=size, crop_size=size, interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
-                mean=list(mean), std=list(std), color_mode=manifest_pb2.COLOR_MODE_RGB),
+                resize_size=size,
+                crop_size=size,
+                interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
+                mean=list(mean),
+                std=list(std),
+                color_mode=manifest_pb2.COLOR_MODE_RGB,
+            ),
             weights=manifest_pb2.Weights(
-                path="model.pt", format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT, sha256=sha256_file(path),
-                size_bytes=path.stat().st_size, input_name="images", input_shape=[-1, 3, size, size],
-                output_name="logits", output_shape=[-1, len(labels)]),
+                path="model.pt",
+                format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT,
+                sha256=sha256_file(path),
+                size_bytes=path.stat().st_size,
+                input_name="images",
+                input_shape=[-1, 3, size, size],
+                output_name="logits",
+                output_shape=[-1, len(labels)],
+            ),
             open_set=job_pb2.OpenSetResult(score=score, threshold=threshold, target_true_positive_rate=0.95),
         )
         with store.begin_model_version(model, version) as writer:
@@ -86,11 +107,25 @@ def publish_model(
 
 
 def publish_color_model(
-    store: ArtifactStore, model: str = "colors", version: str = "v1", *, scale: float = 10.0, threshold: float = 0.5,
+    store: ArtifactStore,
+    model: str = "colors",
+    version: str = "v1",
+    *,
+    scale: float = 10.0,
+    threshold: float = 0.5,
     size: int = 16,
 ) -> str:
-    return publish_model(store, model, version, ColorModel(scale), labels=COLOR_LABELS, size=size,
-                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=threshold)
+    return publish_model(
+        store,
+        model,
+        version,
+        ColorModel(scale),
+        labels=COLOR_LABELS,
+        size=size,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        threshold=threshold,
+    )
 
 
 def solid_image(rgb: tuple[int, int, int], size: int = 24, fmt: str = "PNG") -> bytes:
@@ -111,8 +146,9 @@ class Inference:
     stub: inference_service_pb2_grpc.InferenceServiceStub
 
     def deploy(self, name: str, **kwargs: object) -> pb.Deployment:
-        deployment: pb.Deployment = self.stub.DeployModel(pb.DeployModelRequest(model_version=name, **kwargs),
-                                                          timeout=180)
+        deployment: pb.Deployment = self.stub.DeployModel(
+            pb.DeployModelRequest(model_version=name, **kwargs), timeout=180
+        )
         return deployment
 
     def classify(self, model: str, *images: bytes, **kwargs: object) -> pb.ClassifyResponse:

@@ -154,12 +154,14 @@ def write_config(
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "rule_files": [str(Path(rule).resolve()) for rule in rule_files],
-        "scrape_configs": [{
-            "job_name": job,
-            "scrape_interval": scrape_interval,
-            "scrape_timeout": scrape_interval,
-            "static_configs": [{"targets": list(targets)}],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": job,
+                "scrape_interval": scrape_interval,
+                "scrape_timeout": scrape_interval,
+                "static_configs": [{"targets": list(targets)}],
+            }
+        ],
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
@@ -197,8 +199,7 @@ def _start(binary: str, config_path: Path, workdir: Path) -> Prometheus:
         "--log.level=info",
     ]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     prom = Prometheus(f"http://127.0.0.1:{port}", process, log_path, config_path)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S

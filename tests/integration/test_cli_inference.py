@@ -30,8 +30,14 @@ pytestmark = pytest.mark.integration
 
 # The CLI must find everything through the stack's state file, not through variables of the caller's shell.
 _NO_ENV: dict[str, str | None] = {
-    name: None for name in ("VISIONTUNE_INFERENCE", "VISIONTUNE_INFERENCE_METRICS", "VISIONTUNE_S3_ENDPOINT",
-                            "VISIONTUNE_DATA_DIR", "VISIONTUNE_TRAINER")
+    name: None
+    for name in (
+        "VISIONTUNE_INFERENCE",
+        "VISIONTUNE_INFERENCE_METRICS",
+        "VISIONTUNE_S3_ENDPOINT",
+        "VISIONTUNE_DATA_DIR",
+        "VISIONTUNE_TRAINER",
+    )
 }
 
 
@@ -46,8 +52,14 @@ class Stack:
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISIONTUNE_")}
-    result = subprocess.run([sys.executable, "-m", "visiontune.cli", *args], capture_output=True, text=True, env=env,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "visiontune.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -98,8 +110,11 @@ def test_deploy_classify_feedback_metrics_undeploy(local_stack: Stack, images: P
 
     listed = _ok(local_stack.invoke("deployments", "--model", "models/colors")).splitlines()
     assert listed[0].split()[:4] == ["model", "version", "state", "weight"]
-    assert re.fullmatch(r"models/colors/versions/v1 +ready +100 +100% +\S+ +cpu +[\d-]+ [\d:]+ +batch <= 8, "
-                        r"queue delay 2 ms, 1 instance", listed[1]), listed
+    assert re.fullmatch(
+        r"models/colors/versions/v1 +ready +100 +100% +\S+ +cpu +[\d-]+ [\d:]+ +batch <= 8, "
+        r"queue delay 2 ms, 1 instance",
+        listed[1],
+    ), listed
     assert len(listed) == 2
     nothing = _ok(local_stack.invoke("deployments", "--model", "models/other"))
     assert nothing.startswith("nothing deployed of models/other on ")
@@ -117,8 +132,11 @@ def test_deploy_classify_feedback_metrics_undeploy(local_stack: Stack, images: P
     assert lines[5] == f"report the truth: visiontune feedback {match.group(1)} INDEX --label LABEL   (or --unknown)"
 
     # --json: one object per image, with what feedback needs; a lower --threshold accepts the grey one too.
-    out = _ok(local_stack.invoke("classify", str(red), str(grey), "--model", "models/colors/versions/v1", "--json",
-                                 "--threshold", "0.3"))
+    out = _ok(
+        local_stack.invoke(
+            "classify", str(red), str(grey), "--model", "models/colors/versions/v1", "--json", "--threshold", "0.3"
+        )
+    )
     rows = json.loads(out)
     assert [(r["file"], r["index"], r["unknown"]) for r in rows] == [(str(red), 0, False), (str(grey), 1, False)]
     assert rows[0]["request_id"] == rows[1]["request_id"] != match.group(1)
@@ -131,8 +149,9 @@ def test_deploy_classify_feedback_metrics_undeploy(local_stack: Stack, images: P
 
     request_id = match.group(1)
     first = _ok(local_stack.invoke("feedback", request_id, "0", "--unknown"))
-    assert first == (f"{request_id} #0 (models/colors/versions/v1): true rejection (an unknown image rejected "
-                     "as unknown)\n")
+    assert first == (
+        f"{request_id} #0 (models/colors/versions/v1): true rejection (an unknown image rejected as unknown)\n"
+    )
     again = _ok(local_stack.invoke("feedback", request_id, "0", "--unknown"))
     assert again.startswith(f"{request_id} #0 (models/colors/versions/v1): true rejection")
     assert "duplicate: this image already had feedback" in again
@@ -143,8 +162,12 @@ def test_deploy_classify_feedback_metrics_undeploy(local_stack: Stack, images: P
     assert "--label" in wrong_label.stderr
 
     shown = _ok(local_stack.invoke("metrics", "--grep", "feedback_total"))
-    assert re.search(r'^visiontune_inference_feedback_total\{model="colors",outcome="true_rejection",'
-                     r'version="v1"\} +1\.0$', shown, re.MULTILINE), shown
+    assert re.search(
+        r'^visiontune_inference_feedback_total\{model="colors",outcome="true_rejection",'
+        r'version="v1"\} +1\.0$',
+        shown,
+        re.MULTILINE,
+    ), shown
     everything = _ok(local_stack.invoke("metrics"))
     assert "visiontune_inference_images_total{" in everything
     assert "visiontune_inference_request_duration_seconds_count{" in everything
@@ -168,15 +191,19 @@ def test_deploy_classify_feedback_metrics_undeploy(local_stack: Stack, images: P
     assert re.fullmatch(r"  2    5  \S+red-69\.png +red +1\.000  known .*", tables[70]), tables[70]
     assert tables[71] == "70 of 70 images accepted as a known class, 0 UNKNOWN"
     for line, (n, count) in zip(tables[72:74], ((1, 64), (2, 6)), strict=True):
-        assert re.fullmatch(rf"req {n}: request req-\w+ answered by models/colors/versions/v1 \({count} images, "
-                            r"\d+ ms\)", line), line
+        assert re.fullmatch(
+            rf"req {n}: request req-\w+ answered by models/colors/versions/v1 \({count} images, "
+            r"\d+ ms\)",
+            line,
+        ), line
 
     # A file that is not an image: the service refuses it, and the CLI names the file.
     bad = local_stack.invoke("classify", str(red), str(images / "notes.txt"), "--model", "models/colors")
     assert bad.exit_code == 2, bad.output
     assert bad.stdout == ""
-    assert bad.stderr.startswith(f"Error: {local_stack.inference}: INVALID_ARGUMENT: 1 invalid field:\n"
-                                 f"  {images / 'notes.txt'}: "), bad.stderr
+    assert bad.stderr.startswith(
+        f"Error: {local_stack.inference}: INVALID_ARGUMENT: 1 invalid field:\n  {images / 'notes.txt'}: "
+    ), bad.stderr
 
     gone = _ok(local_stack.invoke("undeploy", "models/colors/versions/v1"))
     assert re.fullmatch(r"undeployed models/colors/versions/v1 \(Triton model \S+, was ready\)\n", gone), gone

@@ -84,15 +84,21 @@ def test_the_example_study_loads_with_its_base_spec_file_and_passes_the_trainers
 
 def test_study_files_take_yaml_values_for_categoricals_durations_and_set_overrides(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text(dump_spec_yaml(tiny_spec()))
-    searched = ("parameters:\n"
-                "  - path: model.architecture\n"
-                "    categorical: {values: [resnet18, MOBILENET_V3_SMALL]}  # enum values by short name\n"
-                "  - path: augmentation.horizontal_flip\n"
-                "    categorical: {values: [true, false]}\n")
-    text = SPACE.replace("parameters:\n", searched).replace("budget: {max_trials: 3}",
-                                                             "budget: {max_trials: 3, max_duration: 1h30m}")
-    spec = parse_study_spec(text, base_dir=tmp_path, overrides=[
-        "budget.max_trials=5", "base_spec.classifier.epochs=4", "budget.max_duration=90s"])
+    searched = (
+        "parameters:\n"
+        "  - path: model.architecture\n"
+        "    categorical: {values: [resnet18, MOBILENET_V3_SMALL]}  # enum values by short name\n"
+        "  - path: augmentation.horizontal_flip\n"
+        "    categorical: {values: [true, false]}\n"
+    )
+    text = SPACE.replace("parameters:\n", searched).replace(
+        "budget: {max_trials: 3}", "budget: {max_trials: 3, max_duration: 1h30m}"
+    )
+    spec = parse_study_spec(
+        text,
+        base_dir=tmp_path,
+        overrides=["budget.max_trials=5", "base_spec.classifier.epochs=4", "budget.max_duration=90s"],
+    )
     assert list(spec.parameters[0].categorical.values) == ["ARCHITECTURE_RESNET18", "ARCHITECTURE_MOBILENET_V3_SMALL"]
     assert list(spec.parameters[1].categorical.values) == ["true", "false"]
     assert spec.budget.max_trials == 5
@@ -106,17 +112,24 @@ def test_study_files_take_yaml_values_for_categoricals_durations_and_set_overrid
 
     for bad, message in [
         ("paramters: []", "study: unknown key 'paramters' (did you mean 'parameters'?)"),
-        ("budget: {max_duration: soon}", "study: budget.max_duration: expected a duration such as 600s, 10m or "
-                                         "1h30m, got 'soon'"),
-        ("base_spec: nowhere.yaml", f"study: base_spec: cannot read {tmp_path / 'nowhere.yaml'}: No such file or "
-                                    "directory"),
+        (
+            "budget: {max_duration: soon}",
+            "study: budget.max_duration: expected a duration such as 600s, 10m or 1h30m, got 'soon'",
+        ),
+        (
+            "base_spec: nowhere.yaml",
+            f"study: base_spec: cannot read {tmp_path / 'nowhere.yaml'}: No such file or directory",
+        ),
     ]:
         with pytest.raises(SpecFileError) as refused:
             parse_study_spec(bad, base_dir=tmp_path)
         assert str(refused.value) == message
     (tmp_path / "typo.yaml").write_text("classifier: {learnig_rate: 0.1}\n")
-    with pytest.raises(SpecFileError, match=r"typo\.yaml \(the base_spec of study\): unknown key "
-                                            r"'classifier\.learnig_rate' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(
+        SpecFileError,
+        match=r"typo\.yaml \(the base_spec of study\): unknown key "
+        r"'classifier\.learnig_rate' \(did you mean 'learning_rate'\?\)",
+    ):
         parse_study_spec("base_spec: typo.yaml", base_dir=tmp_path)
 
 
@@ -128,14 +141,20 @@ def test_a_study_from_create_to_promote(trainer: Trainer, space_file: Path, tmp_
     done = _invoke(target, "study", "create", str(space_file), "--id", "cli-study")
     out = done.stdout
     assert done.exit_code == 0, done.output
-    assert out.startswith(f"created studies/cli-study on {target}: minimize val_loss; 2 parameters, sampler tpe, "
-                          "pruner median, parallelism 1; budget 3 trials\n"), out
+    assert out.startswith(
+        f"created studies/cli-study on {target}: minimize val_loss; 2 parameters, sampler tpe, "
+        "pruner median, parallelism 1; budget 3 trials\n"
+    ), out
     assert "state: running\n" in out
     params = r"classifier\.learning_rate=[\d.e+-]+ model\.classifier_dim=(16|32)"
     for n in range(3):
         assert re.search(rf"^trial {n} queued: {params} \(jobs/job-[0-9a-f]+\)$", out, re.MULTILINE), out
-        assert re.search(rf"^trial {n} (complete: value \d+\.\d{{4}} after 2 epochs|pruned after 1 epoch "
-                         rf"\(last value \d+\.\d{{4}}\)); {params} \(jobs/job-[0-9a-f]+\)$", out, re.MULTILINE), out
+        assert re.search(
+            rf"^trial {n} (complete: value \d+\.\d{{4}} after 2 epochs|pruned after 1 epoch "
+            rf"\(last value \d+\.\d{{4}}\)); {params} \(jobs/job-[0-9a-f]+\)$",
+            out,
+            re.MULTILINE,
+        ), out
     assert re.search(r"^new best: trial \d value \d+\.\d{4}$", out, re.MULTILINE), out
     assert "state: succeeded\n" in out
 
@@ -144,14 +163,17 @@ def test_a_study_from_create_to_promote(trainer: Trainer, space_file: Path, tmp_
     assert len(study.trials) == 3
     best = next(t for t in study.trials if t.number == study.best_trial)
     # It ends with the outcome and the best trial.
-    summary = out[out.index("\nstudies/cli-study succeeded in "):]
+    summary = out[out.index("\nstudies/cli-study succeeded in ") :]
     assert re.match(r"\nstudies/cli-study succeeded in [\d.]+s: 3 trials \(\d complete(, \d pruned)?\)\n", summary)
-    assert (f"best trial: {best.number}, value {best.value:.4f} (minimize val_loss, 2 epochs, {best.job})\n"
-            "parameters:\n") in summary
+    assert (
+        f"best trial: {best.number}, value {best.value:.4f} (minimize val_loss, 2 epochs, {best.job})\nparameters:\n"
+    ) in summary
     assert re.search(rf"^  model\.classifier_dim +{best.parameters['model.classifier_dim']}$", summary, re.MULTILINE)
-    assert summary.endswith("best spec as YAML: visiontune study best studies/cli-study --spec-out best.yaml\n"
-                            "train it in full for a deployable model version: visiontune study promote "
-                            "studies/cli-study\n")
+    assert summary.endswith(
+        "best spec as YAML: visiontune study best studies/cli-study --spec-out best.yaml\n"
+        "train it in full for a deployable model version: visiontune study promote "
+        "studies/cli-study\n"
+    )
 
     replay = _invoke(target, "study", "watch", "cli-study")  # re-attach to a finished study: its events replay
     assert replay.exit_code == 0, replay.output
@@ -187,26 +209,33 @@ def test_a_study_from_create_to_promote(trainer: Trainer, space_file: Path, tmp_
 
     listed = _invoke(target, "study", "list")
     assert listed.exit_code == 0, listed.output
-    assert re.search(rf"^studies/cli-study +succeeded +[\d-]+ [\d:]+ +minimize val_loss +trial {best.number} +space$",
-                     listed.stdout, re.MULTILINE), listed.stdout
+    assert re.search(
+        rf"^studies/cli-study +succeeded +[\d-]+ [\d:]+ +minimize val_loss +trial {best.number} +space$",
+        listed.stdout,
+        re.MULTILINE,
+    ), listed.stdout
 
     ended = _invoke(target, "study", "cancel", "cli-study")
     assert ended.exit_code == 1
-    assert ended.stderr == (f"Error: {target}: FAILED_PRECONDITION: studies/cli-study already ended (SUCCEEDED); "
-                            "there is nothing to cancel\n")
+    assert ended.stderr == (
+        f"Error: {target}: FAILED_PRECONDITION: studies/cli-study already ended (SUCCEEDED); "
+        "there is nothing to cancel\n"
+    )
 
     promoted = _invoke(target, "study", "promote", "cli-study", "--job-id", "cli-promoted")
     assert promoted.exit_code == 0, promoted.output
-    assert promoted.stdout.startswith(f"created jobs/cli-promoted on {target} from trial {best.number} of "
-                                      "studies/cli-study (2 epochs planned)\n"), promoted.stdout
+    assert promoted.stdout.startswith(
+        f"created jobs/cli-promoted on {target} from trial {best.number} of studies/cli-study (2 epochs planned)\n"
+    ), promoted.stdout
     assert "model version: models/shapes/versions/cli-promoted\n" in promoted.stdout
     assert promoted.stdout.endswith("deploy it with: visiontune deploy models/shapes/versions/cli-promoted\n")
 
 
 def test_an_invalid_space_exits_2_naming_each_field_and_creates_nothing(trainer: Trainer, space_file: Path) -> None:
     space_file.write_text(SPACE.replace("model.classifier_dim", "classifier.no_such_field"))
-    done = _invoke(trainer.target, "study", "create", str(space_file), "--id", "bad-space",
-                   "--set", "budget.max_trials=0")
+    done = _invoke(
+        trainer.target, "study", "create", str(space_file), "--id", "bad-space", "--set", "budget.max_trials=0"
+    )
     assert done.exit_code == 2, done.output
     assert done.stdout == ""
     lines = done.stderr.splitlines()
@@ -229,8 +258,17 @@ def test_an_invalid_space_exits_2_naming_each_field_and_creates_nothing(trainer:
 
 
 def test_a_study_with_no_completed_trial_has_no_best(trainer: Trainer, space_file: Path) -> None:
-    created = _invoke(trainer.target, "study", "create", str(space_file), "--id", "cli-cancelled", "--no-watch",
-                      "--set", "base_spec.classifier.epochs=200")
+    created = _invoke(
+        trainer.target,
+        "study",
+        "create",
+        str(space_file),
+        "--id",
+        "cli-cancelled",
+        "--no-watch",
+        "--set",
+        "base_spec.classifier.epochs=200",
+    )
     assert created.exit_code == 0, created.output
     assert created.stdout.endswith("follow it with: visiontune study watch studies/cli-cancelled\n")
     early = _invoke(trainer.target, "study", "best", "cli-cancelled")
@@ -238,9 +276,13 @@ def test_a_study_with_no_completed_trial_has_no_best(trainer: Trainer, space_fil
     assert early.stderr.startswith("Error: studies/cli-cancelled has no completed trial yet (running, ")
 
     # Ctrl-C stops following, not the study (a real process: the signal is what a user sends).
-    watcher = subprocess.Popen([sys.executable, "-m", "visiontune.cli", "study", "watch", "cli-cancelled"],
-                               env={**os.environ, "VISIONTUNE_TRAINER": trainer.target}, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "visiontune.cli", "study", "watch", "cli-cancelled"],
+        env={**os.environ, "VISIONTUNE_TRAINER": trainer.target},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert watcher.stdout is not None
     seen = []
     for line in watcher.stdout:

@@ -52,8 +52,9 @@ def _command(*args: str) -> list[str]:
 
 
 def _run(trainer: Trainer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_command(*args), env=_env(trainer.target), capture_output=True, text=True, timeout=240,
-                          check=False)
+    return subprocess.run(
+        _command(*args), env=_env(trainer.target), capture_output=True, text=True, timeout=240, check=False
+    )
 
 
 def _invoke(target: str, *args: str) -> Result:
@@ -61,15 +62,18 @@ def _invoke(target: str, *args: str) -> Result:
 
 
 def test_train_follows_the_job_to_its_model_version_and_jobs_get_shows_it(trainer: Trainer, spec_file: Path) -> None:
-    done = _run(trainer, "train", str(spec_file), "--job-id", "cli-1", "--name", "cli demo",
-                "--set", "classifier.epochs=2")
+    done = _run(
+        trainer, "train", str(spec_file), "--job-id", "cli-1", "--name", "cli demo", "--set", "classifier.epochs=2"
+    )
     out = done.stdout
     assert done.returncode == 0, done.stderr
     assert f"created jobs/cli-1 on {trainer.target} (2 epochs planned)" in out  # --set beat the file's 5
     assert "-- stage data\n" in out
     assert "-- stage classifier: 2 epochs\n" in out
-    epoch = r"^classifier  epoch   {}/2  train loss \d+\.\d{{4}} acc [01]\.\d{{3}}  val loss \d+\.\d{{4}} acc " \
-            r"[01]\.\d{{3}}  lr 1\.00e-02  [\d,]+ img/s$"
+    epoch = (
+        r"^classifier  epoch   {}/2  train loss \d+\.\d{{4}} acc [01]\.\d{{3}}  val loss \d+\.\d{{4}} acc "
+        r"[01]\.\d{{3}}  lr 1\.00e-02  [\d,]+ img/s$"
+    )
     assert re.search(epoch.format(1), out, re.MULTILINE), out
     assert re.search(epoch.format(2), out, re.MULTILINE), out
     assert "warning [corrupt_image]" in out  # the dataset's one corrupt file: skipped, reported, not fatal
@@ -98,8 +102,9 @@ def test_train_follows_the_job_to_its_model_version_and_jobs_get_shows_it(traine
 
 def test_an_invalid_spec_exits_2_listing_every_field_and_creates_nothing(trainer: Trainer, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("dataset: {uri: datasets/shapes, image_size: 8}\nmodel: {architecture: mobilenet_v3_small, "
-                   "dropout: 1.5}\n")
+    bad.write_text(
+        "dataset: {uri: datasets/shapes, image_size: 8}\nmodel: {architecture: mobilenet_v3_small, dropout: 1.5}\n"
+    )
     done = _run(trainer, "train", str(bad), "--job-id", "bad-1", "--set", "classifier.batch_size=0")
     assert done.returncode == 2
     assert done.stdout == ""
@@ -125,13 +130,19 @@ def test_an_invalid_spec_exits_2_listing_every_field_and_creates_nothing(trainer
 
 
 def test_ctrl_c_stops_following_but_not_the_job_and_cancel_stops_the_job(trainer: Trainer, spec_file: Path) -> None:
-    submitted = _invoke(trainer.target, "train", str(spec_file), "--job-id", "cli-long", "--detach",
-                        "--set", "classifier.epochs=500")
+    submitted = _invoke(
+        trainer.target, "train", str(spec_file), "--job-id", "cli-long", "--detach", "--set", "classifier.epochs=500"
+    )
     assert submitted.exit_code == 0, submitted.output
     assert "follow it with: visiontune jobs watch jobs/cli-long\n" in submitted.stdout
 
-    watcher = subprocess.Popen(_command("jobs", "watch", "cli-long"), env=_env(trainer.target), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watcher = subprocess.Popen(
+        _command("jobs", "watch", "cli-long"),
+        env=_env(trainer.target),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert watcher.stdout is not None
     seen = []
     for line in watcher.stdout:  # follow until a worker has the job, then press Ctrl-C
@@ -156,8 +167,17 @@ def test_ctrl_c_stops_following_but_not_the_job_and_cancel_stops_the_job(trainer
 
 
 def test_a_failed_job_exits_1_with_its_error(trainer: Trainer, spec_file: Path) -> None:
-    failed = _invoke(trainer.target, "train", str(spec_file), "--job-id", "cli-fail",
-                     "--set", "model.weights=uri", "--set", "model.weights_uri=weights/missing.pt")
+    failed = _invoke(
+        trainer.target,
+        "train",
+        str(spec_file),
+        "--job-id",
+        "cli-fail",
+        "--set",
+        "model.weights=uri",
+        "--set",
+        "model.weights_uri=weights/missing.pt",
+    )
     assert failed.exit_code == 1, failed.output
     assert re.search(r"^state: failed \(.*missing\.pt", failed.stdout, re.MULTILINE), failed.stdout
     assert re.search(r"^jobs/cli-fail failed in [\d.]+s: [A-Z_]+: .*missing\.pt", failed.stderr, re.MULTILINE)

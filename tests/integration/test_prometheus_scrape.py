@@ -23,8 +23,9 @@ JOB = "visiontune-inference"
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(find_prometheus() is None,
-                       reason="no prometheus binary (Debian's `prometheus` package; `make prometheus`)"),
+    pytest.mark.skipif(
+        find_prometheus() is None, reason="no prometheus binary (Debian's `prometheus` package; `make prometheus`)"
+    ),
 ]
 
 
@@ -64,16 +65,23 @@ def test_unknown_false_positives_scraped_with_exact_values(
     selector = f'{{model="{model}", version="{version}"}}'
     fp_total = f"visiontune_inference_unknown_false_positives_total{selector}"
     fp_rate = f"visiontune_inference_unknown_false_positive_rate{selector}"
-    all_three = ('{__name__=~"visiontune_inference_unknown_(false_positives_total|false_positive_rate'
-                 f'|feedback_window)", model="{model}", version="{version}"}}')
+    all_three = (
+        '{__name__=~"visiontune_inference_unknown_(false_positives_total|false_positive_rate'
+        f'|feedback_window)", model="{model}", version="{version}"}}'
+    )
 
     with running_prometheus([endpoint], tmp_path / "prometheus") as prom:
         up = prom.wait_for(f'up{{job="{JOB}"}}', lambda r: len(r) == 1 and r[0]["value"][1] == "1")
         assert up[0]["metric"] == {"__name__": "up", "job": JOB, "instance": endpoint}
 
         [total] = prom.wait_for(fp_total, lambda r: len(r) == 1)
-        assert total["metric"] == {"__name__": "visiontune_inference_unknown_false_positives_total",
-                                   "job": JOB, "instance": endpoint, "model": model, "version": version}
+        assert total["metric"] == {
+            "__name__": "visiontune_inference_unknown_false_positives_total",
+            "job": JOB,
+            "instance": endpoint,
+            "model": model,
+            "version": version,
+        }
         assert float(total["value"][1]) == 3.0
         [rate] = prom.query(fp_rate)
         assert float(rate["value"][1]) == 0.75
@@ -98,8 +106,7 @@ def test_unknown_false_positives_scraped_with_exact_values(
         assert values(result) == expected
         assert float(prom.query(fp_rate)[0]["value"][1]) == 0.4
         # The counter went up by exactly one between the two states Prometheus scraped.
-        assert float(prom.query(f"max_over_time({fp_total}[5m]) - min_over_time({fp_total}[5m])")[0]["value"][1]) \
-            == 1.0
+        assert float(prom.query(f"max_over_time({fp_total}[5m]) - min_over_time({fp_total}[5m])")[0]["value"][1]) == 1.0
 
         # The harness's failure report names the query, the last result and the targets' health.
         with pytest.raises(AssertionError, match=r"(?s)did not satisfy.*last result.*\"health\": \"up\""):
@@ -180,17 +187,17 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def alert_keys(result: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     """(alertname, model, instance) of an ALERTS query's series."""
-    return {(s["metric"]["alertname"], s["metric"].get("model", ""), s["metric"].get("instance", ""))
-            for s in result}
+    return {(s["metric"]["alertname"], s["metric"].get("model", ""), s["metric"].get("instance", "")) for s in result}
 
 
 def test_alert_rules_and_dashboard_on_real_series(metrics: InferenceMetrics, endpoint: str, tmp_path: Path) -> None:
     populate_baseline(metrics)
     dead = f"127.0.0.1:{free_port()}"  # a replica that does not answer
-    with running_prometheus([endpoint, dead], tmp_path / "prometheus",
-                            rule_files=[MONITORING / "alerts.yml"]) as prom:
-        prom.wait_for(f'visiontune_inference_deployed_versions{{model="dogs", instance="{endpoint}"}}',
-                      lambda r: len(r) == 1 and r[0]["value"][1] == "1")
+    with running_prometheus([endpoint, dead], tmp_path / "prometheus", rule_files=[MONITORING / "alerts.yml"]) as prom:
+        prom.wait_for(
+            f'visiontune_inference_deployed_versions{{model="dogs", instance="{endpoint}"}}',
+            lambda r: len(r) == 1 and r[0]["value"][1] == "1",
+        )
         # Two scrapes of the baseline, so rates start from it.
         prom.wait_for(f'count_over_time(up{{instance="{endpoint}"}}[5m])', lambda r: float(r[0]["value"][1]) >= 2)
         serve_traffic(metrics)
@@ -210,23 +217,28 @@ def test_alert_rules_and_dashboard_on_real_series(metrics: InferenceMetrics, end
         assert all(s["metric"].get("version") in (None, "v2") for s in alerts)
 
         # dogs and birds keep their live-version count, at 0; only dogs, which clients still call, pages.
-        deployed = {s["metric"]["model"]: float(s["value"][1])
-                    for s in prom.query(f'visiontune_inference_deployed_versions{{instance="{endpoint}"}}')}
+        deployed = {
+            s["metric"]["model"]: float(s["value"][1])
+            for s in prom.query(f'visiontune_inference_deployed_versions{{instance="{endpoint}"}}')
+        }
         assert deployed == {"flowers": 1.0, "cats": 1.0, "dogs": 0.0, "birds": 0.0}
         assert alert_keys(prom.query('ALERTS{alertname="VisionTuneModelNoLiveVersions"}')) == {
-            ("VisionTuneModelNoLiveVersions", "dogs", endpoint)}
+            ("VisionTuneModelNoLiveVersions", "dogs", endpoint)
+        }
 
         # Every rule evaluates without error on the real series.
         groups = prom.rule_groups()
         assert {g["name"] for g in groups} == {"visiontune-inference", "visiontune-inference-recording"}
-        bad = [(r["name"], r["health"], r.get("lastError")) for g in groups for r in g["rules"]
-               if r["health"] != "ok"]
+        bad = [(r["name"], r["health"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
         assert bad == []
 
         # The recorded p99 of flowers/v2: all 20 requests at 0.4 s fall in the (0.25, 0.5] bucket. The recording
         # group is evaluated apart from the alerts: its last sample may still be from before the traffic (NaN).
-        [p99] = prom.wait_for('model_version:visiontune_inference_request_duration_seconds:p99_rate5m{model="flowers"}',
-                              lambda r: len(r) == 1 and 0.25 < float(r[0]["value"][1]) <= 0.5, timeout=20)
+        [p99] = prom.wait_for(
+            'model_version:visiontune_inference_request_duration_seconds:p99_rate5m{model="flowers"}',
+            lambda r: len(r) == 1 and 0.25 < float(r[0]["value"][1]) <= 0.5,
+            timeout=20,
+        )
         assert 0.25 < float(p99["value"][1]) <= 0.5
 
         # Every dashboard query parses and finds data.

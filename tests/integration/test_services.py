@@ -49,10 +49,24 @@ class Service:
 def _spawn(module: str, s3: S3Settings, data_dir: Path, port: int, *args: str) -> subprocess.Popen[str]:
     env = service_environment(s3, data_dir)
     if module == "inference_service":  # its metrics endpoint and its Triton's three ports: free ones too
-        args = ("--metrics-port", str(free_port()), "--triton-grpc-port", str(free_port()),
-                "--triton-http-port", str(free_port()), "--triton-metrics-port", str(free_port()), *args)
-    return subprocess.Popen([sys.executable, "-m", module, "--port", str(port), "--log-format", "text", *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        args = (
+            "--metrics-port",
+            str(free_port()),
+            "--triton-grpc-port",
+            str(free_port()),
+            "--triton-http-port",
+            str(free_port()),
+            "--triton-metrics-port",
+            str(free_port()),
+            *args,
+        )
+    return subprocess.Popen(
+        [sys.executable, "-m", module, "--port", str(port), "--log-format", "text", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _start(module: str, service: str, s3: S3Settings, data_dir: Path) -> Service:
@@ -128,8 +142,7 @@ def test_trainer_errors_are_status_codes_with_field_violations(trainer: Service)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
         with pytest.raises(grpc.RpcError) as bad:
-            stub.ListJobs(training_service_pb2.ListJobsRequest(page_size=-1, study="not a name",
-                                                               page_token="garbage"))
+            stub.ListJobs(training_service_pb2.ListJobsRequest(page_size=-1, study="not a name", page_token="garbage"))
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert {v.field for v in field_violations(bad.value)} == {"page_size", "study"}
 

@@ -17,8 +17,14 @@ pytestmark = pytest.mark.integration
 def _cli(*args: str, data_dir: Path | None, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISIONTUNE_")}
     where = [] if data_dir is None else ["--data-dir", str(data_dir)]
-    result = subprocess.run([sys.executable, "-m", "visiontune.cli", *args, *where],
-                            capture_output=True, text=True, env=env, timeout=180, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "visiontune.cli", *args, *where],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result

@@ -138,8 +138,13 @@ def test_stream_of_unknown_length_goes_multipart_and_streams_back(store: Artifac
 
 
 def test_list_by_prefix_and_delete_prefix(store: ArtifactStore) -> None:
-    for key in ("datasets/a/cat/1.png", "datasets/a/cat/2.png", "datasets/a/dog/3.png", "datasets/ab/x.png",
-                "jobs/j/spec.json"):
+    for key in (
+        "datasets/a/cat/1.png",
+        "datasets/a/cat/2.png",
+        "datasets/a/dog/3.png",
+        "datasets/ab/x.png",
+        "jobs/j/spec.json",
+    ):
         store.put_bytes(key, key.encode())
 
     listed = list(store.list("datasets/a/"))
@@ -300,7 +305,8 @@ def test_wrong_credentials_give_a_one_line_config_error(s3_server: S3ServerProce
     good = s3_server.settings("creds-" + secrets.token_hex(4))
     ArtifactStore.connect(good).ensure_bucket()
     bad = S3Settings(
-        endpoint=good.endpoint, bucket=good.bucket,
+        endpoint=good.endpoint,
+        bucket=good.bucket,
         access_key="nobody" if which == "access" else good.access_key,
         secret_key="wrong-secret-123" if which == "secret" else good.secret_key,
     )
@@ -327,8 +333,9 @@ def test_missing_bucket_fails_check(s3_server: S3ServerProcess) -> None:
 
 def test_unreachable_endpoint_fails_fast_with_one_line() -> None:
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
-    store = ArtifactStore.connect(S3Settings(endpoint=endpoint, access_key="a", secret_key="b", bucket="bkt"),
-                                  retry=FAST_RETRY)
+    store = ArtifactStore.connect(
+        S3Settings(endpoint=endpoint, access_key="a", secret_key="b", bucket="bkt"), retry=FAST_RETRY
+    )
     started = time.monotonic()
     with pytest.raises(StoreConfigError) as err:
         store.check()
@@ -406,8 +413,11 @@ def test_non_transient_errors_are_not_retried(sleeps: list[float]) -> None:
 
 def test_store_gives_up_after_the_policy_against_a_dead_server(sleeps: list[float]) -> None:
     endpoint = f"127.0.0.1:{free_port()}"
-    store = ArtifactStore.connect(S3Settings(endpoint=endpoint, access_key="a", secret_key="b", bucket="bkt"),
-                                  retry=RetryPolicy(attempts=4), sleep=sleeps.append)
+    store = ArtifactStore.connect(
+        S3Settings(endpoint=endpoint, access_key="a", secret_key="b", bucket="bkt"),
+        retry=RetryPolicy(attempts=4),
+        sleep=sleeps.append,
+    )
     with pytest.raises(StoreUnavailable) as err:
         store.get_bytes("jobs/j/events.jsonl")
     assert len(sleeps) == 3  # 4 attempts, no real waiting

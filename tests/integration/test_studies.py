@@ -43,10 +43,12 @@ def _spec(max_trials: int, parallelism: int) -> study_pb2.StudySpec:
     return study_pb2.StudySpec(
         base_spec=base,
         parameters=[
-            study_pb2.SearchParameter(path="classifier.learning_rate",
-                                      float_range=study_pb2.FloatRange(min=1e-6, max=0.05, log=True)),
-            study_pb2.SearchParameter(path="model.classifier_dim",
-                                      categorical=study_pb2.Categorical(values=["16", "32"])),
+            study_pb2.SearchParameter(
+                path="classifier.learning_rate", float_range=study_pb2.FloatRange(min=1e-6, max=0.05, log=True)
+            ),
+            study_pb2.SearchParameter(
+                path="model.classifier_dim", categorical=study_pb2.Categorical(values=["16", "32"])
+            ),
         ],
         # Validation loss, not accuracy: on 12 validation images accuracies tie, losses do not, so the
         # median pruner always has a median to compare with.
@@ -60,8 +62,9 @@ def _spec(max_trials: int, parallelism: int) -> study_pb2.StudySpec:
 
 
 def _create(trainer: Trainer, spec: study_pb2.StudySpec, study_id: str) -> study_pb2.Study:
-    request = training_service_pb2.CreateStudyRequest(study=study_pb2.Study(display_name="lr search", spec=spec),
-                                                      study_id=study_id, request_id=f"create-{study_id}")
+    request = training_service_pb2.CreateStudyRequest(
+        study=study_pb2.Study(display_name="lr search", spec=spec), study_id=study_id, request_id=f"create-{study_id}"
+    )
     study: study_pb2.Study = trainer.stub.CreateStudy(request, timeout=30)
     return study
 
@@ -70,8 +73,11 @@ def _wait(trainer: Trainer, name: str, timeout: float = 600) -> study_pb2.Study:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         study: study_pb2.Study = trainer.stub.GetStudy(training_service_pb2.GetStudyRequest(name=name), timeout=30)
-        if study.state in (study_pb2.STUDY_STATE_SUCCEEDED, study_pb2.STUDY_STATE_FAILED,
-                           study_pb2.STUDY_STATE_CANCELLED):
+        if study.state in (
+            study_pb2.STUDY_STATE_SUCCEEDED,
+            study_pb2.STUDY_STATE_FAILED,
+            study_pb2.STUDY_STATE_CANCELLED,
+        ):
             return study
         time.sleep(1)
     pytest.fail(f"{name} did not finish in {timeout} s")
@@ -100,7 +106,8 @@ def _check_finished(trainer: Trainer, store: ArtifactStore, study: study_pb2.Stu
     best = min((t for t in study.trials if t.HasField("value")), key=lambda t: t.value)  # a loss
     assert study.best_trial == best.number
     assert study.best_spec.classifier.learning_rate == pytest.approx(
-        float(best.parameters["classifier.learning_rate"]), rel=1e-6)
+        float(best.parameters["classifier.learning_rate"]), rel=1e-6
+    )
     assert set(study.parameter_importances) <= {"classifier.learning_rate", "model.classifier_dim"}
     for uri in study.plots:
         key = uri.split(f"s3://{store.bucket}/", 1)[1]

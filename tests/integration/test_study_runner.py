@@ -27,8 +27,11 @@ pytestmark = pytest.mark.integration
 def _spec(**changes: object) -> study_pb2.StudySpec:
     spec = study_pb2.StudySpec(
         base_spec=tiny_spec(epochs=3),
-        parameters=[study_pb2.SearchParameter(path="classifier.learning_rate",
-                                              float_range=study_pb2.FloatRange(min=1e-4, max=0.1, log=True))],
+        parameters=[
+            study_pb2.SearchParameter(
+                path="classifier.learning_rate", float_range=study_pb2.FloatRange(min=1e-4, max=0.1, log=True)
+            )
+        ],
         objective=study_pb2.Objective(metric=training_spec_pb2.METRIC_VALIDATION_LOSS),
         budget=study_pb2.StudyBudget(max_trials=3),
         parallelism=2,
@@ -50,8 +53,9 @@ class Harness:
     def __init__(self, tmp_path: Path, store: ArtifactStore) -> None:
         self.jobs = JobStore(tmp_path / "jobs.sqlite3")
         self.cancelled: list[str] = []
-        self.runner = StudyRunner(self.jobs, store, default_bucket=store.bucket, wake_executor=lambda: None,
-                                  cancel_job=self.cancelled.append)
+        self.runner = StudyRunner(
+            self.jobs, store, default_bucket=store.bucket, wake_executor=lambda: None, cancel_job=self.cancelled.append
+        )
 
     def create(self, study_id: str, spec: study_pb2.StudySpec) -> None:
         self.jobs.create_study(study_id, json_format.MessageToJson(spec))
@@ -64,8 +68,12 @@ class Harness:
         """What the executor and a worker do with a job: run it, then end it with its result."""
         self.jobs.update_state(job.job_id, JobState.RUNNING)
         result = job_pb2.JobResult(metrics={"val_loss": job_pb2.MetricSummary(mean=loss, values=[loss])})
-        self.jobs.update_state(job.job_id, state, result_json=json_format.MessageToJson(result),
-                               error="boom" if state == JobState.FAILED else None)
+        self.jobs.update_state(
+            job.job_id,
+            state,
+            result_json=json_format.MessageToJson(result),
+            error="boom" if state == JobState.FAILED else None,
+        )
 
     def study(self, study_id: str) -> study_pb2.Study:
         from trainer_service.tuning.studies import Studies
@@ -179,11 +187,11 @@ def test_a_study_whose_trials_all_fail_fails_with_the_reason(harness: Harness) -
     assert "boom" in record.error
 
 
-@pytest.mark.parametrize("sampler", ["SAMPLER_TPE", "SAMPLER_GAUSSIAN_PROCESS", "SAMPLER_RANDOM", "SAMPLER_GRID",
-                                     "SAMPLER_CMA_ES"])
+@pytest.mark.parametrize(
+    "sampler", ["SAMPLER_TPE", "SAMPLER_GAUSSIAN_PROCESS", "SAMPLER_RANDOM", "SAMPLER_GRID", "SAMPLER_CMA_ES"]
+)
 def test_every_sampler_drives_a_study_to_its_end(harness: Harness, sampler: str) -> None:
-    spec = _spec(sampler=study_pb2.Sampler.Value(sampler), parallelism=1,
-                 budget=study_pb2.StudyBudget(max_trials=4))
+    spec = _spec(sampler=study_pb2.Sampler.Value(sampler), parallelism=1, budget=study_pb2.StudyBudget(max_trials=4))
     spec.parameters[0].float_range.CopyFrom(study_pb2.FloatRange(min=0.01, max=0.04, step=0.01))  # grid-able
     spec.parameters.add(path="model.classifier_dim", int_range=study_pb2.IntRange(min=16, max=32, step=16))
     harness.create("s", spec)
@@ -207,9 +215,11 @@ def test_hyperband_prunes_through_the_workers_reporter(harness: Harness) -> None
     from trainer_service.engine.loop import EpochRecord
     from trainer_service.tuning.trial_reporter import TrialReporter
 
-    spec = _spec(parallelism=1, budget=study_pb2.StudyBudget(max_trials=8),
-                 pruner=study_pb2.PrunerSpec(type=study_pb2.PRUNER_TYPE_HYPERBAND, min_resource=1,
-                                             reduction_factor=3))
+    spec = _spec(
+        parallelism=1,
+        budget=study_pb2.StudyBudget(max_trials=8),
+        pruner=study_pb2.PrunerSpec(type=study_pb2.PRUNER_TYPE_HYPERBAND, min_resource=1, reduction_factor=3),
+    )
     spec.base_spec.classifier.epochs = 9
     harness.create("hb", spec)
     pruned_at = []
@@ -221,9 +231,18 @@ def test_hyperband_prunes_through_the_workers_reporter(harness: Harness) -> None
         loss = 1.0 - 0.1 * (job.trial_number % 3)  # some configurations are plainly worse than others
         stopped = None
         for epoch in range(1, 10):
-            record = EpochRecord(stage="classifier", epoch=epoch, epochs=9, train_loss=loss, train_accuracy=0.5,
-                                 val_loss=loss / epoch ** 0.1, val_accuracy=0.5, learning_rate=0.01,
-                                 images_per_second=1.0, epoch_seconds=0.1)
+            record = EpochRecord(
+                stage="classifier",
+                epoch=epoch,
+                epochs=9,
+                train_loss=loss,
+                train_accuracy=0.5,
+                val_loss=loss / epoch**0.1,
+                val_accuracy=0.5,
+                learning_rate=0.01,
+                images_per_second=1.0,
+                epoch_seconds=0.1,
+            )
             if reporter.report(epoch, record):
                 stopped = epoch
                 break
@@ -232,7 +251,7 @@ def test_hyperband_prunes_through_the_workers_reporter(harness: Harness) -> None
             harness.jobs.update_state(job.job_id, JobState.RUNNING)
             harness.jobs.update_state(job.job_id, JobState.PRUNED)
         else:
-            harness.finish(job, loss=loss / 9 ** 0.1)
+            harness.finish(job, loss=loss / 9**0.1)
     harness.runner.run_once()
     study = harness.study("hb")
     assert study.state == study_pb2.STUDY_STATE_SUCCEEDED

@@ -31,16 +31,18 @@ pytestmark = pytest.mark.integration
 
 
 def _create(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> job_pb2.Job:
-    return trainer.stub.CreateJob(training_service_pb2.CreateJobRequest(job=job_pb2.Job(spec=spec), job_id=job_id),
-                                  timeout=30)
+    return trainer.stub.CreateJob(
+        training_service_pb2.CreateJobRequest(job=job_pb2.Job(spec=spec), job_id=job_id), timeout=30
+    )
 
 
 def _watch(trainer: Trainer, name: str, timeout: float = 240) -> list[job_pb2.JobEvent]:
     return list(trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=timeout))
 
 
-def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(trainer: Trainer,
-                                                                         shapes: ArtifactStore) -> None:
+def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(
+    trainer: Trainer, shapes: ArtifactStore
+) -> None:
     job = _create(trainer, tiny_spec(epochs=2, fine_tuning_epochs=1), "shapes-1")
     assert job.name == "jobs/shapes-1"
     assert job.state == job_pb2.JOB_STATE_QUEUED
@@ -51,7 +53,10 @@ def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(trainer
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     epochs = [e.epoch_ended for e in events if e.HasField("epoch_ended")]
     assert [(m.stage, m.epoch) for m in epochs] == [
-        (job_pb2.STAGE_CLASSIFIER, 1), (job_pb2.STAGE_CLASSIFIER, 2), (job_pb2.STAGE_FINE_TUNING, 1)]
+        (job_pb2.STAGE_CLASSIFIER, 1),
+        (job_pb2.STAGE_CLASSIFIER, 2),
+        (job_pb2.STAGE_FINE_TUNING, 1),
+    ]
     assert all(m.images_per_second > 0 and m.learning_rate > 0 for m in epochs)
     stages = [e.stage_started.stage for e in events if e.HasField("stage_started")]
     assert stages == [job_pb2.STAGE_DATA, job_pb2.STAGE_CLASSIFIER, job_pb2.STAGE_FINE_TUNING, job_pb2.STAGE_EXPORT]
@@ -102,17 +107,29 @@ def test_ten_bad_fields_are_one_invalid_argument_naming_all_ten(trainer: Trainer
         _create(trainer, spec, "bad-spec")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     fields = sorted(v.field for v in field_violations(err.value))
-    assert fields == sorted(f"job.spec.{f}" for f in (
-        "dataset.validation_split", "dataset.image_size", "augmentation.rotation_degrees",
-        "augmentation.copies_per_original", "model.dropout", "model.classifier_dim", "classifier.learning_rate",
-        "classifier.batch_size", "classifier.label_smoothing", "run.repeats"))
+    assert fields == sorted(
+        f"job.spec.{f}"
+        for f in (
+            "dataset.validation_split",
+            "dataset.image_size",
+            "augmentation.rotation_degrees",
+            "augmentation.copies_per_original",
+            "model.dropout",
+            "model.classifier_dim",
+            "classifier.learning_rate",
+            "classifier.batch_size",
+            "classifier.label_smoothing",
+            "run.repeats",
+        )
+    )
     with pytest.raises(grpc.RpcError) as missing:
         trainer.stub.GetJob(training_service_pb2.GetJobRequest(name="jobs/bad-spec"), timeout=10)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was created
 
 
-def test_cancel_stops_a_running_job_within_seconds_and_leaves_no_artifacts(trainer: Trainer,
-                                                                           shapes: ArtifactStore) -> None:
+def test_cancel_stops_a_running_job_within_seconds_and_leaves_no_artifacts(
+    trainer: Trainer, shapes: ArtifactStore
+) -> None:
     job = _create(trainer, tiny_spec(epochs=500), "long-1")
     for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
         if event.HasField("epoch_ended"):
@@ -129,8 +146,7 @@ def test_cancel_stops_a_running_job_within_seconds_and_leaves_no_artifacts(train
     assert again.state == job_pb2.JOB_STATE_CANCELLED
 
 
-def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: Trainer,
-                                                                      shapes: ArtifactStore) -> None:
+def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: Trainer, shapes: ArtifactStore) -> None:
     spec = tiny_spec(epochs=4, fine_tuning_epochs=1, seed=3)
     reference = _create(trainer, spec, "reference")
     _watch(trainer, reference.name)
@@ -154,12 +170,16 @@ def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: 
     assert sorted(shapes.list_model_versions("shapes")) == ["killed", "reference"]
 
 
-def test_separate_validation_test_and_unknown_sets_reach_the_job_result(trainer: Trainer, shapes: ArtifactStore,
-                                                                       tmp_path: Path) -> None:
+def test_separate_validation_test_and_unknown_sets_reach_the_job_result(
+    trainer: Trainer, shapes: ArtifactStore, tmp_path: Path
+) -> None:
     """dataset.validation_uri, test_uri, unknown_uri and cache_max_mb, and output_model, through a real job."""
     known = SHAPES[:3]
-    for name, labels, per_label, seed in (("validation", known, 5, 1), ("test", known, 4, 2),
-                                          ("unknown", SHAPES[3:], 6, 3)):
+    for name, labels, per_label, seed in (
+        ("validation", known, 5, 1),
+        ("test", known, 4, 2),
+        ("unknown", SHAPES[3:], 6, 3),
+    ):
         write_shapes_dataset(tmp_path / name, labels=labels, per_label=per_label, size=32, seed=seed)
         upload(shapes, plan_upload(tmp_path / name, f"datasets/shapes-{name}/"))
     spec = tiny_spec(epochs=1)

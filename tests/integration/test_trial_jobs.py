@@ -42,21 +42,28 @@ def jobs(trainer: Trainer) -> Iterator[JobStore]:
 class Study:
     """A study as the runner makes it: its record, the Optuna study in the same file, and trial jobs."""
 
-    def __init__(self, jobs: JobStore, store: ArtifactStore, study_id: str, base: training_spec_pb2.TrainingSpec,
-                 reference: list[float]) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        store: ArtifactStore,
+        study_id: str,
+        base: training_spec_pb2.TrainingSpec,
+        reference: list[float],
+    ) -> None:
         self.jobs, self.store, self.study_id = jobs, store, study_id
         spec = study_pb2.StudySpec(
             base_spec=base,
-            parameters=[study_pb2.SearchParameter(
-                path="classifier.learning_rate", float_range=study_pb2.FloatRange(min=1e-6, max=0.1, log=True))],
+            parameters=[
+                study_pb2.SearchParameter(
+                    path="classifier.learning_rate", float_range=study_pb2.FloatRange(min=1e-6, max=0.1, log=True)
+                )
+            ],
             objective=study_pb2.Objective(metric=training_spec_pb2.METRIC_VALIDATION_ACCURACY),
             budget=study_pb2.StudyBudget(max_trials=10),
-            pruner=study_pb2.PrunerSpec(type=study_pb2.PRUNER_TYPE_MEDIAN, min_resource=MIN_RESOURCE,
-                                        startup_trials=2),
+            pruner=study_pb2.PrunerSpec(type=study_pb2.PRUNER_TYPE_MEDIAN, min_resource=MIN_RESOURCE, startup_trials=2),
         )
         jobs.create_study(study_id, json_format.MessageToJson(spec, indent=None))
-        self.optuna = create_study(open_storage(jobs.path), study_id,
-                                   validate_study(spec, default_bucket=store.bucket))
+        self.optuna = create_study(open_storage(jobs.path), study_id, validate_study(spec, default_bucket=store.bucket))
         # Finished trials whose every epoch scored `reference`: what the median pruner compares with.
         for _ in range(3):
             trial = self.optuna.ask()
@@ -70,9 +77,12 @@ class Study:
         number = self.optuna.ask().number
         resolved = config_to_spec(validate_spec(spec, default_bucket=self.store.bucket))
         record, _ = self.jobs.create_job(
-            names.new_id("job"), json_format.MessageToJson(resolved, indent=None),
-            display_name=f"{self.study_id} trial {number}", request_id=f"{self.study_id}-trial-{number}",
-            study_id=self.study_id, trial_number=number,
+            names.new_id("job"),
+            json_format.MessageToJson(resolved, indent=None),
+            display_name=f"{self.study_id} trial {number}",
+            request_id=f"{self.study_id}-trial-{number}",
+            study_id=self.study_id,
+            trial_number=number,
         )
         events.record_state(self.jobs, record.job_id, JobState.QUEUED, "queued")
         return record.job_id, number
@@ -90,8 +100,9 @@ def _get(trainer: Trainer, job_id: str) -> job_pb2.Job:
     return trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=names.job_name(job_id)), timeout=10)
 
 
-def test_a_weak_trial_is_pruned_after_min_resource_epochs(trainer: Trainer, jobs: JobStore,
-                                                          shapes: ArtifactStore) -> None:
+def test_a_weak_trial_is_pruned_after_min_resource_epochs(
+    trainer: Trainer, jobs: JobStore, shapes: ArtifactStore
+) -> None:
     planned = 6
     study = Study(jobs, shapes, "strong-study", tiny_spec(epochs=planned), reference=[1.0])
     weak = tiny_spec(epochs=planned)
@@ -130,13 +141,13 @@ def test_a_weak_trial_is_pruned_after_min_resource_epochs(trainer: Trainer, jobs
     with pytest.raises(grpc.RpcError) as err:  # a pruned job has ended: nothing to cancel
         trainer.stub.CancelJob(training_service_pb2.CancelJobRequest(name=names.job_name(job_id)), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    listed = trainer.stub.ListJobs(training_service_pb2.ListJobsRequest(states=[job_pb2.JOB_STATE_PRUNED]),
-                                   timeout=10)
+    listed = trainer.stub.ListJobs(training_service_pb2.ListJobsRequest(states=[job_pb2.JOB_STATE_PRUNED]), timeout=10)
     assert [j.name for j in listed.jobs] == [names.job_name(job_id)]
 
 
-def test_a_trial_the_pruner_keeps_succeeds_with_metrics_and_no_model_version(trainer: Trainer, jobs: JobStore,
-                                                                            shapes: ArtifactStore) -> None:
+def test_a_trial_the_pruner_keeps_succeeds_with_metrics_and_no_model_version(
+    trainer: Trainer, jobs: JobStore, shapes: ArtifactStore
+) -> None:
     # Finished trials that scored 0 at every epoch: a trial can never fall below their median.
     base = tiny_spec(epochs=3, fine_tuning_epochs=1)
     study = Study(jobs, shapes, "weak-study", base, reference=[0.0])
@@ -161,14 +172,16 @@ def test_a_trial_the_pruner_keeps_succeeds_with_metrics_and_no_model_version(tra
     assert trial.state == TrialState.RUNNING
     assert sorted(trial.intermediate_values) == [1, 2, 3, 4]
     assert [trial.intermediate_values[s] for s in (1, 2, 3, 4)] == pytest.approx(
-        [m.validation_accuracy for m in epochs])
+        [m.validation_accuracy for m in epochs]
+    )
 
     assert list(shapes.list("models/")) == []
     assert list(shapes.list(f"jobs/{job_id}/checkpoints/")) == []
 
 
-def test_a_trial_resumed_after_kill_9_keeps_counting_steps_across_the_stages(trainer: Trainer, jobs: JobStore,
-                                                                              shapes: ArtifactStore) -> None:
+def test_a_trial_resumed_after_kill_9_keeps_counting_steps_across_the_stages(
+    trainer: Trainer, jobs: JobStore, shapes: ArtifactStore
+) -> None:
     base = tiny_spec(epochs=2, fine_tuning_epochs=3)
     study = Study(jobs, shapes, "resumed-study", base, reference=[0.0])
     job_id, number = study.queue_trial(base)

@@ -49,8 +49,12 @@ def start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path, *ar
     settings = s3.settings(store.bucket)
     env = service_environment(settings, data_dir)
     log = open(data_dir.parent / f"trainer-{port}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text",
-                             *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text", *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     log.close()
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -84,7 +88,9 @@ def tiny_spec(*, epochs: int = 2, fine_tuning_epochs: int = 0, seed: int = 0) ->
         dataset=training_spec_pb2.DatasetSpec(uri=DATASET, image_size=32, validation_split=0.25),
         model=training_spec_pb2.ModelSpec(
             architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V3_SMALL,
-            weights=training_spec_pb2.WEIGHTS_SOURCE_NONE, classifier_dim=32),
+            weights=training_spec_pb2.WEIGHTS_SOURCE_NONE,
+            classifier_dim=32,
+        ),
         classifier=training_spec_pb2.StageSpec(epochs=epochs, batch_size=8, learning_rate=0.01),
         run=training_spec_pb2.RunSpec(seed=seed, data_loader_workers=0),
         output_model="shapes",

@@ -25,8 +25,22 @@ needs_fashion_mnist = pytest.mark.skipif(
 def test_pretrained_beats_scratch_and_fine_tuning_beats_stage_one(tmp_path: Path) -> None:
     output = tmp_path / "transfer_learning.md"
     # Half the default training set, E = F = 3: about 3 minutes on 2 idle cores (the defaults take about 6).
-    code = tl.main(["--per-class", "100", "--val-per-class", "30", "--test-per-class", "100",
-                    "--epochs", "3", "--fine-tune-epochs", "3", "--output", str(output)])
+    code = tl.main(
+        [
+            "--per-class",
+            "100",
+            "--val-per-class",
+            "30",
+            "--test-per-class",
+            "100",
+            "--epochs",
+            "3",
+            "--fine-tune-epochs",
+            "3",
+            "--output",
+            str(output),
+        ]
+    )
     report = output.read_text()
     assert code == 0, report
     assert "**fails**" not in report

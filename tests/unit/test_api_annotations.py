@@ -81,8 +81,11 @@ def _behaviors(field: FieldDescriptor) -> list[int]:
 
 def _reference(field: FieldDescriptor) -> resource_pb2.ResourceReference | None:
     options = field.GetOptions()
-    return options.Extensions[resource_pb2.resource_reference] if options.HasExtension(
-        resource_pb2.resource_reference) else None
+    return (
+        options.Extensions[resource_pb2.resource_reference]
+        if options.HasExtension(resource_pb2.resource_reference)
+        else None
+    )
 
 
 def _resources() -> dict[str, tuple[resource_pb2.ResourceDescriptor, Descriptor | None]]:
@@ -156,8 +159,11 @@ def test_the_servers_set_the_resource_fields_clients_do_not() -> None:
 
 
 def test_what_the_trainer_always_writes_into_a_manifest_is_required() -> None:
-    for msg in (manifest_pb2.ModelManifest.DESCRIPTOR, manifest_pb2.Preprocessing.DESCRIPTOR,
-                manifest_pb2.Weights.DESCRIPTOR):
+    for msg in (
+        manifest_pb2.ModelManifest.DESCRIPTOR,
+        manifest_pb2.Preprocessing.DESCRIPTOR,
+        manifest_pb2.Weights.DESCRIPTOR,
+    ):
         for f in msg.fields:
             assert _behaviors(f) == ([IDENTIFIER] if f.name == "name" else [REQUIRED]), f.full_name
 
@@ -248,8 +254,17 @@ def test_the_resource_a_method_acts_on_is_required_and_referenced() -> None:
                 assert reference is not None, field.full_name
                 assert reference.type == target[1], field.full_name
                 checked.append(method.name)
-    assert {"GetJob", "CancelJob", "WatchJob", "GetStudy", "CancelStudy", "WatchStudy", "PromoteTrial",
-            "DeployModel", "UndeployModel"} <= set(checked)
+    assert {
+        "GetJob",
+        "CancelJob",
+        "WatchJob",
+        "GetStudy",
+        "CancelStudy",
+        "WatchStudy",
+        "PromoteTrial",
+        "DeployModel",
+        "UndeployModel",
+    } <= set(checked)
 
 
 # ----------------------------------------------------------------------------------------------------- reflection
@@ -260,11 +275,18 @@ def server(tmp_path: Path) -> Iterator[GrpcServer]:
     """The real server runtime with both v1 services (their base classes: every RPC UNIMPLEMENTED)."""
     settings = ServerSettings(host="127.0.0.1", port=0, data_dir=tmp_path, s3=S3Settings(), grace_seconds=1.0)
     bindings = [
-        ServiceBinding("visiontune.v1.TrainingService", lambda s: training_service_pb2_grpc.
-                       add_TrainingServiceServicer_to_server(training_service_pb2_grpc.TrainingServiceServicer(), s)),
-        ServiceBinding("visiontune.v1.InferenceService", lambda s: inference_service_pb2_grpc.
-                       add_InferenceServiceServicer_to_server(inference_service_pb2_grpc.InferenceServiceServicer(),
-                                                              s)),
+        ServiceBinding(
+            "visiontune.v1.TrainingService",
+            lambda s: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(
+                training_service_pb2_grpc.TrainingServiceServicer(), s
+            ),
+        ),
+        ServiceBinding(
+            "visiontune.v1.InferenceService",
+            lambda s: inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+                inference_service_pb2_grpc.InferenceServiceServicer(), s
+            ),
+        ),
     ]
     grpc_server = GrpcServer(settings, bindings, service_label="test")
     grpc_server.start()
@@ -277,8 +299,10 @@ def _reflect(channel: grpc.Channel, **request: Any) -> list[descriptor_pb2.FileD
     responses = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=5))
     assert len(responses) == 1
     assert not responses[0].HasField("error_response"), responses[0].error_response.error_message
-    return [descriptor_pb2.FileDescriptorProto.FromString(b)
-            for b in responses[0].file_descriptor_response.file_descriptor_proto]
+    return [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in responses[0].file_descriptor_response.file_descriptor_proto
+    ]
 
 
 @pytest.mark.parametrize("service", ["visiontune.v1.TrainingService", "visiontune.v1.InferenceService"])
@@ -312,10 +336,14 @@ def test_reflection_describes_each_service_with_its_annotations(server: GrpcServ
     assert pool.FindServiceByName(service).methods  # the whole closure was served
 
     served = {p.name: p for p in files.values()}
-    file_name = ("visiontune/v1/training_service.proto" if "Training" in service
-                 else "visiontune/v1/inference_service.proto")
-    request = next(m for m in served[file_name].message_type
-                   if m.name == ("GetJobRequest" if "Training" in service else "UndeployModelRequest"))
+    file_name = (
+        "visiontune/v1/training_service.proto" if "Training" in service else "visiontune/v1/inference_service.proto"
+    )
+    request = next(
+        m
+        for m in served[file_name].message_type
+        if m.name == ("GetJobRequest" if "Training" in service else "UndeployModelRequest")
+    )
     options = request.field[0].options
     assert list(options.Extensions[field_behavior_pb2.field_behavior]) == [REQUIRED]
     assert options.Extensions[resource_pb2.resource_reference].type in NAMES

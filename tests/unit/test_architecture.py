@@ -86,7 +86,8 @@ def _literal_import_call(node: ast.Call) -> str | None:
     """The module of `importlib.import_module("x")` or `__import__("x")` with a literal name."""
     func = node.func
     named = (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
-        isinstance(func, ast.Name) and func.id in {"import_module", "__import__"})
+        isinstance(func, ast.Name) and func.id in {"import_module", "__import__"}
+    )
     if named and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
         return node.args[0].value
     return None
@@ -168,8 +169,12 @@ def test_the_import_rules_hold() -> None:
 
 def test_every_package_is_scanned() -> None:
     modules = {name for _, name, _ in _sources()}
-    assert {"trainer_service.engine.loop", "trainer_service.jobs.worker", "inference_service.engine",
-            "visiontune.store"} <= modules
+    assert {
+        "trainer_service.engine.loop",
+        "trainer_service.jobs.worker",
+        "inference_service.engine",
+        "visiontune.store",
+    } <= modules
     assert "trainer_service.engine" in modules  # a package's __init__ counts as the package
 
 
@@ -178,53 +183,74 @@ def test_every_package_is_scanned() -> None:
 _ENGINE_MODULE = "trainer_service.engine.loop"
 
 
-@pytest.mark.parametrize(("source", "expected"), [
-    ("import minio\n", ["minio"]),
-    ("import grpc.aio as aio\n", ["grpc.aio"]),
-    ("import sqlite3\n", ["sqlite3"]),
-    ("from visiontune.store import ArtifactStore\n", ["visiontune.store"]),
-    ("from visiontune import preprocessing, store\n", ["visiontune.store"]),
-    ("from visiontune.v1 import job_pb2\n", ["visiontune.v1"]),
-    ("from ..jobs import store\n", ["trainer_service.jobs"]),
-    ("from trainer_service.spec import validate\n", ["trainer_service.spec.validate"]),
-    ("from trainer_service import jobs\n", ["trainer_service.jobs"]),
-    ("def f():\n    from trainer_service.jobs.store import JobStore\n", ["trainer_service.jobs.store"]),
-    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from visiontune.uris import S3Location\n",
-     ["visiontune.uris"]),
-    ("import importlib\nm = importlib.import_module('minio')\n", ["minio"]),
-])
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import minio\n", ["minio"]),
+        ("import grpc.aio as aio\n", ["grpc.aio"]),
+        ("import sqlite3\n", ["sqlite3"]),
+        ("from visiontune.store import ArtifactStore\n", ["visiontune.store"]),
+        ("from visiontune import preprocessing, store\n", ["visiontune.store"]),
+        ("from visiontune.v1 import job_pb2\n", ["visiontune.v1"]),
+        ("from ..jobs import store\n", ["trainer_service.jobs"]),
+        ("from trainer_service.spec import validate\n", ["trainer_service.spec.validate"]),
+        ("from trainer_service import jobs\n", ["trainer_service.jobs"]),
+        ("def f():\n    from trainer_service.jobs.store import JobStore\n", ["trainer_service.jobs.store"]),
+        (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from visiontune.uris import S3Location\n",
+            ["visiontune.uris"],
+        ),
+        ("import importlib\nm = importlib.import_module('minio')\n", ["minio"]),
+    ],
+)
 def test_a_forbidden_engine_import_is_caught_however_it_is_written(source: str, expected: list[str]) -> None:
     found = [m for i in imports_of(source, _ENGINE_MODULE) for m in engine_violations(_ENGINE_MODULE, i)]
     assert found == expected
 
 
-@pytest.mark.parametrize("source", [
-    "import os.path\nimport torch.nn.functional as F\n",
-    "from torchvision.transforms import v2\n",
-    "import numpy.typing as npt\nfrom PIL import Image\nimport matplotlib\n",
-    "from trainer_service.spec.config import StageConfig\nfrom trainer_service.spec import config\n",
-    "from visiontune import float32, openset, preprocessing\n",
-    "from . import models\nfrom .batches import Split\nfrom trainer_service.engine import plots\n",
-    "from __future__ import annotations\n",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import os.path\nimport torch.nn.functional as F\n",
+        "from torchvision.transforms import v2\n",
+        "import numpy.typing as npt\nfrom PIL import Image\nimport matplotlib\n",
+        "from trainer_service.spec.config import StageConfig\nfrom trainer_service.spec import config\n",
+        "from visiontune import float32, openset, preprocessing\n",
+        "from . import models\nfrom .batches import Split\nfrom trainer_service.engine import plots\n",
+        "from __future__ import annotations\n",
+    ],
+)
 def test_allowed_engine_imports_pass(source: str) -> None:
     assert [m for i in imports_of(source, _ENGINE_MODULE) for m in engine_violations(_ENGINE_MODULE, i)] == []
 
 
-@pytest.mark.parametrize(("importer", "source", "expected"), [
-    ("trainer_service.servicer", "from inference_service.engine import InferenceEngine\n",
-     ["inference_service.engine"]),
-    ("inference_service.engine", "def f():\n    import trainer_service.engine.models\n",
-     ["trainer_service.engine.models"]),
-    ("visiontune.store", "from trainer_service import jobs\n", ["trainer_service"]),
-    ("visiontune", "from . import names\nimport inference_service\n", ["inference_service"]),
-    ("visiontune.client", "from visiontune.v1 import job_pb2\nimport torch\n", []),
-    ("trainer_service.jobs.local_executor", "from visiontune.devstack.ports import free_port\n",
-     ["visiontune.devstack.ports"]),
-    ("visiontune.store", "from visiontune import cli\n", ["visiontune.cli"]),
-    ("visiontune.cli.stack", "from visiontune.devstack import stack\nfrom visiontune.store import MANIFEST\n", []),
-])
+@pytest.mark.parametrize(
+    ("importer", "source", "expected"),
+    [
+        (
+            "trainer_service.servicer",
+            "from inference_service.engine import InferenceEngine\n",
+            ["inference_service.engine"],
+        ),
+        (
+            "inference_service.engine",
+            "def f():\n    import trainer_service.engine.models\n",
+            ["trainer_service.engine.models"],
+        ),
+        ("visiontune.store", "from trainer_service import jobs\n", ["trainer_service"]),
+        ("visiontune", "from . import names\nimport inference_service\n", ["inference_service"]),
+        ("visiontune.client", "from visiontune.v1 import job_pb2\nimport torch\n", []),
+        (
+            "trainer_service.jobs.local_executor",
+            "from visiontune.devstack.ports import free_port\n",
+            ["visiontune.devstack.ports"],
+        ),
+        ("visiontune.store", "from visiontune import cli\n", ["visiontune.cli"]),
+        ("visiontune.cli.stack", "from visiontune.devstack import stack\nfrom visiontune.store import MANIFEST\n", []),
+    ],
+)
 def test_forbidden_imports_between_the_parts(importer: str, source: str, expected: list[str]) -> None:
-    found = [m for i in imports_of(source, importer, is_package="." not in importer)
-             for m in forbidden_imports(importer, i)]
+    found = [
+        m for i in imports_of(source, importer, is_package="." not in importer) for m in forbidden_imports(importer, i)
+    ]
     assert found == expected

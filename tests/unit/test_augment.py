@@ -38,9 +38,17 @@ SWITCHES: dict[str, tuple[dict[str, Any], type]] = {
 }
 EVAL_TYPES = [v2.Resize, v2.ToDtype, v2.Normalize]
 ALL_ON: dict[str, Any] = {
-    "horizontal_flip": True, "vertical_flip": True, "rotation_degrees": 10.0, "zoom_min_scale": 0.5,
-    "zoom_max_scale": 0.8, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1,
-    "shear_degrees": 5.0, "gaussian_noise_std": 0.1,
+    "horizontal_flip": True,
+    "vertical_flip": True,
+    "rotation_degrees": 10.0,
+    "zoom_min_scale": 0.5,
+    "zoom_max_scale": 0.8,
+    "brightness": 0.2,
+    "contrast": 0.2,
+    "saturation": 0.2,
+    "hue": 0.1,
+    "shear_degrees": 5.0,
+    "gaussian_noise_std": 0.1,
 }
 
 
@@ -164,8 +172,15 @@ def test_flips_are_exact_mirror_images(flag: str, dim: int, image: torch.Tensor)
 
 def test_transform_parameters() -> None:
     aug = AugmentationConfig(
-        rotation_degrees=15.0, shear_degrees=10.0, zoom_min_scale=0.4, zoom_max_scale=0.9,
-        brightness=0.1, contrast=0.2, saturation=0.3, hue=0.05, gaussian_noise_std=0.3,
+        rotation_degrees=15.0,
+        shear_degrees=10.0,
+        zoom_min_scale=0.4,
+        zoom_max_scale=0.9,
+        brightness=0.1,
+        contrast=0.2,
+        saturation=0.3,
+        hue=0.05,
+        gaussian_noise_std=0.3,
     )
     by_type = {type(t): t for t in build_train_transform(aug, SIZE, MEAN, STD).transforms}
     crop = by_type[v2.RandomResizedCrop]
@@ -188,8 +203,14 @@ def test_transform_parameters() -> None:
 def test_everything_on_in_order(image: torch.Tensor) -> None:
     transform = build_train_transform(AugmentationConfig(**ALL_ON, copies_per_original=2), SIZE, MEAN, STD)
     assert _types(transform) == [
-        v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.RandomAffine, v2.ColorJitter,
-        v2.ToDtype, v2.Normalize, v2.GaussianNoise,
+        v2.RandomResizedCrop,
+        v2.RandomHorizontalFlip,
+        v2.RandomVerticalFlip,
+        v2.RandomAffine,
+        v2.ColorJitter,
+        v2.ToDtype,
+        v2.Normalize,
+        v2.GaussianNoise,
     ]
     out = _run(transform, image, 0)
     assert out.shape == (3, SIZE, SIZE)

@@ -34,8 +34,7 @@ def test_quick_run_writes_every_path_concurrency_and_ratio(bench: ModuleType, tm
     assert "python -m bench.serve --quick --output" in report
     for concurrency in (1, 8):
         for path in ("Classify", "Triton direct"):
-            row = next((line for line in report.splitlines() if line.startswith(f"| {path} | {concurrency} |")),
-                       None)
+            row = next((line for line in report.splitlines() if line.startswith(f"| {path} | {concurrency} |")), None)
             assert row is not None, f"no row for {path} at concurrency {concurrency}"
             cells = [cell.strip() for cell in row.strip("|").split("|")]
             images_per_second, requests, failed = float(cells[2]), int(cells[6]), int(cells[7])

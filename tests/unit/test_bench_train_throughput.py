@@ -16,8 +16,26 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--images", "16", "--size", "32", "--batch-size", "8", "--epochs", "1", "--stage1-epochs", "1",
-        "--rounds", "1", "--val-images", "8", "--device", "cpu", "--weights", "none"]
+TINY = [
+    "--images",
+    "16",
+    "--size",
+    "32",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--stage1-epochs",
+    "1",
+    "--rounds",
+    "1",
+    "--val-images",
+    "8",
+    "--device",
+    "cpu",
+    "--weights",
+    "none",
+]
 
 
 @pytest.fixture(scope="module")

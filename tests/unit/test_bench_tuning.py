@@ -17,8 +17,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-DATA_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-              "t10k-labels-idx1-ubyte.gz"]
+DATA_FILES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
 needs_fashion_mnist = pytest.mark.skipif(
     not all((FASHION_MNIST / name).is_file() for name in DATA_FILES),
     reason=f"Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist (puts it under {FASHION_MNIST})",

@@ -86,8 +86,10 @@ def test_split_edge_cases() -> None:
 # -- decode_image -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fmt", "options"), [("JPEG", {"quality": 95}), ("PNG", {}), ("WEBP", {"lossless": True}),
-                                              ("BMP", {}), ("GIF", {}), ("TIFF", {})])
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("JPEG", {"quality": 95}), ("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}), ("GIF", {}), ("TIFF", {})],
+)
 def test_decode_common_formats(fmt: str, options: dict[str, object]) -> None:
     tensor = decode_image(_encode(_solid(RED), fmt, **options), 16)
     assert tensor is not None
@@ -278,8 +280,9 @@ def test_all_corrupt_is_a_dataset_error_and_leaves_nothing(tmp_path: Path) -> No
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     pid = int(dead.stdout)
     (tmp_path / "decoded" / f".abc.{pid}.beef.tmp").mkdir(parents=True)
     (tmp_path / "private").mkdir()

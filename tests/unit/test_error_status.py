@@ -10,7 +10,7 @@ import grpc
 import pytest
 from inference_service.deployments import NoLiveVersion, NotDeployed, NotReady
 from inference_service.errors import InvalidRequest
-from trainer_service.engine.data import DatasetError
+from trainer_service.datasets.listing import DatasetError
 from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.jobs import records
 from trainer_service.tuning.studies import StudyPreconditionFailed
@@ -114,8 +114,10 @@ def test_parse_field_and_reraise_as() -> None:
         errors.parse_field("steps", parse, "twelve")
     assert [v.field for v in bad.value.violations] == ["steps"]
 
-    with (pytest.raises(errors.FailedPrecondition, match="S3 at e: gone") as raised,
-          errors.reraise_as(errors.FailedPrecondition, store_errors.StoreError)):
+    with (
+        pytest.raises(errors.FailedPrecondition, match="S3 at e: gone") as raised,
+        errors.reraise_as(errors.FailedPrecondition, store_errors.StoreError),
+    ):
         raise store_errors.StoreUnavailable("S3 at e: gone", endpoint="e")
     assert isinstance(raised.value.__cause__, store_errors.StoreUnavailable)
     with pytest.raises(KeyError), errors.reraise_as(errors.FailedPrecondition, store_errors.StoreError):
@@ -157,8 +159,9 @@ class Raiser:
 
 @pytest.fixture(scope="module")
 def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
-    settings = ServerSettings(host="127.0.0.1", port=0, data_dir=Path(tmp_path_factory.mktemp("raiser")),
-                              s3=S3Settings(), grace_seconds=1.0)
+    settings = ServerSettings(
+        host="127.0.0.1", port=0, data_dir=Path(tmp_path_factory.mktemp("raiser")), s3=S3Settings(), grace_seconds=1.0
+    )
     server = GrpcServer(settings, [Raiser().binding()], service_label="test")
     server.start()
     with make_channel(server.address) as channel:

@@ -9,16 +9,19 @@ from visiontune.devstack.dataset_upload import plan_upload
 from visiontune.imagefolder import is_image_name, label_of
 
 
-@pytest.mark.parametrize(("parts", "label"), [
-    (("cat", "a.jpg"), "cat"),
-    (("cat", "B.JPEG"), "cat"),
-    (("cat", "a.txt"), None),  # not an image by its suffix
-    (("a.jpg",), None),  # not in a label folder
-    (("cat", "young", "a.jpg"), None),  # too deep
-    (("", "a.jpg"), None),  # an S3 key with a double slash
-    ((".cat", "a.jpg"), None),
-    (("cat", ".a.jpg"), None),
-])
+@pytest.mark.parametrize(
+    ("parts", "label"),
+    [
+        (("cat", "a.jpg"), "cat"),
+        (("cat", "B.JPEG"), "cat"),
+        (("cat", "a.txt"), None),  # not an image by its suffix
+        (("a.jpg",), None),  # not in a label folder
+        (("cat", "young", "a.jpg"), None),  # too deep
+        (("", "a.jpg"), None),  # an S3 key with a double slash
+        ((".cat", "a.jpg"), None),
+        (("cat", ".a.jpg"), None),
+    ],
+)
 def test_label_of(parts: tuple[str, ...], label: str | None) -> None:
     assert label_of(parts) == label
 
@@ -37,4 +40,7 @@ def test_plan_upload_follows_the_rule(tmp_path: Path) -> None:
     assert plan.labels == {"cat": 1, "dog": 1}
     # Hidden files are not reported; the others that break the rule are.
     assert sorted(p.relative_to(tmp_path).as_posix() for p in plan.skipped) == [
-        "cat/notes.txt", "dog/deep/c.jpg", "loose.jpg"]
+        "cat/notes.txt",
+        "dog/deep/c.jpg",
+        "loose.jpg",
+    ]

@@ -72,8 +72,14 @@ def test_prediction_log_is_bounded_and_says_why_a_report_is_refused() -> None:
 
 def _deployment(version: str, weight: int, state: DeploymentState = DeploymentState.READY) -> Deployment:
     name = ModelVersionName("m", version)
-    return Deployment(name=name, settings=DeploySettings(traffic_weight=weight), triton_model=triton_model_name(name),
-                      device="cpu", deploy_time=datetime.now(UTC), state=state)
+    return Deployment(
+        name=name,
+        settings=DeploySettings(traffic_weight=weight),
+        triton_model=triton_model_name(name),
+        device="cpu",
+        deploy_time=datetime.now(UTC),
+        state=state,
+    )
 
 
 def test_traffic_is_split_by_weight_among_ready_versions() -> None:
@@ -129,7 +135,9 @@ def test_an_undeployed_version_is_drained_before_it_is_unloaded() -> None:
 
 def _manifest(**changes: object) -> manifest_pb2.ModelManifest:
     manifest = manifest_pb2.ModelManifest(
-        schema_version=1, name="models/m/versions/v1", labels=["a", "b"],
+        schema_version=1,
+        name="models/m/versions/v1",
+        labels=["a", "b"],
         preprocessing=manifest_pb2.Preprocessing(resize_size=32, crop_size=32, mean=[0.5] * 3, std=[0.25] * 3),
         weights=manifest_pb2.Weights(path="model.pt", format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT, sha256="0" * 64),
         open_set=job_pb2.OpenSetResult(score=training_spec_pb2.OPEN_SET_SCORE_ENERGY, threshold=2.5),
@@ -163,12 +171,27 @@ def test_an_unservable_manifest_is_refused_with_every_problem() -> None:
 
 
 def test_triton_model_config_and_atomic_write(tmp_path: Path) -> None:
-    config = TritonModelConfig(name="m__v1", input_name="images", input_dims=(3, 32, 32), output_name="logits",
-                               output_dims=(5,), max_batch_size=16, max_queue_delay_us=2000, instance_count=2,
-                               gpu=False, torch_threads=1)
+    config = TritonModelConfig(
+        name="m__v1",
+        input_name="images",
+        input_dims=(3, 32, 32),
+        output_name="logits",
+        output_dims=(5,),
+        max_batch_size=16,
+        max_queue_delay_us=2000,
+        instance_count=2,
+        gpu=False,
+        torch_threads=1,
+    )
     text = config.pbtxt()
-    for line in ('backend: "python"', "max_batch_size: 16", "dims: [3, 32, 32]", "dims: [5]",
-                 "max_queue_delay_microseconds: 2000", "count: 2 kind: KIND_CPU"):
+    for line in (
+        'backend: "python"',
+        "max_batch_size: 16",
+        "dims: [3, 32, 32]",
+        "dims: [5]",
+        "max_queue_delay_microseconds: 2000",
+        "count: 2 kind: KIND_CPU",
+    ):
         assert line in text
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")

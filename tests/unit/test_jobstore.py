@@ -330,9 +330,7 @@ def test_update_state_sets_times_error_and_result(store: JobStore, clock: StepCl
     assert running.update_time == started
     assert running.end_time is None
 
-    done = store.update_state(
-        "j1", JobState.SUCCEEDED, result_json='{"acc": 0.9}', expected={JobState.RUNNING}
-    )
+    done = store.update_state("j1", JobState.SUCCEEDED, result_json='{"acc": 0.9}', expected={JobState.RUNNING})
     assert done.state is JobState.SUCCEEDED
     assert done.start_time == started  # unchanged
     assert done.end_time == clock.last
@@ -507,8 +505,7 @@ def test_events_appended_from_another_process(db_path: Path) -> None:
     with JobStore(db_path, poll_interval_s=0.05) as s:
         s.create_job("j1", "{}")
         children = [
-            ctx.Process(target=_append_from_other_process, args=(str(db_path), "j1", 40, 0.0))
-            for _ in range(2)
+            ctx.Process(target=_append_from_other_process, args=(str(db_path), "j1", 40, 0.0)) for _ in range(2)
         ]
         for child in children:
             child.start()

@@ -46,8 +46,10 @@ def test_schedule_is_geometric_from_min_to_max() -> None:
     assert np.allclose(ratios, 8 / 99)
 
 
-@pytest.mark.parametrize(("min_lr", "max_lr", "steps"), [(0.0, 1.0, 10), (1.0, 1.0, 10), (1.0, 0.1, 10),
-                                                         (1e-3, math.inf, 10), (1e-3, 1.0, 1)])
+@pytest.mark.parametrize(
+    ("min_lr", "max_lr", "steps"),
+    [(0.0, 1.0, 10), (1.0, 1.0, 10), (1.0, 0.1, 10), (1e-3, math.inf, 10), (1e-3, 1.0, 1)],
+)
 def test_schedule_rejects_bad_ranges(min_lr: float, max_lr: float, steps: int) -> None:
     with pytest.raises(ValueError, match=r"must|need"):
         lr_schedule(min_lr, max_lr, steps)
@@ -242,8 +244,9 @@ def test_a_sweep_follows_the_exponential_schedule(model: Classifier, split: Spli
     assert result.rule in (STEEPEST_RULE, MINIMUM_RULE)
 
 
-def test_the_loss_falls_and_the_suggestion_is_the_steepest_point(model: Classifier, split: Split,
-                                                                 ctx: RunContext) -> None:
+def test_the_loss_falls_and_the_suggestion_is_the_steepest_point(
+    model: Classifier, split: Split, ctx: RunContext
+) -> None:
     result = find_learning_rate(model, split, STAGE, ctx)
     smoothed = [p.smoothed_loss for p in result.points]
     assert min(smoothed) < 0.9 * smoothed[0]  # the head learns: a real descent
@@ -257,7 +260,7 @@ def test_a_huge_max_lr_diverges_and_stops_early(model: Classifier, split: Split,
     assert len(result.points) < 100
     smoothed = [p.smoothed_loss for p in result.points]
     assert smoothed[-1] > 4.0 * min(smoothed)  # stopped on the divergence rule
-    assert all(not diverged(s, min(smoothed[:i + 1]), 4.0) for i, s in enumerate(smoothed[:-1]))
+    assert all(not diverged(s, min(smoothed[: i + 1]), 4.0) for i, s in enumerate(smoothed[:-1]))
     assert result.suggested_lr < result.points[-1].lr
 
 
@@ -274,8 +277,14 @@ def test_a_sweep_leaves_the_model_and_the_global_rng_alone(model: Classifier, sp
     grads = [p.requires_grad for p in model.parameters()]
     modes = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    find_learning_rate(model, split, StageConfig(batch_size=8, gradient_clip_norm=1.0), ctx, steps=20,
-                       class_weight=torch.tensor([1.0, 2.0, 0.5]))
+    find_learning_rate(
+        model,
+        split,
+        StageConfig(batch_size=8, gradient_clip_norm=1.0),
+        ctx,
+        steps=20,
+        class_weight=torch.tensor([1.0, 2.0, 0.5]),
+    )
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -290,12 +299,18 @@ def test_fewer_images_than_a_batch_still_sweep(model: Classifier, ctx: RunContex
     assert len(result.points) == 12 or result.stopped_early
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"steps": 1}, "steps"), ({"smoothing": 1.0}, "smoothing"), ({"divergence_factor": 1.0}, "divergence_factor"),
-    ({"min_lr": 1.0, "max_lr": 0.5}, "min_lr"),
-])
-def test_bad_arguments_are_errors(model: Classifier, split: Split, ctx: RunContext, kwargs: dict[str, float],
-                                  match: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 1}, "steps"),
+        ({"smoothing": 1.0}, "smoothing"),
+        ({"divergence_factor": 1.0}, "divergence_factor"),
+        ({"min_lr": 1.0, "max_lr": 0.5}, "min_lr"),
+    ],
+)
+def test_bad_arguments_are_errors(
+    model: Classifier, split: Split, ctx: RunContext, kwargs: dict[str, float], match: str
+) -> None:
     with pytest.raises(ValueError, match=match):
         find_learning_rate(model, split, STAGE, ctx, **kwargs)  # type: ignore[arg-type]
 

@@ -31,16 +31,73 @@ TARGET_LABELS = {"job", "instance"}
 TRITON_LABELS = {"model", "version", "gpu_uuid"}
 
 PROMQL_FUNCTIONS = {
-    "abs", "absent", "absent_over_time", "avg_over_time", "ceil", "changes", "clamp", "clamp_max", "clamp_min",
-    "count_over_time", "day_of_month", "day_of_week", "day_of_year", "days_in_month", "delta", "deriv", "exp",
-    "floor", "histogram_quantile", "holt_winters", "hour", "idelta", "increase", "irate", "label_join",
-    "label_replace", "last_over_time", "ln", "log10", "log2", "max_over_time", "min_over_time", "minute",
-    "month", "predict_linear", "present_over_time", "quantile_over_time", "rate", "resets", "round", "scalar",
-    "sgn", "sort", "sort_desc", "sqrt", "stddev_over_time", "stdvar_over_time", "sum_over_time", "time",
-    "timestamp", "vector", "year",
+    "abs",
+    "absent",
+    "absent_over_time",
+    "avg_over_time",
+    "ceil",
+    "changes",
+    "clamp",
+    "clamp_max",
+    "clamp_min",
+    "count_over_time",
+    "day_of_month",
+    "day_of_week",
+    "day_of_year",
+    "days_in_month",
+    "delta",
+    "deriv",
+    "exp",
+    "floor",
+    "histogram_quantile",
+    "holt_winters",
+    "hour",
+    "idelta",
+    "increase",
+    "irate",
+    "label_join",
+    "label_replace",
+    "last_over_time",
+    "ln",
+    "log10",
+    "log2",
+    "max_over_time",
+    "min_over_time",
+    "minute",
+    "month",
+    "predict_linear",
+    "present_over_time",
+    "quantile_over_time",
+    "rate",
+    "resets",
+    "round",
+    "scalar",
+    "sgn",
+    "sort",
+    "sort_desc",
+    "sqrt",
+    "stddev_over_time",
+    "stdvar_over_time",
+    "sum_over_time",
+    "time",
+    "timestamp",
+    "vector",
+    "year",
 }
-AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk",
-                "topk", "quantile"}
+AGGREGATIONS = {
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+}
 LABEL_LIST_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
 KEYWORDS = {"and", "or", "unless", "bool", "offset", "atan2", "inf", "nan"}
 GRAFANA_DURATIONS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
@@ -55,8 +112,15 @@ def promtool() -> str:
 
 
 def run_promtool(promtool: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([promtool, *args], input=stdin.decode() if stdin is not None else None,
-                          capture_output=True, text=True, timeout=120, cwd=MONITORING, check=False)
+    return subprocess.run(
+        [promtool, *args],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=MONITORING,
+        check=False,
+    )
 
 
 def show(proc: subprocess.CompletedProcess[str]) -> str:
@@ -172,7 +236,7 @@ def tokenize(expr: str) -> list[tuple[str, str]]:
     while pos < len(expr):
         match = _TOKEN.match(expr, pos)
         if match is None:
-            raise ValueError(f"cannot read PromQL at {expr[pos:pos + 30]!r} in {expr!r}")
+            raise ValueError(f"cannot read PromQL at {expr[pos : pos + 30]!r} in {expr!r}")
         kind = match.lastgroup
         assert kind is not None
         if kind != "ws":
@@ -250,16 +314,29 @@ def promql_refs(expr: str) -> PromqlRefs:
 @pytest.mark.parametrize(
     ("expr", "selectors", "grouping", "functions"),
     [
-        ('sum by (le) (rate(x_bucket{a="}{", b=~"$model"}[$__rate_interval]))',
-         [("x_bucket", {"a", "b"})], {"le"}, {"rate"}),
-        ("a / ignoring (v) group_left sum(b) > bool 0.5 and on (m) c offset 5m",
-         [("a", set()), ("b", set()), ("c", set())], {"v", "m"}, set()),
-        ('histogram_quantile(0.99, sum without (instance) (rate(h_bucket[5m]))) > 2.5e-1',
-         [("h_bucket", set())], {"instance"}, {"histogram_quantile", "rate"}),
+        (
+            'sum by (le) (rate(x_bucket{a="}{", b=~"$model"}[$__rate_interval]))',
+            [("x_bucket", {"a", "b"})],
+            {"le"},
+            {"rate"},
+        ),
+        (
+            "a / ignoring (v) group_left sum(b) > bool 0.5 and on (m) c offset 5m",
+            [("a", set()), ("b", set()), ("c", set())],
+            {"v", "m"},
+            set(),
+        ),
+        (
+            "histogram_quantile(0.99, sum without (instance) (rate(h_bucket[5m]))) > 2.5e-1",
+            [("h_bucket", set())],
+            {"instance"},
+            {"histogram_quantile", "rate"},
+        ),
     ],
 )
-def test_promql_reader(expr: str, selectors: list[tuple[str, set[str]]], grouping: set[str],
-                       functions: set[str]) -> None:
+def test_promql_reader(
+    expr: str, selectors: list[tuple[str, set[str]]], grouping: set[str], functions: set[str]
+) -> None:
     refs = promql_refs(expr)
     assert refs.selectors == selectors
     assert refs.grouping_labels == grouping
@@ -329,27 +406,31 @@ def unknown_references(expr: str, *, allowed_extra: dict[str, set[str]]) -> list
 def test_reference_check_catches_mistakes() -> None:
     assert unknown_references(f'rate({PREFIX}_requests_total{{code="OK"}}[5m])', allowed_extra={}) == []
     assert unknown_references(f"rate({PREFIX}_requests[5m])", allowed_extra={}) == [
-        f"series {PREFIX}_requests is not exported by InferenceMetrics"]
+        f"series {PREFIX}_requests is not exported by InferenceMetrics"
+    ]
     assert unknown_references(f'{PREFIX}_deployed_versions{{version="v1"}}', allowed_extra={}) == [
-        f"{PREFIX}_deployed_versions has no label(s) ['version']"]
+        f"{PREFIX}_deployed_versions has no label(s) ['version']"
+    ]
     assert unknown_references(f"sum by (modle) (rat({PREFIX}_images_total[5m]))", allowed_extra={}) == [
-        "unknown function rat()", "unknown label 'modle' in by/on/without"]
+        "unknown function rat()",
+        "unknown label 'modle' in by/on/without",
+    ]
 
 
 def test_rules_reference_only_exported_series() -> None:
     rules = load_rules()
     assert rules
     extra = recorded_series() | {"up": set()}
-    problems = {rule.get("alert") or rule["record"]: unknown_references(rule["expr"], allowed_extra=extra)
-                for rule in rules}
+    problems = {
+        rule.get("alert") or rule["record"]: unknown_references(rule["expr"], allowed_extra=extra) for rule in rules
+    }
     assert {name: found for name, found in problems.items() if found} == {}
 
 
 def test_dashboard_references_only_exported_series() -> None:
     exprs = dashboard_exprs()
     assert len(exprs) >= 10
-    problems = {f"{title}: {expr}": unknown_references(expr, allowed_extra=recorded_series())
-                for title, expr in exprs}
+    problems = {f"{title}: {expr}": unknown_references(expr, allowed_extra=recorded_series()) for title, expr in exprs}
     assert {key: found for key, found in problems.items() if found} == {}
 
 
@@ -379,9 +460,11 @@ def test_alerts_are_actionable() -> None:
 
 def exposed_samples(metrics: InferenceMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """{(sample name, sorted labels): value} of an exposition, as a scrape reads it."""
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(metrics.exposition().decode())
-            for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for sample in family.samples
+    }
 
 
 def test_no_live_versions_alert_sees_what_the_service_exports() -> None:
@@ -401,8 +484,7 @@ def test_no_live_versions_alert_sees_what_the_service_exports() -> None:
     samples = exposed_samples(metrics)
     assert samples[(f"{PREFIX}_deployed_versions", (("model", "flowers"),))] == 0.0
     assert samples[(f"{PREFIX}_deployed_versions", (("model", "cats"),))] == 1.0
-    assert samples[(f"{PREFIX}_requests_total", (("code", "NOT_FOUND"), ("model", "flowers"), ("version", "")))] \
-        == 1.0
+    assert samples[(f"{PREFIX}_requests_total", (("code", "NOT_FOUND"), ("model", "flowers"), ("version", "")))] == 1.0
 
 
 def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
@@ -455,10 +537,17 @@ def test_dashboard_structure() -> None:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
 
     titles = {panel["title"] for panel in panels}
-    for required in ("Requests by code", "Classify latency (end to end)", "Preprocess vs Triton latency (p99)",
-                     "Predictions by verdict", "Unknown-class false-positive rate",
-                     "False positives and false rejections per hour", "Feedback by outcome", "Deployed versions",
-                     "Traffic weights"):
+    for required in (
+        "Requests by code",
+        "Classify latency (end to end)",
+        "Preprocess vs Triton latency (p99)",
+        "Predictions by verdict",
+        "Unknown-class false-positive rate",
+        "False positives and false rejections per hour",
+        "Feedback by outcome",
+        "Deployed versions",
+        "Traffic weights",
+    ):
         assert required in titles
 
 

@@ -33,14 +33,17 @@ def test_a_token_round_trips_only_under_its_filter() -> None:
     assert [v.field for v in refused.value.violations] == ["page_token"]
 
 
-@pytest.mark.parametrize("token", [
-    "!!! not base64 !!!",
-    base64.urlsafe_b64encode(b"not json").decode(),
-    base64.urlsafe_b64encode(json.dumps({"p": ["x", 3], "f": "f"}).encode()).decode(),  # wrong types
-    base64.urlsafe_b64encode(json.dumps({"p": [True, "a"], "f": "f"}).encode()).decode(),  # a bool is no int
-    base64.urlsafe_b64encode(json.dumps({"p": [1], "f": "f"}).encode()).decode(),  # wrong length
-    base64.urlsafe_b64encode(json.dumps({"t": 1, "id": "a", "f": "f"}).encode()).decode(),
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "!!! not base64 !!!",
+        base64.urlsafe_b64encode(b"not json").decode(),
+        base64.urlsafe_b64encode(json.dumps({"p": ["x", 3], "f": "f"}).encode()).decode(),  # wrong types
+        base64.urlsafe_b64encode(json.dumps({"p": [True, "a"], "f": "f"}).encode()).decode(),  # a bool is no int
+        base64.urlsafe_b64encode(json.dumps({"p": [1], "f": "f"}).encode()).decode(),  # wrong length
+        base64.urlsafe_b64encode(json.dumps({"t": 1, "id": "a", "f": "f"}).encode()).decode(),
+    ],
+)
 def test_a_foreign_token_is_refused(token: str) -> None:
     with pytest.raises(InvalidPage, match="not a token this server issued"):
         pagination.decode_page_token(token, "f", (int, str))

@@ -34,21 +34,31 @@ def _paths(descriptor: Descriptor, prefix: str = "") -> Iterator[tuple[str, Fiel
 
 SPEC_FIELDS = dict(_paths(SPEC))
 REQUEST_FIELDS = {path: field for path, field in _paths(REQUEST) if "." not in path and path != "spec"}
-NUMBERS = (FieldDescriptor.CPPTYPE_INT32, FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT32,
-           FieldDescriptor.CPPTYPE_UINT64, FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
+NUMBERS = (
+    FieldDescriptor.CPPTYPE_INT32,
+    FieldDescriptor.CPPTYPE_INT64,
+    FieldDescriptor.CPPTYPE_UINT32,
+    FieldDescriptor.CPPTYPE_UINT64,
+    FieldDescriptor.CPPTYPE_FLOAT,
+    FieldDescriptor.CPPTYPE_DOUBLE,
+)
 
 
 # -- intervals --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "inside", "outside", "words"), [
-    ("(0, 10]", [1e-9, 10], [0, 10.5, -1], "in (0, 10]"),
-    ("[0, 1)", [0, 0.999], [1, -0.1], "in [0, 1)"),
-    ("[0, inf)", [0, 1e30], [-1e-9], ">= 0"),
-    ("(0, inf)", [1e-9], [0], "> 0"),
-])
-def test_an_interval_reads_tests_and_words_its_bounds(text: str, inside: list[float], outside: list[float],
-                                                       words: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "inside", "outside", "words"),
+    [
+        ("(0, 10]", [1e-9, 10], [0, 10.5, -1], "in (0, 10]"),
+        ("[0, 1)", [0, 0.999], [1, -0.1], "in [0, 1)"),
+        ("[0, inf)", [0, 1e30], [-1e-9], ">= 0"),
+        ("(0, inf)", [1e-9], [0], "> 0"),
+    ],
+)
+def test_an_interval_reads_tests_and_words_its_bounds(
+    text: str, inside: list[float], outside: list[float], words: str
+) -> None:
     interval = Interval.parse(text)
     assert interval.notation() == text
     assert str(interval) == words

@@ -30,7 +30,9 @@ FILES: list[FileDescriptor] = [
 def _check(proto_root: Path, out_root: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(GEN), "--check", "--proto-root", str(proto_root), "--out-root", str(out_root)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -76,13 +78,27 @@ def test_services_expose_every_rpc_of_the_design() -> None:
     training = training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"]
     inference = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     assert set(training.methods_by_name) >= {
-        "CreateJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "FindLearningRate", "CreateStudy",
-        "GetStudy", "ListStudies", "CancelStudy", "WatchStudy", "RecommendSpec",
+        "CreateJob",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+        "WatchJob",
+        "FindLearningRate",
+        "CreateStudy",
+        "GetStudy",
+        "ListStudies",
+        "CancelStudy",
+        "WatchStudy",
+        "RecommendSpec",
     }
     assert training.methods_by_name["WatchJob"].server_streaming
     assert training.methods_by_name["WatchStudy"].server_streaming
     assert set(inference.methods_by_name) == {
-        "Classify", "DeployModel", "UndeployModel", "ListDeployments", "ReportFeedback",
+        "Classify",
+        "DeployModel",
+        "UndeployModel",
+        "ListDeployments",
+        "ReportFeedback",
     }
 
 
@@ -100,42 +116,94 @@ def test_training_spec_carries_every_hyperparameter_of_the_design() -> None:
     paths = _paths(training_spec_pb2.TrainingSpec.DESCRIPTOR)
     expected = {
         # dataset
-        "dataset.uri", "dataset.validation_uri", "dataset.test_uri", "dataset.unknown_uri",
-        "dataset.validation_split", "dataset.image_size", "dataset.class_balancing",
+        "dataset.uri",
+        "dataset.validation_uri",
+        "dataset.test_uri",
+        "dataset.unknown_uri",
+        "dataset.validation_split",
+        "dataset.image_size",
+        "dataset.class_balancing",
         # augmentation
-        "augmentation.horizontal_flip", "augmentation.vertical_flip", "augmentation.rotation_degrees",
-        "augmentation.zoom_min_scale", "augmentation.zoom_max_scale", "augmentation.brightness",
-        "augmentation.contrast", "augmentation.saturation", "augmentation.hue", "augmentation.shear_degrees",
-        "augmentation.gaussian_noise_std", "augmentation.copies_per_original",
+        "augmentation.horizontal_flip",
+        "augmentation.vertical_flip",
+        "augmentation.rotation_degrees",
+        "augmentation.zoom_min_scale",
+        "augmentation.zoom_max_scale",
+        "augmentation.brightness",
+        "augmentation.contrast",
+        "augmentation.saturation",
+        "augmentation.hue",
+        "augmentation.shear_degrees",
+        "augmentation.gaussian_noise_std",
+        "augmentation.copies_per_original",
         # model
-        "model.architecture", "model.weights", "model.weights_uri", "model.classifier_dim", "model.dropout",
+        "model.architecture",
+        "model.weights",
+        "model.weights_uri",
+        "model.classifier_dim",
+        "model.dropout",
         # stage 1 and 2
-        "classifier.epochs", "classifier.learning_rate", "classifier.batch_size", "classifier.optimizer.type",
-        "classifier.optimizer.momentum", "classifier.optimizer.nesterov", "classifier.optimizer.weight_decay",
-        "classifier.schedule.type", "classifier.schedule.warmup_epochs", "classifier.early_stopping.monitor",
-        "classifier.early_stopping.patience", "classifier.early_stopping.min_delta",
-        "classifier.label_smoothing", "classifier.gradient_clip_norm",
-        "fine_tuning.enabled", "fine_tuning.stage.learning_rate", "fine_tuning.unfreeze.all",
-        "fine_tuning.unfreeze.last_n_blocks", "fine_tuning.override_learning_rate_limit",
+        "classifier.epochs",
+        "classifier.learning_rate",
+        "classifier.batch_size",
+        "classifier.optimizer.type",
+        "classifier.optimizer.momentum",
+        "classifier.optimizer.nesterov",
+        "classifier.optimizer.weight_decay",
+        "classifier.schedule.type",
+        "classifier.schedule.warmup_epochs",
+        "classifier.early_stopping.monitor",
+        "classifier.early_stopping.patience",
+        "classifier.early_stopping.min_delta",
+        "classifier.label_smoothing",
+        "classifier.gradient_clip_norm",
+        "fine_tuning.enabled",
+        "fine_tuning.stage.learning_rate",
+        "fine_tuning.unfreeze.all",
+        "fine_tuning.unfreeze.last_n_blocks",
+        "fine_tuning.override_learning_rate_limit",
         # open set and run
-        "open_set.score", "open_set.target_true_positive_rate",
-        "run.seed", "run.repeats", "run.precision", "run.device", "run.data_loader_workers",
+        "open_set.score",
+        "open_set.target_true_positive_rate",
+        "run.seed",
+        "run.repeats",
+        "run.precision",
+        "run.device",
+        "run.data_loader_workers",
     }
     assert expected <= paths, sorted(expected - paths)
     schedules = set(training_spec_pb2.ScheduleType.keys())
-    assert {f"SCHEDULE_TYPE_{s}" for s in
-            ("CONSTANT", "STEP", "COSINE", "ONE_CYCLE", "CYCLIC", "SGDR", "REDUCE_ON_PLATEAU")} <= schedules
+    assert {
+        f"SCHEDULE_TYPE_{s}" for s in ("CONSTANT", "STEP", "COSINE", "ONE_CYCLE", "CYCLIC", "SGDR", "REDUCE_ON_PLATEAU")
+    } <= schedules
     architectures = set(training_spec_pb2.Architecture.keys())
-    assert {f"ARCHITECTURE_{a}" for a in ("RESNET18", "RESNET34", "RESNET50", "RESNET101", "RESNET152",
-                                           "MOBILENET_V3_SMALL", "MOBILENET_V3_LARGE", "MOBILENET_V2")} <= architectures
+    assert {
+        f"ARCHITECTURE_{a}"
+        for a in (
+            "RESNET18",
+            "RESNET34",
+            "RESNET50",
+            "RESNET101",
+            "RESNET152",
+            "MOBILENET_V3_SMALL",
+            "MOBILENET_V3_LARGE",
+            "MOBILENET_V2",
+        )
+    } <= architectures
 
 
 def test_defaults_that_are_not_zero_are_optional_so_unset_is_detectable() -> None:
     spec = training_spec_pb2.TrainingSpec()
-    for msg, field in ((spec.dataset, "validation_split"), (spec.dataset, "image_size"),
-                       (spec.model, "classifier_dim"), (spec.model, "dropout"), (spec.classifier, "epochs"),
-                       (spec.classifier, "learning_rate"), (spec.classifier, "batch_size"),
-                       (spec.open_set, "target_true_positive_rate")):
+    for msg, field in (
+        (spec.dataset, "validation_split"),
+        (spec.dataset, "image_size"),
+        (spec.model, "classifier_dim"),
+        (spec.model, "dropout"),
+        (spec.classifier, "epochs"),
+        (spec.classifier, "learning_rate"),
+        (spec.classifier, "batch_size"),
+        (spec.open_set, "target_true_positive_rate"),
+    ):
         assert not msg.HasField(field)
 
 
@@ -174,8 +242,12 @@ def test_the_committed_docs_list_every_spec_field() -> None:
 
 def test_a_default_changed_in_the_proto_reaches_the_validator_the_yaml_reference_and_the_docs(tmp_path: Path) -> None:
     protos, out = _with_classifier_epochs(tmp_path, 12), tmp_path / "out"
-    generated = subprocess.run([sys.executable, str(GEN), "--proto-root", str(protos), "--out-root", str(out)],
-                               capture_output=True, text=True, check=False)
+    generated = subprocess.run(
+        [sys.executable, str(GEN), "--proto-root", str(protos), "--out-root", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert generated.returncode == 0, generated.stdout + generated.stderr
     # This tree's code on the regenerated stubs: nothing but the proto changed.
     probe = (
@@ -189,12 +261,18 @@ def test_a_default_changed_in_the_proto_reaches_the_validator_the_yaml_reference
         "print(config.classifier.epochs, StageConfig().epochs, config.fine_tuning.stage.epochs)\n"
         "print(spec_reference_yaml())\n"
     )
-    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ran = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert ran.returncode == 0, ran.stderr
     resolved, reference = ran.stdout.split("\n", 1)
     assert resolved == "12 12 5"
-    classifier = reference[reference.index("\nclassifier:"):reference.index("\nfine_tuning:")]
+    classifier = reference[reference.index("\nclassifier:") : reference.index("\nfine_tuning:")]
     assert "\n  epochs: 12  # range [1, 1000]\n" in classifier
     docs = (out / "docs" / "spec.md").read_text()
     assert "| `classifier.epochs` | optional int32 | `12` | `[1, 1000]` |" in docs

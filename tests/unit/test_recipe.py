@@ -96,21 +96,33 @@ def _run(config: TrainingConfig, recorder: Recorder, resume: ResumeState | None 
 def _resume_state(raw: bytes) -> ResumeState:
     state = torch.load(io.BytesIO(raw), weights_only=False)
     return ResumeState(
-        repeat=state["repeat"], stage=state["stage"], stage_state=state["stage_state"], model=state["model"],
-        finished=state["finished"], best_model=state["best_model"], classifier_state=state["classifier_state"],
-        lrs=state["lrs"], histograms=state["histograms"],
+        repeat=state["repeat"],
+        stage=state["stage"],
+        stage_state=state["stage_state"],
+        model=state["model"],
+        finished=state["finished"],
+        best_model=state["best_model"],
+        classifier_state=state["classifier_state"],
+        lrs=state["lrs"],
+        histograms=state["histograms"],
     )
 
 
 def test_two_stages_report_every_epoch_and_learn() -> None:
-    config = _config(fine_tuning=FineTuningConfig(enabled=True, stage=StageConfig(epochs=2, batch_size=16,
-                                                                                   learning_rate=0.001)))
+    config = _config(
+        fine_tuning=FineTuningConfig(enabled=True, stage=StageConfig(epochs=2, batch_size=16, learning_rate=0.001))
+    )
     recorder = Recorder()
     result = _run(config, recorder)
 
     assert [(s, e) for _, s, e, _ in recorder.stages] == [(CLASSIFIER, 3), (FINE_TUNING, 2)]
     assert [(r.stage, r.epoch) for _, r in recorder.epochs] == [
-        (CLASSIFIER, 1), (CLASSIFIER, 2), (CLASSIFIER, 3), (FINE_TUNING, 1), (FINE_TUNING, 2)]
+        (CLASSIFIER, 1),
+        (CLASSIFIER, 2),
+        (CLASSIFIER, 3),
+        (FINE_TUNING, 1),
+        (FINE_TUNING, 2),
+    ]
     assert len(recorder.checkpoints) == 5
     first, last = recorder.epochs[0][1], recorder.epochs[2][1]
     assert last.train_loss < first.train_loss
@@ -144,8 +156,11 @@ def test_augmented_copies_grow_the_epoch() -> None:
 
 
 def test_early_stopping_stops_and_says_so() -> None:
-    stage = StageConfig(epochs=6, batch_size=16, early_stopping=EarlyStoppingConfig(
-        enabled=True, monitor=Metric.VALIDATION_LOSS, patience=1, min_delta=10.0))
+    stage = StageConfig(
+        epochs=6,
+        batch_size=16,
+        early_stopping=EarlyStoppingConfig(enabled=True, monitor=Metric.VALIDATION_LOSS, patience=1, min_delta=10.0),
+    )
     recorder = Recorder()
     result = _run(_config(classifier=stage), recorder)
     # min_delta 10 means no epoch after the first counts as an improvement: stop after patience (1) more.
@@ -156,8 +171,12 @@ def test_early_stopping_stops_and_says_so() -> None:
 
 def test_repeats_give_mean_and_std_over_seeds() -> None:
     recorder = Recorder()
-    result = _run(_config(run=RunConfig(data_loader_workers=0, repeats=3, seed=7),
-                          classifier=StageConfig(epochs=1, batch_size=16)), recorder)
+    result = _run(
+        _config(
+            run=RunConfig(data_loader_workers=0, repeats=3, seed=7), classifier=StageConfig(epochs=1, batch_size=16)
+        ),
+        recorder,
+    )
     assert [r.seed for r in result.repeats] == [7, 8, 9]
     mean, std = result.summary["train_loss"]
     losses = [r.metrics()["train_loss"] for r in result.repeats]

@@ -86,10 +86,21 @@ def test_the_dataset_uri_and_the_output_model_come_from_the_caller() -> None:
 # -- batch size -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("total", "gpu", "expected"), [
-    (100, False, 16), (499, False, 16), (500, False, 32), (4999, False, 32), (5000, False, 64), (10**6, False, 64),
-    (499, True, 16), (4999, True, 32), (5000, True, 128), (10**6, True, 128),
-])
+@pytest.mark.parametrize(
+    ("total", "gpu", "expected"),
+    [
+        (100, False, 16),
+        (499, False, 16),
+        (500, False, 32),
+        (4999, False, 32),
+        (5000, False, 64),
+        (10**6, False, 64),
+        (499, True, 16),
+        (4999, True, 32),
+        (5000, True, 128),
+        (10**6, True, 128),
+    ],
+)
 def test_batch_size_by_dataset_size(total: int, gpu: bool, expected: int) -> None:
     assert r.batch_size_for(total, train_images=total, gpu=gpu) == expected
 
@@ -107,12 +118,22 @@ def test_the_fine_tuning_stage_uses_the_classifier_batch_size() -> None:
 # -- validation split -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("smallest", "expected"), [
-    (1, 0.3), (10, 0.3), (34, 0.3),  # too few for 20 train + 15 validation: 30 %
-    (35, 0.43), (50, 0.3), (60, 0.25),  # the fraction that gives 15 validation images
-    (75, 0.2), (500, 0.2), (999, 0.2),  # the default already does
-    (1000, 0.1), (50000, 0.1),  # 10 % is >= 100 per label
-])
+@pytest.mark.parametrize(
+    ("smallest", "expected"),
+    [
+        (1, 0.3),
+        (10, 0.3),
+        (34, 0.3),  # too few for 20 train + 15 validation: 30 %
+        (35, 0.43),
+        (50, 0.3),
+        (60, 0.25),  # the fraction that gives 15 validation images
+        (75, 0.2),
+        (500, 0.2),
+        (999, 0.2),  # the default already does
+        (1000, 0.1),
+        (50000, 0.1),  # 10 % is >= 100 per label
+    ],
+)
 def test_validation_split_by_the_smallest_label(smallest: int, expected: float) -> None:
     assert r.validation_split_for(smallest) == expected
 
@@ -140,13 +161,16 @@ def test_validation_count_matches_the_stratified_split(n: int, fraction: float) 
 # -- fine-tuning ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("counts", "wanted"), [
-    (_balanced(10, 99), False),  # 990 images, 99 per label: both too small
-    (_balanced(5, 199), False),  # 995 images: enough per label, too few in all
-    (_balanced(20, 60), False),  # 1200 images, but 60 per label
-    (_balanced(10, 100), True),  # exactly the thresholds
-    (_balanced(2, 600), True),
-])
+@pytest.mark.parametrize(
+    ("counts", "wanted"),
+    [
+        (_balanced(10, 99), False),  # 990 images, 99 per label: both too small
+        (_balanced(5, 199), False),  # 995 images: enough per label, too few in all
+        (_balanced(20, 60), False),  # 1200 images, but 60 per label
+        (_balanced(10, 100), True),  # exactly the thresholds
+        (_balanced(2, 600), True),
+    ],
+)
 def test_fine_tuning_only_for_big_enough_datasets(counts: dict[str, int], wanted: bool) -> None:
     config = _recommend(counts).config
     assert config.fine_tuning.enabled is wanted
@@ -159,12 +183,18 @@ def test_fine_tuning_lr_is_the_classifier_lr_over_ten_within_five_epochs(counts:
     assert config.fine_tuning.stage.epochs <= 5
 
 
-@pytest.mark.parametrize(("total", "architecture", "expected"), [
-    (1000, Architecture.MOBILENET_V2, 6), (9999, Architecture.MOBILENET_V3_LARGE, 6),
-    (5000, Architecture.RESNET50, 2), (10000, Architecture.MOBILENET_V2, None),
-])
-def test_unfreeze_the_last_third_below_10000_images(total: int, architecture: Architecture,
-                                                     expected: int | None) -> None:
+@pytest.mark.parametrize(
+    ("total", "architecture", "expected"),
+    [
+        (1000, Architecture.MOBILENET_V2, 6),
+        (9999, Architecture.MOBILENET_V3_LARGE, 6),
+        (5000, Architecture.RESNET50, 2),
+        (10000, Architecture.MOBILENET_V2, None),
+    ],
+)
+def test_unfreeze_the_last_third_below_10000_images(
+    total: int, architecture: Architecture, expected: int | None
+) -> None:
     assert r.unfreeze_blocks_for(total, architecture) == expected
 
 
@@ -178,11 +208,17 @@ def test_fine_tuning_stops_early_on_its_best_epoch() -> None:
 # -- architecture ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("total", "gpu", "expected"), [
-    (100, False, Architecture.MOBILENET_V2), (10**6, False, Architecture.MOBILENET_V2),
-    (9999, True, Architecture.MOBILENET_V2), (10000, True, Architecture.MOBILENET_V3_LARGE),
-    (49999, True, Architecture.MOBILENET_V3_LARGE), (50000, True, Architecture.RESNET50),
-])
+@pytest.mark.parametrize(
+    ("total", "gpu", "expected"),
+    [
+        (100, False, Architecture.MOBILENET_V2),
+        (10**6, False, Architecture.MOBILENET_V2),
+        (9999, True, Architecture.MOBILENET_V2),
+        (10000, True, Architecture.MOBILENET_V3_LARGE),
+        (49999, True, Architecture.MOBILENET_V3_LARGE),
+        (50000, True, Architecture.RESNET50),
+    ],
+)
 def test_smallest_architecture_first(total: int, gpu: bool, expected: Architecture) -> None:
     assert r.architecture_for(total, gpu=gpu) is expected
 
@@ -195,12 +231,18 @@ def test_imagenet_weights_always(counts: dict[str, int], gpu: bool) -> None:
 # -- class balancing, augmentation, epochs, image size ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("smallest", "largest", "expected"), [
-    (100, 100, ClassBalancing.NONE), (100, 150, ClassBalancing.NONE), (100, 151, ClassBalancing.WEIGHTED_LOSS),
-    (1, 1000, ClassBalancing.WEIGHTED_LOSS),
-])
-def test_weighted_loss_above_an_imbalance_of_one_and_a_half(smallest: int, largest: int,
-                                                             expected: ClassBalancing) -> None:
+@pytest.mark.parametrize(
+    ("smallest", "largest", "expected"),
+    [
+        (100, 100, ClassBalancing.NONE),
+        (100, 150, ClassBalancing.NONE),
+        (100, 151, ClassBalancing.WEIGHTED_LOSS),
+        (1, 1000, ClassBalancing.WEIGHTED_LOSS),
+    ],
+)
+def test_weighted_loss_above_an_imbalance_of_one_and_a_half(
+    smallest: int, largest: int, expected: ClassBalancing
+) -> None:
     assert r.class_balancing_for(smallest, largest) is expected
     assert _recommend({"a": smallest, "b": largest}).config.dataset.class_balancing is expected
 
@@ -234,9 +276,16 @@ def test_the_classifier_stops_early_on_its_best_epoch() -> None:
     assert early.restore_best_weights
 
 
-@pytest.mark.parametrize(("total", "gpu", "expected"), [
-    (100, True, 224), (10**6, True, 224), (100, False, 160), (4999, False, 160), (5000, False, 128),
-])
+@pytest.mark.parametrize(
+    ("total", "gpu", "expected"),
+    [
+        (100, True, 224),
+        (10**6, True, 224),
+        (100, False, 160),
+        (4999, False, 160),
+        (5000, False, 128),
+    ],
+)
 def test_image_size_224_on_gpu_smaller_on_cpu(total: int, gpu: bool, expected: int) -> None:
     assert r.image_size_for(total, gpu=gpu) == expected
 

@@ -126,8 +126,12 @@ def test_cyclic_matches_triangular_cyclic_lr(epochs: int, n: int, cycle: float) 
     stage = _stage(epochs, type=ScheduleType.CYCLIC, cycle_epochs=cycle, max_learning_rate=0.04)
     theirs = _torch_curve(
         lambda o: CyclicLR(  # a fractional half-cycle works: torch converts step_size_up to float
-            o, base_lr=LR, max_lr=0.04, step_size_up=cycle * n / 2,  # type: ignore[arg-type]
-            mode="triangular", cycle_momentum=False,
+            o,
+            base_lr=LR,
+            max_lr=0.04,
+            step_size_up=cycle * n / 2,  # type: ignore[arg-type]
+            mode="triangular",
+            cycle_momentum=False,
         ),
         epochs * n,
     )

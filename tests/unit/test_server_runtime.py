@@ -85,9 +85,7 @@ def unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable[by
 
 
 def health_status(channel: grpc.Channel, service: str = "") -> int:
-    response = health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service=service), timeout=5
-    )
+    response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return int(response.status)
 
 
@@ -121,10 +119,28 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -210,8 +226,9 @@ def test_tls_with_token_works_with_the_ca_and_refuses_plaintext(
 
 
 def test_missing_tls_file_is_a_clear_start_error(settings: ServerSettings, tmp_path: Path) -> None:
-    server = GrpcServer(replace(settings, tls_cert=tmp_path / "nope.pem", tls_key=tmp_path / "nope.key"), [],
-                        service_label="test")
+    server = GrpcServer(
+        replace(settings, tls_cert=tmp_path / "nope.pem", tls_key=tmp_path / "nope.key"), [], service_label="test"
+    )
     with pytest.raises(ServerStartError, match=r"cannot read TLS file .*nope"):
         server.start()
 
@@ -285,9 +302,7 @@ def test_invalid_argument_summary_is_capped_but_details_are_complete() -> None:
 def test_graceful_stop_drains_in_flight_calls_and_refuses_new_ones(settings: ServerSettings) -> None:
     stopped: list[bool] = []
     service = EchoService()
-    server = GrpcServer(
-        settings, [service.binding()], service_label="test", on_stop=lambda: stopped.append(True)
-    )
+    server = GrpcServer(settings, [service.binding()], service_label="test", on_stop=lambda: stopped.append(True))
     server.start()
     stopper = threading.Thread(target=server.stop, kwargs={"grace": 5.0})
     try:
@@ -367,8 +382,9 @@ SIGTERM_SERVER = textwrap.dedent(
 def test_sigterm_drains_the_in_flight_call_and_exits_zero(tmp_path: Path) -> None:
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SERVER, str(tmp_path)], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SERVER, str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True
+    )
     lines: queue.Queue[str] = queue.Queue()
     records: list[dict[str, Any]] = []
     assert proc.stderr is not None

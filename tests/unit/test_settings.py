@@ -19,8 +19,9 @@ from visiontune.settings import (
 )
 
 # Every field differs from its default, so a field the codec dropped would come back as the default.
-CUSTOM = S3Settings(endpoint="s3.example.com:443", access_key="AK", secret_key="S/K+=", bucket="b-1", secure=True,
-                    region="eu-west-3")
+CUSTOM = S3Settings(
+    endpoint="s3.example.com:443", access_key="AK", secret_key="S/K+=", bucket="b-1", secure=True, region="eu-west-3"
+)
 
 
 def test_every_field_is_not_its_default_in_the_fixture() -> None:
@@ -46,8 +47,14 @@ def test_round_trip_keeps_every_field(settings: S3Settings) -> None:
 
 
 def test_missing_or_empty_variables_take_the_documented_defaults() -> None:
-    assert S3Settings.from_env({}) == S3Settings(endpoint=DEFAULT_S3_ENDPOINT, access_key="", secret_key="",
-                                                 bucket=DEFAULT_BUCKET, secure=False, region=DEFAULT_S3_REGION)
+    assert S3Settings.from_env({}) == S3Settings(
+        endpoint=DEFAULT_S3_ENDPOINT,
+        access_key="",
+        secret_key="",
+        bucket=DEFAULT_BUCKET,
+        secure=False,
+        region=DEFAULT_S3_REGION,
+    )
     assert (DEFAULT_S3_ENDPOINT, DEFAULT_BUCKET, DEFAULT_S3_REGION) == ("127.0.0.1:9000", "visiontune", "us-east-1")
     env = CUSTOM.to_env()
     for variable in env:
@@ -56,8 +63,10 @@ def test_missing_or_empty_variables_take_the_documented_defaults() -> None:
             assert S3Settings.from_env(missing) == dataclasses.replace(CUSTOM, **{field: getattr(S3Settings(), field)})
 
 
-@pytest.mark.parametrize(("word", "secure"), [("1", True), ("TRUE", True), ("yes", True), (" on ", True),
-                                              ("false", False), ("0", False), ("no", False)])
+@pytest.mark.parametrize(
+    ("word", "secure"),
+    [("1", True), ("TRUE", True), ("yes", True), (" on ", True), ("false", False), ("0", False), ("no", False)],
+)
 def test_secure_reads_the_usual_boolean_words(word: str, secure: bool) -> None:
     assert S3Settings.from_env({"VISIONTUNE_S3_SECURE": word}).secure is secure
 
@@ -75,8 +84,9 @@ def test_flags_default_to_the_environment_and_override_it(monkeypatch: pytest.Mo
     add_s3_arguments(parser)
     assert s3_settings_from_args(parser.parse_args([])) == CUSTOM
     flagged = parser.parse_args(["--s3-bucket", "other", "--no-s3-secure", "--s3-region", "ap-south-1"])
-    assert s3_settings_from_args(flagged) == dataclasses.replace(CUSTOM, bucket="other", secure=False,
-                                                                 region="ap-south-1")
+    assert s3_settings_from_args(flagged) == dataclasses.replace(
+        CUSTOM, bucket="other", secure=False, region="ap-south-1"
+    )
 
 
 def test_children_get_the_settings_through_the_codec() -> None:

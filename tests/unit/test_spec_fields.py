@@ -219,8 +219,12 @@ def _base_spec() -> pb.TrainingSpec:
     """Small and fast; everything not set here is at its default. CPU explicitly, even where a GPU exists."""
     return pb.TrainingSpec(
         dataset=pb.DatasetSpec(uri="datasets/colours", image_size=SIZE),
-        model=pb.ModelSpec(architecture=pb.ARCHITECTURE_MOBILENET_V3_SMALL, weights=pb.WEIGHTS_SOURCE_URI,
-                           weights_uri=BASE_WEIGHTS, classifier_dim=16),
+        model=pb.ModelSpec(
+            architecture=pb.ARCHITECTURE_MOBILENET_V3_SMALL,
+            weights=pb.WEIGHTS_SOURCE_URI,
+            weights_uri=BASE_WEIGHTS,
+            classifier_dim=16,
+        ),
         classifier=pb.StageSpec(epochs=1, batch_size=4, learning_rate=STAGE_LR["classifier"]),
         fine_tuning=pb.FineTuningSpec(stage=pb.StageSpec(epochs=1, batch_size=4)),
         run=pb.RunSpec(data_loader_workers=0, device=pb.DEVICE_CPU),
@@ -375,8 +379,16 @@ def _run_stage(stage_name: str, spec: pb.TrainingSpec) -> StageRun:
         patch.setattr(loop, "build_optimizer", spy.build_optimizer)
         patch.setattr(loop, "_criterion", spy.criterion)
         patch.setattr(loop, "DataLoader", spy.data_loader)
-        outcome = loop.run_stage(model, config, stage_name, StageData(TRAIN, VAL, len(LABELS)), run_context(config),
-                                 spy, repeat=0, seed=config.run.seed)
+        outcome = loop.run_stage(
+            model,
+            config,
+            stage_name,
+            StageData(TRAIN, VAL, len(LABELS)),
+            run_context(config),
+            spy,
+            repeat=0,
+            seed=config.run.seed,
+        )
     params = dict(model.named_parameters())
     (optimizer,), (criterion,) = spy.optimizers, spy.criteria
     state = outcome.state
@@ -403,8 +415,12 @@ def _run_stage(stage_name: str, spec: pb.TrainingSpec) -> StageRun:
     )
 
 
-def pair(stage_name: str, path: str, value: Any, context: Mapping[str, Any] | None = None,
-         ) -> tuple[StageRun, StageRun]:
+def pair(
+    stage_name: str,
+    path: str,
+    value: Any,
+    context: Mapping[str, Any] | None = None,
+) -> tuple[StageRun, StageRun]:
     """(run with the field at `path` at its default, run with it set to `value`), both with `context` set."""
     default = stage_run(stage_name, _spec(context, clear=[path]))
     changed = stage_run(stage_name, _spec({**(context or {}), path: value}))
@@ -412,8 +428,12 @@ def pair(stage_name: str, path: str, value: Any, context: Mapping[str, Any] | No
     return default, changed
 
 
-def stage_pair(prefix: str, field: str, value: Any, context: Mapping[str, Any] | None = None,
-               ) -> tuple[StageRun, StageRun]:
+def stage_pair(
+    prefix: str,
+    field: str,
+    value: Any,
+    context: Mapping[str, Any] | None = None,
+) -> tuple[StageRun, StageRun]:
     """`pair` for a field of the stage `prefix` names, run in that stage; `context` paths are relative to the stage
     except those starting with "/" (`/model.dropout`)."""
     absolute = {(k[1:] if k.startswith("/") else f"{prefix}.{k}"): v for k, v in (context or {}).items()}
@@ -553,8 +573,9 @@ def test_optimizer_weight_decay(prefix: str, kind: int, default_decay: float) ->
 
 
 @covers_stage("optimizer.beta1", "optimizer.beta2")
-@pytest.mark.parametrize(("field", "index", "value", "default_value"),
-                         [("beta1", 0, 0.5, 0.9), ("beta2", 1, 0.9, 0.999)])
+@pytest.mark.parametrize(
+    ("field", "index", "value", "default_value"), [("beta1", 0, 0.5, 0.9), ("beta2", 1, 0.9, 0.999)]
+)
 @pytest.mark.parametrize("prefix", STAGES)
 def test_optimizer_betas(prefix: str, field: str, index: int, value: float, default_value: float) -> None:
     default, changed = stage_pair(prefix, f"optimizer.{field}", value)
@@ -566,7 +587,7 @@ def test_optimizer_betas(prefix: str, field: str, index: int, value: float, defa
 def _expected_lrs(run: StageRun) -> list[float]:
     """What the schedule says the run's per-step LRs are; REDUCE_ON_PLATEAU replayed on the run's own metrics."""
     stage, steps = run.stage, run.steps_per_epoch
-    curve = lr_curve(stage, steps)[:len(run.lrs)]
+    curve = lr_curve(stage, steps)[: len(run.lrs)]
     if stage.schedule.type is ScheduleType.REDUCE_ON_PLATEAU:
         monitor = stage.early_stopping.monitor
         reducer = PlateauReducer(stage, higher_is_better=monitor.higher_is_better)
@@ -586,10 +607,16 @@ def _check_schedule(default: StageRun, changed: StageRun) -> None:
 
 # Deterministic epochs: every epoch one batch of all 12 images (the same BatchNorm batch statistics), no dropout.
 _STEADY = {"batch_size": 16, "/model.dropout": 0.0}
-_PLATEAU = {"schedule.type": pb.SCHEDULE_TYPE_REDUCE_ON_PLATEAU, "epochs": 3, "schedule.plateau_patience": 0,
-            # Plain SGD at a tiny LR changes no prediction: the training accuracy never improves, so reductions.
-            "optimizer.type": pb.OPTIMIZER_TYPE_SGD, "learning_rate": 1e-6,
-            "early_stopping.monitor": pb.METRIC_TRAIN_ACCURACY, **_STEADY}
+_PLATEAU = {
+    "schedule.type": pb.SCHEDULE_TYPE_REDUCE_ON_PLATEAU,
+    "epochs": 3,
+    "schedule.plateau_patience": 0,
+    # Plain SGD at a tiny LR changes no prediction: the training accuracy never improves, so reductions.
+    "optimizer.type": pb.OPTIMIZER_TYPE_SGD,
+    "learning_rate": 1e-6,
+    "early_stopping.monitor": pb.METRIC_TRAIN_ACCURACY,
+    **_STEADY,
+}
 SCHEDULE_TYPES: dict[int, dict[str, Any]] = {  # each type, with what makes it visible within the stage
     pb.SCHEDULE_TYPE_STEP: {"schedule.step_epochs": 1, "epochs": 2},
     pb.SCHEDULE_TYPE_COSINE: {},
@@ -617,8 +644,10 @@ SCHEDULE_FIELDS: dict[str, tuple[dict[str, Any], Callable[[float], float]]] = {
     "max_learning_rate": ({"schedule.type": pb.SCHEDULE_TYPE_ONE_CYCLE}, lambda lr: 3 * lr),
     "cycle_epochs": ({"schedule.type": pb.SCHEDULE_TYPE_CYCLIC}, lambda lr: 1),
     "restart_epochs": ({"schedule.type": pb.SCHEDULE_TYPE_SGDR}, lambda lr: 1),
-    "restart_multiplier": ({"schedule.type": pb.SCHEDULE_TYPE_SGDR, "schedule.restart_epochs": 1, "epochs": 2},
-                           lambda lr: 2),
+    "restart_multiplier": (
+        {"schedule.type": pb.SCHEDULE_TYPE_SGDR, "schedule.restart_epochs": 1, "epochs": 2},
+        lambda lr: 2,
+    ),
     "plateau_patience": ({k: v for k, v in _PLATEAU.items() if k != "schedule.plateau_patience"}, lambda lr: 0),
 }
 # gamma also scales REDUCE_ON_PLATEAU's reductions.
@@ -639,8 +668,12 @@ def test_schedule_fields_change_the_per_step_learning_rates(prefix: str, case: s
 
 
 # Nothing counts as better: an accuracy never rises by more than 1.
-_STOPPER = {"epochs": 3, "early_stopping.monitor": pb.METRIC_VALIDATION_ACCURACY, "early_stopping.patience": 1,
-            "early_stopping.min_delta": 1.0}
+_STOPPER = {
+    "epochs": 3,
+    "early_stopping.monitor": pb.METRIC_VALIDATION_ACCURACY,
+    "early_stopping.patience": 1,
+    "early_stopping.min_delta": 1.0,
+}
 
 
 @covers_stage("early_stopping.enabled")
@@ -689,8 +722,9 @@ def _best(run: StageRun, metric: Metric) -> tuple[int, float]:
 @covers_stage("early_stopping.monitor")
 @stage_cases("monitor", {pb.Metric.Name(k): k for k in MONITORS})
 def test_early_stopping_monitor_is_the_metric_judged(prefix: str, monitor: int) -> None:
-    default, changed = stage_pair(prefix, "early_stopping.monitor", monitor,
-                                  {"early_stopping.enabled": True, "epochs": 2})
+    default, changed = stage_pair(
+        prefix, "early_stopping.monitor", monitor, {"early_stopping.enabled": True, "epochs": 2}
+    )
     assert (default.best_epoch, default.best_value) == _best(default, Metric.VALIDATION_LOSS)
     assert (changed.best_epoch, changed.best_value) == _best(changed, MONITORS[monitor])
     assert changed.best_value != default.best_value
@@ -699,8 +733,9 @@ def test_early_stopping_monitor_is_the_metric_judged(prefix: str, monitor: int) 
 @covers_stage("early_stopping.restore_best_weights")
 @pytest.mark.parametrize("prefix", STAGES)
 def test_early_stopping_restore_best_weights(prefix: str) -> None:
-    default, changed = stage_pair(prefix, "early_stopping.restore_best_weights", False,
-                                  {**_STOPPER, "early_stopping.enabled": True})
+    default, changed = stage_pair(
+        prefix, "early_stopping.restore_best_weights", False, {**_STOPPER, "early_stopping.enabled": True}
+    )
     for run in (default, changed):
         assert (len(run.history), run.best_epoch) == (2, 1)
         assert not _same(run.epoch_heads[0], run.epoch_heads[1])
@@ -741,10 +776,12 @@ def _label_counts(run: StageRun) -> list[int]:
 def test_class_balancing(prefix: str) -> None:
     context = {f"{prefix}.epochs": 4}
     default = stage_run(STAGES[prefix], _spec(context))
-    weighted_loss = stage_run(STAGES[prefix], _spec({**context, "dataset.class_balancing":
-                                                     pb.CLASS_BALANCING_WEIGHTED_LOSS}))
-    sampler = stage_run(STAGES[prefix], _spec({**context, "dataset.class_balancing":
-                                               pb.CLASS_BALANCING_WEIGHTED_SAMPLER}))
+    weighted_loss = stage_run(
+        STAGES[prefix], _spec({**context, "dataset.class_balancing": pb.CLASS_BALANCING_WEIGHTED_LOSS})
+    )
+    sampler = stage_run(
+        STAGES[prefix], _spec({**context, "dataset.class_balancing": pb.CLASS_BALANCING_WEIGHTED_SAMPLER})
+    )
     # NONE: every epoch is the training set as it is, 8 / 2 / 2, with an unweighted loss.
     assert _label_counts(default) == [32, 8, 8]
     assert default.loss_weight is None
@@ -860,12 +897,16 @@ def _model(spec: pb.TrainingSpec, store: Any = None) -> Classifier:
 @covers("model.architecture")
 def test_architecture_picks_the_backbone() -> None:
     # The default, MobileNetV2 (with no weights: the base spec's are MobileNetV3-small's).
-    default = _model(_spec({"model.weights": pb.WEIGHTS_SOURCE_NONE},
-                           clear=["model.architecture", "model.weights_uri"]))
+    default = _model(
+        _spec({"model.weights": pb.WEIGHTS_SOURCE_NONE}, clear=["model.architecture", "model.weights_uri"])
+    )
     changed = _model(_spec())  # the base spec's MobileNetV3-small
     assert (default.architecture, default.feature_dim, len(default.blocks())) == (Architecture.MOBILENET_V2, 1280, 18)
     assert (changed.architecture, changed.feature_dim, len(changed.blocks())) == (
-        Architecture.MOBILENET_V3_SMALL, 576, 12)
+        Architecture.MOBILENET_V3_SMALL,
+        576,
+        12,
+    )
 
 
 @covers("model.weights", "model.weights_uri")
@@ -912,6 +953,7 @@ def test_head_fields_shape_the_head_and_change_training(field: str) -> None:
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------------------------
+
 
 @covers("fine_tuning.enabled")
 def test_fine_tuning_enabled_runs_stage_two() -> None:
@@ -973,6 +1015,7 @@ def test_allow_long_fine_tuning_lets_stage_two_run_more_than_five_epochs() -> No
 
 # -- open set -----------------------------------------------------------------------------------------------------
 
+
 @covers("open_set.score")
 def test_open_set_score_is_what_the_threshold_is_calibrated_on() -> None:
     default = recipe_run(_spec())
@@ -1009,8 +1052,7 @@ def test_seed_changes_the_run() -> None:
     assert changed.repeats[0].history[0].train_loss != pytest.approx(default.repeats[0].history[0].train_loss)
     # The worker's validation split draws from it too.
     labels = [0] * 10 + [1] * 10
-    splits = [stratified_split(labels, 0.2, validate_spec(spec).run.seed) for spec in
-              (_spec(), _spec({"run.seed": 3}))]
+    splits = [stratified_split(labels, 0.2, validate_spec(spec).run.seed) for spec in (_spec(), _spec({"run.seed": 3}))]
     assert splits[0] != splits[1]
 
 
@@ -1033,8 +1075,9 @@ def test_precision_picks_the_autocast_dtype() -> None:
         return run_context(validate_spec(_spec({"run.precision": precision}))).autocast_dtype
 
     # On the CPU (the base spec's device) AUTO is full FP32; resolve_autocast's CUDA choice is below.
-    assert [dtype(p) for p in (pb.PRECISION_UNSPECIFIED, pb.PRECISION_FP32, pb.PRECISION_AMP_BF16,
-                               pb.PRECISION_AMP_FP16)] == [None, None, torch.bfloat16, torch.float16]
+    assert [
+        dtype(p) for p in (pb.PRECISION_UNSPECIFIED, pb.PRECISION_FP32, pb.PRECISION_AMP_BF16, pb.PRECISION_AMP_FP16)
+    ] == [None, None, torch.bfloat16, torch.float16]
     default, bf16 = pair(CLASSIFIER, "run.precision", pb.PRECISION_AMP_BF16)
     fp32 = stage_run(CLASSIFIER, _spec({"run.precision": pb.PRECISION_FP32}))
     assert _losses(fp32) == _losses(default)

@@ -118,7 +118,10 @@ def test_defaults_resolve_to_the_documented_values() -> None:
     d, a, m, o, r = config.dataset, config.augmentation, config.model, config.open_set, config.run
     assert (d.uri, d.validation_uri, d.test_uri, d.unknown_uri) == (DATASET, None, None, None)
     assert (d.validation_split, d.image_size, d.class_balancing, d.cache_max_mb) == (
-        0.2, 224, ClassBalancing.NONE, 2048
+        0.2,
+        224,
+        ClassBalancing.NONE,
+        2048,
     )
     assert a == AugmentationConfig()
     assert not a.is_random
@@ -131,8 +134,16 @@ def test_defaults_resolve_to_the_documented_values() -> None:
             type=OptimizerType.ADAM, momentum=0.9, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999
         )
         assert stage.schedule == ScheduleConfig(
-            type=ScheduleType.CONSTANT, warmup_epochs=0.0, step_epochs=3, gamma=0.1, min_learning_rate=0.0,
-            max_learning_rate=None, cycle_epochs=2.0, restart_epochs=2, restart_multiplier=1, plateau_patience=2,
+            type=ScheduleType.CONSTANT,
+            warmup_epochs=0.0,
+            step_epochs=3,
+            gamma=0.1,
+            min_learning_rate=0.0,
+            max_learning_rate=None,
+            cycle_epochs=2.0,
+            restart_epochs=2,
+            restart_multiplier=1,
+            plateau_patience=2,
         )
         assert stage.early_stopping == EarlyStoppingConfig(
             enabled=False, monitor=Metric.VALIDATION_LOSS, patience=3, min_delta=0.0, restore_best_weights=True
@@ -141,7 +152,12 @@ def test_defaults_resolve_to_the_documented_values() -> None:
     assert (config.fine_tuning.enabled, config.fine_tuning.last_n_blocks) == (False, None)
     assert (o.score, o.target_true_positive_rate) == (OpenSetScore.MAX_SOFTMAX, 0.95)
     assert (r.seed, r.repeats, r.precision, r.device, r.data_loader_workers, r.max_retries) == (
-        0, 1, Precision.AUTO, DeviceKind.AUTO, 2, 2
+        0,
+        1,
+        Precision.AUTO,
+        DeviceKind.AUTO,
+        2,
+        2,
     )
     assert config.output_model == "flowers"
 
@@ -295,9 +311,7 @@ def test_a_boundary_value_passes_and_lands_in_the_config(path: str, value: float
 
 
 @pytest.mark.parametrize(("path", "value", "setup"), _flatten(passing=False))
-def test_a_value_out_of_range_is_one_violation_naming_the_field(
-    path: str, value: float, setup: dict[str, Any]
-) -> None:
+def test_a_value_out_of_range_is_one_violation_naming_the_field(path: str, value: float, setup: dict[str, Any]) -> None:
     [violation] = _violations(_spec_with({**setup, path: value}))
     assert violation.field == path
     assert violation.description.startswith("must be ")
@@ -312,8 +326,12 @@ def test_the_zoom_range_must_not_be_inverted() -> None:
 
 
 def test_the_schedule_is_checked_against_the_stage_s_own_epochs_and_learning_rate() -> None:
-    spec = _spec(classifier__epochs=6, classifier__learning_rate=0.1,
-                 classifier__schedule__warmup_epochs=5, classifier__schedule__min_learning_rate=0.05)
+    spec = _spec(
+        classifier__epochs=6,
+        classifier__learning_rate=0.1,
+        classifier__schedule__warmup_epochs=5,
+        classifier__schedule__min_learning_rate=0.05,
+    )
     assert validate_spec(spec).classifier.schedule.warmup_epochs == 5
     spec.classifier.epochs = 4
     spec.classifier.learning_rate = 0.01
@@ -325,8 +343,11 @@ def test_the_schedule_is_checked_against_the_stage_s_own_epochs_and_learning_rat
 
 
 def test_a_bad_stage_learning_rate_is_not_reported_again_through_the_schedule() -> None:
-    spec = _spec(classifier__learning_rate=-1, classifier__schedule__min_learning_rate=0.5,
-                 classifier__schedule__max_learning_rate=0.1)
+    spec = _spec(
+        classifier__learning_rate=-1,
+        classifier__schedule__min_learning_rate=0.5,
+        classifier__schedule__max_learning_rate=0.1,
+    )
     assert [v.field for v in _violations(spec)] == ["classifier.learning_rate"]
 
 
@@ -364,7 +385,9 @@ def test_dataset_uris_that_do_not(uri: str) -> None:
 
 @pytest.mark.parametrize("name", ["validation_uri", "test_uri", "unknown_uri"])
 def test_optional_dataset_uris_must_parse_when_set(name: str) -> None:
-    assert _config_value(validate_spec(_spec_with({f"dataset.{name}": "s3://b/val"})), f"dataset.{name}") == "s3://b/val"
+    assert (
+        _config_value(validate_spec(_spec_with({f"dataset.{name}": "s3://b/val"})), f"dataset.{name}") == "s3://b/val"
+    )
     [violation] = _violations(_spec_with({f"dataset.{name}": "gs://b/val"}))
     assert violation.field == f"dataset.{name}"
 
@@ -469,8 +492,11 @@ def test_unfreeze_last_n_blocks_is_bounded_by_the_architecture(architecture: Arc
 
 def test_block_counts() -> None:
     resnet = {a: 4 for a in Architecture if a.name.startswith("RESNET")}
-    mobilenet = {Architecture.MOBILENET_V2: 18, Architecture.MOBILENET_V3_SMALL: 12,
-                 Architecture.MOBILENET_V3_LARGE: 16}
+    mobilenet = {
+        Architecture.MOBILENET_V2: 18,
+        Architecture.MOBILENET_V3_SMALL: 12,
+        Architecture.MOBILENET_V3_LARGE: 16,
+    }
     assert resnet | mobilenet == BLOCK_COUNTS
 
 
@@ -506,8 +532,9 @@ def test_a_bad_architecture_is_not_reported_again_through_unfreeze() -> None:
 def test_adamw_defaults_to_weight_decay_001_and_the_others_to_zero(stage: str) -> None:
     adamw = validate_spec(_spec_with({f"{stage}.optimizer.type": pb.OPTIMIZER_TYPE_ADAMW}))
     assert _config_value(adamw, f"{stage}.optimizer.weight_decay") == 0.01
-    explicit = validate_spec(_spec_with({f"{stage}.optimizer.type": pb.OPTIMIZER_TYPE_ADAMW,
-                                         f"{stage}.optimizer.weight_decay": 0.0}))
+    explicit = validate_spec(
+        _spec_with({f"{stage}.optimizer.type": pb.OPTIMIZER_TYPE_ADAMW, f"{stage}.optimizer.weight_decay": 0.0})
+    )
     assert _config_value(explicit, f"{stage}.optimizer.weight_decay") == 0.0
     for other in (pb.OPTIMIZER_TYPE_SGD, pb.OPTIMIZER_TYPE_ADAM, pb.OPTIMIZER_TYPE_RMSPROP):
         config = validate_spec(_spec_with({f"{stage}.optimizer.type": other}))
@@ -543,49 +570,96 @@ DEFAULT_CONFIG = TrainingConfig(dataset=DatasetConfig(uri=DATASET), output_model
 
 NON_DEFAULT_CONFIG = TrainingConfig(
     dataset=DatasetConfig(
-        uri="s3://data/sets/cats", validation_uri="s3://data/sets/cats-val", test_uri="datasets/cats-test",
-        unknown_uri="datasets/dogs", validation_split=0.25, image_size=160,
-        class_balancing=ClassBalancing.WEIGHTED_SAMPLER, cache_max_mb=512,
+        uri="s3://data/sets/cats",
+        validation_uri="s3://data/sets/cats-val",
+        test_uri="datasets/cats-test",
+        unknown_uri="datasets/dogs",
+        validation_split=0.25,
+        image_size=160,
+        class_balancing=ClassBalancing.WEIGHTED_SAMPLER,
+        cache_max_mb=512,
     ),
     output_model="cats-v2",
     augmentation=AugmentationConfig(
-        horizontal_flip=True, vertical_flip=True, rotation_degrees=15.0, zoom_min_scale=0.5, zoom_max_scale=0.9,
-        brightness=0.2, contrast=0.3, saturation=0.4, hue=0.05, shear_degrees=10.0, gaussian_noise_std=0.1,
+        horizontal_flip=True,
+        vertical_flip=True,
+        rotation_degrees=15.0,
+        zoom_min_scale=0.5,
+        zoom_max_scale=0.9,
+        brightness=0.2,
+        contrast=0.3,
+        saturation=0.4,
+        hue=0.05,
+        shear_degrees=10.0,
+        gaussian_noise_std=0.1,
         copies_per_original=2,
     ),
     model=ModelConfig(
-        architecture=Architecture.RESNET50, weights=WeightsSource.URI, weights_uri="s3://weights/resnet50.pt",
-        classifier_dim=512, dropout=0.25, activation=Activation.GELU,
+        architecture=Architecture.RESNET50,
+        weights=WeightsSource.URI,
+        weights_uri="s3://weights/resnet50.pt",
+        classifier_dim=512,
+        dropout=0.25,
+        activation=Activation.GELU,
     ),
     classifier=StageConfig(
-        epochs=20, learning_rate=0.01, batch_size=64,
-        optimizer=OptimizerConfig(type=OptimizerType.SGD, momentum=0.8, nesterov=True, weight_decay=0.0005,
-                                  beta1=0.85, beta2=0.99),
-        schedule=ScheduleConfig(type=ScheduleType.ONE_CYCLE, warmup_epochs=1.5, step_epochs=5, gamma=0.5,
-                                min_learning_rate=0.0001, max_learning_rate=0.05, cycle_epochs=4.0,
-                                restart_epochs=3, restart_multiplier=2, plateau_patience=4),
-        early_stopping=EarlyStoppingConfig(enabled=True, monitor=Metric.VALIDATION_ACCURACY, patience=5,
-                                           min_delta=0.001, restore_best_weights=False),
-        label_smoothing=0.1, gradient_clip_norm=5.0,
+        epochs=20,
+        learning_rate=0.01,
+        batch_size=64,
+        optimizer=OptimizerConfig(
+            type=OptimizerType.SGD, momentum=0.8, nesterov=True, weight_decay=0.0005, beta1=0.85, beta2=0.99
+        ),
+        schedule=ScheduleConfig(
+            type=ScheduleType.ONE_CYCLE,
+            warmup_epochs=1.5,
+            step_epochs=5,
+            gamma=0.5,
+            min_learning_rate=0.0001,
+            max_learning_rate=0.05,
+            cycle_epochs=4.0,
+            restart_epochs=3,
+            restart_multiplier=2,
+            plateau_patience=4,
+        ),
+        early_stopping=EarlyStoppingConfig(
+            enabled=True, monitor=Metric.VALIDATION_ACCURACY, patience=5, min_delta=0.001, restore_best_weights=False
+        ),
+        label_smoothing=0.1,
+        gradient_clip_norm=5.0,
     ),
     fine_tuning=FineTuningConfig(
         enabled=True,
         stage=StageConfig(
-            epochs=8, learning_rate=0.002, batch_size=16,  # above both limits: config_to_spec lifts them
-            optimizer=OptimizerConfig(type=OptimizerType.ADAMW, momentum=0.5, nesterov=True, weight_decay=0.05,
-                                      beta1=0.8, beta2=0.95),
-            schedule=ScheduleConfig(type=ScheduleType.SGDR, warmup_epochs=0.5, step_epochs=2, gamma=0.2,
-                                    min_learning_rate=0.00001, max_learning_rate=0.004, cycle_epochs=3.0,
-                                    restart_epochs=4, restart_multiplier=3, plateau_patience=1),
-            early_stopping=EarlyStoppingConfig(enabled=True, monitor=Metric.TRAIN_LOSS, patience=2,
-                                               min_delta=0.01, restore_best_weights=False),
-            label_smoothing=0.05, gradient_clip_norm=1.0,
+            epochs=8,
+            learning_rate=0.002,
+            batch_size=16,  # above both limits: config_to_spec lifts them
+            optimizer=OptimizerConfig(
+                type=OptimizerType.ADAMW, momentum=0.5, nesterov=True, weight_decay=0.05, beta1=0.8, beta2=0.95
+            ),
+            schedule=ScheduleConfig(
+                type=ScheduleType.SGDR,
+                warmup_epochs=0.5,
+                step_epochs=2,
+                gamma=0.2,
+                min_learning_rate=0.00001,
+                max_learning_rate=0.004,
+                cycle_epochs=3.0,
+                restart_epochs=4,
+                restart_multiplier=3,
+                plateau_patience=1,
+            ),
+            early_stopping=EarlyStoppingConfig(
+                enabled=True, monitor=Metric.TRAIN_LOSS, patience=2, min_delta=0.01, restore_best_weights=False
+            ),
+            label_smoothing=0.05,
+            gradient_clip_norm=1.0,
         ),
         last_n_blocks=2,
     ),
     open_set=OpenSetConfig(score=OpenSetScore.ENERGY, target_true_positive_rate=0.9),
-    run=RunConfig(seed=42, repeats=3, precision=Precision.AMP_BF16, device=DeviceKind.CUDA,
-                  data_loader_workers=4, max_retries=5),
+    run=RunConfig(
+        seed=42, repeats=3, precision=Precision.AMP_BF16, device=DeviceKind.CUDA, data_loader_workers=4, max_retries=5
+    ),
 )
 
 
@@ -628,7 +702,8 @@ def test_config_to_spec_sets_every_field_explicitly() -> None:
     assert list(_unset_presence_fields(config_to_spec(NON_DEFAULT_CONFIG))) == []
     # Only a schedule without a peak has nothing to say for max_learning_rate.
     assert list(_unset_presence_fields(config_to_spec(DEFAULT_CONFIG))) == [
-        "classifier.schedule.max_learning_rate", "fine_tuning.stage.schedule.max_learning_rate"
+        "classifier.schedule.max_learning_rate",
+        "fine_tuning.stage.schedule.max_learning_rate",
     ]
 
 
@@ -679,8 +754,9 @@ def test_a_stored_spec_the_trainer_cannot_read_is_not_retried(tmp_path: Path) ->
 
 
 def test_a_required_field_left_empty_is_the_only_violation_of_an_empty_spec() -> None:
-    required = [f"dataset.{f.name}" for f in pb.DatasetSpec.DESCRIPTOR.fields
-                if protoreflect.field_behavior(f) == ("REQUIRED",)]
+    required = [
+        f"dataset.{f.name}" for f in pb.DatasetSpec.DESCRIPTOR.fields if protoreflect.field_behavior(f) == ("REQUIRED",)
+    ]
     assert [v.field for v in _violations(pb.TrainingSpec())] == required == ["dataset.uri"]
 
 

@@ -42,11 +42,14 @@ run:
 
 def test_nested_yaml_becomes_the_same_spec_as_built_in_code() -> None:
     expected = pb.TrainingSpec(
-        dataset=pb.DatasetSpec(uri="datasets/shapes", image_size=64,
-                               class_balancing=pb.CLASS_BALANCING_WEIGHTED_SAMPLER),
+        dataset=pb.DatasetSpec(
+            uri="datasets/shapes", image_size=64, class_balancing=pb.CLASS_BALANCING_WEIGHTED_SAMPLER
+        ),
         model=pb.ModelSpec(architecture=pb.ARCHITECTURE_MOBILENET_V2, weights=pb.WEIGHTS_SOURCE_NONE),
         classifier=pb.StageSpec(
-            epochs=3, learning_rate=0.001, optimizer=pb.OptimizerSpec(type=pb.OPTIMIZER_TYPE_ADAMW),
+            epochs=3,
+            learning_rate=0.001,
+            optimizer=pb.OptimizerSpec(type=pb.OPTIMIZER_TYPE_ADAMW),
             schedule=pb.ScheduleSpec(type=pb.SCHEDULE_TYPE_COSINE, warmup_epochs=1),
         ),
         fine_tuning=pb.FineTuningSpec(enabled=True, unfreeze=pb.UnfreezeSpec(last_n_blocks=2)),
@@ -71,25 +74,29 @@ def test_unset_optionals_stay_unset_and_empty_groups_mean_defaults() -> None:
 
 def test_json_files_and_camel_case_keys(tmp_path: Path) -> None:
     path = tmp_path / "spec.json"
-    path.write_text('{"dataset": {"uri": "datasets/x", "imageSize": 96}, "run": {"seed": "5"},'
-                    ' "outputModel": "flowers"}')
+    path.write_text(
+        '{"dataset": {"uri": "datasets/x", "imageSize": 96}, "run": {"seed": "5"}, "outputModel": "flowers"}'
+    )
     spec = load_spec_file(path)
     assert (spec.dataset.image_size, spec.run.seed, spec.output_model) == (96, 5, "flowers")
 
 
 def test_set_overrides_are_typed_by_the_proto_field() -> None:
-    spec = parse_spec(NESTED, overrides=[
-        "classifier.epochs=12",                            # int32
-        "classifier.learning_rate=2.5e-4",                 # float
-        "run.seed=18446744073709551615",                   # uint64, full range
-        "augmentation.horizontal_flip=true",               # bool, group not in the file
-        "fine_tuning.enabled=false",
-        "model.architecture=resnet18",                     # enum, short name
-        "run.precision=PRECISION_AMP_BF16",                # enum, full name
-        "fine_tuning.stage.optimizer.type=sgd",            # deeply nested, created on the way
-        "fine_tuning.stage.optimizer.momentum=0.8",
-        "output_model=shapes-2",                           # string
-    ])
+    spec = parse_spec(
+        NESTED,
+        overrides=[
+            "classifier.epochs=12",  # int32
+            "classifier.learning_rate=2.5e-4",  # float
+            "run.seed=18446744073709551615",  # uint64, full range
+            "augmentation.horizontal_flip=true",  # bool, group not in the file
+            "fine_tuning.enabled=false",
+            "model.architecture=resnet18",  # enum, short name
+            "run.precision=PRECISION_AMP_BF16",  # enum, full name
+            "fine_tuning.stage.optimizer.type=sgd",  # deeply nested, created on the way
+            "fine_tuning.stage.optimizer.momentum=0.8",
+            "output_model=shapes-2",  # string
+        ],
+    )
     assert spec.classifier.epochs == 12
     assert spec.classifier.learning_rate == pytest.approx(2.5e-4)
     assert spec.run.seed == 2**64 - 1
@@ -109,30 +116,50 @@ def test_setting_a_oneof_member_replaces_its_sibling() -> None:
     assert spec.fine_tuning.unfreeze.last_n_blocks == 3
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("classifier:\n  learnig_rate: 0.1\n",
-     "spec.yaml: unknown key 'classifier.learnig_rate' (did you mean 'learning_rate'?)"),
-    ("datset: {uri: x}\n", "spec.yaml: unknown key 'datset' (did you mean 'dataset'?)"),
-    ("model: {zzz: 1}\n", "spec.yaml: unknown key 'model.zzz' (ModelSpec has architecture, weights, weights_uri, "
-                          "classifier_dim, dropout, activation)"),
-    ("model: {architecture: vgg16}\n", "spec.yaml: model.architecture: unknown Architecture 'vgg16'; expected one "
-     "of RESNET18, RESNET34, RESNET50, RESNET101, RESNET152, MOBILENET_V3_SMALL, MOBILENET_V3_LARGE, MOBILENET_V2"),
-    ("classifier: {epochs: 2.5}\n", "spec.yaml: classifier.epochs: expected an integer, got 2.5"),
-    ("classifier: {epochs: true}\n", "spec.yaml: classifier.epochs: expected an integer, got True"),
-    ("classifier: {learning_rate: fast}\n", "spec.yaml: classifier.learning_rate: expected a number, got 'fast'"),
-    ("augmentation: {horizontal_flip: maybe}\n",
-     "spec.yaml: augmentation.horizontal_flip: expected true or false, got 'maybe'"),
-    ("output_model: 2024\n", "spec.yaml: output_model: expected a string, got 2024 (quote it to make it text)"),
-    ("dataset: datasets/x\n", "spec.yaml: dataset: expected a mapping of DatasetSpec fields, got 'datasets/x'"),
-    ("- a\n- b\n", "spec.yaml: the spec: expected a mapping of TrainingSpec fields, got ['a', 'b']"),
-    ("run: {seed: -1}\n", "spec.yaml: run.seed: -1 is out of range for uint64"),
-    ("fine_tuning: {unfreeze: {all: true, last_n_blocks: 2}}\n",
-     "spec.yaml: fine_tuning.unfreeze: set only one of all, last_n_blocks"),
-    ("dataset: {image_size: 64, imageSize: 32}\n",
-     "spec.yaml: dataset.image_size: given twice (as 'image_size' and 'imageSize')"),
-    ("dataset: {uri: [unclosed\n", "spec.yaml: invalid YAML at line 2, column 1: expected ',' or ']', but got "
-                                   "'<stream end>'"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "classifier:\n  learnig_rate: 0.1\n",
+            "spec.yaml: unknown key 'classifier.learnig_rate' (did you mean 'learning_rate'?)",
+        ),
+        ("datset: {uri: x}\n", "spec.yaml: unknown key 'datset' (did you mean 'dataset'?)"),
+        (
+            "model: {zzz: 1}\n",
+            "spec.yaml: unknown key 'model.zzz' (ModelSpec has architecture, weights, weights_uri, "
+            "classifier_dim, dropout, activation)",
+        ),
+        (
+            "model: {architecture: vgg16}\n",
+            "spec.yaml: model.architecture: unknown Architecture 'vgg16'; expected one "
+            "of RESNET18, RESNET34, RESNET50, RESNET101, RESNET152, MOBILENET_V3_SMALL, MOBILENET_V3_LARGE, "
+            "MOBILENET_V2",
+        ),
+        ("classifier: {epochs: 2.5}\n", "spec.yaml: classifier.epochs: expected an integer, got 2.5"),
+        ("classifier: {epochs: true}\n", "spec.yaml: classifier.epochs: expected an integer, got True"),
+        ("classifier: {learning_rate: fast}\n", "spec.yaml: classifier.learning_rate: expected a number, got 'fast'"),
+        (
+            "augmentation: {horizontal_flip: maybe}\n",
+            "spec.yaml: augmentation.horizontal_flip: expected true or false, got 'maybe'",
+        ),
+        ("output_model: 2024\n", "spec.yaml: output_model: expected a string, got 2024 (quote it to make it text)"),
+        ("dataset: datasets/x\n", "spec.yaml: dataset: expected a mapping of DatasetSpec fields, got 'datasets/x'"),
+        ("- a\n- b\n", "spec.yaml: the spec: expected a mapping of TrainingSpec fields, got ['a', 'b']"),
+        ("run: {seed: -1}\n", "spec.yaml: run.seed: -1 is out of range for uint64"),
+        (
+            "fine_tuning: {unfreeze: {all: true, last_n_blocks: 2}}\n",
+            "spec.yaml: fine_tuning.unfreeze: set only one of all, last_n_blocks",
+        ),
+        (
+            "dataset: {image_size: 64, imageSize: 32}\n",
+            "spec.yaml: dataset.image_size: given twice (as 'image_size' and 'imageSize')",
+        ),
+        (
+            "dataset: {uri: [unclosed\n",
+            "spec.yaml: invalid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'",
+        ),
+    ],
+)
 def test_mistakes_in_a_file_are_one_line_naming_the_key(text: str, message: str) -> None:
     with pytest.raises(SpecFileError) as err:
         parse_spec(text, source="spec.yaml")
@@ -140,19 +167,28 @@ def test_mistakes_in_a_file_are_one_line_naming_the_key(text: str, message: str)
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("classifier.epochs", "--set expects PATH=VALUE (e.g. classifier.learning_rate=0.001), got 'classifier.epochs'"),
-    ("classifier.lr=0.1", "--set classifier.lr=0.1: unknown key 'classifier.lr' (StageSpec has epochs, "
-                          "learning_rate, batch_size, optimizer, schedule, early_stopping, label_smoothing, "
-                          "gradient_clip_norm)"),
-    ("classifier=3", "--set classifier: is a group of fields; set one of them, e.g. classifier.epochs=…"),
-    ("dataset.uri.bucket=x", "--set dataset.uri: is a value, not a group; it has no field 'bucket'"),
-    ("classifier.epochs=ten", "--set classifier.epochs: expected an integer, got 'ten'"),
-    ("classifier.learning_rate=inf", "--set classifier.learning_rate: expected a finite number, got 'inf'"),
-    ("classifier.learning_rate=1e39", "--set classifier.learning_rate: '1e39' is too large for a 32-bit float"),
-    ("run.repeats=3000000000", "--set run.repeats: 3000000000 is out of range for int32"),
-    ("run.device=tpu", "--set run.device: unknown Device 'tpu'; expected one of AUTO, CPU, CUDA"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "classifier.epochs",
+            "--set expects PATH=VALUE (e.g. classifier.learning_rate=0.001), got 'classifier.epochs'",
+        ),
+        (
+            "classifier.lr=0.1",
+            "--set classifier.lr=0.1: unknown key 'classifier.lr' (StageSpec has epochs, "
+            "learning_rate, batch_size, optimizer, schedule, early_stopping, label_smoothing, "
+            "gradient_clip_norm)",
+        ),
+        ("classifier=3", "--set classifier: is a group of fields; set one of them, e.g. classifier.epochs=…"),
+        ("dataset.uri.bucket=x", "--set dataset.uri: is a value, not a group; it has no field 'bucket'"),
+        ("classifier.epochs=ten", "--set classifier.epochs: expected an integer, got 'ten'"),
+        ("classifier.learning_rate=inf", "--set classifier.learning_rate: expected a finite number, got 'inf'"),
+        ("classifier.learning_rate=1e39", "--set classifier.learning_rate: '1e39' is too large for a 32-bit float"),
+        ("run.repeats=3000000000", "--set run.repeats: 3000000000 is out of range for int32"),
+        ("run.device=tpu", "--set run.device: unknown Device 'tpu'; expected one of AUTO, CPU, CUDA"),
+    ],
+)
 def test_mistakes_in_overrides_name_the_override(override: str, message: str) -> None:
     with pytest.raises(SpecFileError) as err:
         parse_spec("", overrides=[override])

@@ -22,19 +22,26 @@ STUDY = "study-1"
 MIN_RESOURCE = 2
 
 
-def _study_spec(pruner: study_pb2.PrunerType.ValueType, metric: training_spec_pb2.Metric.ValueType
-                = training_spec_pb2.METRIC_VALIDATION_ACCURACY) -> study_pb2.StudySpec:
+def _study_spec(
+    pruner: study_pb2.PrunerType.ValueType,
+    metric: training_spec_pb2.Metric.ValueType = training_spec_pb2.METRIC_VALIDATION_ACCURACY,
+) -> study_pb2.StudySpec:
     base = training_spec_pb2.TrainingSpec(
         dataset=training_spec_pb2.DatasetSpec(uri=f"s3://{BUCKET}/datasets/shapes", image_size=32),
-        model=training_spec_pb2.ModelSpec(architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V3_SMALL,
-                                          weights=training_spec_pb2.WEIGHTS_SOURCE_NONE),
+        model=training_spec_pb2.ModelSpec(
+            architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V3_SMALL,
+            weights=training_spec_pb2.WEIGHTS_SOURCE_NONE,
+        ),
         classifier=training_spec_pb2.StageSpec(epochs=4, batch_size=8, learning_rate=0.01),
         output_model="shapes",
     )
     return study_pb2.StudySpec(
         base_spec=base,
-        parameters=[study_pb2.SearchParameter(
-            path="classifier.learning_rate", float_range=study_pb2.FloatRange(min=1e-5, max=1e-1, log=True))],
+        parameters=[
+            study_pb2.SearchParameter(
+                path="classifier.learning_rate", float_range=study_pb2.FloatRange(min=1e-5, max=1e-1, log=True)
+            )
+        ],
         objective=study_pb2.Objective(metric=metric),
         budget=study_pb2.StudyBudget(max_trials=20),
         pruner=study_pb2.PrunerSpec(type=pruner, min_resource=MIN_RESOURCE, startup_trials=2),
@@ -42,9 +49,18 @@ def _study_spec(pruner: study_pb2.PrunerType.ValueType, metric: training_spec_pb
 
 
 def _epoch(stage: str, epoch: int, val_accuracy: float, val_loss: float = 1.0) -> EpochRecord:
-    return EpochRecord(stage=stage, epoch=epoch, epochs=4, train_loss=val_loss, train_accuracy=val_accuracy,
-                       val_loss=val_loss, val_accuracy=val_accuracy, learning_rate=0.01, images_per_second=100.0,
-                       epoch_seconds=1.0)
+    return EpochRecord(
+        stage=stage,
+        epoch=epoch,
+        epochs=4,
+        train_loss=val_loss,
+        train_accuracy=val_accuracy,
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        learning_rate=0.01,
+        images_per_second=100.0,
+        epoch_seconds=1.0,
+    )
 
 
 class Study:
@@ -107,8 +123,12 @@ def test_a_good_trial_is_not_pruned(jobs: JobStore, pruner: study_pb2.PrunerType
         study.finished_trial(GOOD)
     reporter = study.reporter(study.running_trial())
     # Steps count epochs across the stages: the fine-tuning stage's first epoch here is step 3.
-    records = [_epoch(CLASSIFIER, 1, 0.7), _epoch(CLASSIFIER, 2, 0.85), _epoch(FINE_TUNING, 1, 0.95),
-               _epoch(FINE_TUNING, 2, 0.97)]
+    records = [
+        _epoch(CLASSIFIER, 1, 0.7),
+        _epoch(CLASSIFIER, 2, 0.85),
+        _epoch(FINE_TUNING, 1, 0.95),
+        _epoch(FINE_TUNING, 2, 0.97),
+    ]
     assert [reporter.report(step, r) for step, r in enumerate(records, start=1)] == [False] * 4
     frozen = study.optuna.get_trials(deepcopy=False)[reporter.trial_number]
     assert frozen.intermediate_values == {1: 0.7, 2: 0.85, 3: 0.95, 4: 0.97}
@@ -145,7 +165,10 @@ def test_no_pruner_never_prunes_but_still_records_the_values(jobs: JobStore) -> 
     reporter = study.reporter(study.running_trial())
     assert [reporter.report(s, _epoch(CLASSIFIER, s, 0.0)) for s in (1, 2, 3)] == [False] * 3
     assert study.optuna.get_trials(deepcopy=False)[reporter.trial_number].intermediate_values == {
-        1: 0.0, 2: 0.0, 3: 0.0}
+        1: 0.0,
+        2: 0.0,
+        3: 0.0,
+    }
 
 
 def test_a_trial_already_finished_in_optuna_is_not_reported_or_pruned(jobs: JobStore) -> None:

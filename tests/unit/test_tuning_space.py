@@ -128,18 +128,21 @@ def test_field_at_refuses_what_cannot_be_searched(path: str, error: type[Excepti
 
 def test_apply_params_sets_every_kind_of_leaf_on_a_copy() -> None:
     base = _base(epochs=4)
-    spec = apply_params(base, {
-        "classifier.learning_rate": 0.01,  # float, nested
-        "classifier.batch_size": 64,  # int
-        "model.classifier_dim": "512",  # int from its string (a categorical value)
-        "dataset.image_size": 160.0,  # int from a whole float
-        "model.architecture": "ARCHITECTURE_RESNET18",  # enum by name
-        "model.activation": int(pb.ACTIVATION_GELU),  # enum by number
-        "augmentation.horizontal_flip": True,  # bool
-        "augmentation.vertical_flip": "true",  # bool from its string
-        "model.dropout": "0.25",  # float from its string
-        "run.seed": 2**63,  # uint64 beyond int64
-    })
+    spec = apply_params(
+        base,
+        {
+            "classifier.learning_rate": 0.01,  # float, nested
+            "classifier.batch_size": 64,  # int
+            "model.classifier_dim": "512",  # int from its string (a categorical value)
+            "dataset.image_size": 160.0,  # int from a whole float
+            "model.architecture": "ARCHITECTURE_RESNET18",  # enum by name
+            "model.activation": int(pb.ACTIVATION_GELU),  # enum by number
+            "augmentation.horizontal_flip": True,  # bool
+            "augmentation.vertical_flip": "true",  # bool from its string
+            "model.dropout": "0.25",  # float from its string
+            "run.seed": 2**63,  # uint64 beyond int64
+        },
+    )
     assert spec.classifier.learning_rate == pytest.approx(0.01)
     assert spec.classifier.epochs == 4  # untouched fields keep the base's values
     assert (spec.classifier.batch_size, spec.model.classifier_dim, spec.dataset.image_size) == (64, 512, 160)
@@ -157,8 +160,9 @@ def test_apply_params_sets_every_kind_of_leaf_on_a_copy() -> None:
 def test_apply_params_reaches_into_unset_messages_with_presence() -> None:
     base = _base()
     assert not base.HasField("fine_tuning")
-    spec = apply_params(base, {"fine_tuning.stage.epochs": 3, "fine_tuning.enabled": "false",
-                               "fine_tuning.unfreeze.last_n_blocks": 2})
+    spec = apply_params(
+        base, {"fine_tuning.stage.epochs": 3, "fine_tuning.enabled": "false", "fine_tuning.unfreeze.last_n_blocks": 2}
+    )
     assert spec.HasField("fine_tuning")
     assert spec.fine_tuning.HasField("stage")
     assert spec.fine_tuning.stage.HasField("epochs")
@@ -169,8 +173,11 @@ def test_apply_params_reaches_into_unset_messages_with_presence() -> None:
 
 
 def test_apply_params_false_and_zero_are_set_not_skipped() -> None:
-    base = pb.TrainingSpec(dataset=pb.DatasetSpec(uri=DATASET), augmentation=pb.AugmentationSpec(horizontal_flip=True),
-                           model=pb.ModelSpec(dropout=0.5))
+    base = pb.TrainingSpec(
+        dataset=pb.DatasetSpec(uri=DATASET),
+        augmentation=pb.AugmentationSpec(horizontal_flip=True),
+        model=pb.ModelSpec(dropout=0.5),
+    )
     spec = apply_params(base, {"augmentation.horizontal_flip": False, "model.dropout": 0.0})
     assert not spec.augmentation.horizontal_flip
     assert spec.model.HasField("dropout")
@@ -228,15 +235,17 @@ def test_defaults_resolve() -> None:
 
 
 def test_every_domain_kind_resolves() -> None:
-    config = _valid(_study(
-        _float("model.dropout", 0.1, 0.5, step=0.1),
-        _int("classifier.batch_size", 16, 128, step=16),
-        _int("model.classifier_dim", 64, 1024, log=True),
-        _int("classifier.epochs", 2, 8),
-        _cat("model.architecture", "ARCHITECTURE_RESNET18", "ARCHITECTURE_MOBILENET_V2"),
-        _cat("augmentation.horizontal_flip", "true", "false"),
-        _cat("classifier.label_smoothing", "0", "0.1"),
-    ))
+    config = _valid(
+        _study(
+            _float("model.dropout", 0.1, 0.5, step=0.1),
+            _int("classifier.batch_size", 16, 128, step=16),
+            _int("model.classifier_dim", 64, 1024, log=True),
+            _int("classifier.epochs", 2, 8),
+            _cat("model.architecture", "ARCHITECTURE_RESNET18", "ARCHITECTURE_MOBILENET_V2"),
+            _cat("augmentation.horizontal_flip", "true", "false"),
+            _cat("classifier.label_smoothing", "0", "0.1"),
+        )
+    )
     assert [(p.path, p.kind) for p in config.parameters] == [
         ("model.dropout", ParameterKind.FLOAT),
         ("classifier.batch_size", ParameterKind.INT),
@@ -258,8 +267,7 @@ def test_objective_budget_and_repeats() -> None:
     loss = _valid(_study(LR, objective=st.Objective(metric=pb.METRIC_VALIDATION_LOSS)))
     assert (loss.metric, loss.direction) == (Metric.VALIDATION_LOSS, Direction.MINIMIZE)
     # An explicit direction against the metric is the client's call.
-    odd = _valid(_study(LR, objective=st.Objective(metric=pb.METRIC_TRAIN_ACCURACY,
-                                                   direction=st.DIRECTION_MINIMIZE)))
+    odd = _valid(_study(LR, objective=st.Objective(metric=pb.METRIC_TRAIN_ACCURACY, direction=st.DIRECTION_MINIMIZE)))
     assert (odd.metric, odd.direction) == (Metric.TRAIN_ACCURACY, Direction.MINIMIZE)
     timed = _valid(_study(LR, budget=st.StudyBudget(max_duration=Duration(seconds=90, nanos=500_000_000))))
     assert (timed.max_trials, timed.max_duration_s) == (0, 90.5)
@@ -269,14 +277,19 @@ def test_objective_budget_and_repeats() -> None:
 
 
 def test_trial_epochs_span_the_fine_tuning_choices() -> None:
-    config = _valid(_study(
-        _int("fine_tuning.stage.epochs", 1, 5),
-        _cat("fine_tuning.enabled", "true", "false"),
-        base=_base(epochs=4),
-    ))
+    config = _valid(
+        _study(
+            _int("fine_tuning.stage.epochs", 1, 5),
+            _cat("fine_tuning.enabled", "true", "false"),
+            base=_base(epochs=4),
+        )
+    )
     assert (config.min_trial_epochs, config.max_trial_epochs) == (4, 9)
-    always = pb.TrainingSpec(dataset=pb.DatasetSpec(uri=DATASET), classifier=pb.StageSpec(epochs=4),
-                             fine_tuning=pb.FineTuningSpec(enabled=True, stage=pb.StageSpec(epochs=2)))
+    always = pb.TrainingSpec(
+        dataset=pb.DatasetSpec(uri=DATASET),
+        classifier=pb.StageSpec(epochs=4),
+        fine_tuning=pb.FineTuningSpec(enabled=True, stage=pb.StageSpec(epochs=2)),
+    )
     config = _valid(_study(_cat("classifier.epochs", "3", "6"), base=always))
     assert (config.min_trial_epochs, config.max_trial_epochs) == (5, 8)
 
@@ -303,25 +316,27 @@ def test_every_violation_is_listed_at_its_field() -> None:
         pruner=st.PrunerSpec(reduction_factor=1, startup_trials=-1),
     )
     found = _violations(spec)
-    assert sorted(found) == sorted([
-        "spec.parameters[0].path",
-        "spec.parameters[1].path",
-        "spec.parameters[2].path",
-        "spec.parameters[3].int_range",
-        "spec.parameters[4].float_range.max",
-        "spec.parameters[5].float_range.min",
-        "spec.parameters[6].float_range.max",
-        "spec.parameters[7].int_range.min",
-        "spec.parameters[8].categorical.values[0]",
-        "spec.parameters[8].categorical.values[1]",
-        "spec.parameters[9].path",
-        "spec.budget.max_trials",
-        "spec.parallelism",
-        "spec.repeat_top_k",
-        "spec.repeat_count",
-        "spec.pruner.reduction_factor",
-        "spec.pruner.startup_trials",
-    ])
+    assert sorted(found) == sorted(
+        [
+            "spec.parameters[0].path",
+            "spec.parameters[1].path",
+            "spec.parameters[2].path",
+            "spec.parameters[3].int_range",
+            "spec.parameters[4].float_range.max",
+            "spec.parameters[5].float_range.min",
+            "spec.parameters[6].float_range.max",
+            "spec.parameters[7].int_range.min",
+            "spec.parameters[8].categorical.values[0]",
+            "spec.parameters[8].categorical.values[1]",
+            "spec.parameters[9].path",
+            "spec.budget.max_trials",
+            "spec.parallelism",
+            "spec.repeat_top_k",
+            "spec.repeat_count",
+            "spec.pruner.reduction_factor",
+            "spec.pruner.startup_trials",
+        ]
+    )
     assert "has no field 'lr'" in found["spec.parameters[0].path"]
     assert "is a message (OptimizerSpec)" in found["spec.parameters[1].path"]
     assert "string field" in found["spec.parameters[2].path"]
@@ -364,34 +379,61 @@ def test_base_spec_violations_are_prefixed() -> None:
         (_float("model.dropout", 0, math.nan), "spec.parameters[0].float_range.max", "must be finite"),
         (_float("model.dropout", 0, 0.5, step=-0.1), "spec.parameters[0].float_range.step", "must be >= 0"),
         (_float("model.dropout", 0.1, 0.5, step=0.15), "spec.parameters[0].float_range.step", "must divide"),
-        (_float("classifier.learning_rate", 1e-4, 1e-2, log=True, step=1e-4),
-         "spec.parameters[0].float_range.step", "must be 0 with log"),
+        (
+            _float("classifier.learning_rate", 1e-4, 1e-2, log=True, step=1e-4),
+            "spec.parameters[0].float_range.step",
+            "must be 0 with log",
+        ),
         (_int("classifier.batch_size", 8, 64, step=10), "spec.parameters[0].int_range.step", "must divide"),
         (_int("classifier.batch_size", 8, 64, step=-8), "spec.parameters[0].int_range.step", "must be >= 1"),
-        (_int("classifier.batch_size", 8, 64, log=True, step=8), "spec.parameters[0].int_range.step",
-         "must be 0 or 1 with log"),
+        (
+            _int("classifier.batch_size", 8, 64, log=True, step=8),
+            "spec.parameters[0].int_range.step",
+            "must be 0 or 1 with log",
+        ),
         (_int("classifier.batch_size", 0, 64, log=True), "spec.parameters[0].int_range.min", "must be > 0 with log"),
         (_int("classifier.batch_size", 64, 8), "spec.parameters[0].int_range.max", "must be greater than min (64)"),
         (_int("classifier.epochs", 1, 2**40), "spec.parameters[0].int_range.max", "out of the field's range"),
-        (_float("augmentation.horizontal_flip", 0, 1), "spec.parameters[0].float_range",
-         "a bool field: use categorical"),
+        (
+            _float("augmentation.horizontal_flip", 0, 1),
+            "spec.parameters[0].float_range",
+            "a bool field: use categorical",
+        ),
         (_int("model.architecture", 1, 3), "spec.parameters[0].int_range", "an enum field: use categorical"),
         (_float("classifier.epochs", 1, 3), "spec.parameters[0].float_range", "an integer field"),
         (_cat("model.dropout"), "spec.parameters[0].categorical.values", "needs at least one value"),
-        (_cat("augmentation.horizontal_flip", "true", "True"), "spec.parameters[0].categorical.values[1]",
-         "a bool takes"),
-        (_cat("augmentation.horizontal_flip", "true", "true"), "spec.parameters[0].categorical.values[1]",
-         "duplicates values[0] (true)"),
-        (_cat("classifier.batch_size", "32", "2.5"), "spec.parameters[0].categorical.values[1]",
-         "'2.5' is not a whole number"),
+        (
+            _cat("augmentation.horizontal_flip", "true", "True"),
+            "spec.parameters[0].categorical.values[1]",
+            "a bool takes",
+        ),
+        (
+            _cat("augmentation.horizontal_flip", "true", "true"),
+            "spec.parameters[0].categorical.values[1]",
+            "duplicates values[0] (true)",
+        ),
+        (
+            _cat("classifier.batch_size", "32", "2.5"),
+            "spec.parameters[0].categorical.values[1]",
+            "'2.5' is not a whole number",
+        ),
         (_cat("model.dropout", "0.1", "x"), "spec.parameters[0].categorical.values[1]", "'x' is not a number"),
-        (_cat("model.dropout", "0.1", "0.99"), "spec.parameters[0].categorical.values[1]",
-         "model.dropout must be in [0, 0.95], got 0.99"),
+        (
+            _cat("model.dropout", "0.1", "0.99"),
+            "spec.parameters[0].categorical.values[1]",
+            "model.dropout must be in [0, 0.95], got 0.99",
+        ),
         # The field's own range, with the rule's own wording (fine-tuning is capped at 5 epochs by default).
-        (_int("fine_tuning.stage.epochs", 1, 10), "spec.parameters[0].int_range.max",
-         "fine_tuning.stage.epochs must be in [1, 5] unless fine_tuning.allow_long_fine_tuning, got 10"),
-        (_cat("fine_tuning.unfreeze.all", "true", "false"), "spec.parameters[0].categorical.values[1]",
-         "must be true when set"),
+        (
+            _int("fine_tuning.stage.epochs", 1, 10),
+            "spec.parameters[0].int_range.max",
+            "fine_tuning.stage.epochs must be in [1, 5] unless fine_tuning.allow_long_fine_tuning, got 10",
+        ),
+        (
+            _cat("fine_tuning.unfreeze.all", "true", "false"),
+            "spec.parameters[0].categorical.values[1]",
+            "must be true when set",
+        ),
     ],
 )
 def test_one_bad_parameter(parameter: st.SearchParameter, field: str, words: str) -> None:
@@ -409,22 +451,32 @@ def test_bounds_that_break_another_field_are_refused_on_the_bound() -> None:
         "with classifier.learning_rate = 1e-05, classifier.schedule.min_learning_rate must be in [0, 1e-05)"
     )
     # A clash with another *searched* field is decided per trial, not refused up front.
-    both = _study(_float("classifier.learning_rate", 1e-5, 1e-2, log=True),
-                  _float("classifier.schedule.min_learning_rate", 0, 1e-6), base=base)
+    both = _study(
+        _float("classifier.learning_rate", 1e-5, 1e-2, log=True),
+        _float("classifier.schedule.min_learning_rate", 0, 1e-6),
+        base=base,
+    )
     assert len(_valid(both).parameters) == 2
 
 
 def test_objective_sampler_and_budget_enums_and_ranges() -> None:
-    found = _violations(_study(
-        LR,
-        objective=st.Objective(metric=99, direction=7),  # type: ignore[arg-type]
-        sampler=42,
-        pruner=st.PrunerSpec(type=9, min_resource=0),  # type: ignore[arg-type]
-        budget=st.StudyBudget(max_trials=10_001, max_duration=Duration(seconds=-5)),
-    ))
+    found = _violations(
+        _study(
+            LR,
+            objective=st.Objective(metric=99, direction=7),  # type: ignore[arg-type]
+            sampler=42,
+            pruner=st.PrunerSpec(type=9, min_resource=0),  # type: ignore[arg-type]
+            budget=st.StudyBudget(max_trials=10_001, max_duration=Duration(seconds=-5)),
+        )
+    )
     assert sorted(found) == [
-        "spec.budget.max_duration", "spec.budget.max_trials", "spec.objective.direction", "spec.objective.metric",
-        "spec.pruner.min_resource", "spec.pruner.type", "spec.sampler",
+        "spec.budget.max_duration",
+        "spec.budget.max_trials",
+        "spec.objective.direction",
+        "spec.objective.metric",
+        "spec.pruner.min_resource",
+        "spec.pruner.type",
+        "spec.sampler",
     ]
     assert found["spec.sampler"].startswith("must be one of SAMPLER_TPE, SAMPLER_GAUSSIAN_PROCESS")
     assert found["spec.budget.max_trials"] == "must be in [0, 10000], got 10001"
@@ -432,12 +484,14 @@ def test_objective_sampler_and_budget_enums_and_ranges() -> None:
 
 
 def test_grid_needs_finitely_many_values() -> None:
-    found = _violations(_study(
-        _float("model.dropout", 0.1, 0.5),  # continuous
-        _float("classifier.learning_rate", 1e-4, 1e-2, log=True),  # continuous (log)
-        _int("classifier.batch_size", 16, 64, step=16),
-        sampler=st.SAMPLER_GRID,
-    ))
+    found = _violations(
+        _study(
+            _float("model.dropout", 0.1, 0.5),  # continuous
+            _float("classifier.learning_rate", 1e-4, 1e-2, log=True),  # continuous (log)
+            _int("classifier.batch_size", 16, 64, step=16),
+            sampler=st.SAMPLER_GRID,
+        )
+    )
     assert sorted(found) == ["spec.parameters[0].float_range.step", "spec.parameters[1].float_range.step"]
     assert "must be > 0 with SAMPLER_GRID" in found["spec.parameters[0].float_range.step"]
     huge = _violations(_study(_float("model.dropout", 0.0, 0.9, step=1e-6), sampler=st.SAMPLER_GRID))
@@ -447,13 +501,17 @@ def test_grid_needs_finitely_many_values() -> None:
 def test_pruner_min_resource_must_fit_in_a_trial() -> None:
     hyperband = st.PrunerSpec(type=st.PRUNER_TYPE_HYPERBAND, min_resource=4)
     found = _violations(_study(LR, base=_base(epochs=3), pruner=hyperband))
-    assert found == {"spec.pruner.min_resource": (
-        "must be <= 3, the fewest epochs a trial trains (classifier.epochs, plus fine_tuning.stage.epochs when "
-        "fine-tuning is on), got 4"
-    )}
+    assert found == {
+        "spec.pruner.min_resource": (
+            "must be <= 3, the fewest epochs a trial trains (classifier.epochs, plus fine_tuning.stage.epochs when "
+            "fine-tuning is on), got 4"
+        )
+    }
     # Searched epochs: the fewest a trial can train is what counts.
-    assert "must be <= 2" in _violations(_study(_int("classifier.epochs", 2, 10), pruner=hyperband))[
-        "spec.pruner.min_resource"]
+    assert (
+        "must be <= 2"
+        in _violations(_study(_int("classifier.epochs", 2, 10), pruner=hyperband))["spec.pruner.min_resource"]
+    )
     with_fine_tuning = _base(epochs=3)
     with_fine_tuning.fine_tuning.enabled = True
     with_fine_tuning.fine_tuning.stage.epochs = 2
@@ -505,16 +563,29 @@ def test_grid_search_space_enumerates_decimal_steps() -> None:
 
 def test_suggest_with_a_fixed_trial() -> None:
     config = _valid(_study(*MIXED))
-    fixed = {"classifier.learning_rate": 0.001, "model.dropout": 0.2, "classifier.batch_size": 32,
-             "fine_tuning.stage.epochs": 2, "model.architecture": "ARCHITECTURE_RESNET18",
-             "augmentation.horizontal_flip": "false"}
+    fixed = {
+        "classifier.learning_rate": 0.001,
+        "model.dropout": 0.2,
+        "classifier.batch_size": 32,
+        "fine_tuning.stage.epochs": 2,
+        "model.architecture": "ARCHITECTURE_RESNET18",
+        "augmentation.horizontal_flip": "false",
+    }
     assert suggest(optuna.trial.FixedTrial(fixed), config) == fixed
 
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(True, "true"), (False, "false"), (32, "32"), (0.001, "0.001"), (1e-5, "1e-05"),
-     (0.1 + 0.2, "0.30000000000000004"), ("ARCHITECTURE_RESNET18", "ARCHITECTURE_RESNET18"), ("64", "64")],
+    [
+        (True, "true"),
+        (False, "false"),
+        (32, "32"),
+        (0.001, "0.001"),
+        (1e-5, "1e-05"),
+        (0.1 + 0.2, "0.30000000000000004"),
+        ("ARCHITECTURE_RESNET18", "ARCHITECTURE_RESNET18"),
+        ("64", "64"),
+    ],
 )
 def test_param_string(value: Any, text: str) -> None:
     assert param_string(value) == text
@@ -570,8 +641,13 @@ def test_storage_url_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_create_then_load_from_a_second_storage(tmp_path: Path) -> None:
     db = tmp_path / "state" / "trainer.db"
-    config = _valid(_study(*MIXED, objective=st.Objective(metric=pb.METRIC_VALIDATION_LOSS),
-                           pruner=st.PrunerSpec(type=st.PRUNER_TYPE_MEDIAN)))
+    config = _valid(
+        _study(
+            *MIXED,
+            objective=st.Objective(metric=pb.METRIC_VALIDATION_LOSS),
+            pruner=st.PrunerSpec(type=st.PRUNER_TYPE_MEDIAN),
+        )
+    )
     study = create_study(open_storage(db), "s-abc123", config)
     trial = study.ask(fixed_distributions=distributions(config))
     trial.report(0.9, step=1)
@@ -641,8 +717,13 @@ def test_grid_limits_the_trials() -> None:
 
 
 def test_grid_round_trip_with_ask_and_tell_visits_every_point() -> None:
-    config = _valid(_study(_int("classifier.batch_size", 16, 32, step=16),
-                           _cat("augmentation.horizontal_flip", "true", "false"), sampler=st.SAMPLER_GRID))
+    config = _valid(
+        _study(
+            _int("classifier.batch_size", 16, 32, step=16),
+            _cat("augmentation.horizontal_flip", "true", "false"),
+            sampler=st.SAMPLER_GRID,
+        )
+    )
     study = optuna.create_study(direction=config.direction.value, sampler=make_sampler(config))
     for _ in range(config.max_trials):  # the runner's ask/tell, with fixed distributions
         trial = study.ask(fixed_distributions=distributions(config))

@@ -38,15 +38,17 @@ def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, 
     """The LR range test on the spec's model and the training part of its data; the plot goes to the bucket."""
     listing = list_image_folder(store, config.dataset.uri)
     train_rows, _ = stratified_split(
-        [item.label for item in listing.items], config.dataset.validation_split, config.run.seed)
+        [item.label for item in listing.items], config.dataset.validation_split, config.run.seed
+    )
     # The sweep sees at most steps x batch images; decode only a seeded sample of that size.
     needed = sweep.steps * config.classifier.batch_size
     rng = np.random.default_rng(config.run.seed)
     if len(train_rows) > needed:
         train_rows = sorted(rng.choice(train_rows, size=needed, replace=False).tolist())
     items = [listing.items[i] for i in train_rows]
-    with materialize(store.for_bucket(listing.bucket), items, config.dataset.image_size, cache_dir,
-                     config.dataset.cache_max_mb) as decoded:
+    with materialize(
+        store.for_bucket(listing.bucket), items, config.dataset.image_size, cache_dir, config.dataset.cache_max_mb
+    ) as decoded:
         train = Split(images=decoded.images, targets=np.asarray(decoded.labels, dtype=np.int64))
         model = build_classifier(config.model, len(listing.labels), load_base_weights(config.model, store))
         # In the server process: no DataLoader worker processes for a sweep over a small sample.
@@ -55,8 +57,16 @@ def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, 
         if config.dataset.class_balancing == ClassBalancing.WEIGHTED_LOSS:
             weight = class_weights(train.targets, len(listing.labels))
         result = find_learning_rate(
-            model, train, config.classifier, ctx, min_lr=sweep.min_lr, max_lr=sweep.max_lr, steps=sweep.steps,
-            smoothing=sweep.smoothing, divergence_factor=sweep.divergence_factor, seed=config.run.seed,
+            model,
+            train,
+            config.classifier,
+            ctx,
+            min_lr=sweep.min_lr,
+            max_lr=sweep.max_lr,
+            steps=sweep.steps,
+            smoothing=sweep.smoothing,
+            divergence_factor=sweep.divergence_factor,
+            seed=config.run.seed,
             class_weight=weight,
         )
     png = lr_finder_png([p.lr for p in result.points], [p.smoothed_loss for p in result.points], result.suggested_lr)

@@ -206,8 +206,12 @@ def augmentation_for(mean_per_label: float) -> AugmentationConfig:
     if mean_per_label >= SMALL_PER_LABEL:
         return AugmentationConfig()
     copies = TINY_COPIES if mean_per_label < TINY_PER_LABEL else SMALL_COPIES
-    return AugmentationConfig(horizontal_flip=True, rotation_degrees=ROTATION_DEGREES, zoom_min_scale=ZOOM_MIN_SCALE,
-                              copies_per_original=copies)
+    return AugmentationConfig(
+        horizontal_flip=True,
+        rotation_degrees=ROTATION_DEGREES,
+        zoom_min_scale=ZOOM_MIN_SCALE,
+        copies_per_original=copies,
+    )
 
 
 def expected_split(counts: Mapping[str, int], fraction: float) -> tuple[dict[str, int], dict[str, int]]:
@@ -240,33 +244,60 @@ class _Reasons:
 def _dataset(shape: DatasetShape, uri: str, gpu: bool, why: _Reasons) -> DatasetConfig:
     split = validation_split_for(shape.smallest)
     if shape.smallest < MIN_TRAIN_PER_LABEL + MIN_VALIDATION_PER_LABEL:
-        why.add("dataset.validation_split", split, f"the smallest label has {shape.smallest} images, too few for "
-                f"{MIN_TRAIN_PER_LABEL} training + {MIN_VALIDATION_PER_LABEL} validation; "
-                f"{TINY_LABEL_SPLIT:.0%} keeps most for training")
+        why.add(
+            "dataset.validation_split",
+            split,
+            f"the smallest label has {shape.smallest} images, too few for "
+            f"{MIN_TRAIN_PER_LABEL} training + {MIN_VALIDATION_PER_LABEL} validation; "
+            f"{TINY_LABEL_SPLIT:.0%} keeps most for training",
+        )
     elif split == LARGE_LABEL_SPLIT:
-        why.add("dataset.validation_split", split, f"every label has >= {LARGE_LABEL} images: 10 % is already >= "
-                f"{round(LARGE_LABEL_SPLIT * LARGE_LABEL)} validation images per label, the rest trains")
+        why.add(
+            "dataset.validation_split",
+            split,
+            f"every label has >= {LARGE_LABEL} images: 10 % is already >= "
+            f"{round(LARGE_LABEL_SPLIT * LARGE_LABEL)} validation images per label, the rest trains",
+        )
     elif split == DEFAULT_SPLIT:
-        why.add("dataset.validation_split", split, f"the default 20 % already gives the smallest label "
-                f"({shape.smallest} images) >= {MIN_VALIDATION_PER_LABEL} validation images")
+        why.add(
+            "dataset.validation_split",
+            split,
+            f"the default 20 % already gives the smallest label "
+            f"({shape.smallest} images) >= {MIN_VALIDATION_PER_LABEL} validation images",
+        )
     else:
-        why.add("dataset.validation_split", split, f"the smallest fraction that gives the smallest label "
-                f"({shape.smallest} images) {MIN_VALIDATION_PER_LABEL} validation images, leaving >= "
-                f"{MIN_TRAIN_PER_LABEL} for training")
+        why.add(
+            "dataset.validation_split",
+            split,
+            f"the smallest fraction that gives the smallest label "
+            f"({shape.smallest} images) {MIN_VALIDATION_PER_LABEL} validation images, leaving >= "
+            f"{MIN_TRAIN_PER_LABEL} for training",
+        )
     size = image_size_for(shape.total, gpu=gpu)
     if gpu:
         why.add("dataset.image_size", size, "the resolution the ImageNet weights were trained at; a GPU affords it")
     else:
-        why.add("dataset.image_size", size, f"CPU only: compute grows with pixels ({size} px costs "
-                f"{size * size / GPU_IMAGE_SIZE**2:.0%} of 224 px) for a few points of accuracy")
+        why.add(
+            "dataset.image_size",
+            size,
+            f"CPU only: compute grows with pixels ({size} px costs "
+            f"{size * size / GPU_IMAGE_SIZE**2:.0%} of 224 px) for a few points of accuracy",
+        )
     balancing = class_balancing_for(shape.smallest, shape.largest)
     ratio = shape.largest / shape.smallest
     if balancing is ClassBalancing.WEIGHTED_LOSS:
-        why.add("dataset.class_balancing", balancing, f"the largest label has {ratio:.1f}x the images of the "
-                f"smallest (> {IMBALANCE_RATIO}): weight the loss by inverse label frequency")
+        why.add(
+            "dataset.class_balancing",
+            balancing,
+            f"the largest label has {ratio:.1f}x the images of the "
+            f"smallest (> {IMBALANCE_RATIO}): weight the loss by inverse label frequency",
+        )
     else:
-        why.add("dataset.class_balancing", balancing, f"labels are balanced (largest / smallest = {ratio:.2f} <= "
-                f"{IMBALANCE_RATIO})")
+        why.add(
+            "dataset.class_balancing",
+            balancing,
+            f"labels are balanced (largest / smallest = {ratio:.2f} <= {IMBALANCE_RATIO})",
+        )
     return DatasetConfig(uri=uri, validation_split=split, image_size=size, class_balancing=balancing)
 
 
@@ -274,19 +305,37 @@ def _augmentation(shape: DatasetShape, why: _Reasons) -> AugmentationConfig:
     aug = augmentation_for(shape.mean)
     per_label = f"{shape.mean:.0f} images per label on average"
     if aug.copies_per_original == 0:
-        why.add("augmentation.copies_per_original", 0, f"{per_label} (>= {SMALL_PER_LABEL}): enough variety "
-                "without augmentation, and stage 1 trains on features computed once")
+        why.add(
+            "augmentation.copies_per_original",
+            0,
+            f"{per_label} (>= {SMALL_PER_LABEL}): enough variety "
+            "without augmentation, and stage 1 trains on features computed once",
+        )
         return aug
-    why.add("augmentation.horizontal_flip", aug.horizontal_flip, f"{per_label}: mirrored images are new, plausible "
-            "examples (turn off when left/right carries meaning, e.g. text)")
-    why.add("augmentation.rotation_degrees", aug.rotation_degrees, "small rotations: robustness to camera tilt "
-            "without changing what the image shows")
-    why.add("augmentation.zoom_min_scale", aug.zoom_min_scale, "crops of 80-100 % of the image: robustness to "
-            "framing and object size")
+    why.add(
+        "augmentation.horizontal_flip",
+        aug.horizontal_flip,
+        f"{per_label}: mirrored images are new, plausible "
+        "examples (turn off when left/right carries meaning, e.g. text)",
+    )
+    why.add(
+        "augmentation.rotation_degrees",
+        aug.rotation_degrees,
+        "small rotations: robustness to camera tilt without changing what the image shows",
+    )
+    why.add(
+        "augmentation.zoom_min_scale",
+        aug.zoom_min_scale,
+        "crops of 80-100 % of the image: robustness to framing and object size",
+    )
     tier = "very few" if shape.mean < TINY_PER_LABEL else "few"
-    why.add("augmentation.copies_per_original", aug.copies_per_original, f"{tier} images per label "
-            f"({shape.mean:.0f} < {TINY_PER_LABEL if tier == 'very few' else SMALL_PER_LABEL}): fixed augmented "
-            "copies add variety and keep stage-1 features cacheable")
+    why.add(
+        "augmentation.copies_per_original",
+        aug.copies_per_original,
+        f"{tier} images per label "
+        f"({shape.mean:.0f} < {TINY_PER_LABEL if tier == 'very few' else SMALL_PER_LABEL}): fixed augmented "
+        "copies add variety and keep stage-1 features cacheable",
+    )
     return aug
 
 
@@ -294,13 +343,21 @@ def _model(shape: DatasetShape, gpu: bool, why: _Reasons) -> ModelConfig:
     arch = architecture_for(shape.total, gpu=gpu)
     if arch is Architecture.MOBILENET_V2:
         where = "on CPU" if not gpu else f"below {V3_LARGE_FROM} images"
-        why.add("model.architecture", arch, f"smallest architecture first ({where}); its ImageNet weights install "
-                "offline")
+        why.add(
+            "model.architecture", arch, f"smallest architecture first ({where}); its ImageNet weights install offline"
+        )
     else:
-        why.add("model.architecture", arch, f"{shape.total} images on a GPU can use a larger base; its ImageNet "
-                "weights must be in torchvision's cache (they do not ship offline), else use MOBILENET_V2")
-    why.add("model.weights", WeightsSource.IMAGENET, "transfer learning: pretrained features beat training from "
-            "scratch on datasets of this size")
+        why.add(
+            "model.architecture",
+            arch,
+            f"{shape.total} images on a GPU can use a larger base; its ImageNet "
+            "weights must be in torchvision's cache (they do not ship offline), else use MOBILENET_V2",
+        )
+    why.add(
+        "model.weights",
+        WeightsSource.IMAGENET,
+        "transfer learning: pretrained features beat training from scratch on datasets of this size",
+    )
     return ModelConfig(architecture=arch, weights=WeightsSource.IMAGENET)
 
 
@@ -311,9 +368,13 @@ def _early_stopping(patience: int) -> EarlyStoppingConfig:
 def _classifier(shape: DatasetShape, train_images: int, gpu: bool, why: _Reasons) -> StageConfig:
     batch = batch_size_for(shape.total, train_images, gpu=gpu)
     capped = " (capped at the training images)" if batch < batch_size_for(shape.total, 10**9, gpu=gpu) else ""
-    why.add("classifier.batch_size", batch, f"{shape.total} images{' on GPU' if gpu else ''}: batches of {batch} "
-            f"(< {SMALL_DATASET}: {BATCH_SMALL}, < {MEDIUM_DATASET}: {BATCH_MEDIUM}, else "
-            f"{BATCH_LARGE_GPU if gpu else BATCH_LARGE_CPU}){capped}")
+    why.add(
+        "classifier.batch_size",
+        batch,
+        f"{shape.total} images{' on GPU' if gpu else ''}: batches of {batch} "
+        f"(< {SMALL_DATASET}: {BATCH_SMALL}, < {MEDIUM_DATASET}: {BATCH_MEDIUM}, else "
+        f"{BATCH_LARGE_GPU if gpu else BATCH_LARGE_CPU}){capped}",
+    )
     epochs = classifier_epochs_for(shape.total)
     if epochs > EPOCHS_LARGE:
         epochs_why = "few steps per epoch, and cached features make epochs cheap; early stopping ends it sooner"
@@ -321,10 +382,17 @@ def _classifier(shape: DatasetShape, train_images: int, gpu: bool, why: _Reasons
         epochs_why = "plenty of steps per epoch; the default suffices"
     why.add("classifier.epochs", epochs, f"{shape.total} images: {epochs_why}")
     stage = StageConfig(epochs=epochs, batch_size=batch, early_stopping=_early_stopping(CLASSIFIER_PATIENCE))
-    why.add("classifier.learning_rate", stage.learning_rate, "Adam's safe default for a fresh head; "
-            "FindLearningRate can refine it")
-    why.add("classifier.early_stopping.enabled", True, f"stop once validation loss has not improved for "
-            f"{CLASSIFIER_PATIENCE} epochs and keep the best epoch's weights")
+    why.add(
+        "classifier.learning_rate",
+        stage.learning_rate,
+        "Adam's safe default for a fresh head; FindLearningRate can refine it",
+    )
+    why.add(
+        "classifier.early_stopping.enabled",
+        True,
+        f"stop once validation loss has not improved for "
+        f"{CLASSIFIER_PATIENCE} epochs and keep the best epoch's weights",
+    )
     return stage
 
 
@@ -332,28 +400,54 @@ def _fine_tuning(shape: DatasetShape, classifier: StageConfig, arch: Architectur
     lr = fine_tuning_default_lr(classifier.learning_rate)  # also the most the limit allows
     default = FineTuningConfig()
     if not fine_tuning_wanted(shape.total, shape.mean):
-        why.add("fine_tuning.enabled", False, f"{shape.total} images, {shape.mean:.0f} per label: too few to "
-                f"update the base without overfitting (needs >= {FINE_TUNE_MIN_TOTAL} and >= "
-                f"{FINE_TUNE_MIN_MEAN_PER_LABEL} per label)")
+        why.add(
+            "fine_tuning.enabled",
+            False,
+            f"{shape.total} images, {shape.mean:.0f} per label: too few to "
+            f"update the base without overfitting (needs >= {FINE_TUNE_MIN_TOTAL} and >= "
+            f"{FINE_TUNE_MIN_MEAN_PER_LABEL} per label)",
+        )
         return replace(default, stage=replace(default.stage, learning_rate=lr))
-    why.add("fine_tuning.enabled", True, f"{shape.total} images, {shape.mean:.0f} per label: enough to adapt the "
-            "base's features after the head has trained")
-    why.add("fine_tuning.stage.learning_rate", lr, f"classifier learning rate / {FINE_TUNING_LR_DIVISOR}, "
-            "the spec's fine-tuning limit: small steps keep the pretrained features")
-    why.add("fine_tuning.stage.epochs", FINE_TUNE_EPOCHS, f"at most {FINE_TUNE_EPOCHS} without "
-            "fine_tuning.allow_long_fine_tuning, with early stopping")
+    why.add(
+        "fine_tuning.enabled",
+        True,
+        f"{shape.total} images, {shape.mean:.0f} per label: enough to adapt the "
+        "base's features after the head has trained",
+    )
+    why.add(
+        "fine_tuning.stage.learning_rate",
+        lr,
+        f"classifier learning rate / {FINE_TUNING_LR_DIVISOR}, "
+        "the spec's fine-tuning limit: small steps keep the pretrained features",
+    )
+    why.add(
+        "fine_tuning.stage.epochs",
+        FINE_TUNE_EPOCHS,
+        f"at most {FINE_TUNE_EPOCHS} without fine_tuning.allow_long_fine_tuning, with early stopping",
+    )
     why.add("fine_tuning.stage.batch_size", classifier.batch_size, "same batch size as the classifier stage")
     why.add("fine_tuning.stage.early_stopping.enabled", True, "fine-tuning overfits quickly: keep its best epoch")
-    why.add("fine_tuning.stage.early_stopping.patience", FINE_TUNE_PATIENCE, f"only {FINE_TUNE_EPOCHS} epochs: "
-            f"stop after {FINE_TUNE_PATIENCE} without improvement")
+    why.add(
+        "fine_tuning.stage.early_stopping.patience",
+        FINE_TUNE_PATIENCE,
+        f"only {FINE_TUNE_EPOCHS} epochs: stop after {FINE_TUNE_PATIENCE} without improvement",
+    )
     blocks = unfreeze_blocks_for(shape.total, arch)
     if blocks is None:
         why.add("fine_tuning.unfreeze.all", True, f">= {UNFREEZE_ALL_FROM} images: enough to train the whole base")
     else:
-        why.add("fine_tuning.unfreeze.last_n_blocks", blocks, f"< {UNFREEZE_ALL_FROM} images: only the last third "
-                f"of {arch.name}'s {BLOCK_COUNTS[arch]} blocks; early layers' generic features stay fixed")
-    stage = StageConfig(epochs=FINE_TUNE_EPOCHS, learning_rate=lr, batch_size=classifier.batch_size,
-                        early_stopping=_early_stopping(FINE_TUNE_PATIENCE))
+        why.add(
+            "fine_tuning.unfreeze.last_n_blocks",
+            blocks,
+            f"< {UNFREEZE_ALL_FROM} images: only the last third "
+            f"of {arch.name}'s {BLOCK_COUNTS[arch]} blocks; early layers' generic features stay fixed",
+        )
+    stage = StageConfig(
+        epochs=FINE_TUNE_EPOCHS,
+        learning_rate=lr,
+        batch_size=classifier.batch_size,
+        early_stopping=_early_stopping(FINE_TUNE_PATIENCE),
+    )
     return FineTuningConfig(enabled=True, stage=stage, last_n_blocks=blocks)
 
 
@@ -364,8 +458,10 @@ def _warnings(shape: DatasetShape, split: float) -> list[str]:
     if ratio > SEVERE_IMBALANCE_RATIO:
         small = min(shape.counts, key=lambda label: (shape.counts[label], label))
         big = max(shape.counts, key=lambda label: (shape.counts[label], label))
-        lines.append(f"label {big!r} has {ratio:.0f}x the images of label {small!r} ({shape.largest} vs "
-                     f"{shape.smallest}): loss weighting helps, more images of the small labels help more")
+        lines.append(
+            f"label {big!r} has {ratio:.0f}x the images of label {small!r} ({shape.largest} vs "
+            f"{shape.smallest}): loss weighting helps, more images of the small labels help more"
+        )
     return lines
 
 
@@ -384,13 +480,23 @@ def recommend_spec(label_counts: Mapping[str, int], *, dataset_uri: str, gpu_ava
     fine_tuning = _fine_tuning(shape, classifier, model.architecture, why)
     output_model = model_id_from_uri(dataset_uri)
     why.add("output_model", output_model, "named after the dataset's last path segment")
-    config = TrainingConfig(dataset=dataset, output_model=output_model, augmentation=augmentation, model=model,
-                            classifier=classifier, fine_tuning=fine_tuning)
+    config = TrainingConfig(
+        dataset=dataset,
+        output_model=output_model,
+        augmentation=augmentation,
+        model=model,
+        classifier=classifier,
+        fine_tuning=fine_tuning,
+    )
     return Recommendation(config=config, reasons=why.items, warnings=_warnings(shape, dataset.validation_split))
 
 
-def recommend_for_dataset(store: ArtifactStore, dataset_uri: str, *, gpu_available: bool,
-                          ) -> tuple[Recommendation, datasets.ImageFolderListing]:
+def recommend_for_dataset(
+    store: ArtifactStore,
+    dataset_uri: str,
+    *,
+    gpu_available: bool,
+) -> tuple[Recommendation, datasets.ImageFolderListing]:
     listing = datasets.list_image_folder(store, dataset_uri)
     recommendation = recommend_spec(listing.label_counts(), dataset_uri=dataset_uri, gpu_available=gpu_available)
     return recommendation, listing

@@ -61,8 +61,16 @@ class DecodedSet:
     """
 
     def __init__(
-        self, path: Path, size: int, keys: Sequence[str], labels: np.ndarray[Any, np.dtype[np.int64]],
-        corrupt: Sequence[str], fingerprint: str, *, from_cache: bool, owned: bool,
+        self,
+        path: Path,
+        size: int,
+        keys: Sequence[str],
+        labels: np.ndarray[Any, np.dtype[np.int64]],
+        corrupt: Sequence[str],
+        fingerprint: str,
+        *,
+        from_cache: bool,
+        owned: bool,
     ) -> None:
         self.path = path
         self.size = size
@@ -106,8 +114,7 @@ class DecodedSet:
 
 def _items_cache_key(items: Sequence[ImageItem], size: int) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps({"format": _CACHE_FORMAT, "preprocessing": preprocessing(size)},
-                             sort_keys=True).encode())
+    digest.update(json.dumps({"format": _CACHE_FORMAT, "preprocessing": preprocessing(size)}, sort_keys=True).encode())
     # In the given order: row i of the file is items[i].
     digest.update(hash_items((item.key, item.etag, item.size) for item in items).encode())
     return digest.hexdigest()[:40]
@@ -219,9 +226,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _open_cached(
-    entry: Path, cache_dir: Path, items: Sequence[ImageItem], size: int, key: str
-) -> DecodedSet | None:
+def _open_cached(entry: Path, cache_dir: Path, items: Sequence[ImageItem], size: int, key: str) -> DecodedSet | None:
     try:
         meta = json.loads((entry / _META).read_text())
     except FileNotFoundError:
@@ -234,8 +239,11 @@ def _open_cached(
     good = [item for item in items if item.key not in corrupt]
     data = entry / _DATA
     try:
-        if (not isinstance(meta, dict) or meta.get("count") != len(good)
-                or data.stat().st_size != len(good) * 3 * size * size):
+        if (
+            not isinstance(meta, dict)
+            or meta.get("count") != len(good)
+            or data.stat().st_size != len(good) * 3 * size * size
+        ):
             log.warning("discarding inconsistent cache entry %s", entry)
             _discard(entry)
             return None
@@ -244,13 +252,24 @@ def _open_cached(
     except FileNotFoundError:
         return None  # evicted by another job meanwhile
     labels = np.fromiter((item.label for item in good), dtype=np.int64, count=len(good))
-    return DecodedSet(path or data, size, [item.key for item in good], labels,
-                      [item.key for item in items if item.key in corrupt], key,
-                      from_cache=True, owned=path is not None)
+    return DecodedSet(
+        path or data,
+        size,
+        [item.key for item in good],
+        labels,
+        [item.key for item in items if item.key in corrupt],
+        key,
+        from_cache=True,
+        owned=path is not None,
+    )
 
 
 def _decode_into(
-    path: Path, store: ObjectReader, items: Sequence[ImageItem], size: int, workers: int,
+    path: Path,
+    store: ObjectReader,
+    items: Sequence[ImageItem],
+    size: int,
+    workers: int,
     on_progress: Callable[[int, int], None] | None,
 ) -> list[bool]:
     """Download + decode every item into row i of a new file at `path`; returns which rows are good."""
@@ -372,9 +391,14 @@ def materialize(
     try:
         good = _decode_into(tmp / _DATA, store, items, size, workers, on_progress)
         _require_some(items, good)
-        meta = {"format": _CACHE_FORMAT, "size": size, "count": sum(good), "items": len(items),
-                "corrupt": [item.key for item, ok in zip(items, good, strict=True) if not ok],
-                "preprocessing": preprocessing(size)}
+        meta = {
+            "format": _CACHE_FORMAT,
+            "size": size,
+            "count": sum(good),
+            "items": len(items),
+            "corrupt": [item.key for item, ok in zip(items, good, strict=True) if not ok],
+            "preprocessing": preprocessing(size),
+        }
         (tmp / _META).write_text(json.dumps(meta))
         # Durable before visible: a power cut after the rename must not expose unwritten pages.
         _fsync(tmp / _DATA)
@@ -403,7 +427,11 @@ def _decoded(
     kept = [item for item, ok in zip(items, good, strict=True) if ok]
     corrupt = [item.key for item, ok in zip(items, good, strict=True) if not ok]
     if corrupt:
-        log.warning("skipped %d of %d images that did not decode, e.g. %s", len(corrupt), len(items),
-                    ", ".join(corrupt[:SKIPPED_EXAMPLES]))
+        log.warning(
+            "skipped %d of %d images that did not decode, e.g. %s",
+            len(corrupt),
+            len(items),
+            ", ".join(corrupt[:SKIPPED_EXAMPLES]),
+        )
     labels = np.fromiter((item.label for item in kept), dtype=np.int64, count=len(kept))
     return DecodedSet(path, size, [item.key for item in kept], labels, corrupt, key, from_cache=False, owned=owned)

@@ -89,7 +89,7 @@ def list_image_folder(store: ArtifactStore, uri: str, *, min_labels: int = 2) ->
     for info in source.list(prefix, recursive=True):
         if info.key.endswith("/"):
             continue  # a "folder" marker some tools create, not a file
-        label = label_of(info.key[len(prefix):].split("/"))
+        label = label_of(info.key[len(prefix) :].split("/"))
         if label is None:
             skipped.append(info.key)
             continue
@@ -107,8 +107,12 @@ def list_image_folder(store: ArtifactStore, uri: str, *, min_labels: int = 2) ->
     index = {label: i for i, label in enumerate(labels)}
     items = tuple(ImageItem(key, index[label], size, etag) for key, label, size, etag in found)
     if skipped:
-        log.info("dataset %s: skipped %d objects that are not images in label folders, e.g. %s",
-                 location, len(skipped), ", ".join(skipped[:SKIPPED_EXAMPLES]))
+        log.info(
+            "dataset %s: skipped %d objects that are not images in label folders, e.g. %s",
+            location,
+            len(skipped),
+            ", ".join(skipped[:SKIPPED_EXAMPLES]),
+        )
     return ImageFolderListing(location, labels, items, tuple(skipped))
 
 

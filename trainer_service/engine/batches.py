@@ -70,7 +70,7 @@ class PlanDataset(Dataset[tuple[Tensor, int]]):
 def tensor_batches(x: Tensor, y: Tensor, batch_size: int, order: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
     index = order if order is not None else torch.arange(x.shape[0])
     for start in range(0, int(index.shape[0]), batch_size):
-        rows = index[start:start + batch_size]
+        rows = index[start : start + batch_size]
         yield x[rows], y[rows]
 
 
@@ -88,5 +88,6 @@ def balanced_sampler(targets: np.ndarray[Any, Any], num_classes: int, count: int
     """`count` draws with replacement, every label equally likely per draw, from a generator seeded with `seed`."""
     per_class = class_weights(targets, num_classes)
     sample_weights = per_class[torch.as_tensor(targets, dtype=torch.long)].double()
-    return WeightedRandomSampler(sample_weights.tolist(), num_samples=count, replacement=True,
-                                 generator=seeded_generator(seed))
+    return WeightedRandomSampler(
+        sample_weights.tolist(), num_samples=count, replacement=True, generator=seeded_generator(seed)
+    )

@@ -63,8 +63,13 @@ def run_context(config: TrainingConfig) -> RunContext:
     """The RunContext a job's spec asks for: its device, precision and data-loader workers (run.*)."""
     device = resolve_device(config.run.device)
     mean, std = normalization(config.model)
-    return RunContext(device=device, autocast_dtype=resolve_autocast(config.run.precision, device),
-                      workers=config.run.data_loader_workers, mean=mean, std=std)
+    return RunContext(
+        device=device,
+        autocast_dtype=resolve_autocast(config.run.precision, device),
+        workers=config.run.data_loader_workers,
+        mean=mean,
+        std=std,
+    )
 
 
 def autocast(ctx: RunContext) -> contextlib.AbstractContextManager[Any]:

@@ -35,7 +35,10 @@ def build_optimizer(params: Sequence[nn.Parameter], stage: StageConfig) -> torch
     lr = stage.learning_rate
     if opt.type == OptimizerType.SGD:
         return torch.optim.SGD(
-            params, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0,
+            params,
+            lr=lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov and opt.momentum > 0,
             weight_decay=opt.weight_decay,
         )
     if opt.type == OptimizerType.ADAM:
@@ -128,7 +131,10 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    forward: Callable[[Tensor], Tensor], batches: Batches, criterion: nn.Module, ctx: RunContext,
+    forward: Callable[[Tensor], Tensor],
+    batches: Batches,
+    criterion: nn.Module,
+    ctx: RunContext,
 ) -> tuple[EpochTotals, Tensor]:
     """Loss and accuracy over every batch without gradients, and the logits (on the CPU, fp32)."""
     totals = EpochTotals()

@@ -189,8 +189,13 @@ class EpochBatches:
 
 
 def cached_train_features(
-    model: Classifier, train: Split, copies_per_original: int, eval_tf: Transform, train_tf: Transform,
-    ctx: RunContext, copies_seed: int,
+    model: Classifier,
+    train: Split,
+    copies_per_original: int,
+    eval_tf: Transform,
+    train_tf: Transform,
+    ctx: RunContext,
+    copies_seed: int,
 ) -> tuple[Tensor, Tensor]:
     """The cached-feature path's training set: the frozen base's features of every original, and of
     `copies_per_original` augmented copies of each (drawn once, from `copies_seed`)."""
@@ -207,7 +212,12 @@ def cached_train_features(
 
 
 def feature_epoch(
-    train_x: Tensor, train_y: Tensor, balancing: ClassBalancing, num_classes: int, batch_size: int, shuffle_seed: int,
+    train_x: Tensor,
+    train_y: Tensor,
+    balancing: ClassBalancing,
+    num_classes: int,
+    batch_size: int,
+    shuffle_seed: int,
 ) -> EpochBatches:
     """The cached-feature path's epoch: the cached features in an order drawn from `shuffle_seed`."""
     count = int(train_x.shape[0])
@@ -219,8 +229,15 @@ def feature_epoch(
 
 
 def image_epoch(
-    train: Split, aug: AugmentationConfig, balancing: ClassBalancing, num_classes: int, eval_tf: Transform,
-    train_tf: Transform, ctx: RunContext, batch_size: int, shuffle_seed: int,
+    train: Split,
+    aug: AugmentationConfig,
+    balancing: ClassBalancing,
+    num_classes: int,
+    eval_tf: Transform,
+    train_tf: Transform,
+    ctx: RunContext,
+    batch_size: int,
+    shuffle_seed: int,
 ) -> EpochBatches:
     """The image path's epoch: a DataLoader over the images (and this epoch's augmented copies), shuffled or
     class-balanced from `shuffle_seed`; the transforms draw from torch's RNG, seeded by the caller."""
@@ -235,16 +252,22 @@ def image_epoch(
     sampler = None
     if balancing == ClassBalancing.WEIGHTED_SAMPLER:
         sampler = balanced_sampler(train.targets[rows], num_classes, len(dataset), shuffle_seed)
-    loader = make_loader(dataset, ctx, batch_size, shuffle=True, sampler=sampler,
-                         generator=seeded_generator(shuffle_seed))
+    loader = make_loader(
+        dataset, ctx, batch_size, shuffle=True, sampler=sampler, generator=seeded_generator(shuffle_seed)
+    )
     return EpochBatches(loader, len(loader), len(dataset))
 
 
 # -- a stage --------------------------------------------------------------------------------------------
 
 
-def _criterion(config: TrainingConfig, stage: StageConfig, train: Split, num_classes: int, device: torch.device,
-               ) -> nn.Module:
+def _criterion(
+    config: TrainingConfig,
+    stage: StageConfig,
+    train: Split,
+    num_classes: int,
+    device: torch.device,
+) -> nn.Module:
     weight = None
     if config.dataset.class_balancing == ClassBalancing.WEIGHTED_LOSS:
         weight = class_weights(train.targets, num_classes).to(device)
@@ -269,8 +292,13 @@ def _weight_groups(model: Classifier) -> dict[str, list[Tensor]]:
 
 
 def _end_epoch(
-    state: StageState, record: EpochRecord, stage: StageConfig, model: Classifier, optimizer: torch.optim.Optimizer,
-    plateau: PlateauReducer, histograms: dict[str, list[tuple[int, list[float], list[float]]]],
+    state: StageState,
+    record: EpochRecord,
+    stage: StageConfig,
+    model: Classifier,
+    optimizer: torch.optim.Optimizer,
+    plateau: PlateauReducer,
+    histograms: dict[str, list[tuple[int, list[float], list[float]]]],
 ) -> bool:
     """Record an epoch: history, weight histograms, the plateau reducer, the best weights, early stopping, and
     the optimizer's state for the checkpoint. True when the stage stops after this epoch."""
@@ -356,8 +384,9 @@ def run_stage(
     epoch_batches: Callable[[int], EpochBatches]
     forward: Callable[[Tensor], Tensor]
     if cache_features:
-        train_x, train_y = cached_train_features(model, data.train, aug.copies_per_original, eval_tf, train_tf, ctx,
-                                                 derive_seed(seed, stage_name, "copies"))
+        train_x, train_y = cached_train_features(
+            model, data.train, aug.copies_per_original, eval_tf, train_tf, ctx, derive_seed(seed, stage_name, "copies")
+        )
 
         def epoch_batches(shuffle_seed: int) -> EpochBatches:
             return feature_epoch(train_x, train_y, balancing, data.num_classes, stage.batch_size, shuffle_seed)
@@ -366,8 +395,9 @@ def run_stage(
     else:
 
         def epoch_batches(shuffle_seed: int) -> EpochBatches:
-            return image_epoch(data.train, aug, balancing, data.num_classes, eval_tf, train_tf, ctx,
-                               stage.batch_size, shuffle_seed)
+            return image_epoch(
+                data.train, aug, balancing, data.num_classes, eval_tf, train_tf, ctx, stage.batch_size, shuffle_seed
+            )
 
         forward = model
 
@@ -380,23 +410,39 @@ def run_stage(
         model.train()  # a frozen base keeps its BatchNorm in eval mode (Classifier.train)
         epoch = epoch_batches(shuffle_seed)
         totals, lr, epoch_lrs = train_one_epoch(
-            forward, trainable, epoch.batches, epoch.steps, optimizer, criterion, stage, epoch_index,
-            plateau.scale, ctx, scaler, callbacks.should_stop,
+            forward,
+            trainable,
+            epoch.batches,
+            epoch.steps,
+            optimizer,
+            criterion,
+            stage,
+            epoch_index,
+            plateau.scale,
+            ctx,
+            scaler,
+            callbacks.should_stop,
         )
         lrs.extend(epoch_lrs)
         train_seconds = time.perf_counter() - started
         model.eval()
         if val_features is not None:
             val_x, val_y = val_features
-            val_totals, _ = evaluate(model.head, tensor_batches(val_x, val_y, ctx.eval_batch_size, None), criterion,
-                                     ctx)
+            val_totals, _ = evaluate(
+                model.head, tensor_batches(val_x, val_y, ctx.eval_batch_size, None), criterion, ctx
+            )
         else:
             val_totals, _ = evaluate(model, val_loader, criterion, ctx)
         record = EpochRecord(
-            stage=stage_name, epoch=epoch_index + 1, epochs=stage.epochs,
-            train_loss=totals.mean_loss, train_accuracy=totals.accuracy,
-            val_loss=val_totals.mean_loss, val_accuracy=val_totals.accuracy,
-            learning_rate=lr, images_per_second=epoch.count / max(train_seconds, 1e-9),
+            stage=stage_name,
+            epoch=epoch_index + 1,
+            epochs=stage.epochs,
+            train_loss=totals.mean_loss,
+            train_accuracy=totals.accuracy,
+            val_loss=val_totals.mean_loss,
+            val_accuracy=val_totals.accuracy,
+            learning_rate=lr,
+            images_per_second=epoch.count / max(train_seconds, 1e-9),
             epoch_seconds=time.perf_counter() - started,
         )
         stop_now = _end_epoch(state, record, stage, model, optimizer, plateau, histograms)

@@ -118,7 +118,7 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float, str
         return fallback
     # Central differences on the whole curve, so the window's edge points have both neighbours.
     slopes = np.gradient(values, np.log10(np.asarray(lrs, dtype=np.float64)))
-    steepest = window[int(np.argmin(slopes[window.start:window.stop]))]
+    steepest = window[int(np.argmin(slopes[window.start : window.stop]))]
     if slopes[steepest] >= 0:
         return fallback
     return float(lrs[steepest]), STEEPEST_RULE
@@ -214,9 +214,16 @@ def find_learning_rate(
     return LrFinderResult(points=points, suggested_lr=suggested, rule=rule, stopped_early=stopped_early)
 
 
-def _sweep(head: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], lrs: Sequence[float], criterion: nn.Module,
-           stage: StageConfig, ctx: RunContext, smoothing: float, divergence_factor: float,
-           ) -> tuple[list[LrPoint], bool]:
+def _sweep(
+    head: nn.Module,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    lrs: Sequence[float],
+    criterion: nn.Module,
+    stage: StageConfig,
+    ctx: RunContext,
+    smoothing: float,
+    divergence_factor: float,
+) -> tuple[list[LrPoint], bool]:
     """(the recorded points, whether it stopped before the last rate)."""
     optimizer = build_optimizer(list(head.parameters()), stage)
     smoother = Smoother(smoothing)
@@ -235,8 +242,15 @@ def _sweep(head: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], lrs: Seque
     return points, False
 
 
-def _step(head: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, inputs: Tensor, targets: Tensor,
-          lr: float, stage: StageConfig) -> float:
+def _step(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    lr: float,
+    stage: StageConfig,
+) -> float:
     """One head update at `lr`; returns the loss before the update."""
     set_lr(optimizer, lr)
     loss: Tensor = criterion(head(inputs), targets)

@@ -36,10 +36,15 @@ from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, 
 
 log = logging.getLogger(__name__)
 
-_RESNETS = frozenset({
-    Architecture.RESNET18, Architecture.RESNET34, Architecture.RESNET50, Architecture.RESNET101,
-    Architecture.RESNET152,
-})
+_RESNETS = frozenset(
+    {
+        Architecture.RESNET18,
+        Architecture.RESNET34,
+        Architecture.RESNET50,
+        Architecture.RESNET101,
+        Architecture.RESNET152,
+    }
+)
 _ACTIVATIONS: dict[Activation, type[nn.Module]] = {
     Activation.RELU: nn.ReLU,
     Activation.GELU: nn.GELU,
@@ -51,7 +56,13 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]  # [:-1]: without pickle's STOP
 # What torch.load raises on a damaged or truncated file (its unpickler surfaces low-level errors as they are).
 _LOAD_ERRORS: tuple[type[Exception], ...] = (
-    RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, IndexError, KeyError,
+    RuntimeError,
+    pickle.UnpicklingError,
+    EOFError,
+    OSError,
+    ValueError,
+    IndexError,
+    KeyError,
 )
 _CHUNK = 1024 * 1024
 _EXPORT_ATOL = 1e-5
@@ -132,11 +143,13 @@ def _split_torchvision(architecture: Architecture, model: nn.Module) -> tuple[nn
         return nn.Sequential(parts), fc.in_features, "fc."
     classifier = model.get_submodule("classifier")
     first_linear = next(m for m in classifier.modules() if isinstance(m, nn.Linear))
-    base = nn.Sequential(OrderedDict(
-        features=model.get_submodule("features"),
-        avgpool=nn.AdaptiveAvgPool2d(1),
-        flatten=nn.Flatten(1),
-    ))
+    base = nn.Sequential(
+        OrderedDict(
+            features=model.get_submodule("features"),
+            avgpool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(1),
+        )
+    )
     return base, first_linear.in_features, "classifier."
 
 
@@ -220,7 +233,7 @@ def unfreeze(model: Classifier, last_n_blocks: int | None) -> None:
         model.base.requires_grad_(True)
     else:
         model.base.requires_grad_(False)
-        for block in blocks[len(blocks) - last_n_blocks:]:
+        for block in blocks[len(blocks) - last_n_blocks :]:
             block.requires_grad_(True)
     model.head.requires_grad_(True)
     model.train(model.training)

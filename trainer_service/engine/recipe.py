@@ -76,8 +76,12 @@ class RepeatResult:
             out["train_accuracy"] = self.history[-1].train_accuracy
             out["epochs_run"] = float(len(self.history))
         if self.test is not None:
-            out.update(test_accuracy=self.test.accuracy, test_loss=self.test.loss,
-                       test_top5_accuracy=self.test.top5_accuracy, test_macro_f1=self.test.macro_f1)
+            out.update(
+                test_accuracy=self.test.accuracy,
+                test_loss=self.test.loss,
+                test_top5_accuracy=self.test.top5_accuracy,
+                test_macro_f1=self.test.macro_f1,
+            )
         if self.open_set.fpr_at_threshold is not None:
             out["open_set_fpr"] = self.open_set.fpr_at_threshold
         if self.open_set.auroc is not None:
@@ -117,12 +121,23 @@ class _Progress:
 
 
 def _checkpoint_extra(
-    progress: _Progress, state: StageState, *, repeat: int, stage: str, classifier_state: StageState | None,
-    lrs: dict[str, list[float]], histograms: dict[str, list[tuple[int, list[float], list[float]]]],
+    progress: _Progress,
+    state: StageState,
+    *,
+    repeat: int,
+    stage: str,
+    classifier_state: StageState | None,
+    lrs: dict[str, list[float]],
+    histograms: dict[str, list[tuple[int, list[float], list[float]]]],
 ) -> dict[str, Any]:
     return {
-        "repeat": repeat, "stage": stage, "finished": progress.finished, "best_model": progress.best_model,
-        "classifier_state": classifier_state, "lrs": lrs, "histograms": histograms,
+        "repeat": repeat,
+        "stage": stage,
+        "finished": progress.finished,
+        "best_model": progress.best_model,
+        "classifier_state": classifier_state,
+        "lrs": lrs,
+        "histograms": histograms,
     }
 
 
@@ -146,8 +161,9 @@ def train(
     callbacks: Callbacks,
     resume: ResumeState | None = None,
 ) -> TrainingResult:
-    progress = _Progress(finished=list(resume.finished) if resume else [],
-                         best_model=resume.best_model if resume else None)
+    progress = _Progress(
+        finished=list(resume.finished) if resume else [], best_model=resume.best_model if resume else None
+    )
     finished = progress.finished
     stage_data = StageData(train=data.train, val=data.val, num_classes=len(data.labels))
     first_repeat = resume.repeat if resume else 0
@@ -172,18 +188,32 @@ def train(
                 stage2_resume = resume.stage_state
 
         stage1_done = stage1_resume is not None and (
-            stage1_resume.completed_epochs >= config.classifier.epochs or stage1_resume.stopped_early
+            stage1_resume.completed_epochs >= config.classifier.epochs
+            or stage1_resume.stopped_early
             or stage2_resume is not None
         )
         if stage1_done and stage1_resume is not None:
             stage1 = stage1_resume
         else:
             outcome = run_stage(
-                model, config, CLASSIFIER, stage_data, ctx, callbacks, repeat=repeat, seed=seed,
+                model,
+                config,
+                CLASSIFIER,
+                stage_data,
+                ctx,
+                callbacks,
+                repeat=repeat,
+                seed=seed,
                 resume=stage1_resume,
                 checkpoint_extra=functools.partial(
-                    _checkpoint_extra, progress, repeat=repeat, stage=CLASSIFIER, classifier_state=None,
-                    lrs=lrs, histograms=histograms),
+                    _checkpoint_extra,
+                    progress,
+                    repeat=repeat,
+                    stage=CLASSIFIER,
+                    classifier_state=None,
+                    lrs=lrs,
+                    histograms=histograms,
+                ),
             )
             stage1 = outcome.state
             lrs[CLASSIFIER] = lrs.get(CLASSIFIER, []) + outcome.lrs
@@ -193,11 +223,24 @@ def train(
 
         if config.fine_tuning.enabled:
             outcome = run_stage(
-                model, config, FINE_TUNING, stage_data, ctx, callbacks, repeat=repeat, seed=seed,
+                model,
+                config,
+                FINE_TUNING,
+                stage_data,
+                ctx,
+                callbacks,
+                repeat=repeat,
+                seed=seed,
                 resume=stage2_resume,
                 checkpoint_extra=functools.partial(
-                    _checkpoint_extra, progress, repeat=repeat, stage=FINE_TUNING, classifier_state=stage1,
-                    lrs=lrs, histograms=histograms),
+                    _checkpoint_extra,
+                    progress,
+                    repeat=repeat,
+                    stage=FINE_TUNING,
+                    classifier_state=stage1,
+                    lrs=lrs,
+                    histograms=histograms,
+                ),
             )
             history += outcome.state.history
             stopped_early[FINE_TUNING] = outcome.state.stopped_early
@@ -206,9 +249,7 @@ def train(
 
         result = evaluate(config, data, model, ctx, repeat=repeat, seed=seed)
         result.history, result.lrs, result.histograms, result.stopped_early = history, lrs, histograms, stopped_early
-        if progress.best_model is None or result.validation.accuracy > max(
-            r.validation.accuracy for r in finished
-        ):
+        if progress.best_model is None or result.validation.accuracy > max(r.validation.accuracy for r in finished):
             progress.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         finished.append(result)
 
@@ -217,12 +258,17 @@ def train(
     assert progress.best_model is not None
     model.load_state_dict(progress.best_model)
     model.eval()
-    return TrainingResult(repeats=finished, best=best, model=model,
-                          summary=aggregate([r.metrics() for r in finished]))
+    return TrainingResult(repeats=finished, best=best, model=model, summary=aggregate([r.metrics() for r in finished]))
 
 
 def evaluate(
-    config: TrainingConfig, data: PreparedData, model: Classifier, ctx: RunContext, *, repeat: int, seed: int,
+    config: TrainingConfig,
+    data: PreparedData,
+    model: Classifier,
+    ctx: RunContext,
+    *,
+    repeat: int,
+    seed: int,
 ) -> RepeatResult:
     """Validation report, open-set calibration on validation, and the test/unknown sets when given."""
     val_logits = predict(model, data.val, ctx)
@@ -238,6 +284,13 @@ def evaluate(
         val_logits, config.open_set.score, config.open_set.target_true_positive_rate, unknown_logits
     )
     return RepeatResult(
-        repeat=repeat, seed=seed, history=[], validation=validation, test=test, open_set=open_set,
-        lrs={}, histograms={}, stopped_early={},
+        repeat=repeat,
+        seed=seed,
+        history=[],
+        validation=validation,
+        test=test,
+        open_set=open_set,
+        lrs={},
+        histograms={},
+        stopped_early={},
     )

@@ -92,9 +92,12 @@ def save_spec(store: ArtifactStore, job_id: str, spec_json: str) -> None:
 
 def save_event_log(store: ArtifactStore, job_id: str, log: Iterable[EventRecord]) -> None:
     """jobs/{job}/events.jsonl: one JSON object per event (sequence, time, kind, event), beside the spec."""
-    lines = [json.dumps({"sequence": e.sequence, "time": e.time.isoformat(), "kind": e.kind,
-                         "event": json.loads(e.payload_json)})
-             for e in log]
+    lines = [
+        json.dumps(
+            {"sequence": e.sequence, "time": e.time.isoformat(), "kind": e.kind, "event": json.loads(e.payload_json)}
+        )
+        for e in log
+    ]
     store.put_bytes(events_key(job_id), ("\n".join(lines) + "\n").encode(), content_type="application/x-ndjson")
 
 
@@ -114,9 +117,15 @@ def load_checkpoint(store: ArtifactStore, job_id: str) -> ResumeState | None:
     # Our own checkpoint, written by this code: it carries dataclasses, so it is not weights-only.
     state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
     return ResumeState(
-        repeat=state["repeat"], stage=state["stage"], stage_state=state["stage_state"], model=state["model"],
-        finished=state["finished"], best_model=state["best_model"],
-        classifier_state=state["classifier_state"], lrs=state["lrs"], histograms=state["histograms"],
+        repeat=state["repeat"],
+        stage=state["stage"],
+        stage_state=state["stage_state"],
+        model=state["model"],
+        finished=state["finished"],
+        best_model=state["best_model"],
+        classifier_state=state["classifier_state"],
+        lrs=state["lrs"],
+        histograms=state["histograms"],
     )
 
 
@@ -131,8 +140,15 @@ def training_plots(result: TrainingResult, config: TrainingConfig, labels: Seque
     """The best repeat's plots as PNGs, by their path in the model version."""
     best = result.best
     history_rows: list[dict[str, float | str]] = [
-        {"epoch": i + 1, "stage": r.stage, "train_loss": r.train_loss, "val_loss": r.val_loss,
-         "train_accuracy": r.train_accuracy, "val_accuracy": r.val_accuracy, "learning_rate": r.learning_rate}
+        {
+            "epoch": i + 1,
+            "stage": r.stage,
+            "train_loss": r.train_loss,
+            "val_loss": r.val_loss,
+            "train_accuracy": r.train_accuracy,
+            "val_accuracy": r.val_accuracy,
+            "learning_rate": r.learning_rate,
+        }
         for i, r in enumerate(best.history)
     ]
     report = best.test if best.test is not None else best.validation
@@ -175,23 +191,45 @@ def publish_model_version(
                 writer.put_bytes(relpath, png, content_type="image/png")
                 plot_uris.append(object_uri(store, model_version.prefix + relpath))
             job_result = results.job_result(
-                result, labels=labels, score=config.open_set.score, model_version=str(model_version),
-                dataset=dataset, plots=plot_uris, keys_by_split=keys_by_split,
+                result,
+                labels=labels,
+                score=config.open_set.score,
+                model_version=str(model_version),
+                dataset=dataset,
+                plots=plot_uris,
+                keys_by_split=keys_by_split,
             )
             size = config.dataset.image_size
             mean, std = normalization(config.model)
             manifest = results.manifest(
-                name=str(model_version), job=names.job_name(job_id), created=created,
-                labels=labels, architecture=spec.model.architecture,
+                name=str(model_version),
+                job=names.job_name(job_id),
+                created=created,
+                labels=labels,
+                architecture=spec.model.architecture,
                 preprocessing=manifest_pb2.Preprocessing(
-                    resize_size=size, crop_size=size, interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
-                    mean=list(mean), std=list(std), color_mode=manifest_pb2.COLOR_MODE_RGB),
+                    resize_size=size,
+                    crop_size=size,
+                    interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
+                    mean=list(mean),
+                    std=list(std),
+                    color_mode=manifest_pb2.COLOR_MODE_RGB,
+                ),
                 weights=manifest_pb2.Weights(
-                    path=MODEL_FILE, format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT, sha256=sha,
-                    size_bytes=weights_path.stat().st_size, input_name="images", input_shape=[-1, 3, size, size],
-                    output_name="logits", output_shape=[-1, len(labels)]),
-                open_set=job_result.open_set, metrics=job_result.metrics, spec=spec,
-                dataset=dataset, files=[MODEL_FILE, *pngs],
+                    path=MODEL_FILE,
+                    format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT,
+                    sha256=sha,
+                    size_bytes=weights_path.stat().st_size,
+                    input_name="images",
+                    input_shape=[-1, 3, size, size],
+                    output_name="logits",
+                    output_shape=[-1, len(labels)],
+                ),
+                open_set=job_result.open_set,
+                metrics=job_result.metrics,
+                spec=spec,
+                dataset=dataset,
+                files=[MODEL_FILE, *pngs],
             )
             writer.commit(json_format.MessageToJson(manifest).encode())
     return job_result

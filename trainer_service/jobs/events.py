@@ -25,8 +25,7 @@ def record(jobs: JobStore, job_id: str, kind: str, message: Message) -> EventRec
 
 
 def record_state(jobs: JobStore, job_id: str, state: JobState, message: str = "") -> EventRecord:
-    return record(jobs, job_id, "state_changed",
-                  job_pb2.StateChanged(state=JOB_STATES[state], message=message))
+    return record(jobs, job_id, "state_changed", job_pb2.StateChanged(state=JOB_STATES[state], message=message))
 
 
 def record_warning(jobs: JobStore, job_id: str, code: str, message: str) -> EventRecord:
@@ -52,7 +51,11 @@ def progress(job: job_pb2.Job, log: list[EventRecord]) -> tuple[job_pb2.JobProgr
         if event.kind == "stage_started":
             started = to_proto(event).stage_started
             out.stage, out.repeat, out.total_epochs, out.epoch = (
-                started.stage, started.repeat, started.total_epochs, 0)
+                started.stage,
+                started.repeat,
+                started.total_epochs,
+                0,
+            )
         elif event.kind == "epoch_ended":
             ended = to_proto(event).epoch_ended
             out.epoch = ended.epoch

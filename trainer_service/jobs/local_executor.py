@@ -171,11 +171,15 @@ class JobExecutor:
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [self._python, "-m", WORKER_MODULE, "--job", record.job_id, "--data-dir", str(self._data_dir)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 env=worker_environment(self._s3),
             )
-        log.info("job started", extra={"job": record.job_id, "attempt": record.attempt, "pid": proc.pid,
-                                       "log": str(log_path)})
+        log.info(
+            "job started",
+            extra={"job": record.job_id, "attempt": record.attempt, "pid": proc.pid, "log": str(log_path)},
+        )
         with self._lock:
             self._running[record.job_id] = _Running(record.job_id, proc, log_path)
 
@@ -203,18 +207,28 @@ class JobExecutor:
         if record.attempt <= retries:
             log.warning("worker died; job queued to resume", extra={"job": run.job_id, "cause": cause})
             self._jobs.update_state(run.job_id, JobState.QUEUED, expected={JobState.RUNNING})
-            events.record_state(self._jobs, run.job_id, JobState.QUEUED,
-                                f"worker died ({cause}); resuming from the last checkpoint "
-                                f"(retry {record.attempt} of {retries})")
+            events.record_state(
+                self._jobs,
+                run.job_id,
+                JobState.QUEUED,
+                f"worker died ({cause}); resuming from the last checkpoint (retry {record.attempt} of {retries})",
+            )
             self._wake.set()
         else:
-            self._finish(run.job_id, JobState.FAILED,
-                         f"the worker died ({cause}) on each of {record.attempt} attempts; last log lines: {tail}")
+            self._finish(
+                run.job_id,
+                JobState.FAILED,
+                f"the worker died ({cause}) on each of {record.attempt} attempts; last log lines: {tail}",
+            )
 
     def _finish(self, job_id: str, state: JobState, message: str) -> None:
         try:
-            self._jobs.update_state(job_id, state, error=message if state == JobState.FAILED else None,
-                                    expected={JobState.RUNNING, JobState.CANCELLING})
+            self._jobs.update_state(
+                job_id,
+                state,
+                error=message if state == JobState.FAILED else None,
+                expected={JobState.RUNNING, JobState.CANCELLING},
+            )
         except Conflict:
             return
         events.record_state(self._jobs, job_id, state, message)
@@ -227,8 +241,9 @@ class JobExecutor:
                 self._finish(record.job_id, JobState.CANCELLED, "cancelled (the trainer restarted)")
                 continue
             self._jobs.update_state(record.job_id, JobState.QUEUED, expected={JobState.RUNNING})
-            events.record_state(self._jobs, record.job_id, JobState.QUEUED,
-                                "the trainer restarted; resuming from the last checkpoint")
+            events.record_state(
+                self._jobs, record.job_id, JobState.QUEUED, "the trainer restarted; resuming from the last checkpoint"
+            )
 
 
 def _kill_stray_worker(job_id: str) -> None:

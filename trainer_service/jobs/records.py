@@ -86,9 +86,7 @@ class StudyState(enum.StrEnum):
         return self in _TERMINAL_STUDY_STATES
 
 
-_TERMINAL_JOB_STATES: Final = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.PRUNED}
-)
+_TERMINAL_JOB_STATES: Final = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.PRUNED})
 _TERMINAL_STUDY_STATES: Final = frozenset({StudyState.SUCCEEDED, StudyState.FAILED, StudyState.CANCELLED})
 
 
@@ -141,4 +139,3 @@ class EventRecord:
     time: datetime
     kind: str
     payload_json: str
-

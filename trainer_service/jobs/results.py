@@ -33,18 +33,25 @@ def duration(seconds: float) -> Duration:
 
 def epoch_metrics(repeat: int, record: EpochRecord) -> job_pb2.EpochMetrics:
     return job_pb2.EpochMetrics(
-        stage=STAGES[record.stage], repeat=repeat + 1, epoch=record.epoch,
-        train_loss=record.train_loss, train_accuracy=record.train_accuracy,
-        validation_loss=record.val_loss, validation_accuracy=record.val_accuracy,
-        learning_rate=record.learning_rate, images_per_second=record.images_per_second,
+        stage=STAGES[record.stage],
+        repeat=repeat + 1,
+        epoch=record.epoch,
+        train_loss=record.train_loss,
+        train_accuracy=record.train_accuracy,
+        validation_loss=record.val_loss,
+        validation_accuracy=record.val_accuracy,
+        learning_rate=record.learning_rate,
+        images_per_second=record.images_per_second,
         epoch_time=duration(record.epoch_seconds),
     )
 
 
 def open_set_result(report: OpenSetReport, score: OpenSetScore) -> job_pb2.OpenSetResult:
     out = job_pb2.OpenSetResult(
-        score=OPEN_SET_SCORES.to_proto(score), threshold=report.threshold,
-        target_true_positive_rate=report.target_tpr, true_positive_rate=report.validation_tpr,
+        score=OPEN_SET_SCORES.to_proto(score),
+        threshold=report.threshold,
+        target_true_positive_rate=report.target_tpr,
+        true_positive_rate=report.validation_tpr,
     )
     if report.fpr_at_threshold is not None:
         out.false_positive_rate = report.fpr_at_threshold
@@ -81,7 +88,9 @@ def job_result(
     misclassified = [
         job_pb2.Misclassified(
             uri=keys[m.index] if m.index < len(keys) else str(m.index),
-            true_label=m.true_label, predicted_label=m.predicted_label, score=m.confidence,
+            true_label=m.true_label,
+            predicted_label=m.predicted_label,
+            score=m.confidence,
         )
         for m in report.misclassified
     ]
@@ -90,8 +99,13 @@ def job_result(
         metrics=metric_summaries(result),
         history=[epoch_metrics(best.repeat, r) for r in best.history],
         per_class=[
-            job_pb2.ClassMetrics(label=labels[i], precision=report.precision[i], recall=report.recall[i],
-                                 f1=report.f1[i], support=report.support[i])
+            job_pb2.ClassMetrics(
+                label=labels[i],
+                precision=report.precision[i],
+                recall=report.recall[i],
+                f1=report.f1[i],
+                support=report.support[i],
+            )
             for i in range(len(labels))
         ],
         labels=list(labels),
@@ -128,9 +142,19 @@ def manifest(
     files: Sequence[str],
 ) -> manifest_pb2.ModelManifest:
     out = manifest_pb2.ModelManifest(
-        schema_version=MANIFEST_SCHEMA_VERSION, name=name, job=job, labels=list(labels),
-        architecture=architecture, preprocessing=preprocessing, weights=weights, open_set=open_set,
-        metrics=dict(metrics), spec=spec, dataset=dataset, library_versions=library_versions(), files=list(files),
+        schema_version=MANIFEST_SCHEMA_VERSION,
+        name=name,
+        job=job,
+        labels=list(labels),
+        architecture=architecture,
+        preprocessing=preprocessing,
+        weights=weights,
+        open_set=open_set,
+        metrics=dict(metrics),
+        spec=spec,
+        dataset=dataset,
+        library_versions=library_versions(),
+        files=list(files),
     )
     out.create_time.FromDatetime(created)
     return out

@@ -137,7 +137,6 @@ def _migration_1_initial(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-
 # Ordered: migration i takes the schema from version i to i + 1. Append only, never edit a shipped one.
 MIGRATIONS: Final[tuple[Migration, ...]] = (_migration_1_initial,)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -205,7 +204,6 @@ def event_from_row(row: sqlite3.Row) -> EventRecord:
         kind=row["kind"],
         payload_json=row["payload_json"],
     )
-
 
 
 # ------------------------------------------------------------------------------------------- connections

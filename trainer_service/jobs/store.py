@@ -149,14 +149,10 @@ class JobStore:
         with self._db.write() as conn:
             # Check and insert in one write transaction: a retry racing the original sees one or the other.
             if request_id is not None:
-                row = conn.execute(
-                    f"SELECT * FROM {table.name} WHERE request_id = ?", (request_id,)
-                ).fetchone()
+                row = conn.execute(f"SELECT * FROM {table.name} WHERE request_id = ?", (request_id,)).fetchone()
                 if row is not None:
                     return from_row(row), False
-            if conn.execute(
-                f"SELECT 1 FROM {table.name} WHERE {table.id_column} = ?", (resource_id,)
-            ).fetchone():
+            if conn.execute(f"SELECT 1 FROM {table.name} WHERE {table.id_column} = ?", (resource_id,)).fetchone():
                 raise AlreadyExists(f"{table.noun} {resource_id!r} already exists")
             now = self._now_us()
             columns = {
@@ -169,9 +165,7 @@ class JobStore:
             names = ", ".join(columns)
             marks = ", ".join("?" for _ in columns)
             conn.execute(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", tuple(columns.values()))
-            row = conn.execute(
-                f"SELECT * FROM {table.name} WHERE {table.id_column} = ?", (resource_id,)
-            ).fetchone()
+            row = conn.execute(f"SELECT * FROM {table.name} WHERE {table.id_column} = ?", (resource_id,)).fetchone()
             return from_row(row), True
 
     @staticmethod
@@ -210,8 +204,7 @@ class JobStore:
         rows = (
             self._db.connection()
             .execute(
-                f"SELECT * FROM {table.name} {clause} "
-                f"ORDER BY create_time DESC, {table.id_column} DESC LIMIT ?",
+                f"SELECT * FROM {table.name} {clause} ORDER BY create_time DESC, {table.id_column} DESC LIMIT ?",
                 (*params, size + 1),  # one extra row tells whether there is a next page
             )
             .fetchall()
@@ -239,9 +232,7 @@ class JobStore:
             if expected is not None:
                 allowed = {s.value for s in expected}
                 if current not in allowed:
-                    raise Conflict(
-                        f"{table.noun} {resource_id!r} is {current}, expected one of {sorted(allowed)}"
-                    )
+                    raise Conflict(f"{table.noun} {resource_id!r} is {current}, expected one of {sorted(allowed)}")
             now = self._now_us()
             sets = ["state = ?", "update_time = ?", "end_time = ?"]
             params: list[Any] = [new_state.value, now, now if new_state.is_terminal else None]
@@ -327,9 +318,7 @@ class JobStore:
         if study_id is not None:
             where.append("study_id = ?")
             params.append(study_id)
-        return self._list_page(
-            JOBS, where, params, [state_values, study_id], page_size, page_token, job_from_row
-        )
+        return self._list_page(JOBS, where, params, [state_values, study_id], page_size, page_token, job_from_row)
 
     def update_state(
         self,
@@ -390,8 +379,7 @@ class JobStore:
         rows = (
             self._db.connection()
             .execute(
-                f"SELECT * FROM vt_jobs WHERE state IN ({', '.join('?' for _ in values)}) "
-                "ORDER BY create_time, job_id",
+                f"SELECT * FROM vt_jobs WHERE state IN ({', '.join('?' for _ in values)}) ORDER BY create_time, job_id",
                 values,
             )
             .fetchall()
@@ -403,9 +391,7 @@ class JobStore:
         with self._db.write() as conn:
             row = self._fetch_row(conn, JOBS, job_id)
             if expected is not None and row["state"] not in {s.value for s in expected}:
-                raise Conflict(
-                    f"job {job_id!r} is {row['state']}, expected one of {sorted(s.value for s in expected)}"
-                )
+                raise Conflict(f"job {job_id!r} is {row['state']}, expected one of {sorted(s.value for s in expected)}")
             conn.execute(
                 "DELETE FROM vt_events WHERE resource_type = ? AND resource_id = ?",
                 (ResourceType.JOB.value, job_id),
@@ -448,9 +434,7 @@ class JobStore:
         if state_values:
             where.append(f"state IN ({', '.join('?' for _ in state_values)})")
             params += state_values
-        return self._list_page(
-            STUDIES, where, params, [state_values], page_size, page_token, study_from_row
-        )
+        return self._list_page(STUDIES, where, params, [state_values], page_size, page_token, study_from_row)
 
     def update_study_state(
         self,
@@ -481,8 +465,7 @@ class JobStore:
             # MAX+1 inside the write transaction: the write lock serialises appenders across threads
             # and processes, so sequences never collide and have no gaps.
             (sequence,) = conn.execute(
-                "SELECT COALESCE(MAX(sequence), 0) + 1 FROM vt_events "
-                "WHERE resource_type = ? AND resource_id = ?",
+                "SELECT COALESCE(MAX(sequence), 0) + 1 FROM vt_events WHERE resource_type = ? AND resource_id = ?",
                 (table.resource_type.value, resource_id),
             ).fetchone()
             now = self._now_us()
@@ -497,9 +480,7 @@ class JobStore:
             self._events_changed.notify_all()
         return EventRecord(table.resource_type, resource_id, sequence, from_us(now), kind, payload_json)
 
-    def _events_after(
-        self, table: Table, resource_id: str, after_sequence: int, limit: int
-    ) -> list[EventRecord]:
+    def _events_after(self, table: Table, resource_id: str, after_sequence: int, limit: int) -> list[EventRecord]:
         limit = max(1, min(limit, MAX_EVENTS_PER_CALL))
         with self._db.read() as conn:
             rows = conn.execute(
@@ -552,9 +533,7 @@ class JobStore:
     def append_study_event(self, study_id: str, kind: str, payload_json: str) -> EventRecord:
         return self._append_event(STUDIES, study_id, kind, payload_json)
 
-    def study_events_after(
-        self, study_id: str, after_sequence: int = 0, limit: int = 1000
-    ) -> list[EventRecord]:
+    def study_events_after(self, study_id: str, after_sequence: int = 0, limit: int = 1000) -> list[EventRecord]:
         return self._events_after(STUDIES, study_id, after_sequence, limit)
 
     def wait_for_study_events(

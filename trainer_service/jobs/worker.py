@@ -114,8 +114,12 @@ class JobWorker:
 
     def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
         self._stage_started_at = time.monotonic()
-        events.record(self.jobs, self.job_id, "stage_started", job_pb2.StageStarted(
-            stage=results.STAGES[stage], repeat=repeat + 1, total_epochs=epochs))
+        events.record(
+            self.jobs,
+            self.job_id,
+            "stage_started",
+            job_pb2.StageStarted(stage=results.STAGES[stage], repeat=repeat + 1, total_epochs=epochs),
+        )
         if cached_features:
             log.info("stage 1 trains on cached bottleneck features", extra={"job": self.job_id})
 
@@ -133,12 +137,23 @@ class JobWorker:
     def stage_ended(self, repeat: int, stage: str, epochs_run: int, stopped_early: bool) -> None:
         if stage == CLASSIFIER and repeat == 0:
             self._classifier_epochs = epochs_run
-        events.record(self.jobs, self.job_id, "stage_ended", job_pb2.StageEnded(
-            stage=results.STAGES[stage], repeat=repeat + 1,
-            duration=results.duration(time.monotonic() - self._stage_started_at)))
+        events.record(
+            self.jobs,
+            self.job_id,
+            "stage_ended",
+            job_pb2.StageEnded(
+                stage=results.STAGES[stage],
+                repeat=repeat + 1,
+                duration=results.duration(time.monotonic() - self._stage_started_at),
+            ),
+        )
         if stopped_early:
-            events.record_warning(self.jobs, self.job_id, "early_stopping",
-                                  f"{stage} stage stopped early after {epochs_run} epochs (repeat {repeat + 1})")
+            events.record_warning(
+                self.jobs,
+                self.job_id,
+                "early_stopping",
+                f"{stage} stage stopped early after {epochs_run} epochs (repeat {repeat + 1})",
+            )
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         artifacts.save_checkpoint(self.store, self.job_id, state)
@@ -164,10 +179,12 @@ class JobWorker:
                 self._end(JobState.CANCELLED, "cancelled")
                 return EXIT_CANCELLED
             metric = self._reporter.metric.value if self._reporter is not None else "objective"
-            self._end(JobState.PRUNED,
-                      f"pruned by the study's pruner after {pruned.step} epoch{'s' if pruned.step != 1 else ''} "
-                      f"({metric} {pruned.value:.4g})",
-                      result=self._pruned_result())
+            self._end(
+                JobState.PRUNED,
+                f"pruned by the study's pruner after {pruned.step} epoch{'s' if pruned.step != 1 else ''} "
+                f"({metric} {pruned.value:.4g})",
+                result=self._pruned_result(),
+            )
             return 0
         except (DatasetError, WeightsUnavailable, StoreError, RuntimeError, ValueError) as err:
             log.exception("job failed", extra={"job": self.job_id})
@@ -176,8 +193,9 @@ class JobWorker:
         self._end(JobState.SUCCEEDED, "succeeded", result=outcome)
         return 0
 
-    def _end(self, state: JobState, message: str, *, error: str | None = None,
-             result: job_pb2.JobResult | None = None) -> None:
+    def _end(
+        self, state: JobState, message: str, *, error: str | None = None, result: job_pb2.JobResult | None = None
+    ) -> None:
         result_json = json_format.MessageToJson(result, indent=None) if result is not None else None
         if result is not None:
             events.record(self.jobs, self.job_id, "result", result)
@@ -185,8 +203,9 @@ class JobWorker:
         # ended has then already been able to read every event.
         events.record_state(self.jobs, self.job_id, state, message)
         artifacts.save_event_log(self.store, self.job_id, self.jobs.events_after(self.job_id, 0, limit=10_000))
-        self.jobs.update_state(self.job_id, state, error=error, result_json=result_json,
-                               expected={JobState.RUNNING, JobState.CANCELLING})
+        self.jobs.update_state(
+            self.job_id, state, error=error, result_json=result_json, expected={JobState.RUNNING, JobState.CANCELLING}
+        )
 
     def _clean_up(self) -> None:
         artifacts.delete_checkpoints(self.store, self.job_id)
@@ -199,8 +218,9 @@ class JobWorker:
             # jobs do not load Optuna.
             from trainer_service.tuning.trial_reporter import TrialReporter
 
-            self._reporter = TrialReporter(self.jobs, self.record.study_id, self.record.trial_number,
-                                           default_bucket=self.store.bucket)
+            self._reporter = TrialReporter(
+                self.jobs, self.record.study_id, self.record.trial_number, default_bucket=self.store.bucket
+            )
         self.stage_started_data()
         loaded = self._load_data()
         self._dataset, self._labels = loaded.summary, loaded.prepared.labels
@@ -214,9 +234,12 @@ class JobWorker:
             resume = artifacts.load_checkpoint(self.store, self.job_id)
             if resume is not None:
                 events.record_warning(
-                    self.jobs, self.job_id, "resumed",
+                    self.jobs,
+                    self.job_id,
+                    "resumed",
                     f"resuming repeat {resume.repeat + 1}, {resume.stage} stage after epoch "
-                    f"{resume.stage_state.completed_epochs}")
+                    f"{resume.stage_state.completed_epochs}",
+                )
                 if resume.repeat == 0:
                     # Stage 1 does not run again once it has finished: its epoch count comes from the checkpoint.
                     if resume.stage == FINE_TUNING and resume.classifier_state is not None:
@@ -260,7 +283,8 @@ class JobWorker:
             val_items = self._relabel(val_listing, labels, "validation")
         else:
             train_rows, val_rows = stratified_split(
-                [item.label for item in listing.items], cfg.validation_split, self.config.run.seed)
+                [item.label for item in listing.items], cfg.validation_split, self.config.run.seed
+            )
             train_items = [listing.items[i] for i in train_rows]
             val_items = [listing.items[i] for i in val_rows]
         train_set, val_set = decode(listing, train_items), decode(val_listing, val_items)
@@ -288,9 +312,15 @@ class JobWorker:
             raise DatasetError(f"{cfg.uri}: no decodable training images for labels {missing}")
         summary = job_pb2.DatasetSummary(
             uri=cfg.uri,
-            labels=[job_pb2.LabelCount(label=labels[i], train_images=train_counts.get(i, 0),
-                                       validation_images=val_counts.get(i, 0), test_images=test_counts.get(i, 0))
-                    for i in range(len(labels))],
+            labels=[
+                job_pb2.LabelCount(
+                    label=labels[i],
+                    train_images=train_counts.get(i, 0),
+                    validation_images=val_counts.get(i, 0),
+                    test_images=test_counts.get(i, 0),
+                )
+                for i in range(len(labels))
+            ],
             total_images=len(listing.items),
             skipped_files=len(corrupt) + len(listing.skipped),
             skipped_examples=(corrupt + list(listing.skipped))[:10],
@@ -301,7 +331,9 @@ class JobWorker:
             return Split(images=decoded.images, targets=np.asarray(decoded.labels, dtype=np.int64))
 
         prepared = PreparedData(
-            labels=labels, train=split(train_set), val=split(val_set),
+            labels=labels,
+            train=split(train_set),
+            val=split(val_set),
             test=split(test_set) if test_set is not None else None,
             unknown=split(unknown_set) if unknown_set is not None else None,
         )
@@ -315,10 +347,17 @@ class JobWorker:
         index = {label: i for i, label in enumerate(labels)}
         unknown = sorted(set(listing.labels) - set(index))
         if unknown:
-            events.record_warning(self.jobs, self.job_id, "unknown_label",
-                                  f"{what} set labels not in the training set are ignored: {unknown}")
-        return [item._replace(label=index[listing.labels[item.label]])
-                for item in listing.items if listing.labels[item.label] in index]
+            events.record_warning(
+                self.jobs,
+                self.job_id,
+                "unknown_label",
+                f"{what} set labels not in the training set are ignored: {unknown}",
+            )
+        return [
+            item._replace(label=index[listing.labels[item.label]])
+            for item in listing.items
+            if listing.labels[item.label] in index
+        ]
 
     # -- tuning studies
 
@@ -331,8 +370,13 @@ class JobWorker:
         the history, the per-class report.
         """
         job_result = results.job_result(
-            result, labels=loaded.prepared.labels, score=self.config.open_set.score, model_version="",
-            dataset=loaded.summary, plots=[], keys_by_split=loaded.keys,
+            result,
+            labels=loaded.prepared.labels,
+            score=self.config.open_set.score,
+            model_version="",
+            dataset=loaded.summary,
+            plots=[],
+            keys_by_split=loaded.keys,
         )
         self._clean_up()
         return job_result
@@ -363,8 +407,15 @@ class JobWorker:
     def _publish(self, result: TrainingResult, loaded: LoadedData) -> job_pb2.JobResult:
         events.record(self.jobs, self.job_id, "stage_started", job_pb2.StageStarted(stage=job_pb2.STAGE_EXPORT))
         job_result = artifacts.publish_model_version(
-            self.store, job_id=self.job_id, created=self.record.create_time, config=self.config, spec=self.spec,
-            result=result, labels=loaded.prepared.labels, dataset=loaded.summary, keys_by_split=loaded.keys,
+            self.store,
+            job_id=self.job_id,
+            created=self.record.create_time,
+            config=self.config,
+            spec=self.spec,
+            result=result,
+            labels=loaded.prepared.labels,
+            dataset=loaded.summary,
+            keys_by_split=loaded.keys,
         )
         self._clean_up()
         return job_result

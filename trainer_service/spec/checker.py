@@ -68,12 +68,14 @@ class Checker:
         value = getattr(message, field.name)
         return float32.shortest(value) if field.cpp_type == FieldDescriptor.CPPTYPE_FLOAT else value
 
-    def number(self, message: Message, path: str, *, default: Any = None, allowed: Interval | None = None,
-               note: str = "") -> Any:
+    def number(
+        self, message: Message, path: str, *, default: Any = None, allowed: Interval | None = None, note: str = ""
+    ) -> Any:
         """`read`, then checked against `allowed` (by default the field's declared range); `failed(path)` tells."""
         value = self.read(message, path, default=default)
-        self.within(path, value, allowed if allowed is not None else protoreflect.field_rules(self.root, path).range,
-                    note)
+        self.within(
+            path, value, allowed if allowed is not None else protoreflect.field_rules(self.root, path).range, note
+        )
         return value
 
     def enum(self, message: Message, path: str, mapping: EnumMap[Any, E]) -> E:

@@ -259,8 +259,9 @@ def fine_tuning_default_lr(classifier_lr: float) -> float:
 
 
 def _fine_tuning_stage() -> StageConfig:
-    return StageConfig(epochs=_default("fine_tuning.stage.epochs"),
-                       learning_rate=fine_tuning_default_lr(StageConfig.learning_rate))
+    return StageConfig(
+        epochs=_default("fine_tuning.stage.epochs"), learning_rate=fine_tuning_default_lr(StageConfig.learning_rate)
+    )
 
 
 @dataclass(frozen=True)

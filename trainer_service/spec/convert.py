@@ -92,9 +92,9 @@ def config_to_spec(config: TrainingConfig) -> pb.TrainingSpec:
         fine_tuning=pb.FineTuningSpec(
             enabled=f.enabled,
             stage=_stage_to_spec(f.stage),
-            unfreeze=pb.UnfreezeSpec(all=True) if f.last_n_blocks is None else pb.UnfreezeSpec(
-                last_n_blocks=f.last_n_blocks
-            ),
+            unfreeze=pb.UnfreezeSpec(all=True)
+            if f.last_n_blocks is None
+            else pb.UnfreezeSpec(last_n_blocks=f.last_n_blocks),
             # The config does not record whether a limit was lifted; the resolved spec lifts exactly the limits its
             # values need, so it is valid on its own.
             override_learning_rate_limit=above_lr_limit(f.stage.learning_rate, config.classifier.learning_rate),

@@ -38,8 +38,9 @@ class LrSweep:
     divergence_factor: float = _default("divergence_factor")
 
 
-def validate_lr_request(request: training_service_pb2.FindLearningRateRequest, *,
-                        default_bucket: str) -> tuple[TrainingConfig, LrSweep]:
+def validate_lr_request(
+    request: training_service_pb2.FindLearningRateRequest, *, default_bucket: str
+) -> tuple[TrainingConfig, LrSweep]:
     """The request's spec as a config and its sweep; `SpecInvalid` lists every bad field."""
     c = Checker(_REQUEST)
     sweep = LrSweep(
@@ -52,9 +53,12 @@ def validate_lr_request(request: training_service_pb2.FindLearningRateRequest, *
     bounds = c.range_of("max_learning_rate")
     if not c.failed("min_learning_rate") and not c.failed("max_learning_rate") and sweep.min_lr >= sweep.max_lr:
         low, high = ("<" if bounds.lo_open else "<="), ("<" if bounds.hi_open else "<=")
-        c.fail("min_learning_rate", f"need {protoreflect.format_number(bounds.lo)} {low} min < max {high} "
-                                    f"{protoreflect.format_number(bounds.hi)}, got min {sweep.min_lr:g}, "
-                                    f"max {sweep.max_lr:g}")
+        c.fail(
+            "min_learning_rate",
+            f"need {protoreflect.format_number(bounds.lo)} {low} min < max {high} "
+            f"{protoreflect.format_number(bounds.hi)}, got min {sweep.min_lr:g}, "
+            f"max {sweep.max_lr:g}",
+        )
     config: TrainingConfig | None = None
     spec_violations: list[FieldViolation] = []
     try:

@@ -100,8 +100,9 @@ def validate_spec(spec: pb.TrainingSpec, *, default_bucket: str = DEFAULT_BUCKET
     architecture = None if c.failed("model.architecture") else model.architecture
     fine_tuning = _fine_tuning(c, spec.fine_tuning, classifier, architecture)
     tpr = c.number(spec.open_set, "open_set.target_true_positive_rate")
-    open_set = OpenSetConfig(score=c.enum(spec.open_set, "open_set.score", OPEN_SET_SCORES),
-                             target_true_positive_rate=tpr)
+    open_set = OpenSetConfig(
+        score=c.enum(spec.open_set, "open_set.score", OPEN_SET_SCORES), target_true_positive_rate=tpr
+    )
     run = _run(c, spec.run)
     output_model = _output_model(c, spec.output_model, dataset.uri)
     if c.violations:
@@ -123,8 +124,11 @@ def _dataset(c: Checker, default_bucket: str, msg: pb.DatasetSpec) -> DatasetCon
         _location(c, default_bucket, "dataset.uri", msg.uri)
     else:  # the field is REQUIRED (field_behavior)
         c.fail("dataset.uri", f"is required: s3://BUCKET/PREFIX or a key prefix (datasets/NAME), got {msg.uri!r}")
-    for name, uri in (("validation_uri", msg.validation_uri), ("test_uri", msg.test_uri),
-                      ("unknown_uri", msg.unknown_uri)):
+    for name, uri in (
+        ("validation_uri", msg.validation_uri),
+        ("test_uri", msg.test_uri),
+        ("unknown_uri", msg.unknown_uri),
+    ):
         if uri:
             _location(c, default_bucket, f"dataset.{name}", uri)
     split = c.number(msg, "dataset.validation_split")
@@ -147,8 +151,11 @@ def _augmentation(c: Checker, msg: pb.AugmentationSpec) -> AugmentationConfig:
     zoom_min = c.number(msg, f"{path}.zoom_min_scale")
     zoom_max = c.number(msg, f"{path}.zoom_max_scale")
     if not c.failed(f"{path}.zoom_min_scale") and not c.failed(f"{path}.zoom_max_scale") and zoom_min > zoom_max:
-        c.fail(f"{path}.zoom_min_scale", f"must be <= zoom_max_scale ({protoreflect.format_number(zoom_max)}), "
-                                         f"got {protoreflect.format_number(zoom_min)}")
+        c.fail(
+            f"{path}.zoom_min_scale",
+            f"must be <= zoom_max_scale ({protoreflect.format_number(zoom_max)}), "
+            f"got {protoreflect.format_number(zoom_min)}",
+        )
     return AugmentationConfig(
         horizontal_flip=msg.horizontal_flip,
         vertical_flip=msg.vertical_flip,
@@ -188,8 +195,14 @@ def _model(c: Checker, default_bucket: str, msg: pb.ModelSpec) -> ModelConfig:
     )
 
 
-def _stage(c: Checker, path: str, msg: pb.StageSpec, default_lr: float,
-           epochs_range: protoreflect.Interval | None = None, epochs_note: str = "") -> StageConfig:
+def _stage(
+    c: Checker,
+    path: str,
+    msg: pb.StageSpec,
+    default_lr: float,
+    epochs_range: protoreflect.Interval | None = None,
+    epochs_note: str = "",
+) -> StageConfig:
     """`epochs_range` replaces the declared range of `{path}.epochs` (None: keep it)."""
     epochs = c.number(msg, f"{path}.epochs", allowed=epochs_range, note=epochs_note)
     lr = c.number(msg, f"{path}.learning_rate", default=default_lr)
@@ -238,22 +251,34 @@ def _schedule(c: Checker, stage: str, msg: pb.ScheduleSpec, epochs: int | None, 
     if epochs is None:
         warmup = c.number(msg, warmup_path)
     else:
-        warmup = c.number(msg, warmup_path, allowed=c.range_of(warmup_path).below(epochs, inclusive=False),
-                          note=f" (less than {stage}.epochs)")
+        warmup = c.number(
+            msg,
+            warmup_path,
+            allowed=c.range_of(warmup_path).below(epochs, inclusive=False),
+            note=f" (less than {stage}.epochs)",
+        )
     step_epochs = c.number(msg, f"{path}.step_epochs")
     gamma = c.number(msg, f"{path}.gamma")
     if lr is None:
         min_lr = c.number(msg, floor_path)
     else:
-        min_lr = c.number(msg, floor_path, allowed=c.range_of(floor_path).below(lr, inclusive=False),
-                          note=f" (below {stage}.learning_rate)")
+        min_lr = c.number(
+            msg,
+            floor_path,
+            allowed=c.range_of(floor_path).below(lr, inclusive=False),
+            note=f" (below {stage}.learning_rate)",
+        )
     max_lr: float | None = None
     if msg.HasField("max_learning_rate"):
         if lr is None:
             max_lr = c.number(msg, peak_path)
         else:
-            max_lr = c.number(msg, peak_path, allowed=c.range_of(peak_path).above(lr, inclusive=False),
-                              note=f" ({stage}.learning_rate)")
+            max_lr = c.number(
+                msg,
+                peak_path,
+                allowed=c.range_of(peak_path).above(lr, inclusive=False),
+                note=f" ({stage}.learning_rate)",
+            )
     elif kind in (ScheduleType.ONE_CYCLE, ScheduleType.CYCLIC) and lr is not None:
         max_lr = float32.shortest(PEAK_LR_FACTOR * lr)  # the documented default peak; other schedules have none
     cycle_epochs = c.number(msg, f"{path}.cycle_epochs")
@@ -286,8 +311,9 @@ def _early_stopping(c: Checker, path: str, msg: pb.EarlyStoppingSpec) -> EarlySt
     )
 
 
-def _fine_tuning(c: Checker, msg: pb.FineTuningSpec, classifier: StageConfig,
-                 architecture: Architecture | None) -> FineTuningConfig:
+def _fine_tuning(
+    c: Checker, msg: pb.FineTuningSpec, classifier: StageConfig, architecture: Architecture | None
+) -> FineTuningConfig:
     """Checked even when disabled: a config never holds out-of-range values, used or not."""
     path = "fine_tuning"
     classifier_lr_ok = not c.failed("classifier.learning_rate")
@@ -301,8 +327,11 @@ def _fine_tuning(c: Checker, msg: pb.FineTuningSpec, classifier: StageConfig,
     too_high = above_lr_limit(stage.learning_rate, classifier.learning_rate)
     if too_high and classifier_lr_ok and not c.failed(lr_path) and not msg.override_learning_rate_limit:
         limit = protoreflect.format_number(fine_tuning_default_lr(classifier.learning_rate))
-        c.fail(lr_path, f"must be <= classifier.learning_rate / {FINE_TUNING_LR_DIVISOR} = {limit} unless "
-                        f"{path}.override_learning_rate_limit, got {protoreflect.format_number(stage.learning_rate)}")
+        c.fail(
+            lr_path,
+            f"must be <= classifier.learning_rate / {FINE_TUNING_LR_DIVISOR} = {limit} unless "
+            f"{path}.override_learning_rate_limit, got {protoreflect.format_number(stage.learning_rate)}",
+        )
     return FineTuningConfig(
         enabled=msg.enabled, stage=stage, last_n_blocks=_unfreeze(c, f"{path}.unfreeze", msg.unfreeze, architecture)
     )

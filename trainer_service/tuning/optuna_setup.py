@@ -75,8 +75,9 @@ class AskTellGridSampler(GridSampler):
     raises RuntimeError outside `study.optimize` (so the last `study.tell` would fail). Here the runner stops: a GRID
     study's `max_trials` is at most the grid's size (`validate_study`)."""
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
         return None
 
 

@@ -164,8 +164,13 @@ class StudyRunner:
                 log.error("study %s failed: %s", study_id, err)
                 self._end(study_id, StudyState.FAILED, error=str(err))
                 done = True
-            except (optuna.exceptions.OptunaError, sqlalchemy.exc.OperationalError, sqlite3.Error, StoreError,
-                    OSError) as err:
+            except (
+                optuna.exceptions.OptunaError,
+                sqlalchemy.exc.OperationalError,
+                sqlite3.Error,
+                StoreError,
+                OSError,
+            ) as err:
                 # Transient (a locked database, S3 unavailable): the next step tries again.
                 log.warning("study %s: %s: %s; retrying", study_id, type(err).__name__, err)
                 done = False
@@ -223,31 +228,41 @@ class StudyRunner:
 
     # -- trials ---------------------------------------------------------------------------------------
 
-    def _trial_spec(self, config: StudyConfig, params: Mapping[str, ParamValue], seed: int | None = None
-                    ) -> training_spec_pb2.TrainingSpec:
+    def _trial_spec(
+        self, config: StudyConfig, params: Mapping[str, ParamValue], seed: int | None = None
+    ) -> training_spec_pb2.TrainingSpec:
         spec = apply_params(config.base_spec, params)
         if seed is not None:
             spec.run.seed = seed
         # Validated already as part of the search space; resolving fills in defaults like CreateJob does.
         return config_to_spec(validate_spec(spec, default_bucket=self._default_bucket))
 
-    def _create_trial_job(self, study_id: str, config: StudyConfig, number: int, params: Mapping[str, ParamValue]
-                          ) -> JobRecord:
+    def _create_trial_job(
+        self, study_id: str, config: StudyConfig, number: int, params: Mapping[str, ParamValue]
+    ) -> JobRecord:
         spec = self._trial_spec(config, params)
         record, created = self._jobs.create_job(
-            names.new_id("job"), json_format.MessageToJson(spec, indent=None),
-            display_name=f"{study_id} trial {number}", request_id=trial_request_id(study_id, number),
-            labels={TRIAL_LABEL: str(number)}, study_id=study_id, trial_number=number,
+            names.new_id("job"),
+            json_format.MessageToJson(spec, indent=None),
+            display_name=f"{study_id} trial {number}",
+            request_id=trial_request_id(study_id, number),
+            labels={TRIAL_LABEL: str(number)},
+            study_id=study_id,
+            trial_number=number,
         )
         if created:
             log.info("study %s: trial %d queued as job %s", study_id, number, record.job_id)
             self._wake_executor()
-            self._event(study_id, "trial_updated", study_pb2.StudyEvent(
-                trial_updated=study_proto.trial_proto_running(number, params, record.job_id)))
+            self._event(
+                study_id,
+                "trial_updated",
+                study_pb2.StudyEvent(trial_updated=study_proto.trial_proto_running(number, params, record.job_id)),
+            )
         return record
 
-    def _tell(self, study_id: str, config: StudyConfig, study: optuna.Study, trial: FrozenTrial, job: JobRecord
-              ) -> None:
+    def _tell(
+        self, study_id: str, config: StudyConfig, study: optuna.Study, trial: FrozenTrial, job: JobRecord
+    ) -> None:
         best_before = _best_number(study)
         if job.state == JobState.SUCCEEDED:
             value = study_proto.objective_value(job, config.metric)
@@ -269,8 +284,7 @@ class StudyRunner:
 
     # -- repeats and results --------------------------------------------------------------------------
 
-    def _after_search(self, study_id: str, config: StudyConfig, study: optuna.Study, jobs: list[JobRecord]
-                      ) -> bool:
+    def _after_search(self, study_id: str, config: StudyConfig, study: optuna.Study, jobs: list[JobRecord]) -> bool:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             failed = [j for j in jobs if j.state == JobState.FAILED]
@@ -287,7 +301,11 @@ class StudyRunner:
         else:
             repeats = []
         result = study_proto.study_result(
-            study_id, config, study, repeats, plots=self._write_plots(study_id, study),
+            study_id,
+            config,
+            study,
+            repeats,
+            plots=self._write_plots(study_id, study),
             base_spec_resolver=lambda params: self._trial_spec(config, params),
         )
         self._end(study_id, StudyState.SUCCEEDED, result_json=json_format.MessageToJson(result, indent=None))
@@ -299,13 +317,19 @@ class StudyRunner:
                 seed = (config.base.run.seed + _SEED_STRIDE * (trial.number + 1) + i) % (2**63)
                 spec = self._trial_spec(config, dict(trial.params), seed=seed)
                 self._jobs.create_job(
-                    names.new_id("job"), json_format.MessageToJson(spec, indent=None),
+                    names.new_id("job"),
+                    json_format.MessageToJson(spec, indent=None),
                     display_name=f"{study_id} trial {trial.number} repeat {i + 1}",
                     request_id=repeat_request_id(study_id, trial.number, i),
-                    labels={REPEAT_LABEL: str(trial.number)}, study_id=study_id,
+                    labels={REPEAT_LABEL: str(trial.number)},
+                    study_id=study_id,
                 )
-        log.info("study %s: re-running the top %d configuration(s) %d times", study_id, config.repeat_top_k,
-                 config.repeat_count)
+        log.info(
+            "study %s: re-running the top %d configuration(s) %d times",
+            study_id,
+            config.repeat_top_k,
+            config.repeat_count,
+        )
         self._wake_executor()
 
     def _write_plots(self, study_id: str, study: optuna.Study) -> list[str]:
@@ -316,11 +340,11 @@ class StudyRunner:
             uris.append(artifacts.object_uri(self._store, key))
         return uris
 
-    def _end(self, study_id: str, state: StudyState, *, error: str | None = None, result_json: str | None = None
-             ) -> None:
+    def _end(
+        self, study_id: str, state: StudyState, *, error: str | None = None, result_json: str | None = None
+    ) -> None:
         self._jobs.update_study_state(study_id, state, error=error, result_json=result_json)
-        self._event(study_id, "state_changed",
-                    study_pb2.StudyEvent(state_changed=STUDY_STATES[state]))
+        self._event(study_id, "state_changed", study_pb2.StudyEvent(state_changed=STUDY_STATES[state]))
         log.info("study %s %s", study_id, state.value.lower())
 
     def _event(self, study_id: str, kind: str, event: study_pb2.StudyEvent) -> None:
@@ -352,11 +376,13 @@ def _repeat_summaries(jobs: Sequence[JobRecord], config: StudyConfig) -> list[st
     out = []
     for number, group in sorted(by_trial.items()):
         values = [v for v in (study_proto.objective_value(j, config.metric) for j in group) if v is not None]
-        out.append(study_pb2.RepeatedConfiguration(
-            trial_number=number, values=values,
-            mean=statistics.fmean(values) if values else math.nan,
-            std=statistics.stdev(values) if len(values) > 1 else 0.0,
-            jobs=[names.job_name(j.job_id) for j in group],
-        ))
+        out.append(
+            study_pb2.RepeatedConfiguration(
+                trial_number=number,
+                values=values,
+                mean=statistics.fmean(values) if values else math.nan,
+                std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                jobs=[names.job_name(j.job_id) for j in group],
+            )
+        )
     return out
-

@@ -125,7 +125,7 @@ def _coerce(path: str, field: FieldDescriptor, value: ParamValue) -> int | float
             return value
         if isinstance(value, str) and value in _BOOL_STRINGS:
             return _BOOL_STRINGS[value]
-        raise ValueError(f"{path}: a bool takes true, false, \"true\" or \"false\", got {value!r}")
+        raise ValueError(f'{path}: a bool takes true, false, "true" or "false", got {value!r}')
     if isinstance(value, bool):  # bool is an int: refuse it where a number is meant
         raise TypeError(f"{path}: a number field does not take a bool, got {value!r}")
     if protoreflect.is_integer(field):

@@ -34,8 +34,9 @@ class StudyPreconditionFailed(FailedPrecondition):
 
 
 class Studies:
-    def __init__(self, jobs: JobStore, runner: StudyRunner, *, default_bucket: str,
-                 wake_executor: Callable[[], None]) -> None:
+    def __init__(
+        self, jobs: JobStore, runner: StudyRunner, *, default_bucket: str, wake_executor: Callable[[], None]
+    ) -> None:
         self._jobs = jobs
         self._runner = runner
         self._default_bucket = default_bucket
@@ -44,8 +45,7 @@ class Studies:
     def _config(self, spec: study_pb2.StudySpec) -> StudyConfig:
         return validate_study(spec, default_bucket=self._default_bucket)
 
-    def create(self, study: study_pb2.Study, *, study_id: str, request_id: str, validate_only: bool
-               ) -> study_pb2.Study:
+    def create(self, study: study_pb2.Study, *, study_id: str, request_id: str, validate_only: bool) -> study_pb2.Study:
         """Validate and start a study. Raises InvalidArgument naming every bad field (`study_id`, and the
         spec's fields prefixed `study.`), or the job store's AlreadyExists."""
         violations: list[FieldViolation] = []
@@ -64,10 +64,16 @@ class Studies:
         if violations or config is None:
             raise InvalidArgument(violations)
         if validate_only:
-            return study_pb2.Study(name=names.study_name(study_id), display_name=study.display_name,
-                                   spec=study.spec, state=study_pb2.STUDY_STATE_RUNNING)
+            return study_pb2.Study(
+                name=names.study_name(study_id),
+                display_name=study.display_name,
+                spec=study.spec,
+                state=study_pb2.STUDY_STATE_RUNNING,
+            )
         record, created = self._jobs.create_study(
-            study_id, json_format.MessageToJson(study.spec, indent=None), display_name=study.display_name,
+            study_id,
+            json_format.MessageToJson(study.spec, indent=None),
+            display_name=study.display_name,
             request_id=request_id or None,
         )
         if created:
@@ -86,7 +92,8 @@ class Studies:
         record = self._jobs.get_study(study_id)
         if record.state.is_terminal:
             raise StudyPreconditionFailed(
-                f"studies/{study_id} already ended ({record.state.value}); there is nothing to cancel")
+                f"studies/{study_id} already ended ({record.state.value}); there is nothing to cancel"
+            )
         if record.state != StudyState.CANCELLING:
             self._jobs.update_study_state(study_id, StudyState.CANCELLING, expected={StudyState.RUNNING})
             self._runner.wake()
@@ -128,13 +135,16 @@ class Studies:
         if trial.state != study_pb2.TRIAL_STATE_COMPLETE:
             raise StudyPreconditionFailed(
                 f"trial {trial_number} of studies/{study_id} did not complete "
-                f"({study_pb2.TrialState.Name(trial.state)}); promote a completed one")
+                f"({study_pb2.TrialState.Name(trial.state)}); promote a completed one"
+            )
         optuna_trial = self._runner.optuna_study(study_id, self._config(study.spec)).trials[trial_number]
         spec = apply_params(study.spec.base_spec, dict(optuna_trial.params))
         resolved = config_to_spec(validate_spec(spec, default_bucket=self._default_bucket))
         record, created = self._jobs.create_job(
-            job_id, json_format.MessageToJson(resolved, indent=None),
-            display_name=f"{study_id} trial {trial_number} (promoted)", request_id=request_id or None,
+            job_id,
+            json_format.MessageToJson(resolved, indent=None),
+            display_name=f"{study_id} trial {trial_number} (promoted)",
+            request_id=request_id or None,
             labels={PROMOTED_LABEL: f"studies/{study_id}/trials/{trial_number}"},
         )
         if created:

@@ -168,8 +168,9 @@ def validate_study(spec: study_pb2.StudySpec, *, default_bucket: str) -> StudyCo
 # -- parameters ----------------------------------------------------------------------------------------------------
 
 
-def _parameters(v: Checker, spec: study_pb2.StudySpec, default_bucket: str,
-                *, base_ok: bool) -> list[ParameterConfig | None]:
+def _parameters(
+    v: Checker, spec: study_pb2.StudySpec, default_bucket: str, *, base_ok: bool
+) -> list[ParameterConfig | None]:
     """One entry per spec parameter: its config, or None where anything about it is invalid (reported)."""
     if not spec.parameters:
         v.fail("spec.parameters", "needs at least one parameter: a TrainingSpec field path and its domain")
@@ -252,8 +253,9 @@ def _float_range(v: Checker, prefix: str, path: str, r: study_pb2.FloatRange) ->
     elif r.step > 0 and ordered and not step_divides(r.step, r.min, r.max):
         # optuna would quietly lower max to the last step; refuse instead, so the space is what the client wrote.
         v.fail(f"{prefix}.step", f"must divide max - min ({r.max!r} - {r.min!r}), got {r.step!r}")
-    return ParameterConfig(path, ParameterKind.FLOAT, low=r.min, high=r.max, log=r.log,
-                           step=r.step if r.step > 0 else None)
+    return ParameterConfig(
+        path, ParameterKind.FLOAT, low=r.min, high=r.max, log=r.log, step=r.step if r.step > 0 else None
+    )
 
 
 def _int_range(v: Checker, prefix: str, path: str, r: study_pb2.IntRange) -> ParameterConfig:
@@ -285,8 +287,15 @@ def _categorical(v: Checker, prefix: str, path: str, c: study_pb2.Categorical) -
     return ParameterConfig(path, ParameterKind.CATEGORICAL, choices=tuple(c.values))
 
 
-def _check_bounds(v: Checker, prefix: str, param: study_pb2.SearchParameter, config: ParameterConfig,
-                  base_spec: pb.TrainingSpec, default_bucket: str, searched: set[str]) -> None:
+def _check_bounds(
+    v: Checker,
+    prefix: str,
+    param: study_pb2.SearchParameter,
+    config: ParameterConfig,
+    base_spec: pb.TrainingSpec,
+    default_bucket: str,
+    searched: set[str],
+) -> None:
     """Apply each bound (each categorical value) to the base spec and validate it: the field's own range and the
     cross-field rules with fields that are not searched. Violations land on the bound."""
     which = param.WhichOneof("domain")
@@ -303,8 +312,9 @@ def _check_bounds(v: Checker, prefix: str, param: study_pb2.SearchParameter, con
             v.fail(where, problem)
 
 
-def _probe(path: str, value: str | int | float, base_spec: pb.TrainingSpec, default_bucket: str,
-           searched: set[str]) -> str | None:
+def _probe(
+    path: str, value: str | int | float, base_spec: pb.TrainingSpec, default_bucket: str, searched: set[str]
+) -> str | None:
     """What is wrong with the base spec with `path` set to `value`, or None."""
     enum_type = field_at(path).enum_type
     member = enum_type.values_by_name.get(value) if enum_type is not None and isinstance(value, str) else None
@@ -341,8 +351,10 @@ def _objective(v: Checker, objective: study_pb2.Objective) -> tuple[Metric, Dire
     if objective.metric != pb.METRIC_UNSPECIFIED:
         member = METRICS.to_python(objective.metric)
         if member is None:
-            v.fail("spec.objective.metric", f"must be one of {_allowed(pb.Metric.DESCRIPTOR.values)}, "
-                                            f"got {objective.metric}")
+            v.fail(
+                "spec.objective.metric",
+                f"must be one of {_allowed(pb.Metric.DESCRIPTOR.values)}, got {objective.metric}",
+            )
         else:
             metric = member
     # An explicit direction that contradicts the metric (minimise an accuracy) is the client's call, not an error.
@@ -350,8 +362,10 @@ def _objective(v: Checker, objective: study_pb2.Objective) -> tuple[Metric, Dire
     if objective.direction != study_pb2.DIRECTION_UNSPECIFIED:
         chosen = _DIRECTIONS.to_python(objective.direction)
         if chosen is None:
-            v.fail("spec.objective.direction", f"must be one of {_allowed(study_pb2.Direction.DESCRIPTOR.values)}, "
-                                               f"got {objective.direction}")
+            v.fail(
+                "spec.objective.direction",
+                f"must be one of {_allowed(study_pb2.Direction.DESCRIPTOR.values)}, got {objective.direction}",
+            )
         else:
             direction = chosen
     return metric, direction
@@ -375,8 +389,12 @@ def _budget(v: Checker, budget: study_pb2.StudyBudget) -> tuple[int, float | Non
 _SAMPLERS: Final = EnumMap(study_pb2.Sampler, SamplerType)
 
 
-def _sampler(v: Checker, number: study_pb2.Sampler.ValueType, spec_parameters: Iterable[study_pb2.SearchParameter],
-             parameters: list[ParameterConfig | None]) -> SamplerType:
+def _sampler(
+    v: Checker,
+    number: study_pb2.Sampler.ValueType,
+    spec_parameters: Iterable[study_pb2.SearchParameter],
+    parameters: list[ParameterConfig | None],
+) -> SamplerType:
     sampler = _SAMPLERS.to_python(number) if number else SamplerType.TPE  # study.proto: unset is TPE
     if sampler is None:
         v.fail("spec.sampler", f"must be one of {_allowed(study_pb2.Sampler.DESCRIPTOR.values)}, got {number}")
@@ -384,12 +402,17 @@ def _sampler(v: Checker, number: study_pb2.Sampler.ValueType, spec_parameters: I
     if sampler is SamplerType.GRID:
         for i, param in enumerate(spec_parameters):  # the proto's, so an otherwise invalid range is checked too
             if param.WhichOneof("domain") == "float_range" and param.float_range.step == 0:
-                v.fail(f"spec.parameters[{i}].float_range.step",
-                       "must be > 0 with SAMPLER_GRID: a grid needs finitely many values, got 0 (continuous)")
+                v.fail(
+                    f"spec.parameters[{i}].float_range.step",
+                    "must be > 0 with SAMPLER_GRID: a grid needs finitely many values, got 0 (continuous)",
+                )
         points = _grid_points(parameters)
         if points > MAX_GRID_POINTS:
-            v.fail("spec.sampler", f"SAMPLER_GRID: the grid has {points} points, at most {MAX_GRID_POINTS}; "
-                                   "use fewer values or larger steps, or another sampler")
+            v.fail(
+                "spec.sampler",
+                f"SAMPLER_GRID: the grid has {points} points, at most {MAX_GRID_POINTS}; "
+                "use fewer values or larger steps, or another sampler",
+            )
     return sampler
 
 
@@ -404,8 +427,9 @@ _PRUNERS: Final = EnumMap(study_pb2.PrunerType, PrunerType)
 def _pruner(v: Checker, spec: study_pb2.PrunerSpec, epochs: tuple[int, int] | None) -> PrunerConfig:
     kind = _PRUNERS.to_python(spec.type) if spec.type else PrunerType.NONE  # study.proto: unset is no pruning
     if kind is None:
-        v.fail("spec.pruner.type", f"must be one of {_allowed(study_pb2.PrunerType.DESCRIPTOR.values)}, "
-                                   f"got {spec.type}")
+        v.fail(
+            "spec.pruner.type", f"must be one of {_allowed(study_pb2.PrunerType.DESCRIPTOR.values)}, got {spec.type}"
+        )
         kind = PrunerType.NONE
     defaults = PrunerConfig()
     min_resource = spec.min_resource if spec.HasField("min_resource") else defaults.min_resource
@@ -416,14 +440,15 @@ def _pruner(v: Checker, spec: study_pb2.PrunerSpec, epochs: tuple[int, int] | No
     v.within("spec.pruner.startup_trials", startup, Interval(0, 1000))
     # Only a pruner that runs needs the resource to fit in a trial; epochs is None where they are unknown.
     if kind is not PrunerType.NONE and min_ok and epochs is not None and min_resource > epochs[0]:
-        v.fail("spec.pruner.min_resource",
-               f"must be <= {epochs[0]}, the fewest epochs a trial trains (classifier.epochs, plus "
-               f"fine_tuning.stage.epochs when fine-tuning is on), got {min_resource}")
+        v.fail(
+            "spec.pruner.min_resource",
+            f"must be <= {epochs[0]}, the fewest epochs a trial trains (classifier.epochs, plus "
+            f"fine_tuning.stage.epochs when fine-tuning is on), got {min_resource}",
+        )
     return PrunerConfig(type=kind, min_resource=min_resource, reduction_factor=factor, startup_trials=startup)
 
 
-def _trial_epochs(base: TrainingConfig,
-                  parameters: list[ParameterConfig | None]) -> tuple[int, int] | None:
+def _trial_epochs(base: TrainingConfig, parameters: list[ParameterConfig | None]) -> tuple[int, int] | None:
     """The fewest and most epochs a trial trains over the search space; None where an epoch parameter is bad."""
     if any(p is None for p in parameters):
         # A bad parameter could be an epoch one: without its values the bound is unknown (and the spec is refused).

@@ -53,9 +53,12 @@ def _timestamp(value: object) -> timestamp_pb2.Timestamp | None:
 
 
 def trial_proto_running(number: int, params: Mapping[str, ParamValue], job_id: str) -> study_pb2.Trial:
-    return study_pb2.Trial(number=number, state=study_pb2.TRIAL_STATE_RUNNING,
-                           parameters={k: param_string(v) for k, v in params.items()},
-                           job=names.job_name(job_id))
+    return study_pb2.Trial(
+        number=number,
+        state=study_pb2.TRIAL_STATE_RUNNING,
+        parameters={k: param_string(v) for k, v in params.items()},
+        job=names.job_name(job_id),
+    )
 
 
 def trial_proto(trial: FrozenTrial, job_id: str | None) -> study_pb2.Trial:

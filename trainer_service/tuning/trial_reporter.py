@@ -43,16 +43,18 @@ class TrialSetupError(RuntimeError):
 class TrialReporter:
     """Reports one running trial's per-epoch objective to its Optuna study and asks the study's pruner."""
 
-    def __init__(self, jobs: JobStore, study_id: str, trial_number: int, *, default_bucket: str,
-                 db_path: Path | None = None) -> None:
+    def __init__(
+        self, jobs: JobStore, study_id: str, trial_number: int, *, default_bucket: str, db_path: Path | None = None
+    ) -> None:
         """Open trial `trial_number` of study `study_id`; `db_path` defaults to the job store's file."""
         self.study_id = study_id
         self.trial_number = trial_number
         try:
             record = jobs.get_study(study_id)
         except NotFound as err:
-            raise TrialSetupError(f"the job is trial {trial_number} of study {study_id!r}, "
-                                  "which does not exist") from err
+            raise TrialSetupError(
+                f"the job is trial {trial_number} of study {study_id!r}, which does not exist"
+            ) from err
         try:
             spec = json_format.Parse(record.spec_json, study_pb2.StudySpec())
             # The same validation (and defaults) as the runner: the pruner it builds is the study's pruner.
@@ -64,7 +66,8 @@ class TrialReporter:
             # The study's pruner; no sampler of its own: a trial's parameters are already in its job's spec, and
             # the study's sampler (a grid of every point, a GP) would only cost time here.
             self.study: optuna.Study = optuna.load_study(
-                study_name=study_id, storage=self._storage, sampler=RandomSampler(), pruner=make_pruner(config))
+                study_name=study_id, storage=self._storage, sampler=RandomSampler(), pruner=make_pruner(config)
+            )
             optuna_study_id = self._storage.get_study_id_from_name(study_id)
             self._trial_id = self._storage.get_trial_id_from_study_id_trial_number(optuna_study_id, trial_number)
         except KeyError as err:
@@ -83,14 +86,23 @@ class TrialReporter:
         """
         frozen = self._storage.get_trial(self._trial_id)
         if frozen.state.is_finished():
-            log.warning("trial %d of study %s is already %s in Optuna; epoch %d not reported",
-                        self.trial_number, self.study_id, frozen.state.name, step)
+            log.warning(
+                "trial %d of study %s is already %s in Optuna; epoch %d not reported",
+                self.trial_number,
+                self.study_id,
+                frozen.state.name,
+                step,
+            )
             return False
         if step not in frozen.intermediate_values:
             try:
                 self.trial.report(record.metric(self.metric), step)
             except optuna.exceptions.UpdateFinishedTrialError:
-                log.warning("trial %d of study %s ended in Optuna while reporting epoch %d",
-                            self.trial_number, self.study_id, step)
+                log.warning(
+                    "trial %d of study %s ended in Optuna while reporting epoch %d",
+                    self.trial_number,
+                    self.study_id,
+                    step,
+                )
                 return False
         return bool(self.trial.should_prune())  # MedianPruner answers with a numpy bool

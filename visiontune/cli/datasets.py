@@ -37,6 +37,7 @@ def dataset_push(directory: Path, uri: str, workers: int, data_dir: Path) -> Non
     try:
         store.ensure_bucket()
         with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc=f"upload to {location}") as bar:
+
             def advance(nbytes: int) -> None:
                 bar.update(nbytes)
 
@@ -59,4 +60,3 @@ def dataset_sample(directory: Path, labels: int, per_label: int, size: int, seed
     """Write a synthetic ImageFolder of shapes (circle, square, …) to DIRECTORY."""
     files = write_shapes_dataset(directory, labels=SHAPES[:labels], per_label=per_label, size=size, seed=seed)
     click.echo(f"wrote {len(files)} images in {labels} labels to {directory}")
-

@@ -25,8 +25,12 @@ from visiontune.v1 import job_pb2, training_service_pb2, training_service_pb2_gr
 
 _SPEC = training_spec_pb2.TrainingSpec.DESCRIPTOR
 _SWEEP = training_service_pb2.FindLearningRateRequest.DESCRIPTOR
-_TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED,
-             job_pb2.JOB_STATE_PRUNED)
+_TERMINAL = (
+    job_pb2.JOB_STATE_SUCCEEDED,
+    job_pb2.JOB_STATE_FAILED,
+    job_pb2.JOB_STATE_CANCELLED,
+    job_pb2.JOB_STATE_PRUNED,
+)
 _SPARK = "▁▂▃▄▅▆▇█"
 FC = TypeVar("FC", bound=Callable[..., Any])
 
@@ -34,11 +38,19 @@ spec_argument = click.argument(
     "spec_file", metavar="SPEC.yaml", type=click.Path(path_type=Path, exists=True, dir_okay=False)
 )
 set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="PATH=VALUE",
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="PATH=VALUE",
     help="Override a spec field, typed by the proto: classifier.learning_rate=0.001 (repeatable).",
 )
-timeout_option = click.option("--timeout", type=click.FloatRange(min=1), default=1800.0, show_default=True,
-                              help="Seconds to wait for the trainer's answer.")
+timeout_option = click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=1800.0,
+    show_default=True,
+    help="Seconds to wait for the trainer's answer.",
+)
 
 
 def _job_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -53,6 +65,7 @@ job_name_argument = click.argument("name", metavar="NAME", callback=_job_name)
 
 
 # --- a job's spec, its events as lines and a progress bar, its outcome ------------------------------------------
+
 
 def _load_spec(path: Path, overrides: Sequence[str]) -> training_spec_pb2.TrainingSpec:
     try:
@@ -159,13 +172,17 @@ def follow_job(
     except KeyboardInterrupt:
         call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel untyped
         follower.close()
-        click.echo(f"\nstopped following {job.name}; it keeps running on the trainer.\n"
-                   f"re-attach with: visiontune jobs watch {job.name}", err=True)
+        click.echo(
+            f"\nstopped following {job.name}; it keeps running on the trainer.\n"
+            f"re-attach with: visiontune jobs watch {job.name}",
+            err=True,
+        )
         return 130, job
     except grpc.RpcError as err:
         follower.close()
-        raise click.ClickException(f"{target}: {err.code().name}: {err.details()} "
-                                   f"(re-attach with: visiontune jobs watch {job.name})") from err
+        raise click.ClickException(
+            f"{target}: {err.code().name}: {err.details()} (re-attach with: visiontune jobs watch {job.name})"
+        ) from err
     follower.close()
     final = _get_job(stub, target, job.name)
     _print_outcome(final)
@@ -195,11 +212,14 @@ def _print_outcome(job: job_pb2.Job) -> None:
     elif job.state == job_pb2.JOB_STATE_CANCELLED:
         click.echo(f"{job.name} was cancelled", err=True)
     elif job.state == job_pb2.JOB_STATE_PRUNED:
-        click.echo(f"{job.name} was pruned by its study after {count(len(job.result.history), 'epoch')}"
-                   f"{_duration(job)}", err=True)
+        click.echo(
+            f"{job.name} was pruned by its study after {count(len(job.result.history), 'epoch')}{_duration(job)}",
+            err=True,
+        )
     else:  # the stream ended early (the trainer is shutting down): the job carries on or resumes later
-        click.echo(f"{job.name} is {job_state_word(job.state)}; re-attach with: visiontune jobs watch {job.name}",
-                   err=True)
+        click.echo(
+            f"{job.name} is {job_state_word(job.state)}; re-attach with: visiontune jobs watch {job.name}", err=True
+        )
 
 
 def error_text(job: job_pb2.Job) -> str:
@@ -229,9 +249,11 @@ def _print_result(job: job_pb2.Job) -> None:
             click.echo(f"  {c.label:<{width}}  {c.precision:>9.3f}  {c.recall:>6.3f}  {c.f1:>6.3f}  {c.support:>7}")
     if result.HasField("open_set"):
         o = result.open_set
-        line = (f"open set ({enum_word(training_spec_pb2.OpenSetScore.DESCRIPTOR, o.score)}): threshold "
-                f"{o.threshold:.4f} for a target TPR of {o.target_true_positive_rate:.3f} "
-                f"(validation TPR {o.true_positive_rate:.3f})")
+        line = (
+            f"open set ({enum_word(training_spec_pb2.OpenSetScore.DESCRIPTOR, o.score)}): threshold "
+            f"{o.threshold:.4f} for a target TPR of {o.target_true_positive_rate:.3f} "
+            f"(validation TPR {o.true_positive_rate:.3f})"
+        )
         if o.HasField("false_positive_rate"):
             line += f"; FPR on unknown images {o.false_positive_rate:.3f}"
         if o.HasField("auroc"):
@@ -245,6 +267,7 @@ def _print_result(job: job_pb2.Job) -> None:
 
 # --- the commands on jobs ---------------------------------------------------------------------------------------
 
+
 @cli.group()
 def jobs() -> None:
     """Inspect, follow and cancel training jobs."""
@@ -252,9 +275,13 @@ def jobs() -> None:
 
 @jobs.command("list")
 @data_dir_option
-@click.option("--state", "states", multiple=True,
-              type=click.Choice(["queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned"]),
-              help="Only jobs in this state (repeatable).")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(["queued", "running", "succeeded", "failed", "cancelling", "cancelled", "pruned"]),
+    help="Only jobs in this state (repeatable).",
+)
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 def jobs_list(data_dir: Path, states: tuple[str, ...], limit: int) -> None:
     """List jobs, newest first."""
@@ -282,12 +309,22 @@ def jobs_list(data_dir: Path, states: tuple[str, ...], limit: int) -> None:
 @click.option("--job-id", default="", help="ID of the new job (jobs/ID); generated when not given.")
 @click.option("--name", "display_name", default="", help="Display name of the job.")
 @click.option("--detach", is_flag=True, help="Submit and return at once; follow later with `visiontune jobs watch`.")
-@click.option("--dry-run", is_flag=True,
-              help="Have the trainer validate the spec and print it resolved (defaults filled in); create nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Have the trainer validate the spec and print it resolved (defaults filled in); create nothing.",
+)
 @set_option
 @data_dir_option
-def train(spec_file: Path, job_id: str, display_name: str, detach: bool, dry_run: bool, overrides: tuple[str, ...],
-          data_dir: Path) -> None:
+def train(
+    spec_file: Path,
+    job_id: str,
+    display_name: str,
+    detach: bool,
+    dry_run: bool,
+    overrides: tuple[str, ...],
+    data_dir: Path,
+) -> None:
     """Submit the TrainingSpec in SPEC.yaml (or .json) as a job and follow it to its end.
 
     Exit 0 when the job succeeds, 1 when it fails, 2 for an invalid spec, 130 on Ctrl-C (the job keeps running).
@@ -369,6 +406,7 @@ def jobs_cancel(name: str, data_dir: Path) -> None:
 
 # --- advice before training: the LR range test and the spec recommender -----------------------------------------
 
+
 def _sparkline(values: Sequence[float]) -> str:
     """One block character per value. The scale tops out at the curve's starting level, as LR-finder plots do:
     the divergent tail would otherwise flatten the interesting part into one row."""
@@ -415,8 +453,9 @@ def _sweep_option(flag: str, field: str, what: str) -> Callable[[FC], FC]:
         kind = click.IntRange(int(bounds.lo), int(bounds.hi), min_open=bounds.lo_open, max_open=bounds.hi_open)
     else:
         kind = click.FloatRange(bounds.lo, bounds.hi, min_open=bounds.lo_open, max_open=bounds.hi_open)
-    return click.option(flag, type=kind,
-                        default=None, help=f"{what} [default: the trainer's, {format_number(rules.default)}].")
+    return click.option(
+        flag, type=kind, default=None, help=f"{what} [default: the trainer's, {format_number(rules.default)}]."
+    )
 
 
 @cli.command("lr-find")
@@ -427,8 +466,15 @@ def _sweep_option(flag: str, field: str, what: str) -> Callable[[FC], FC]:
 @set_option
 @timeout_option
 @data_dir_option
-def lr_find(spec_file: Path, min_lr: float | None, max_lr: float | None, steps: int | None,
-            overrides: tuple[str, ...], timeout: float, data_dir: Path) -> None:
+def lr_find(
+    spec_file: Path,
+    min_lr: float | None,
+    max_lr: float | None,
+    steps: int | None,
+    overrides: tuple[str, ...],
+    timeout: float,
+    data_dir: Path,
+) -> None:
     """Run the learning-rate range test on SPEC.yaml's model and data, and suggest a learning rate."""
     spec = _load_spec(spec_file, overrides)
     request = training_service_pb2.FindLearningRateRequest(spec=spec)
@@ -448,15 +494,21 @@ def lr_find(spec_file: Path, min_lr: float | None, max_lr: float | None, steps: 
     if response.plot_uri:
         click.echo(f"plot: {response.plot_uri}")
     _print_lr_curve(response.points, response.suggested_learning_rate)
-    click.echo(f"use it: visiontune train {spec_file} --set classifier.learning_rate="
-               f"{response.suggested_learning_rate:.3g}")
+    click.echo(
+        f"use it: visiontune train {spec_file} --set classifier.learning_rate={response.suggested_learning_rate:.3g}"
+    )
 
 
 @cli.command()
 @click.argument("dataset_uri")
 @click.option("--gpu", is_flag=True, help="Recommend for a machine with a GPU.")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write the recommended spec here as YAML, ready for `visiontune train`.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the recommended spec here as YAML, ready for `visiontune train`.",
+)
 @timeout_option
 @data_dir_option
 def recommend(dataset_uri: str, gpu: bool, output: Path | None, timeout: float, data_dir: Path) -> None:
@@ -470,8 +522,10 @@ def recommend(dataset_uri: str, gpu: bool, output: Path | None, timeout: float, 
     summary = response.dataset
     if summary.labels:
         skipped = f", {count(summary.skipped_files, 'file')} skipped" if summary.skipped_files else ""
-        click.echo(f"dataset {summary.uri or dataset_uri}: {summary.total_images} images in "
-                   f"{len(summary.labels)} labels{skipped}")
+        click.echo(
+            f"dataset {summary.uri or dataset_uri}: {summary.total_images} images in "
+            f"{len(summary.labels)} labels{skipped}"
+        )
         width = max(5, *(len(c.label) for c in summary.labels))
         if any(c.validation_images or c.test_images for c in summary.labels):
             click.echo(f"  {'label':<{width}}  train  validation  test")
@@ -498,9 +552,8 @@ def recommend(dataset_uri: str, gpu: bool, output: Path | None, timeout: float, 
     click.echo(f"wrote {output}; train it with: visiontune train {output}")
 
 
-
-
 # --- pretrained weights -----------------------------------------------------------------------------------------
+
 
 @cli.group()
 def weights() -> None:
@@ -520,4 +573,3 @@ def weights_seed() -> None:
     click.echo(f"torchvision weights cache: {weights_cache_dir()}")
     for path in paths:
         click.echo(f"  {path}")
-

@@ -40,8 +40,12 @@ from visiontune.v1 import inference_service_pb2_grpc
 # Per Classify request: the service's image limit, and a byte budget under the 64 MiB message limit.
 _CLASSIFY_MAX_IMAGES = 64
 _CLASSIFY_MAX_BYTES = 48 * 1024 * 1024
-_DEPLOY_OPTIONS = {"traffic_weight": "--weight", "max_batch_size": "--max-batch-size",
-                   "max_queue_delay": "--max-queue-delay-ms", "instance_count": "--instances"}
+_DEPLOY_OPTIONS = {
+    "traffic_weight": "--weight",
+    "max_batch_size": "--max-batch-size",
+    "max_queue_delay": "--max-queue-delay-ms",
+    "instance_count": "--instances",
+}
 _OUTCOMES = {
     inference_pb.FEEDBACK_OUTCOME_CORRECT: "correct (a known image, accepted with the right label)",
     inference_pb.FEEDBACK_OUTCOME_MISCLASSIFIED: "misclassified (a known image, accepted with the wrong label)",
@@ -60,8 +64,10 @@ def inference_metrics_url(data_dir: Path) -> str:
     state = stack_state(data_dir, "no metrics endpoint: set VISIONTUNE_INFERENCE_METRICS=http://host:port/metrics")
     url = state.component("inference").endpoints.get("metrics")
     if not url:
-        raise click.ClickException(f"the stack under {state.data_dir} records no metrics endpoint; restart it "
-                                   "(visiontune down && visiontune up)")
+        raise click.ClickException(
+            f"the stack under {state.data_dir} records no metrics endpoint; restart it "
+            "(visiontune down && visiontune up)"
+        )
     return url
 
 
@@ -95,8 +101,10 @@ def _milliseconds(duration: duration_pb2.Duration) -> float:
 
 
 def _batching(d: inference_pb.Deployment) -> str:
-    return (f"batch <= {d.max_batch_size}, queue delay {_milliseconds(d.max_queue_delay):g} ms, "
-            f"{count(d.instance_count, 'instance')}")
+    return (
+        f"batch <= {d.max_batch_size}, queue delay {_milliseconds(d.max_queue_delay):g} ms, "
+        f"{count(d.instance_count, 'instance')}"
+    )
 
 
 def _newest_version(data_dir: Path, model: str) -> tuple[str, list[str]]:
@@ -106,8 +114,10 @@ def _newest_version(data_dir: Path, model: str) -> tuple[str, list[str]]:
     try:
         versions = store.list_model_versions(model)
         if not versions:
-            raise click.ClickException(f"models/{model} has no committed version in s3://{settings.bucket} at "
-                                       f"{settings.url}; train one first (its spec's output_model)")
+            raise click.ClickException(
+                f"models/{model} has no committed version in s3://{settings.bucket} at "
+                f"{settings.url}; train one first (its spec's output_model)"
+            )
         # Versions are job IDs, which do not sort by time: the manifest, written last, says when each was committed.
         stamps = {v: store.stat(f"{names.ModelVersionName(model, v).prefix}{MANIFEST}").last_modified for v in versions}
     except StoreError as err:
@@ -138,27 +148,59 @@ def _traffic_share(d: inference_pb.Deployment, deployments: Sequence[inference_p
     if d.state != inference_pb.DEPLOYMENT_STATE_READY:
         return "-"
     model = names.parse_model_version_name(d.model_version).model
-    total = sum(o.traffic_weight for o in deployments if o.state == inference_pb.DEPLOYMENT_STATE_READY
-                and names.parse_model_version_name(o.model_version).model == model)
+    total = sum(
+        o.traffic_weight
+        for o in deployments
+        if o.state == inference_pb.DEPLOYMENT_STATE_READY
+        and names.parse_model_version_name(o.model_version).model == model
+    )
     return f"{d.traffic_weight / total:.0%}" if total else "0%"
 
 
 @cli.command()
 @click.argument("model_version", metavar="MODEL_VERSION", callback=_model_option_value)
-@click.option("--weight", type=int, default=None,
-              help="Traffic weight relative to the model's other live versions [default: the service's, 100].")
-@click.option("--max-batch-size", type=int, default=None,
-              help="Triton dynamic batching: largest batch [default: the service's, 32].")
-@click.option("--max-queue-delay-ms", type=float, default=None,
-              help="Triton dynamic batching: how long a request may wait for others [default: the service's, 2].")
+@click.option(
+    "--weight",
+    type=int,
+    default=None,
+    help="Traffic weight relative to the model's other live versions [default: the service's, 100].",
+)
+@click.option(
+    "--max-batch-size",
+    type=int,
+    default=None,
+    help="Triton dynamic batching: largest batch [default: the service's, 32].",
+)
+@click.option(
+    "--max-queue-delay-ms",
+    type=float,
+    default=None,
+    help="Triton dynamic batching: how long a request may wait for others [default: the service's, 2].",
+)
 @click.option("--instances", type=int, default=None, help="Model instances in Triton [default: the service's, 1].")
-@click.option("--replace", is_flag=True,
-              help="Once this version is live, undeploy the model's other versions (a blue/green switch).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
-              help="Seconds to wait for the model to load.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Once this version is live, undeploy the model's other versions (a blue/green switch).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for the model to load.",
+)
 @data_dir_option
-def deploy(model_version: str, weight: int | None, max_batch_size: int | None, max_queue_delay_ms: float | None,
-           instances: int | None, replace: bool, timeout: float, data_dir: Path) -> None:
+def deploy(
+    model_version: str,
+    weight: int | None,
+    max_batch_size: int | None,
+    max_queue_delay_ms: float | None,
+    instances: int | None,
+    replace: bool,
+    timeout: float,
+    data_dir: Path,
+) -> None:
     """Deploy a model version into Triton.
 
     MODEL_VERSION is models/M/versions/V, or models/M for M's newest committed version. Deploying a live
@@ -193,8 +235,9 @@ def deploy(model_version: str, weight: int | None, max_batch_size: int | None, m
             for other in _list_deployments(stub, target, f"models/{model}"):
                 if other.model_version != d.model_version:
                     try:
-                        stub.UndeployModel(inference_pb.UndeployModelRequest(model_version=other.model_version),
-                                           timeout=timeout)
+                        stub.UndeployModel(
+                            inference_pb.UndeployModelRequest(model_version=other.model_version), timeout=timeout
+                        )
                     except grpc.RpcError as err:
                         raise rpc_failed(target, err) from err
                     replaced.append(other.model_version)
@@ -211,15 +254,21 @@ def deploy(model_version: str, weight: int | None, max_batch_size: int | None, m
 
 @cli.command()
 @click.argument("model_version", metavar="MODEL_VERSION", callback=_version_argument_value)
-@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
-              help="Seconds to wait (in-flight requests finish first).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait (in-flight requests finish first).",
+)
 @data_dir_option
 def undeploy(model_version: str, timeout: float, data_dir: Path) -> None:
     """Stop serving a model version (MODEL_VERSION: models/M/versions/V) and unload it from Triton."""
     with inference(data_dir) as (target, stub):
         try:
-            response = stub.UndeployModel(inference_pb.UndeployModelRequest(model_version=model_version),
-                                          timeout=timeout)
+            response = stub.UndeployModel(
+                inference_pb.UndeployModelRequest(model_version=model_version), timeout=timeout
+            )
         except grpc.RpcError as err:
             raise rpc_failed(target, err) from err
     d = response.deployment
@@ -236,18 +285,23 @@ def deployments(model: str | None, data_dir: Path) -> None:
     with inference(data_dir) as (target, stub):
         found = _list_deployments(stub, target, model or "")
     if not found:
-        click.echo(f"nothing deployed{f' of {model}' if model else ''} on {target}; "
-                   "deploy with: visiontune deploy models/M")
+        click.echo(
+            f"nothing deployed{f' of {model}' if model else ''} on {target}; deploy with: visiontune deploy models/M"
+        )
         return
     width = max(13, *(len(d.model_version) for d in found))
     triton = max(12, *(len(d.triton_model) for d in found))
-    click.echo(f"{'model version':<{width}}  {'state':<7}  {'weight':>6}  {'share':>5}  {'triton model':<{triton}}  "
-               f"{'device':<6}  {'deployed (UTC)':<19}  batching")
+    click.echo(
+        f"{'model version':<{width}}  {'state':<7}  {'weight':>6}  {'share':>5}  {'triton model':<{triton}}  "
+        f"{'device':<6}  {'deployed (UTC)':<19}  batching"
+    )
     for d in found:
         deployed = d.deploy_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{d.model_version:<{width}}  {_deployment_state(d.state):<7}  {d.traffic_weight:>6}  "
-                   f"{_traffic_share(d, found):>5}  {d.triton_model:<{triton}}  {d.device:<6}  {deployed:<19}  "
-                   f"{_batching(d)}")
+        click.echo(
+            f"{d.model_version:<{width}}  {_deployment_state(d.state):<7}  {d.traffic_weight:>6}  "
+            f"{_traffic_share(d, found):>5}  {d.triton_model:<{triton}}  {d.device:<6}  {deployed:<19}  "
+            f"{_batching(d)}"
+        )
 
 
 def _image_files(paths: Sequence[Path]) -> list[Path]:
@@ -284,29 +338,54 @@ def _chunks(files: Sequence[Path]) -> list[list[Path]]:
 
 def _image_field(chunk: Sequence[Path]) -> Callable[[str], str]:
     """`images[3].content` -> the file it was."""
+
     def name(field: str) -> str:
         match = re.fullmatch(r"images\[(\d+)\](?:\.content)?", field)
         if match and int(match.group(1)) < len(chunk):
             return str(chunk[int(match.group(1))])
         return {"top_k": "--top-k", "unknown_threshold": "--threshold", "model": "--model"}.get(field, field)
+
     return name
 
 
 @cli.command()
-@click.argument("images", metavar="IMAGE...", nargs=-1, required=True,
-                type=click.Path(path_type=Path, exists=True))
-@click.option("--model", required=True, callback=_model_option_value,
-              help="models/M (traffic split over its live versions) or models/M/versions/V (that version).")
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--model",
+    required=True,
+    callback=_model_option_value,
+    help="models/M (traffic split over its live versions) or models/M/versions/V (that version).",
+)
 @click.option("--top-k", type=int, default=None, help="Labels per image [default: the service's, up to 5].")
-@click.option("--threshold", type=float, default=None,
-              help="Open-set threshold for this request [default: the model's, from training].")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON array: one object per image, with its request_id and index for feedback.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
-              help="Seconds to wait for each request.")
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Open-set threshold for this request [default: the model's, from training].",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a JSON array: one object per image, with its request_id and index for feedback.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for each request.",
+)
 @data_dir_option
-def classify(images: tuple[Path, ...], model: str, top_k: int | None, threshold: float | None, as_json: bool,
-             timeout: float, data_dir: Path) -> None:
+def classify(
+    images: tuple[Path, ...],
+    model: str,
+    top_k: int | None,
+    threshold: float | None,
+    as_json: bool,
+    timeout: float,
+    data_dir: Path,
+) -> None:
     """Classify images with a deployed model.
 
     IMAGE is an image file, or a directory: every image file under it. Prints each image's top label and
@@ -321,7 +400,8 @@ def classify(images: tuple[Path, ...], model: str, top_k: int | None, threshold:
     with inference(data_dir) as (target, stub):
         for chunk in chunks:
             request = inference_pb.ClassifyRequest(
-                model=model, images=[inference_pb.Image(content=p.read_bytes(), client_id=p.name) for p in chunk])
+                model=model, images=[inference_pb.Image(content=p.read_bytes(), client_id=p.name) for p in chunk]
+            )
             if top_k is not None:
                 request.top_k = top_k
             if threshold is not None:
@@ -341,12 +421,20 @@ def _print_classifications_json(responses: Sequence[tuple[list[Path], inference_
     rows = []
     for chunk, response in responses:
         for c in response.classifications:
-            rows.append({
-                "file": str(chunk[c.index]), "request_id": response.request_id, "index": c.index,
-                "model_version": response.model_version, "label": c.top_k[0].label, "score": c.top_k[0].score,
-                "unknown": c.unknown, "unknown_score": c.unknown_score, "threshold": c.threshold,
-                "top_k": [{"label": s.label, "score": s.score} for s in c.top_k],
-            })
+            rows.append(
+                {
+                    "file": str(chunk[c.index]),
+                    "request_id": response.request_id,
+                    "index": c.index,
+                    "model_version": response.model_version,
+                    "label": c.top_k[0].label,
+                    "score": c.top_k[0].score,
+                    "unknown": c.unknown,
+                    "unknown_score": c.unknown_score,
+                    "threshold": c.threshold,
+                    "top_k": [{"label": s.label, "score": s.score} for s in c.top_k],
+                }
+            )
     click.echo(json.dumps(rows, indent=2))
 
 
@@ -365,8 +453,10 @@ def _print_classifications(responses: Sequence[tuple[list[Path], inference_pb.Cl
     labels = [s.label for _, r in responses for c in r.classifications for s in c.top_k]
     lw = max(5, *(len(label) for label in labels))
     head = f"{'req':>3}  " if many else ""
-    click.echo(f"{head}{'#':>3}  {'file':<{fw}}  {'label':<{lw}}  {'score':>5}  {'verdict':<7}  "
-               f"{'open-set score':<21}  other top-k")
+    click.echo(
+        f"{head}{'#':>3}  {'file':<{fw}}  {'label':<{lw}}  {'score':>5}  {'verdict':<7}  "
+        f"{'open-set score':<21}  other top-k"
+    )
     for n, (chunk, response) in enumerate(responses, start=1):
         for c in response.classifications:
             top = c.top_k[0]
@@ -374,15 +464,19 @@ def _print_classifications(responses: Sequence[tuple[list[Path], inference_pb.Cl
             versus = f"{c.unknown_score:.3f} {'<' if c.unknown else '>='} {c.threshold:.3f}"
             others = ", ".join(f"{s.label} {s.score:.3f}" for s in c.top_k[1:]) or "-"
             req = f"{n:>3}  " if many else ""
-            click.echo(f"{req}{c.index:>3}  {_shown(chunk[c.index]):<{fw}}  {top.label:<{lw}}  {top.score:>5.3f}  "
-                       f"{verdict:<7}  {versus:<21}  {others}")
+            click.echo(
+                f"{req}{c.index:>3}  {_shown(chunk[c.index]):<{fw}}  {top.label:<{lw}}  {top.score:>5.3f}  "
+                f"{verdict:<7}  {versus:<21}  {others}"
+            )
     known = sum(not c.unknown for _, r in responses for c in r.classifications)
     total = sum(len(r.classifications) for _, r in responses)
     click.echo(f"{known} of {count(total, 'image')} accepted as a known class, {total - known} UNKNOWN")
     for n, (chunk, response) in enumerate(responses, start=1):
         req = f"req {n}: " if many else ""
-        click.echo(f"{req}request {response.request_id} answered by {response.model_version} "
-                   f"({count(len(chunk), 'image')}, {_milliseconds(response.latency):.0f} ms)")
+        click.echo(
+            f"{req}request {response.request_id} answered by {response.model_version} "
+            f"({count(len(chunk), 'image')}, {_milliseconds(response.latency):.0f} ms)"
+        )
     example = responses[0][1].request_id
     click.echo(f"report the truth: visiontune feedback {example} INDEX --label LABEL   (or --unknown)")
 
@@ -413,8 +507,7 @@ def feedback(request_id: str, index: int, label: str | None, unknown: bool, data
     outcome = _OUTCOMES.get(response.outcome, enum_word(inference_pb.FeedbackOutcome.DESCRIPTOR, response.outcome))
     click.echo(f"{request_id} #{index} ({response.model_version}): {outcome}")
     if response.duplicate:
-        click.echo("duplicate: this image already had feedback; the outcome above is the first report's, "
-                   "counted once")
+        click.echo("duplicate: this image already had feedback; the outcome above is the first report's, counted once")
 
 
 def _metric_samples(text: str, *, everything: bool) -> list[tuple[str, str]]:

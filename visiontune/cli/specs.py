@@ -20,8 +20,13 @@ def spec() -> None:
 
 
 @spec.command("defaults")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write the reference to this file instead of standard output.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the reference to this file instead of standard output.",
+)
 def defaults(output: Path | None) -> None:
     """Print every TrainingSpec field at its default, with its range: a starting point for a spec file."""
     text = spec_reference_yaml()

@@ -17,16 +17,39 @@ from visiontune.devstack import stack
 @click.option("--s3-port", type=int, default=9000, show_default=True, help="0 picks a free port.")
 @click.option("--trainer-port", type=int, default=50051, show_default=True, help="0 picks a free port.")
 @click.option("--inference-port", type=int, default=50052, show_default=True, help="0 picks a free port.")
-@click.option("--metrics-port", type=int, default=9464, show_default=True,
-              help="The inference service's Prometheus endpoint; 0 picks a free port.")
-@click.option("--triton-ports", default="8001,8000,8002", show_default=True,
-              help="Triton's gRPC,HTTP,metrics ports; 0 picks a free port.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=9464,
+    show_default=True,
+    help="The inference service's Prometheus endpoint; 0 picks a free port.",
+)
+@click.option(
+    "--triton-ports",
+    default="8001,8000,8002",
+    show_default=True,
+    help="Triton's gRPC,HTTP,metrics ports; 0 picks a free port.",
+)
 @click.option("--any-ports", is_flag=True, help="Pick free ports for everything (overrides the port options).")
-@click.option("--job-slots", type=int, default=0, show_default=True,
-              help="Training jobs (and study trials) the trainer runs at once; 0 = one per GPU, 1 on a CPU.")
+@click.option(
+    "--job-slots",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Training jobs (and study trials) the trainer runs at once; 0 = one per GPU, 1 on a CPU.",
+)
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each part.")
-def up(data_dir: Path, s3_port: int, trainer_port: int, inference_port: int, metrics_port: int, triton_ports: str,
-       any_ports: bool, job_slots: int, timeout: float) -> None:
+def up(
+    data_dir: Path,
+    s3_port: int,
+    trainer_port: int,
+    inference_port: int,
+    metrics_port: int,
+    triton_ports: str,
+    any_ports: bool,
+    job_slots: int,
+    timeout: float,
+) -> None:
     """Start the local stack: S3 server, trainer, and inference service with its Triton server."""
     try:
         grpc_port, http_port, triton_metrics_port = (int(p) for p in triton_ports.split(","))
@@ -35,9 +58,17 @@ def up(data_dir: Path, s3_port: int, trainer_port: int, inference_port: int, met
     if any_ports:
         s3_port = trainer_port = inference_port = metrics_port = grpc_port = http_port = triton_metrics_port = 0
     try:
-        state = stack.up(data_dir, s3_port=s3_port, trainer_port=trainer_port, inference_port=inference_port,
-                         metrics_port=metrics_port, triton_ports=(grpc_port, http_port, triton_metrics_port),
-                         job_slots=job_slots, timeout=timeout, echo=click.echo)
+        state = stack.up(
+            data_dir,
+            s3_port=s3_port,
+            trainer_port=trainer_port,
+            inference_port=inference_port,
+            metrics_port=metrics_port,
+            triton_ports=(grpc_port, http_port, triton_metrics_port),
+            job_slots=job_slots,
+            timeout=timeout,
+            echo=click.echo,
+        )
     except stack.StackError as err:
         raise click.ClickException(str(err)) from err
     _print_status(data_dir)
@@ -87,4 +118,3 @@ def env(data_dir: Path) -> None:
     """Print `export VISIONTUNE_S3_*=…` lines for the running stack (eval "$(visiontune env)")."""
     for name, value in s3_settings(data_dir).to_env().items():
         click.echo(f"export {name}={value}")
-

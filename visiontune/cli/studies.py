@@ -43,8 +43,12 @@ def _study_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 
 study_name_argument = click.argument("name", metavar="NAME", callback=_study_name)
-watch_option = click.option("--watch/--no-watch", default=True, show_default=True,
-                            help="Follow it to its end (Ctrl-C stops following, not the work).")
+watch_option = click.option(
+    "--watch/--no-watch",
+    default=True,
+    show_default=True,
+    help="Follow it to its end (Ctrl-C stops following, not the work).",
+)
 
 
 def _study_state_word(state: int) -> str:
@@ -108,8 +112,7 @@ def _search_text(spec: study_pb2.StudySpec) -> str:
     sampler = enum_word(study_pb2.Sampler.DESCRIPTOR, spec.sampler or study_pb2.SAMPLER_TPE)
     pruner = enum_word(study_pb2.PrunerType.DESCRIPTOR, spec.pruner.type or study_pb2.PRUNER_TYPE_NONE)
     parallelism = spec.parallelism if spec.HasField("parallelism") else 1
-    return (f"{count(len(spec.parameters), 'parameter')}, sampler {sampler}, pruner {pruner}, "
-            f"parallelism {parallelism}")
+    return f"{count(len(spec.parameters), 'parameter')}, sampler {sampler}, pruner {pruner}, parallelism {parallelism}"
 
 
 def _elapsed(study: study_pb2.Study) -> str:
@@ -168,8 +171,10 @@ def _print_study_result(study: study_pb2.Study) -> None:
     else:
         value = f"{best.value:.4f}" if best.HasField("value") else "-"
         so_far = "" if study.state in _STUDY_TERMINAL else " so far"
-        click.echo(f"best trial{so_far}: {best.number}, value {value} ({'maximize' if maximize else 'minimize'} "
-                   f"{key}, {count(len(best.intermediate_values), 'epoch')}, {best.job})")
+        click.echo(
+            f"best trial{so_far}: {best.number}, value {value} ({'maximize' if maximize else 'minimize'} "
+            f"{key}, {count(len(best.intermediate_values), 'epoch')}, {best.job})"
+        )
         params = _ordered(best.parameters, _order(study.spec))
         width = max(len(path) for path, _ in params) if params else 0
         click.echo("parameters:")
@@ -214,8 +219,10 @@ def _print_study_end(study: study_pb2.Study) -> int:
         click.echo(f"\n{study.name} was cancelled{_elapsed(study)}: {_trials_text(study)}")
         click.echo(f"{study.name} was cancelled", err=True)
     else:  # the stream ended early (the trainer is shutting down): the study resumes with it
-        click.echo(f"{study.name} is {_study_state_word(study.state)}; re-attach with: "
-                   f"visiontune study watch {study.name}", err=True)
+        click.echo(
+            f"{study.name} is {_study_state_word(study.state)}; re-attach with: visiontune study watch {study.name}",
+            err=True,
+        )
         return 1
     _print_study_result(study)
     if study.state == study_pb2.STUDY_STATE_SUCCEEDED and _best_trial(study) is not None:
@@ -251,19 +258,24 @@ def _follow_study(stub: training_service_pb2_grpc.TrainingServiceStub, target: s
                 click.echo(f"new best: trial {best.number} value {value}")
     except KeyboardInterrupt:
         call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel untyped
-        click.echo(f"\nstopped following {study.name}; it keeps running on the trainer.\n"
-                   f"re-attach with: visiontune study watch {study.name}\n"
-                   f"stop it with:   visiontune study cancel {study.name}", err=True)
+        click.echo(
+            f"\nstopped following {study.name}; it keeps running on the trainer.\n"
+            f"re-attach with: visiontune study watch {study.name}\n"
+            f"stop it with:   visiontune study cancel {study.name}",
+            err=True,
+        )
         return 130
     except grpc.RpcError as err:
-        raise click.ClickException(f"{target}: {err.code().name}: {err.details()} "
-                                   f"(re-attach with: visiontune study watch {study.name})") from err
+        raise click.ClickException(
+            f"{target}: {err.code().name}: {err.details()} (re-attach with: visiontune study watch {study.name})"
+        ) from err
     return _print_study_end(_get_study(stub, target, study.name))
 
 
 def _study_field(spec: study_pb2.StudySpec) -> Callable[[str], str]:
     """A CreateStudy violation's field as the study file writes it, with the parameter's path:
     `study.spec.parameters[0].float_range.max` -> `parameters[0].float_range.max (classifier.learning_rate)`."""
+
     def name(field: str) -> str:
         if field == "study_id":
             return "--id"
@@ -272,6 +284,7 @@ def _study_field(spec: study_pb2.StudySpec) -> Callable[[str], str]:
         if match and int(match.group(1)) < len(spec.parameters) and spec.parameters[int(match.group(1))].path:
             short += f" ({spec.parameters[int(match.group(1))].path})"
         return short
+
     return name
 
 
@@ -284,14 +297,27 @@ def study() -> None:
 @click.argument("space_file", metavar="SPACE.yaml", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--id", "study_id", default="", help="ID of the new study (studies/ID); generated when not given.")
 @click.option("--name", "display_name", default=None, help="Display name [default: the file's name].")
-@click.option("--dry-run", is_flag=True, help="Have the trainer validate the study and the search space; create "
-                                              "nothing.")
-@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
-              help="Override a StudySpec field: budget.max_trials=3, base_spec.classifier.epochs=2 (repeatable).")
+@click.option(
+    "--dry-run", is_flag=True, help="Have the trainer validate the study and the search space; create nothing."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="PATH=VALUE",
+    help="Override a StudySpec field: budget.max_trials=3, base_spec.classifier.epochs=2 (repeatable).",
+)
 @watch_option
 @data_dir_option
-def study_create(space_file: Path, study_id: str, display_name: str | None, dry_run: bool, overrides: tuple[str, ...],
-                 watch: bool, data_dir: Path) -> None:
+def study_create(
+    space_file: Path,
+    study_id: str,
+    display_name: str | None,
+    dry_run: bool,
+    overrides: tuple[str, ...],
+    watch: bool,
+    data_dir: Path,
+) -> None:
     """Start the study in SPACE.yaml (a StudySpec; `base_spec` may name a TrainingSpec file) and follow it.
 
     Exit 0 when the study succeeds, 1 when it fails or is cancelled, 2 for an invalid study or search space,
@@ -303,7 +329,8 @@ def study_create(space_file: Path, study_id: str, display_name: str | None, dry_
         raise SpecError(str(err)) from err
     request = training_service_pb2.CreateStudyRequest(
         study=study_pb2.Study(display_name=space_file.stem if display_name is None else display_name, spec=spec),
-        study_id=study_id, validate_only=dry_run,
+        study_id=study_id,
+        validate_only=dry_run,
     )
     with trainer(data_dir) as (target, stub):
         try:
@@ -360,9 +387,17 @@ def study_get(name: str, as_json: bool, data_dir: Path) -> None:
         click.echo(f"error:      {found.error.message}")
     if not found.trials:
         return
-    rows = [(str(t.number), _trial_state_word(t.state), f"{t.value:.4f}" if t.HasField("value") else "-",
-             str(len(t.intermediate_values)), t.job or "-", _params_text(t.parameters, _order(spec)))
-            for t in sorted(found.trials, key=lambda t: t.number)]
+    rows = [
+        (
+            str(t.number),
+            _trial_state_word(t.state),
+            f"{t.value:.4f}" if t.HasField("value") else "-",
+            str(len(t.intermediate_values)),
+            t.job or "-",
+            _params_text(t.parameters, _order(spec)),
+        )
+        for t in sorted(found.trials, key=lambda t: t.number)
+    ]
     job_width = max(3, *(len(r[4]) for r in rows))
     click.echo(f"\n{'#':>3}  {'state':<8}  {'value':>8}  {'epochs':>6}  {'job':<{job_width}}  parameters")
     for number, state, value, epochs, job, params in rows:
@@ -374,8 +409,12 @@ def study_get(name: str, as_json: bool, data_dir: Path) -> None:
 
 @study.command("best")
 @study_name_argument
-@click.option("--spec-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write the best spec here as YAML, ready for `visiontune train`, instead of printing it.")
+@click.option(
+    "--spec-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the best spec here as YAML, ready for `visiontune train`, instead of printing it.",
+)
 @data_dir_option
 def study_best(name: str, spec_out: Path | None, data_dir: Path) -> None:
     """The best trial of a study (NAME: studies/ID or ID): its value and parameters, parameter importances,
@@ -384,14 +423,17 @@ def study_best(name: str, spec_out: Path | None, data_dir: Path) -> None:
         found = _get_study(stub, target, name)
     best = _best_trial(found)
     if best is None:
-        raise click.ClickException(f"{found.name} has no completed trial yet ({_study_state_word(found.state)}, "
-                                   f"{_trials_text(found)})")
+        raise click.ClickException(
+            f"{found.name} has no completed trial yet ({_study_state_word(found.state)}, {_trials_text(found)})"
+        )
     _print_study_result(found)
     spec = _best_spec(found, best)
     value = f"{best.value:.4f}" if best.HasField("value") else "-"
-    header = (f"The best spec of {found.name}: trial {best.number}, {_objective(found.spec)[0]} {value}"
-              f"{'' if found.state in _STUDY_TERMINAL else ' (best so far: the study is still running)'}.\n"
-              f"Train it with `visiontune train FILE`, or `visiontune study promote {found.name}`.")
+    header = (
+        f"The best spec of {found.name}: trial {best.number}, {_objective(found.spec)[0]} {value}"
+        f"{'' if found.state in _STUDY_TERMINAL else ' (best so far: the study is still running)'}.\n"
+        f"Train it with `visiontune train FILE`, or `visiontune study promote {found.name}`."
+    )
     text = dump_spec_yaml(spec, header)
     if spec_out is None:
         click.echo("best spec:")
@@ -405,15 +447,20 @@ def study_best(name: str, spec_out: Path | None, data_dir: Path) -> None:
 
 
 @study.command("list")
-@click.option("--state", "states", multiple=True,
-              type=click.Choice(["running", "succeeded", "failed", "cancelling", "cancelled"]),
-              help="Only studies in this state (repeatable).")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(["running", "succeeded", "failed", "cancelling", "cancelled"]),
+    help="Only studies in this state (repeatable).",
+)
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @data_dir_option
 def study_list(states: tuple[str, ...], limit: int, data_dir: Path) -> None:
     """List studies, newest first."""
     request = training_service_pb2.ListStudiesRequest(
-        page_size=limit, states=[study_pb2.StudyState.Value(f"STUDY_STATE_{s.upper()}") for s in states])
+        page_size=limit, states=[study_pb2.StudyState.Value(f"STUDY_STATE_{s.upper()}") for s in states]
+    )
     with trainer(data_dir) as (target, stub):
         try:
             response = stub.ListStudies(request, timeout=30)
@@ -427,8 +474,10 @@ def study_list(states: tuple[str, ...], limit: int, data_dir: Path) -> None:
     for s in response.studies:
         created = s.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
         best = f"trial {s.best_trial}" if s.HasField("best_trial") else "-"
-        click.echo(f"{s.name:<{width}}  {_study_state_word(s.state):<10}  {created:<19}  "
-                   f"{_objective_text(s.spec):<21}  {best:<8}  {s.display_name}")
+        click.echo(
+            f"{s.name:<{width}}  {_study_state_word(s.state):<10}  {created:<19}  "
+            f"{_objective_text(s.spec):<21}  {best:<8}  {s.display_name}"
+        )
     if response.next_page_token:
         click.echo(f"(more than {limit} studies; use --limit)")
 
@@ -450,8 +499,13 @@ def study_cancel(name: str, data_dir: Path) -> None:
 
 @study.command("promote")
 @study_name_argument
-@click.option("--trial", "trial_number", type=click.IntRange(min=0), default=None,
-              help="The trial to promote [default: the best].")
+@click.option(
+    "--trial",
+    "trial_number",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The trial to promote [default: the best].",
+)
 @click.option("--job-id", default="", help="ID of the new job (jobs/ID); generated when not given.")
 @watch_option
 @data_dir_option
@@ -470,8 +524,7 @@ def study_promote(name: str, trial_number: int | None, job_id: str, watch: bool,
             raise rpc_failed(target, err, field_name=lambda f: fields.get(f, f)) from err
         source = job.labels.get(_PROMOTED_LABEL, "").rpartition("/trials/")[2]
         which = f"trial {source} of {name}" if source else name
-        click.echo(f"created {job.name} on {target} from {which} ({count(planned_epochs(job.spec), 'epoch')} "
-                   "planned)")
+        click.echo(f"created {job.name} on {target} from {which} ({count(planned_epochs(job.spec), 'epoch')} planned)")
         if not watch:
             click.echo(f"follow it with: visiontune jobs watch {job.name}")
             return

@@ -49,6 +49,7 @@ def upload(
     store: ArtifactStore, plan: UploadPlan, *, workers: int = 4, on_file: Callable[[int], None] = lambda _n: None
 ) -> int:
     """Upload in parallel; `on_file(bytes)` is called after each file. Returns the number uploaded."""
+
     def put(item: tuple[Path, str]) -> int:
         path, key = item
         store.put_file(key, path)

@@ -83,12 +83,32 @@ def launch_inference(s3: S3Settings, data_dir: Path, *args: str, timeout: float 
     port, metrics, t_grpc, t_http, t_metrics = (free_port(HOST) for _ in range(5))
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"inference-{port}.log"
-    command = [sys.executable, "-m", "inference_service", "--port", str(port), "--log-format", "text",
-               "--metrics-port", str(metrics), "--triton-grpc-port", str(t_grpc), "--triton-http-port", str(t_http),
-               "--triton-metrics-port", str(t_metrics), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "inference_service",
+        "--port",
+        str(port),
+        "--log-format",
+        "text",
+        "--metrics-port",
+        str(metrics),
+        "--triton-grpc-port",
+        str(t_grpc),
+        "--triton-http-port",
+        str(t_http),
+        "--triton-metrics-port",
+        str(t_metrics),
+        *args,
+    ]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, env=service_environment(s3, data_dir), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command,
+            env=service_environment(s3, data_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     launched = InferenceProcess(proc, port, metrics, t_grpc, t_http, t_metrics, log_path, data_dir, list(args))
     deadline = time.monotonic() + timeout
     while not is_serving(launched.target, INFERENCE_SERVICE, 1.0):

@@ -201,8 +201,12 @@ class S3ServerProcess:
                 log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(argv)}\n".encode())
                 log.flush()
                 self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=self.data_dir, env=env,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.data_dir,
+                    env=env,
                     # Its own session: a terminal's Ctrl+C reaches only us, and we stop the child in order.
                     start_new_session=True,
                 )
@@ -273,8 +277,16 @@ class S3ServerProcess:
             env["MINIO_ROOT_PASSWORD"] = self.secret_key
             store = self.data_dir / "minio"
             store.mkdir(exist_ok=True)
-            argv = [str(self.binary), "server", str(store), "--address", self.endpoint,
-                    "--console-address", f"{self.host}:{console}", "--quiet"]
+            argv = [
+                str(self.binary),
+                "server",
+                str(store),
+                "--address",
+                self.endpoint,
+                "--console-address",
+                f"{self.host}:{console}",
+                "--quiet",
+            ]
             return argv, env
         return self._seaweedfs_command(), env
 
@@ -283,13 +295,19 @@ class S3ServerProcess:
         config_dir = root / "config"  # empty on purpose: no stray filer.toml/security.toml is picked up
         config_dir.mkdir(parents=True, exist_ok=True)
         identities = root / "s3-identities.json"
-        identities.write_text(json.dumps({
-            "identities": [{
-                "name": "visiontune",
-                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }],
-        }))
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "visiontune",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ],
+                }
+            )
+        )
         identities.chmod(0o600)
 
         taken = {self.port}
@@ -309,27 +327,39 @@ class S3ServerProcess:
             f"-config_dir={config_dir}",
             "mini",
             f"-dir={root}",
-            f"-ip={h}", f"-ip.bind={h}",
-            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-            f"-s3.port={self.port}", f"-s3.port.grpc={s3_grpc}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",  # not needed; 0 disables them
+            f"-ip={h}",
+            f"-ip.bind={h}",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            f"-s3.port={self.port}",
+            f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",  # not needed; 0 disables them
             f"-s3.config={identities}",
             "-s3.autoCreateBucket=false",  # as S3 and MinIO: a PUT into a missing bucket is NoSuchBucket
             "-webdav=false",
-            "-admin.ui=false", f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}",
+            "-admin.ui=false",
+            f"-admin.port={admin}",
+            f"-admin.port.grpc={admin_grpc}",
             "-master.telemetry=false",
             # After an unclean stop the single master re-elects itself; the default 10 s is for clusters.
             "-master.electionTimeout=1s",
             # Each bucket is a collection with its own volume; small, sparse volumes and a generous count
             # keep many test buckets from exhausting a count derived from free disk space.
-            "-master.volumeSizeLimitMB=64", "-volume.max=1000",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=1000",
         ]
 
     def _wait_ready(self, timeout: float) -> None:
         client = minio.Minio(
-            self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False,
+            self.endpoint,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            secure=False,
             region="us-east-1",
             http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=5.0), retries=False),
         )
@@ -382,8 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     access_var, secret_var = S3Settings.env_name("access_key"), S3Settings.env_name("secret_key")
     parser.add_argument("--access-key", default=env.access_key, help=f"[{access_var}]")
     parser.add_argument("--secret-key", default=env.secret_key, help=f"[{secret_var}]")
-    parser.add_argument("--log-file", type=Path, default=None,
-                        help="server output (default: DATA_DIR/s3server.log)")
+    parser.add_argument("--log-file", type=Path, default=None, help="server output (default: DATA_DIR/s3server.log)")
     parser.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
     if not args.access_key or not args.secret_key:
@@ -399,19 +428,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         server = S3ServerProcess(
-            args.data_dir, host=args.host, port=args.port, access_key=args.access_key,
-            secret_key=args.secret_key, log_path=args.log_file,
+            args.data_dir,
+            host=args.host,
+            port=args.port,
+            access_key=args.access_key,
+            secret_key=args.secret_key,
+            log_path=args.log_file,
         )
         server.start(timeout=args.start_timeout)
     except (S3ServerError, ValueError) as err:
         print(f"s3server: {err}", file=sys.stderr)
         return 1
-    print(f"s3server: {server.flavor} ready at {server.url} (pid {server.pid}, data {server.data_dir}, "
-          f"log {server.log_path})", flush=True)
+    print(
+        f"s3server: {server.flavor} ready at {server.url} (pid {server.pid}, data {server.data_dir}, "
+        f"log {server.log_path})",
+        flush=True,
+    )
     while not stop_requested.wait(0.5):
         if not server.running:
-            print(f"s3server: the {server.flavor} server exited with code {server.returncode}; "
-                  f"log tail:\n{server.log_tail()}", file=sys.stderr)
+            print(
+                f"s3server: the {server.flavor} server exited with code {server.returncode}; "
+                f"log tail:\n{server.log_tail()}",
+                file=sys.stderr,
+            )
             server.stop()
             return 1
     server.stop()

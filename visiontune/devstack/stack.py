@@ -71,9 +71,7 @@ def load_state(data_dir: Path) -> StackState | None:
     if not path.exists():
         return None
     raw = json.loads(path.read_text())
-    return StackState(
-        data_dir=raw["data_dir"], s3=raw["s3"], components=[Component(**c) for c in raw["components"]]
-    )
+    return StackState(data_dir=raw["data_dir"], s3=raw["s3"], components=[Component(**c) for c in raw["components"]])
 
 
 def _save_state(state: StackState) -> None:
@@ -137,9 +135,7 @@ def _spawn(
     return Component(name=name, pid=proc.pid, port=port, log=str(log), marker=marker), proc
 
 
-def _wait_until(
-    ready: Callable[[], bool], component: Component, proc: subprocess.Popen[bytes], timeout: float
-) -> None:
+def _wait_until(ready: Callable[[], bool], component: Component, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -176,8 +172,15 @@ def up(
     if existing:
         down(data_dir, echo=echo)
 
-    wanted = {"s3": s3_port, "trainer": trainer_port, "inference": inference_port, "metrics": metrics_port,
-              "triton gRPC": triton_ports[0], "triton HTTP": triton_ports[1], "triton metrics": triton_ports[2]}
+    wanted = {
+        "s3": s3_port,
+        "trainer": trainer_port,
+        "inference": inference_port,
+        "metrics": metrics_port,
+        "triton gRPC": triton_ports[0],
+        "triton HTTP": triton_ports[1],
+        "triton metrics": triton_ports[2],
+    }
     ports = {what: port or free_port(HOST) for what, port in wanted.items()}
     for what, port in ports.items():
         _check_port_free(port, what)
@@ -194,9 +197,25 @@ def up(
     try:
         s3_comp, s3_proc = _spawn(
             "s3",
-            [py, "-m", "visiontune.devstack.s3server", "--data-dir", str(data_dir / "s3"), "--host", HOST,
-             "--port", str(ports["s3"]), "--access-key", s3.access_key, "--secret-key", s3.secret_key],
-            log=logs / "s3.log", env=env, marker="visiontune.devstack.s3server", port=ports["s3"],
+            [
+                py,
+                "-m",
+                "visiontune.devstack.s3server",
+                "--data-dir",
+                str(data_dir / "s3"),
+                "--host",
+                HOST,
+                "--port",
+                str(ports["s3"]),
+                "--access-key",
+                s3.access_key,
+                "--secret-key",
+                s3.secret_key,
+            ],
+            log=logs / "s3.log",
+            env=env,
+            marker="visiontune.devstack.s3server",
+            port=ports["s3"],
         )
         state.components.append(s3_comp)
         _save_state(state)
@@ -215,8 +234,14 @@ def up(
 
         service_env = {**service_environment(s3, data_dir), "PYTHONUNBUFFERED": "1", "VISIONTUNE_HOST": HOST}
         inference_args = [
-            "--metrics-port", str(ports["metrics"]), "--triton-grpc-port", str(ports["triton gRPC"]),
-            "--triton-http-port", str(ports["triton HTTP"]), "--triton-metrics-port", str(ports["triton metrics"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--triton-grpc-port",
+            str(ports["triton gRPC"]),
+            "--triton-http-port",
+            str(ports["triton HTTP"]),
+            "--triton-metrics-port",
+            str(ports["triton metrics"]),
         ]
         inference_endpoints = {
             "metrics": f"http://{HOST}:{ports['metrics']}/metrics",
@@ -225,13 +250,31 @@ def up(
             "triton metrics": f"http://{HOST}:{ports['triton metrics']}/metrics",
         }
         for name, module, port, service, extra, endpoints in (
-            ("trainer", "trainer_service", ports["trainer"], "visiontune.v1.TrainingService",
-             ["--job-slots", str(job_slots)], {}),
-            ("inference", "inference_service", ports["inference"], "visiontune.v1.InferenceService",
-             inference_args, inference_endpoints),
+            (
+                "trainer",
+                "trainer_service",
+                ports["trainer"],
+                "visiontune.v1.TrainingService",
+                ["--job-slots", str(job_slots)],
+                {},
+            ),
+            (
+                "inference",
+                "inference_service",
+                ports["inference"],
+                "visiontune.v1.InferenceService",
+                inference_args,
+                inference_endpoints,
+            ),
         ):
-            comp, proc = _spawn(name, [py, "-m", module, "--port", str(port), *extra], log=logs / f"{name}.log",
-                                env=service_env, marker=module, port=port)
+            comp, proc = _spawn(
+                name,
+                [py, "-m", module, "--port", str(port), *extra],
+                log=logs / f"{name}.log",
+                env=service_env,
+                marker=module,
+                port=port,
+            )
             comp.grpc_service = service
             comp.endpoints = endpoints
             state.components.append(comp)

@@ -6,8 +6,8 @@ every failure surfaces as a `StoreError` whose one-line message names the endpoi
 switched off, so that policy is the only one and a dead server fails within seconds.
 
 Model versions follow docs/architecture.md §5: files under `models/{model}/versions/{version}/`, committed by
-writing `manifest.json` last. Readers see only versions that have a manifest, so a crash or a kill in the
-middle of an upload never exposes a torn model.
+writing `manifest.json` last (`visiontune.model_versions.ModelVersionWriter`). Readers see only versions that have
+a manifest, so a crash or a kill in the middle of an upload never exposes a torn model.
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ import builtins
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import mimetypes
 import os
 import random
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 import minio
@@ -36,9 +33,11 @@ import urllib3
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
+from visiontune.model_versions import ModelVersionWriter
+
 # MANIFEST is re-exported: the store commits model versions with it, and its callers read it here.
 from visiontune.names import MANIFEST as MANIFEST
-from visiontune.names import ModelVersionName, model_version_prefix, model_versions_prefix
+from visiontune.names import model_version_prefix, model_versions_prefix
 from visiontune.settings import S3Settings
 from visiontune.store_errors import (
     CLIENT_ERRORS,
@@ -126,23 +125,6 @@ def make_http_client(
         retries=False,
         cert_reqs="CERT_REQUIRED",
     )
-
-
-_RELPATH_SEGMENT = re.compile(r"^[^/\\]+$")
-
-
-def _check_relpath(relpath: str) -> str:
-    parts = relpath.split("/")
-    if (
-        not relpath
-        or relpath.startswith("/")
-        or any(p in ("", ".", "..") for p in parts)
-        or not all(_RELPATH_SEGMENT.match(p) for p in parts)
-    ):
-        raise ValueError(f"invalid artifact path {relpath!r}: use a relative path such as 'plots/loss.png'")
-    if relpath == MANIFEST:
-        raise ValueError(f"{MANIFEST!r} is written by commit(), not put directly")
-    return relpath
 
 
 # -- the store --------------------------------------------------------------------------------------------
@@ -546,97 +528,3 @@ class ArtifactStore:
 
     def model_version_exists(self, model: str, version: str) -> bool:
         return self.exists(model_version_prefix(model, version) + MANIFEST)
-
-
-class ModelVersionWriter:
-    """Writes one model version's files, then commits it by writing `manifest.json` last.
-
-    Use as a context manager: leaving the block without `commit()` (an exception included) aborts,
-    deleting what was written.
-    """
-
-    def __init__(self, store: ArtifactStore, model: str, version: str) -> None:
-        self.store = store
-        self.model = model
-        self.version = version
-        self.prefix = model_version_prefix(model, version)
-        self.written: list[str] = []
-        self._state = "open"  # open | committed | aborted
-
-    @property
-    def name(self) -> str:
-        return str(ModelVersionName(self.model, self.version))
-
-    @property
-    def committed(self) -> bool:
-        return self._state == "committed"
-
-    def _key(self, relpath: str) -> str:
-        if self._state != "open":
-            raise RuntimeError(f"{self.name} is {self._state}; no more files can be written")
-        return self.prefix + _check_relpath(relpath)
-
-    def put_file(self, relpath: str, path: Path | str) -> str:
-        key = self._key(relpath)
-        self.written.append(key)  # before the upload: a failed upload may still leave an object to abort
-        self.store.put_file(key, path)
-        return key
-
-    def put_bytes(self, relpath: str, data: bytes, content_type: str | None = None) -> str:
-        key = self._key(relpath)
-        self.written.append(key)
-        ctype = content_type or mimetypes.guess_type(relpath)[0] or "application/octet-stream"
-        self.store.put_bytes(key, data, content_type=ctype)
-        return key
-
-    def put_stream(self, relpath: str, stream: ReadableStream, length: int = -1) -> str:
-        key = self._key(relpath)
-        self.written.append(key)
-        self.store.put_stream(key, stream, length)
-        return key
-
-    def commit(self, manifest_json: bytes) -> None:
-        """Write `manifest.json`, making the version visible. The manifest must be a JSON object."""
-        if self._state != "open":
-            raise RuntimeError(f"{self.name} is {self._state}; it cannot be committed")
-        try:
-            parsed = json.loads(manifest_json)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"the manifest of {self.name} is not valid JSON: {err}") from err
-        if not isinstance(parsed, dict):
-            raise ValueError(f"the manifest of {self.name} must be a JSON object")
-        key = self.prefix + MANIFEST
-        if self.store.exists(key):
-            raise ModelVersionExists(
-                f"S3 at {self.store.endpoint}: {self.name} was committed by someone else meanwhile",
-                endpoint=self.store.endpoint,
-                key=key,
-            )
-        self.store.put_bytes(key, manifest_json, content_type="application/json")
-        self._state = "committed"
-
-    def abort(self) -> int:
-        """Delete everything written under the version's prefix; returns how many objects."""
-        if self._state == "committed":
-            raise RuntimeError(f"{self.name} is committed; delete it explicitly instead of aborting")
-        self._state = "aborted"
-        return self.store.delete_prefix(self.prefix)
-
-    def __enter__(self) -> ModelVersionWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._state != "open":
-            return
-        if exc is None:
-            log.warning("%s left without commit(); aborting it", self.name)
-        try:
-            self.abort()
-        except StoreError as err:
-            # The store may be what failed; the version stays invisible without a manifest either way,
-            # and the original exception matters more than the failed clean-up.
-            log.warning("could not clean up uncommitted %s: %s", self.name, err)
-            if exc is None:
-                raise

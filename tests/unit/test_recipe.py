@@ -95,17 +95,7 @@ def _run(config: TrainingConfig, recorder: Recorder, resume: ResumeState | None 
 
 def _resume_state(raw: bytes) -> ResumeState:
     state = torch.load(io.BytesIO(raw), weights_only=False)
-    return ResumeState(
-        repeat=state["repeat"],
-        stage=state["stage"],
-        stage_state=state["stage_state"],
-        model=state["model"],
-        finished=state["finished"],
-        best_model=state["best_model"],
-        classifier_state=state["classifier_state"],
-        lrs=state["lrs"],
-        histograms=state["histograms"],
-    )
+    return ResumeState.from_checkpoint(state)
 
 
 def test_two_stages_report_every_epoch_and_learn() -> None:

@@ -7,8 +7,9 @@ worker hands back the last checkpoint (`resume`), and training continues after i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,11 @@ class ResumeState:
     classifier_state: StageState | None = None  # stage 1's history while stage 2 runs
     lrs: dict[str, list[float]] = field(default_factory=dict)
     histograms: dict[str, list[tuple[int, list[float], list[float]]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any]) -> ResumeState:
+        """The resume state in a checkpoint: the dict `Callbacks.checkpoint` was given, read back."""
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclass

@@ -116,17 +116,7 @@ def load_checkpoint(store: ArtifactStore, job_id: str) -> ResumeState | None:
         return None
     # Our own checkpoint, written by this code: it carries dataclasses, so it is not weights-only.
     state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    return ResumeState(
-        repeat=state["repeat"],
-        stage=state["stage"],
-        stage_state=state["stage_state"],
-        model=state["model"],
-        finished=state["finished"],
-        best_model=state["best_model"],
-        classifier_state=state["classifier_state"],
-        lrs=state["lrs"],
-        histograms=state["histograms"],
-    )
+    return ResumeState.from_checkpoint(state)
 
 
 def delete_checkpoints(store: ArtifactStore, job_id: str) -> None:

@@ -1,4 +1,8 @@
-"""Tests of `validate_spec` / `config_to_spec`: every rule of training_spec.proto, defaults, the round trip."""
+"""Tests of `validate_spec` / `config_to_spec`: every rule of training_spec.proto, defaults, the round trip.
+
+One module for one contract: the sections follow training_spec.proto's messages, so a rule and its tests are
+found at the same place in both.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Tests of the tuning search space: `validate_study`, `apply_params`, the Optuna wiring (no training, no servers)."""
+"""Tests of the tuning search space: `validate_study`, `apply_params`, the Optuna wiring (no training, no servers).
+
+One module because the three are one path (a StudySpec validated, its parameters sampled, applied to a spec) and
+the tests share its fixtures; sections follow that order.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 
 
@@ -13,3 +14,16 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none): how quiet the machine was."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def format_load(value: float | None) -> str:
+    """A `load_average` as the reports show it."""
+    return "n/a" if value is None else f"{value:.2f}"

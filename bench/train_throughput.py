@@ -66,7 +66,8 @@ from trainer_service.spec.config import (
 )
 from trainer_service.weights import load_base_weights
 
-from bench.machine import cpu_model
+from bench.console import progress, write_report
+from bench.machine import cpu_model, format_load, load_average
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_throughput.md"
 MODULE_COMMAND = ("python", "-m", "bench.train_throughput")
@@ -391,10 +392,6 @@ def _epochs_once(config: TrainingConfig) -> TrainingConfig:
     )
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def benchmark(settings: Settings) -> dict[str, Any]:
     """Run both comparisons; returns every number the report shows, as plain data."""
     settings.check()
@@ -406,15 +403,8 @@ def benchmark(settings: Settings) -> dict[str, Any]:
         torch.set_num_threads(previous_threads)
 
 
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
 def _benchmark(settings: Settings) -> dict[str, Any]:
-    load_before = _load_average()
+    load_before = load_average()
     ctx = run_context(settings)
     config = training_config(settings)
     template, weights = build_model(settings)
@@ -426,7 +416,7 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
 
     # Warm-up: one short epoch (two batches) of every variant, so that no timed run pays for first-call costs
     # (allocator growth, kernel selection, lazy initialisation).
-    _progress("warm-up ...")
+    progress("warm-up ...")
     small = StageData(
         train=_head(data.train, 2 * settings.batch_size),
         val=_head(data.val, min(settings.val_images, settings.batch_size)),
@@ -450,7 +440,7 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
             else:
                 reference.append(reference_fine_tuning(template, settings, data.train, ctx, settings.epochs))
                 result = reference[-1]
-            _progress(
+            progress(
                 f"fine-tuning round {round_index + 1}/{settings.rounds}: {which:9} "
                 f"{result.images_per_second:8.2f} images/s"
             )
@@ -462,7 +452,7 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
         for cache in [True, False] if round_index % 2 == 0 else [False, True]:
             run = ours_stage1(template, config, data, ctx, cache=cache)
             (cached if cache else uncached).append(run)
-            _progress(
+            progress(
                 f"stage 1 round {round_index + 1}/{settings.rounds}: {'cache' if cache else 'no cache':8} "
                 f"epochs {', '.join(f'{s:.3f}' for s in run.epoch_seconds)} s"
                 + (f", features {run.feature_seconds:.3f} s" if cache else "")
@@ -489,7 +479,7 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
             "python": platform.python_version(),
             # Other processes on the machine slow whichever side runs at the time: the 1-minute load average
             # before and after the run says how quiet the machine was.
-            "load_average": [load_before, _load_average()],
+            "load_average": [load_before, load_average()],
         },
         "weights": weights,
         "fine_tuning": {
@@ -520,10 +510,6 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
 # -- the report ---------------------------------------------------------------------------------------------------
 
 
-def _load(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def _list(values: Sequence[float], digits: int) -> str:
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
@@ -533,6 +519,7 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
     m = result["machine"]
     ft = result["fine_tuning"]
     st = result["stage1"]
+    load_start, load_end = m["load_average"]
     ahead = st["cache_ahead_from_epoch"]
     break_even = (
         f"{st['break_even_epochs']:.2f} epochs: the cache is ahead from epoch {ahead} on"
@@ -551,7 +538,7 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         f"| device | {m['device']} |",
         f"| torch / torchvision | {m['torch']} / {m['torchvision']} |",
         f"| Python | {m['python']} |",
-        f"| 1-min load average, start / end | {_load(m['load_average'][0])} / {_load(m['load_average'][1])} |",
+        f"| 1-min load average, start / end | {format_load(load_start)} / {format_load(load_end)} |",
         "",
         f"Data: {s['images']} synthetic uint8 images 3x{s['size']}x{s['size']} in memory, {s['classes']} classes "
         f"({s['val_images']} more for validation); model {s['arch']} + our head, base weights "
@@ -664,10 +651,7 @@ def main(argv: Sequence[str] | None = None, program: Sequence[str] = MODULE_COMM
         return 2
     result = benchmark(settings)
     report = render_markdown(result, shlex.join([*program, *args]), dt.datetime.now(dt.UTC))
-    print(report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report, encoding="utf-8")
-    _progress(f"written to {out}")
+    write_report(report, out)
     return 0
 
 

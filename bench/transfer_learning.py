@@ -200,6 +200,12 @@ def prepare_data(
     )
 
 
+def imagenet_base_state() -> dict[str, torch.Tensor] | None:
+    """MobileNetV2's ImageNet weights, the task's pretrained base, from the offline checkpoint cache."""
+    seed_weights_cache()
+    return load_base_weights(ModelConfig(architecture=Architecture.MOBILENET_V2, weights=WeightsSource.IMAGENET), None)
+
+
 # -- the variants ---------------------------------------------------------------------------------------------
 
 
@@ -575,10 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetMissing as err:
         print(err, file=sys.stderr)
         return 2
-    seed_weights_cache()
-    imagenet_state = load_base_weights(
-        ModelConfig(architecture=Architecture.MOBILENET_V2, weights=WeightsSource.IMAGENET), None
-    )
+    imagenet_state = imagenet_base_state()
     chosen = [SLUGS[v] for v in args.only.split(",") if v] or list(VARIANTS)
     started = time.perf_counter()
     outcomes = run_all(chosen, s, data, imagenet_state)

@@ -1,0 +1,119 @@
+"""The serving benchmark's inputs and model: photo-like JPEGs, the service's preprocessing of them, and a
+MobileNetV2 exported and published the way the trainer does it (bench/serve.py's docstring has the method)."""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from google.protobuf import json_format
+from PIL import Image
+from trainer_service.engine.models import WeightsUnavailable, build_classifier, export_torchscript, normalization
+from trainer_service.spec.config import Architecture, ModelConfig
+from trainer_service.weights import load_base_weights
+from visiontune.preprocessing import center_crop, decode_hwc, normalize
+from visiontune.store import ArtifactStore, sha256_file
+from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
+
+MODEL_ID = "bench-serve"
+VERSION_ID = "v1"
+PHOTO_SIDE = 256  # the encoded images' side: decode + resize to --size is part of Classify's work
+INPUT_NAME, OUTPUT_NAME = "images", "logits"  # what the trainer's manifest names them
+
+
+def make_jpegs(count: int, side: int, seed: int) -> list[bytes]:
+    """Photo-like JPEGs (quality 90): a colour cast, smooth large-scale structure, a few edges, sensor noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        low = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(low).resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32)
+        cast = rng.uniform(0, 255, size=(1, 1, 3)).astype(np.float32)
+        pixels = 0.55 * smooth + 0.35 * cast
+        for _ in range(3):  # rectangles: edges for the JPEG coder and the network
+            y, x = rng.integers(0, side * 3 // 4, size=2)
+            h, w = rng.integers(side // 8, side // 3, size=2)
+            pixels[y : y + h, x : x + w] = rng.uniform(0, 255, size=3)
+        pixels += rng.normal(0, 8, size=pixels.shape)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def preprocess(jpegs: Sequence[bytes], size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray[Any, Any]:
+    """float32 [N, 3, S, S] exactly as the service's `_preprocess` makes them (resize = crop = S)."""
+    chw = torch.from_numpy(np.stack([decode_hwc(j, size) for j in jpegs])).permute(0, 3, 1, 2)
+    return normalize(center_crop(chw, size).contiguous(), mean, std).numpy()
+
+
+def export_model(
+    path: Path, size: int, classes: int, weights: str, seed: int
+) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
+    """MobileNetV2 + a fresh head (`weights`: "imagenet" or "none" for its base), exported as the trainer
+    exports it; (weights described, mean, std)."""
+    cfg = ModelConfig(architecture=Architecture.MOBILENET_V2)
+    state = None
+    described = "random initialisation (--weights none)"
+    if weights == "imagenet":
+        try:
+            state = load_base_weights(cfg, None)
+            described = "ImageNet IMAGENET1K_V1 base, random 10-label head"
+        except WeightsUnavailable as err:
+            print(f"note: {err}; serving randomly initialised weights instead", file=sys.stderr)
+            described = "random initialisation (ImageNet weights unavailable)"
+    torch.manual_seed(seed)
+    model = build_classifier(cfg, classes, state)
+    export_torchscript(model, size, path)
+    mean, std = normalization(cfg)
+    return described, mean, std
+
+
+def publish(
+    store: ArtifactStore, weights: Path, labels: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float]
+) -> str:
+    """The exported file plus a manifest like the trainer's (worker._publish), committed as a model version."""
+    manifest = manifest_pb2.ModelManifest(
+        schema_version=1,
+        name=f"models/{MODEL_ID}/versions/{VERSION_ID}",
+        labels=list(labels),
+        architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V2,
+        preprocessing=manifest_pb2.Preprocessing(
+            resize_size=size,
+            crop_size=size,
+            interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
+            mean=list(mean),
+            std=list(std),
+            color_mode=manifest_pb2.COLOR_MODE_RGB,
+        ),
+        weights=manifest_pb2.Weights(
+            path="model.pt",
+            format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT,
+            sha256=sha256_file(weights),
+            size_bytes=weights.stat().st_size,
+            input_name=INPUT_NAME,
+            input_shape=[-1, 3, size, size],
+            output_name=OUTPUT_NAME,
+            output_shape=[-1, len(labels)],
+        ),
+        open_set=job_pb2.OpenSetResult(
+            score=training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX, threshold=0.5, target_true_positive_rate=0.95
+        ),
+    )
+    with store.begin_model_version(MODEL_ID, VERSION_ID) as writer:
+        writer.put_file("model.pt", weights)
+        writer.commit(json_format.MessageToJson(manifest).encode())
+    return manifest.name
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated", category=FutureWarning)
+        module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    return module.eval()

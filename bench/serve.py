@@ -22,7 +22,7 @@ dynamic-batching queue delay of --queue-delay-ms. The same model file is then me
                   runs); the best images/s at the median batch time is the ceiling (the median keeps other
                   processes' bursts out of it; the throughput over all batches is shown beside it). Torch
                   threads: the number the service gives a Triton model instance on CPU (cpu_count //
-                  instance_count, see serving.py), unless --threads.
+                  instance_count, see inference_service/engine.py), unless --threads.
 
 For each concurrency C, C client threads run requests back to back for --warmup s, then --seconds s; a
 request counts when it completes inside the measured window (throughput = those / window; p50/p99 over
@@ -109,7 +109,8 @@ class Settings:
     queue_delay_ms: float = 2.0
     images: int = 64
     classes: int = 10
-    threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))  # serving.py, instance_count 1
+    # As inference_service/engine.py gives one Triton model instance on a CPU.
+    threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     weights: str = "imagenet"
     seed: int = 0
     quick: bool = False

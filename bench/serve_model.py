@@ -15,16 +15,17 @@ import torch
 from google.protobuf import json_format
 from PIL import Image
 from trainer_service.engine.models import WeightsUnavailable, build_classifier, export_torchscript, normalization
+from trainer_service.jobs import results
 from trainer_service.spec.config import Architecture, ModelConfig
 from trainer_service.weights import load_base_weights
 from visiontune.preprocessing import center_crop, decode_hwc, normalize
-from visiontune.store import ArtifactStore, sha256_file
+from visiontune.store import ArtifactStore
 from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
 
 MODEL_ID = "bench-serve"
 VERSION_ID = "v1"
 PHOTO_SIDE = 256  # the encoded images' side: decode + resize to --size is part of Classify's work
-INPUT_NAME, OUTPUT_NAME = "images", "logits"  # what the trainer's manifest names them
+INPUT_NAME, OUTPUT_NAME = results.INPUT_NAME, results.OUTPUT_NAME  # what the trainer's manifest names them
 
 
 def make_jpegs(count: int, side: int, seed: int) -> list[bytes]:
@@ -78,36 +79,21 @@ def export_model(
 def publish(
     store: ArtifactStore, weights: Path, labels: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float]
 ) -> str:
-    """The exported file plus a manifest like the trainer's (worker._publish), committed as a model version."""
+    """The exported file plus a manifest built like the trainer's (`jobs/artifacts.publish_model_version`),
+    committed as a model version."""
     manifest = manifest_pb2.ModelManifest(
         schema_version=1,
         name=f"models/{MODEL_ID}/versions/{VERSION_ID}",
         labels=list(labels),
         architecture=training_spec_pb2.ARCHITECTURE_MOBILENET_V2,
-        preprocessing=manifest_pb2.Preprocessing(
-            resize_size=size,
-            crop_size=size,
-            interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
-            mean=list(mean),
-            std=list(std),
-            color_mode=manifest_pb2.COLOR_MODE_RGB,
-        ),
-        weights=manifest_pb2.Weights(
-            path="model.pt",
-            format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT,
-            sha256=sha256_file(weights),
-            size_bytes=weights.stat().st_size,
-            input_name=INPUT_NAME,
-            input_shape=[-1, 3, size, size],
-            output_name=OUTPUT_NAME,
-            output_shape=[-1, len(labels)],
-        ),
+        preprocessing=results.preprocessing(size, mean, std),
+        weights=results.torchscript_weights(weights, size=size, num_labels=len(labels)),
         open_set=job_pb2.OpenSetResult(
             score=training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX, threshold=0.5, target_true_positive_rate=0.95
         ),
     )
     with store.begin_model_version(MODEL_ID, VERSION_ID) as writer:
-        writer.put_file("model.pt", weights)
+        writer.put_file(results.MODEL_FILE, weights)
         writer.commit(json_format.MessageToJson(manifest).encode())
     return manifest.name
 

@@ -23,9 +23,10 @@ import torch
 from google.protobuf import json_format
 from PIL import Image
 from torch import nn
+from trainer_service.jobs import results
 from visiontune.devstack.launch import InferenceProcess, launch_inference
 from visiontune.devstack.s3server import S3ServerProcess
-from visiontune.store import ArtifactStore, sha256_file
+from visiontune.store import ArtifactStore
 from visiontune.v1 import (
     inference_service_pb2 as pb,
 )
@@ -68,7 +69,7 @@ def publish_model(
     `models/{model}/versions/{version}`; returns the version's name."""
     name = f"models/{model}/versions/{version}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.pt"
+        path = Path(tmp) / results.MODEL_FILE
         if isinstance(network, Path):
             shutil.copyfile(network, path)
         else:
@@ -80,28 +81,12 @@ def publish_model(
             schema_version=1,
             name=name,
             labels=list(labels),
-            preprocessing=manifest_pb2.Preprocessing(
-                resize_size=size,
-                crop_size=size,
-                interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
-                mean=list(mean),
-                std=list(std),
-                color_mode=manifest_pb2.COLOR_MODE_RGB,
-            ),
-            weights=manifest_pb2.Weights(
-                path="model.pt",
-                format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT,
-                sha256=sha256_file(path),
-                size_bytes=path.stat().st_size,
-                input_name="images",
-                input_shape=[-1, 3, size, size],
-                output_name="logits",
-                output_shape=[-1, len(labels)],
-            ),
+            preprocessing=results.preprocessing(size, mean, std),
+            weights=results.torchscript_weights(path, size=size, num_labels=len(labels)),
             open_set=job_pb2.OpenSetResult(score=score, threshold=threshold, target_true_positive_rate=0.95),
         )
         with store.begin_model_version(model, version) as writer:
-            writer.put_file("model.pt", path)
+            writer.put_file(results.MODEL_FILE, path)
             writer.commit(json_format.MessageToJson(manifest).encode())
     return name
 

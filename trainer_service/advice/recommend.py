@@ -141,7 +141,7 @@ class DatasetShape:
 
 
 def validation_count(n: int, fraction: float) -> int:
-    """Validation images of a label with `n` images: `engine.data.stratified_split`'s rounding."""
+    """Validation images of a label with `n` images: `datasets.splits.stratified_split`'s rounding."""
     if fraction == 0.0 or n < 2:
         return 0
     return min(n - 1, max(1, math.floor(fraction * n + 0.5)))

@@ -25,9 +25,9 @@ from typing import Any, Final
 import torch
 from google.protobuf import json_format
 from visiontune import names
-from visiontune.store import ArtifactStore, ObjectNotFound, sha256_file
+from visiontune.store import ArtifactStore, ObjectNotFound
 from visiontune.uris import S3Location
-from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
+from visiontune.v1 import job_pb2, training_spec_pb2
 
 from trainer_service.engine import plots
 from trainer_service.engine.loop import CLASSIFIER
@@ -38,7 +38,6 @@ from trainer_service.jobs.store import EventRecord
 from trainer_service.spec.config import TrainingConfig
 
 # A model version's files, relative to its prefix (manifest.json, which commits them, is `names.MANIFEST`).
-MODEL_FILE: Final = "model.pt"
 CURVES_PLOT: Final = "plots/curves.png"
 LEARNING_RATE_PLOT: Final = "plots/learning_rate.png"
 CONFUSION_MATRIX_PLOT: Final = "plots/confusion_matrix.png"
@@ -171,11 +170,10 @@ def publish_model_version(
     model_version = names.ModelVersionName(config.output_model, version)
     pngs = training_plots(result, config, labels)
     with tempfile.TemporaryDirectory(prefix=f"vt-{job_id}-") as tmp:
-        weights_path = Path(tmp) / MODEL_FILE
+        weights_path = Path(tmp) / results.MODEL_FILE
         export_torchscript(result.model.cpu(), config.dataset.image_size, weights_path)
-        sha = sha256_file(weights_path)
         with store.begin_model_version(config.output_model, version) as writer:
-            writer.put_file(MODEL_FILE, weights_path)
+            writer.put_file(results.MODEL_FILE, weights_path)
             plot_uris = []
             for relpath, png in pngs.items():
                 writer.put_bytes(relpath, png, content_type="image/png")
@@ -197,29 +195,13 @@ def publish_model_version(
                 created=created,
                 labels=labels,
                 architecture=spec.model.architecture,
-                preprocessing=manifest_pb2.Preprocessing(
-                    resize_size=size,
-                    crop_size=size,
-                    interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
-                    mean=list(mean),
-                    std=list(std),
-                    color_mode=manifest_pb2.COLOR_MODE_RGB,
-                ),
-                weights=manifest_pb2.Weights(
-                    path=MODEL_FILE,
-                    format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT,
-                    sha256=sha,
-                    size_bytes=weights_path.stat().st_size,
-                    input_name="images",
-                    input_shape=[-1, 3, size, size],
-                    output_name="logits",
-                    output_shape=[-1, len(labels)],
-                ),
+                preprocessing=results.preprocessing(size, mean, std),
+                weights=results.torchscript_weights(weights_path, size=size, num_labels=len(labels)),
                 open_set=job_result.open_set,
                 metrics=job_result.metrics,
                 spec=spec,
                 dataset=dataset,
-                files=[MODEL_FILE, *pngs],
+                files=[results.MODEL_FILE, *pngs],
             )
             writer.commit(json_format.MessageToJson(manifest).encode())
     return job_result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 import torchvision
 from google.protobuf.duration_pb2 import Duration
 from visiontune import protoreflect
+from visiontune.store import sha256_file
 from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
 
 from trainer_service.engine.evaluation import ClassificationReport, OpenSetReport
@@ -124,6 +126,38 @@ def library_versions() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "numpy": np.__version__,
     }
+
+
+# The exported model as the manifest describes it: its file in the version's folder and its tensors' names.
+MODEL_FILE: Final = "model.pt"
+INPUT_NAME: Final = "images"
+OUTPUT_NAME: Final = "logits"
+
+
+def preprocessing(size: int, mean: Sequence[float], std: Sequence[float]) -> manifest_pb2.Preprocessing:
+    """How inference must prepare an image for a model trained at `size` px: what the trainer decoded with."""
+    return manifest_pb2.Preprocessing(
+        resize_size=size,
+        crop_size=size,
+        interpolation=manifest_pb2.INTERPOLATION_BILINEAR,
+        mean=list(mean),
+        std=list(std),
+        color_mode=manifest_pb2.COLOR_MODE_RGB,
+    )
+
+
+def torchscript_weights(path: Path, *, size: int, num_labels: int) -> manifest_pb2.Weights:
+    """The manifest's entry for the TorchScript classifier at `path` (its sha256 and size read from the file)."""
+    return manifest_pb2.Weights(
+        path=MODEL_FILE,
+        format=manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT,
+        sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+        input_name=INPUT_NAME,
+        input_shape=[-1, 3, size, size],
+        output_name=OUTPUT_NAME,
+        output_shape=[-1, num_labels],
+    )
 
 
 def manifest(

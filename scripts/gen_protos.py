@@ -147,7 +147,8 @@ def comments_module(comments: dict[str, str]) -> str:
 
 
 def spec_markdown(files: Sequence[FileDescriptorProto], comments: dict[str, str]) -> str:
-    """docs/spec.md: the TrainingSpec reference, then the enums it uses, then FindLearningRateRequest's sweep."""
+    """docs/spec.md: the TrainingSpec reference, then the enums it uses, then FindLearningRateRequest's sweep and
+    StudySpec's own settings (its base_spec is a TrainingSpec, its search space is described in study.proto)."""
     from google.protobuf import descriptor_pool
 
     sys.path.insert(0, str(ROOT))  # this tree's visiontune, whichever one the interpreter has installed
@@ -158,6 +159,7 @@ def spec_markdown(files: Sequence[FileDescriptorProto], comments: dict[str, str]
         pool.Add(file)
     spec = pool.FindMessageTypeByName(f"{PACKAGE}.TrainingSpec")
     request = pool.FindMessageTypeByName(f"{PACKAGE}.FindLearningRateRequest")
+    study = pool.FindMessageTypeByName(f"{PACKAGE}.StudySpec")
     docs = protoreflect.spec_reference(spec, comments)
     lines = [
         "# TrainingSpec reference",
@@ -195,6 +197,22 @@ def spec_markdown(files: Sequence[FileDescriptorProto], comments: dict[str, str]
         "",
         *_field_table(
             [d for d in protoreflect.spec_reference(request, comments) if d.depth == 0 and d.field.message_type is None]
+        ),
+        "",
+        "## StudySpec",
+        "",
+        comments.get(study.full_name, "A tuning study over TrainingSpec fields."),
+        "The settings with a default or a range (`base_spec` is a TrainingSpec, above; `parameters`, `objective` and",
+        "`sampler` are described in study.proto):",
+        "",
+        *_field_table(
+            [
+                d
+                for d in protoreflect.spec_reference(study, comments)
+                if d.field.message_type is None
+                and not d.path.startswith("base_spec")
+                and (d.rules.default is not None or d.rules.range is not None)
+            ]
         ),
         "",
     ]

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from google.protobuf.descriptor import EnumValueDescriptor
-from visiontune.protoreflect import EnumMap, Interval
+from visiontune import protoreflect
+from visiontune.protoreflect import EnumMap
 from visiontune.v1 import study_pb2
 from visiontune.v1 import training_spec_pb2 as pb
 
@@ -84,9 +85,10 @@ class PrunerType(enum.StrEnum):
 @dataclass(frozen=True)
 class PrunerConfig:
     type: PrunerType = PrunerType.NONE
-    min_resource: int = 1  # epochs before a trial can be pruned
-    reduction_factor: int = 3  # HYPERBAND, SUCCESSIVE_HALVING
-    startup_trials: int = 5  # MEDIAN: completed trials before pruning starts
+    # Defaults from study.proto's field rules, like the validator's.
+    min_resource: int = protoreflect.field_default(study_pb2.PrunerSpec.DESCRIPTOR, "min_resource")
+    reduction_factor: int = protoreflect.field_default(study_pb2.PrunerSpec.DESCRIPTOR, "reduction_factor")
+    startup_trials: int = protoreflect.field_default(study_pb2.PrunerSpec.DESCRIPTOR, "startup_trials")
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class StudyConfig:
 
 def validate_study(spec: study_pb2.StudySpec, *, default_bucket: str) -> StudyConfig:
     """The study spec as a `StudyConfig` with every default resolved; `SpecInvalid` lists every bad field."""
-    v = Checker(study_pb2.StudySpec.DESCRIPTOR)
+    v = Checker(study_pb2.Study.DESCRIPTOR)  # paths as clients see them: `spec.parallelism`
     base: TrainingConfig | None = None
     try:
         base = validate_spec(spec.base_spec, default_bucket=default_bucket)
@@ -127,14 +129,12 @@ def validate_study(spec: study_pb2.StudySpec, *, default_bucket: str) -> StudyCo
     parameters = _parameters(v, spec, default_bucket, base_ok=base is not None)
     metric, direction = _objective(v, spec.objective)
     max_trials, max_duration_s = _budget(v, spec.budget)
-    parallelism = spec.parallelism if spec.HasField("parallelism") else 1
-    v.within("spec.parallelism", parallelism, Interval(1, 64))
+    parallelism = v.number(spec, "spec.parallelism")
     sampler = _sampler(v, spec.sampler, spec.parameters, parameters)
     epochs = None if base is None else _trial_epochs(base, parameters)
     pruner = _pruner(v, spec.pruner, epochs)
-    v.within("spec.repeat_top_k", spec.repeat_top_k, Interval(0, 10))
-    repeat_count = spec.repeat_count if spec.HasField("repeat_count") else 3
-    v.within("spec.repeat_count", repeat_count, Interval(2, 20))
+    v.number(spec, "spec.repeat_top_k")
+    repeat_count = v.number(spec, "spec.repeat_count")
     if v.violations:
         raise SpecInvalid(v.violations)
     if sampler is SamplerType.GRID:
@@ -372,7 +372,8 @@ def _objective(v: Checker, objective: study_pb2.Objective) -> tuple[Metric, Dire
 
 
 def _budget(v: Checker, budget: study_pb2.StudyBudget) -> tuple[int, float | None]:
-    ok = v.within("spec.budget.max_trials", budget.max_trials, Interval(0, 10_000))
+    v.number(budget, "spec.budget.max_trials")
+    ok = not v.failed("spec.budget.max_trials")
     duration: float | None = None
     if budget.HasField("max_duration"):
         d = budget.max_duration
@@ -431,13 +432,10 @@ def _pruner(v: Checker, spec: study_pb2.PrunerSpec, epochs: tuple[int, int] | No
             "spec.pruner.type", f"must be one of {_allowed(study_pb2.PrunerType.DESCRIPTOR.values)}, got {spec.type}"
         )
         kind = PrunerType.NONE
-    defaults = PrunerConfig()
-    min_resource = spec.min_resource if spec.HasField("min_resource") else defaults.min_resource
-    min_ok = v.within("spec.pruner.min_resource", min_resource, Interval(1, 1000))
-    factor = spec.reduction_factor if spec.HasField("reduction_factor") else defaults.reduction_factor
-    v.within("spec.pruner.reduction_factor", factor, Interval(2, 10))
-    startup = spec.startup_trials if spec.HasField("startup_trials") else defaults.startup_trials
-    v.within("spec.pruner.startup_trials", startup, Interval(0, 1000))
+    min_resource = v.number(spec, "spec.pruner.min_resource")
+    min_ok = not v.failed("spec.pruner.min_resource")
+    factor = v.number(spec, "spec.pruner.reduction_factor")
+    startup = v.number(spec, "spec.pruner.startup_trials")
     # Only a pruner that runs needs the resource to fit in a trial; epochs is None where they are unknown.
     if kind is not PrunerType.NONE and min_ok and epochs is not None and min_resource > epochs[0]:
         v.fail(

@@ -27,10 +27,11 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
+from visiontune.v1 import field_rules_pb2 as visiontune_dot_v1_dot_field__rules__pb2
 from visiontune.v1 import training_spec_pb2 as visiontune_dot_v1_dot_training__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19visiontune/v1/study.proto\x12\rvisiontune.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a!visiontune/v1/training_spec.proto\"\xd9\x05\n\x05Study\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1a\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12-\n\x04spec\x18\x03 \x01(\x0b\x32\x18.visiontune.v1.StudySpecB\x05\xe2\x41\x02\x02\x05\x12.\n\x05state\x18\x04 \x01(\x0e\x32\x19.visiontune.v1.StudyStateB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12*\n\x06trials\x18\x07 \x03(\x0b\x32\x14.visiontune.v1.TrialB\x04\xe2\x41\x01\x03\x12\x1d\n\nbest_trial\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x34\n\tbest_spec\x18\t \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x03\x12S\n\x15parameter_importances\x18\n \x03(\x0b\x32..visiontune.v1.Study.ParameterImportancesEntryB\x04\xe2\x41\x01\x03\x12;\n\x07repeats\x18\x0b \x03(\x0b\x32$.visiontune.v1.RepeatedConfigurationB\x04\xe2\x41\x01\x03\x12\x13\n\x05plots\x18\x0c \x03(\tB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\r \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x1a;\n\x19ParameterImportancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01:9\xea\x41\x36\n\x13visiontune.io/Study\x12\x0fstudies/{study}*\x07studies2\x05studyB\r\n\x0b_best_trial\"\xd2\x03\n\tStudySpec\x12\x34\n\tbase_spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x02\x12\x38\n\nparameters\x18\x02 \x03(\x0b\x32\x1e.visiontune.v1.SearchParameterB\x04\xe2\x41\x01\x02\x12\x31\n\tobjective\x18\x03 \x01(\x0b\x32\x18.visiontune.v1.ObjectiveB\x04\xe2\x41\x01\x01\x12\x30\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x1a.visiontune.v1.StudyBudgetB\x04\xe2\x41\x01\x02\x12\x1e\n\x0bparallelism\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12-\n\x07sampler\x18\x06 \x01(\x0e\x32\x16.visiontune.v1.SamplerB\x04\xe2\x41\x01\x01\x12/\n\x06pruner\x18\x07 \x01(\x0b\x32\x19.visiontune.v1.PrunerSpecB\x04\xe2\x41\x01\x01\x12\x1a\n\x0crepeat_top_k\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x1f\n\x0crepeat_count\x18\t \x01(\x05\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12\x12\n\x04seed\x18\n \x01(\x04\x42\x04\xe2\x41\x01\x01\x42\x0e\n\x0c_parallelismB\x0f\n\r_repeat_count\"\xd4\x01\n\x0fSearchParameter\x12\x12\n\x04path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x36\n\x0b\x66loat_range\x18\x02 \x01(\x0b\x32\x19.visiontune.v1.FloatRangeB\x04\xe2\x41\x01\x01H\x00\x12\x32\n\tint_range\x18\x03 \x01(\x0b\x32\x17.visiontune.v1.IntRangeB\x04\xe2\x41\x01\x01H\x00\x12\x37\n\x0b\x63\x61tegorical\x18\x04 \x01(\x0b\x32\x1a.visiontune.v1.CategoricalB\x04\xe2\x41\x01\x01H\x00\x42\x08\n\x06\x64omain\"Y\n\nFloatRange\x12\x11\n\x03min\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03max\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03log\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x12\n\x04step\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x01\"W\n\x08IntRange\x12\x11\n\x03min\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03max\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03log\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x12\n\x04step\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\"#\n\x0b\x43\x61tegorical\x12\x14\n\x06values\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\"k\n\tObjective\x12+\n\x06metric\x18\x01 \x01(\x0e\x32\x15.visiontune.v1.MetricB\x04\xe2\x41\x01\x01\x12\x31\n\tdirection\x18\x02 \x01(\x0e\x32\x18.visiontune.v1.DirectionB\x04\xe2\x41\x01\x01\"^\n\x0bStudyBudget\x12\x18\n\nmax_trials\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x35\n\x0cmax_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\"\xdd\x01\n\nPrunerSpec\x12-\n\x04type\x18\x01 \x01(\x0e\x32\x19.visiontune.v1.PrunerTypeB\x04\xe2\x41\x01\x01\x12\x1f\n\x0cmin_resource\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12#\n\x10reduction_factor\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12!\n\x0estartup_trials\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x02\x88\x01\x01\x42\x0f\n\r_min_resourceB\x13\n\x11_reduction_factorB\x11\n\x0f_startup_trials\"\x9a\x03\n\x05Trial\x12\x14\n\x06number\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x19.visiontune.v1.TrialStateB\x04\xe2\x41\x01\x03\x12>\n\nparameters\x18\x03 \x03(\x0b\x32$.visiontune.v1.Trial.ParametersEntryB\x04\xe2\x41\x01\x03\x12\x18\n\x05value\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12!\n\x13intermediate_values\x18\x05 \x03(\x01\x42\x04\xe2\x41\x01\x03\x12\'\n\x03job\x18\x06 \x01(\tB\x1a\xe2\x41\x01\x03\xfa\x41\x13\n\x11visiontune.io/Job\x12\x34\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_value\"\x9a\x01\n\x15RepeatedConfiguration\x12\x1a\n\x0ctrial_number\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04mean\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03std\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06values\x18\x04 \x03(\x01\x42\x04\xe2\x41\x01\x03\x12(\n\x04jobs\x18\x05 \x03(\tB\x1a\xe2\x41\x01\x03\xfa\x41\x13\n\x11visiontune.io/Job\"\xa9\x02\n\nStudyEvent\x12+\n\x05study\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x03\xfa\x41\x15\n\x13visiontune.io/Study\x12\x16\n\x08sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x38\n\rstate_changed\x18\n \x01(\x0e\x32\x19.visiontune.v1.StudyStateB\x04\xe2\x41\x01\x03H\x00\x12\x33\n\rtrial_updated\x18\x0b \x01(\x0b\x32\x14.visiontune.v1.TrialB\x04\xe2\x41\x01\x03H\x00\x12.\n\x08new_best\x18\x0c \x01(\x0b\x32\x14.visiontune.v1.TrialB\x04\xe2\x41\x01\x03H\x00\x42\x07\n\x05\x65vent*\xac\x01\n\nStudyState\x12\x1b\n\x17STUDY_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13STUDY_STATE_RUNNING\x10\x01\x12\x19\n\x15STUDY_STATE_SUCCEEDED\x10\x02\x12\x16\n\x12STUDY_STATE_FAILED\x10\x03\x12\x1a\n\x16STUDY_STATE_CANCELLING\x10\x04\x12\x19\n\x15STUDY_STATE_CANCELLED\x10\x05*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_MAXIMIZE\x10\x01\x12\x16\n\x12\x44IRECTION_MINIMIZE\x10\x02*\x8b\x01\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSAMPLER_TPE\x10\x01\x12\x1c\n\x18SAMPLER_GAUSSIAN_PROCESS\x10\x02\x12\x12\n\x0eSAMPLER_RANDOM\x10\x03\x12\x10\n\x0cSAMPLER_GRID\x10\x04\x12\x12\n\x0eSAMPLER_CMA_ES\x10\x05*\x96\x01\n\nPrunerType\x12\x1b\n\x17PRUNER_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10PRUNER_TYPE_NONE\x10\x01\x12\x19\n\x15PRUNER_TYPE_HYPERBAND\x10\x02\x12\"\n\x1ePRUNER_TYPE_SUCCESSIVE_HALVING\x10\x03\x12\x16\n\x12PRUNER_TYPE_MEDIAN\x10\x04*\x8c\x01\n\nTrialState\x12\x1b\n\x17TRIAL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRIAL_STATE_RUNNING\x10\x01\x12\x18\n\x14TRIAL_STATE_COMPLETE\x10\x02\x12\x16\n\x12TRIAL_STATE_PRUNED\x10\x03\x12\x16\n\x12TRIAL_STATE_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19visiontune/v1/study.proto\x12\rvisiontune.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1fvisiontune/v1/field_rules.proto\x1a!visiontune/v1/training_spec.proto\"\xd9\x05\n\x05Study\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1a\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12-\n\x04spec\x18\x03 \x01(\x0b\x32\x18.visiontune.v1.StudySpecB\x05\xe2\x41\x02\x02\x05\x12.\n\x05state\x18\x04 \x01(\x0e\x32\x19.visiontune.v1.StudyStateB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12*\n\x06trials\x18\x07 \x03(\x0b\x32\x14.visiontune.v1.TrialB\x04\xe2\x41\x01\x03\x12\x1d\n\nbest_trial\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x34\n\tbest_spec\x18\t \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x03\x12S\n\x15parameter_importances\x18\n \x03(\x0b\x32..visiontune.v1.Study.ParameterImportancesEntryB\x04\xe2\x41\x01\x03\x12;\n\x07repeats\x18\x0b \x03(\x0b\x32$.visiontune.v1.RepeatedConfigurationB\x04\xe2\x41\x01\x03\x12\x13\n\x05plots\x18\x0c \x03(\tB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\r \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x1a;\n\x19ParameterImportancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01:9\xea\x41\x36\n\x13visiontune.io/Study\x12\x0fstudies/{study}*\x07studies2\x05studyB\r\n\x0b_best_trial\"\xff\x03\n\tStudySpec\x12\x34\n\tbase_spec\x18\x01 \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x02\x12\x38\n\nparameters\x18\x02 \x03(\x0b\x32\x1e.visiontune.v1.SearchParameterB\x04\xe2\x41\x01\x02\x12\x31\n\tobjective\x18\x03 \x01(\x0b\x32\x18.visiontune.v1.ObjectiveB\x04\xe2\x41\x01\x01\x12\x30\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x1a.visiontune.v1.StudyBudgetB\x04\xe2\x41\x01\x02\x12.\n\x0bparallelism\x18\x05 \x01(\x05\x42\x14\xe2\x41\x01\x01\xa2\xb8\x19\x0c\n\x01\x31\x12\x07[1, 64]H\x00\x88\x01\x01\x12-\n\x07sampler\x18\x06 \x01(\x0e\x32\x16.visiontune.v1.SamplerB\x04\xe2\x41\x01\x01\x12/\n\x06pruner\x18\x07 \x01(\x0b\x32\x19.visiontune.v1.PrunerSpecB\x04\xe2\x41\x01\x01\x12\'\n\x0crepeat_top_k\x18\x08 \x01(\x05\x42\x11\xe2\x41\x01\x01\xa2\xb8\x19\t\x12\x07[0, 10]\x12/\n\x0crepeat_count\x18\t \x01(\x05\x42\x14\xe2\x41\x01\x01\xa2\xb8\x19\x0c\n\x01\x33\x12\x07[2, 20]H\x01\x88\x01\x01\x12\x12\n\x04seed\x18\n \x01(\x04\x42\x04\xe2\x41\x01\x01\x42\x0e\n\x0c_parallelismB\x0f\n\r_repeat_count\"\xd4\x01\n\x0fSearchParameter\x12\x12\n\x04path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x36\n\x0b\x66loat_range\x18\x02 \x01(\x0b\x32\x19.visiontune.v1.FloatRangeB\x04\xe2\x41\x01\x01H\x00\x12\x32\n\tint_range\x18\x03 \x01(\x0b\x32\x17.visiontune.v1.IntRangeB\x04\xe2\x41\x01\x01H\x00\x12\x37\n\x0b\x63\x61tegorical\x18\x04 \x01(\x0b\x32\x1a.visiontune.v1.CategoricalB\x04\xe2\x41\x01\x01H\x00\x42\x08\n\x06\x64omain\"Y\n\nFloatRange\x12\x11\n\x03min\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03max\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03log\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x12\n\x04step\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x01\"W\n\x08IntRange\x12\x11\n\x03min\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03max\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03log\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x12\n\x04step\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\"#\n\x0b\x43\x61tegorical\x12\x14\n\x06values\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\"k\n\tObjective\x12+\n\x06metric\x18\x01 \x01(\x0e\x32\x15.visiontune.v1.MetricB\x04\xe2\x41\x01\x01\x12\x31\n\tdirection\x18\x02 \x01(\x0e\x32\x18.visiontune.v1.DirectionB\x04\xe2\x41\x01\x01\"n\n\x0bStudyBudget\x12(\n\nmax_trials\x18\x01 \x01(\x05\x42\x14\xe2\x41\x01\x01\xa2\xb8\x19\x0c\x12\n[0, 10000]\x12\x35\n\x0cmax_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\"\x91\x02\n\nPrunerSpec\x12-\n\x04type\x18\x01 \x01(\x0e\x32\x19.visiontune.v1.PrunerTypeB\x04\xe2\x41\x01\x01\x12\x31\n\x0cmin_resource\x18\x02 \x01(\x05\x42\x16\xe2\x41\x01\x01\xa2\xb8\x19\x0e\n\x01\x31\x12\t[1, 1000]H\x00\x88\x01\x01\x12\x33\n\x10reduction_factor\x18\x03 \x01(\x05\x42\x14\xe2\x41\x01\x01\xa2\xb8\x19\x0c\n\x01\x33\x12\x07[2, 10]H\x01\x88\x01\x01\x12\x33\n\x0estartup_trials\x18\x04 \x01(\x05\x42\x16\xe2\x41\x01\x01\xa2\xb8\x19\x0e\n\x01\x35\x12\t[0, 1000]H\x02\x88\x01\x01\x42\x0f\n\r_min_resourceB\x13\n\x11_reduction_factorB\x11\n\x0f_startup_trials\"\x9a\x03\n\x05Trial\x12\x14\n\x06number\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x19.visiontune.v1.TrialStateB\x04\xe2\x41\x01\x03\x12>\n\nparameters\x18\x03 \x03(\x0b\x32$.visiontune.v1.Trial.ParametersEntryB\x04\xe2\x41\x01\x03\x12\x18\n\x05value\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12!\n\x13intermediate_values\x18\x05 \x03(\x01\x42\x04\xe2\x41\x01\x03\x12\'\n\x03job\x18\x06 \x01(\tB\x1a\xe2\x41\x01\x03\xfa\x41\x13\n\x11visiontune.io/Job\x12\x34\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_value\"\x9a\x01\n\x15RepeatedConfiguration\x12\x1a\n\x0ctrial_number\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04mean\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03std\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06values\x18\x04 \x03(\x01\x42\x04\xe2\x41\x01\x03\x12(\n\x04jobs\x18\x05 \x03(\tB\x1a\xe2\x41\x01\x03\xfa\x41\x13\n\x11visiontune.io/Job\"\xa9\x02\n\nStudyEvent\x12+\n\x05study\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x03\xfa\x41\x15\n\x13visiontune.io/Study\x12\x16\n\x08sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x38\n\rstate_changed\x18\n \x01(\x0e\x32\x19.visiontune.v1.StudyStateB\x04\xe2\x41\x01\x03H\x00\x12\x33\n\rtrial_updated\x18\x0b \x01(\x0b\x32\x14.visiontune.v1.TrialB\x04\xe2\x41\x01\x03H\x00\x12.\n\x08new_best\x18\x0c \x01(\x0b\x32\x14.visiontune.v1.TrialB\x04\xe2\x41\x01\x03H\x00\x42\x07\n\x05\x65vent*\xac\x01\n\nStudyState\x12\x1b\n\x17STUDY_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13STUDY_STATE_RUNNING\x10\x01\x12\x19\n\x15STUDY_STATE_SUCCEEDED\x10\x02\x12\x16\n\x12STUDY_STATE_FAILED\x10\x03\x12\x1a\n\x16STUDY_STATE_CANCELLING\x10\x04\x12\x19\n\x15STUDY_STATE_CANCELLED\x10\x05*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_MAXIMIZE\x10\x01\x12\x16\n\x12\x44IRECTION_MINIMIZE\x10\x02*\x8b\x01\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSAMPLER_TPE\x10\x01\x12\x1c\n\x18SAMPLER_GAUSSIAN_PROCESS\x10\x02\x12\x12\n\x0eSAMPLER_RANDOM\x10\x03\x12\x10\n\x0cSAMPLER_GRID\x10\x04\x12\x12\n\x0eSAMPLER_CMA_ES\x10\x05*\x96\x01\n\nPrunerType\x12\x1b\n\x17PRUNER_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10PRUNER_TYPE_NONE\x10\x01\x12\x19\n\x15PRUNER_TYPE_HYPERBAND\x10\x02\x12\"\n\x1ePRUNER_TYPE_SUCCESSIVE_HALVING\x10\x03\x12\x16\n\x12PRUNER_TYPE_MEDIAN\x10\x04*\x8c\x01\n\nTrialState\x12\x1b\n\x17TRIAL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRIAL_STATE_RUNNING\x10\x01\x12\x18\n\x14TRIAL_STATE_COMPLETE\x10\x02\x12\x16\n\x12TRIAL_STATE_PRUNED\x10\x03\x12\x16\n\x12TRIAL_STATE_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -76,15 +77,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STUDYSPEC'].fields_by_name['budget']._loaded_options = None
   _globals['_STUDYSPEC'].fields_by_name['budget']._serialized_options = b'\342A\001\002'
   _globals['_STUDYSPEC'].fields_by_name['parallelism']._loaded_options = None
-  _globals['_STUDYSPEC'].fields_by_name['parallelism']._serialized_options = b'\342A\001\001'
+  _globals['_STUDYSPEC'].fields_by_name['parallelism']._serialized_options = b'\342A\001\001\242\270\031\014\n\0011\022\007[1, 64]'
   _globals['_STUDYSPEC'].fields_by_name['sampler']._loaded_options = None
   _globals['_STUDYSPEC'].fields_by_name['sampler']._serialized_options = b'\342A\001\001'
   _globals['_STUDYSPEC'].fields_by_name['pruner']._loaded_options = None
   _globals['_STUDYSPEC'].fields_by_name['pruner']._serialized_options = b'\342A\001\001'
   _globals['_STUDYSPEC'].fields_by_name['repeat_top_k']._loaded_options = None
-  _globals['_STUDYSPEC'].fields_by_name['repeat_top_k']._serialized_options = b'\342A\001\001'
+  _globals['_STUDYSPEC'].fields_by_name['repeat_top_k']._serialized_options = b'\342A\001\001\242\270\031\t\022\007[0, 10]'
   _globals['_STUDYSPEC'].fields_by_name['repeat_count']._loaded_options = None
-  _globals['_STUDYSPEC'].fields_by_name['repeat_count']._serialized_options = b'\342A\001\001'
+  _globals['_STUDYSPEC'].fields_by_name['repeat_count']._serialized_options = b'\342A\001\001\242\270\031\014\n\0013\022\007[2, 20]'
   _globals['_STUDYSPEC'].fields_by_name['seed']._loaded_options = None
   _globals['_STUDYSPEC'].fields_by_name['seed']._serialized_options = b'\342A\001\001'
   _globals['_SEARCHPARAMETER'].fields_by_name['path']._loaded_options = None
@@ -118,17 +119,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OBJECTIVE'].fields_by_name['direction']._loaded_options = None
   _globals['_OBJECTIVE'].fields_by_name['direction']._serialized_options = b'\342A\001\001'
   _globals['_STUDYBUDGET'].fields_by_name['max_trials']._loaded_options = None
-  _globals['_STUDYBUDGET'].fields_by_name['max_trials']._serialized_options = b'\342A\001\001'
+  _globals['_STUDYBUDGET'].fields_by_name['max_trials']._serialized_options = b'\342A\001\001\242\270\031\014\022\n[0, 10000]'
   _globals['_STUDYBUDGET'].fields_by_name['max_duration']._loaded_options = None
   _globals['_STUDYBUDGET'].fields_by_name['max_duration']._serialized_options = b'\342A\001\001'
   _globals['_PRUNERSPEC'].fields_by_name['type']._loaded_options = None
   _globals['_PRUNERSPEC'].fields_by_name['type']._serialized_options = b'\342A\001\001'
   _globals['_PRUNERSPEC'].fields_by_name['min_resource']._loaded_options = None
-  _globals['_PRUNERSPEC'].fields_by_name['min_resource']._serialized_options = b'\342A\001\001'
+  _globals['_PRUNERSPEC'].fields_by_name['min_resource']._serialized_options = b'\342A\001\001\242\270\031\016\n\0011\022\t[1, 1000]'
   _globals['_PRUNERSPEC'].fields_by_name['reduction_factor']._loaded_options = None
-  _globals['_PRUNERSPEC'].fields_by_name['reduction_factor']._serialized_options = b'\342A\001\001'
+  _globals['_PRUNERSPEC'].fields_by_name['reduction_factor']._serialized_options = b'\342A\001\001\242\270\031\014\n\0013\022\007[2, 10]'
   _globals['_PRUNERSPEC'].fields_by_name['startup_trials']._loaded_options = None
-  _globals['_PRUNERSPEC'].fields_by_name['startup_trials']._serialized_options = b'\342A\001\001'
+  _globals['_PRUNERSPEC'].fields_by_name['startup_trials']._serialized_options = b'\342A\001\001\242\270\031\016\n\0015\022\t[0, 1000]'
   _globals['_TRIAL_PARAMETERSENTRY']._loaded_options = None
   _globals['_TRIAL_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_TRIAL'].fields_by_name['number']._loaded_options = None
@@ -169,42 +170,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STUDYEVENT'].fields_by_name['trial_updated']._serialized_options = b'\342A\001\003'
   _globals['_STUDYEVENT'].fields_by_name['new_best']._loaded_options = None
   _globals['_STUDYEVENT'].fields_by_name['new_best']._serialized_options = b'\342A\001\003'
-  _globals['_STUDYSTATE']._serialized_start=3162
-  _globals['_STUDYSTATE']._serialized_end=3334
-  _globals['_DIRECTION']._serialized_start=3336
-  _globals['_DIRECTION']._serialized_end=3422
-  _globals['_SAMPLER']._serialized_start=3425
-  _globals['_SAMPLER']._serialized_end=3564
-  _globals['_PRUNERTYPE']._serialized_start=3567
-  _globals['_PRUNERTYPE']._serialized_end=3717
-  _globals['_TRIALSTATE']._serialized_start=3720
-  _globals['_TRIALSTATE']._serialized_end=3860
-  _globals['_STUDY']._serialized_start=230
-  _globals['_STUDY']._serialized_end=959
-  _globals['_STUDY_PARAMETERIMPORTANCESENTRY']._serialized_start=826
-  _globals['_STUDY_PARAMETERIMPORTANCESENTRY']._serialized_end=885
-  _globals['_STUDYSPEC']._serialized_start=962
-  _globals['_STUDYSPEC']._serialized_end=1428
-  _globals['_SEARCHPARAMETER']._serialized_start=1431
-  _globals['_SEARCHPARAMETER']._serialized_end=1643
-  _globals['_FLOATRANGE']._serialized_start=1645
-  _globals['_FLOATRANGE']._serialized_end=1734
-  _globals['_INTRANGE']._serialized_start=1736
-  _globals['_INTRANGE']._serialized_end=1823
-  _globals['_CATEGORICAL']._serialized_start=1825
-  _globals['_CATEGORICAL']._serialized_end=1860
-  _globals['_OBJECTIVE']._serialized_start=1862
-  _globals['_OBJECTIVE']._serialized_end=1969
-  _globals['_STUDYBUDGET']._serialized_start=1971
-  _globals['_STUDYBUDGET']._serialized_end=2065
-  _globals['_PRUNERSPEC']._serialized_start=2068
-  _globals['_PRUNERSPEC']._serialized_end=2289
-  _globals['_TRIAL']._serialized_start=2292
-  _globals['_TRIAL']._serialized_end=2702
-  _globals['_TRIAL_PARAMETERSENTRY']._serialized_start=2643
-  _globals['_TRIAL_PARAMETERSENTRY']._serialized_end=2692
-  _globals['_REPEATEDCONFIGURATION']._serialized_start=2705
-  _globals['_REPEATEDCONFIGURATION']._serialized_end=2859
-  _globals['_STUDYEVENT']._serialized_start=2862
-  _globals['_STUDYEVENT']._serialized_end=3159
+  _globals['_STUDYSTATE']._serialized_start=3308
+  _globals['_STUDYSTATE']._serialized_end=3480
+  _globals['_DIRECTION']._serialized_start=3482
+  _globals['_DIRECTION']._serialized_end=3568
+  _globals['_SAMPLER']._serialized_start=3571
+  _globals['_SAMPLER']._serialized_end=3710
+  _globals['_PRUNERTYPE']._serialized_start=3713
+  _globals['_PRUNERTYPE']._serialized_end=3863
+  _globals['_TRIALSTATE']._serialized_start=3866
+  _globals['_TRIALSTATE']._serialized_end=4006
+  _globals['_STUDY']._serialized_start=263
+  _globals['_STUDY']._serialized_end=992
+  _globals['_STUDY_PARAMETERIMPORTANCESENTRY']._serialized_start=859
+  _globals['_STUDY_PARAMETERIMPORTANCESENTRY']._serialized_end=918
+  _globals['_STUDYSPEC']._serialized_start=995
+  _globals['_STUDYSPEC']._serialized_end=1506
+  _globals['_SEARCHPARAMETER']._serialized_start=1509
+  _globals['_SEARCHPARAMETER']._serialized_end=1721
+  _globals['_FLOATRANGE']._serialized_start=1723
+  _globals['_FLOATRANGE']._serialized_end=1812
+  _globals['_INTRANGE']._serialized_start=1814
+  _globals['_INTRANGE']._serialized_end=1901
+  _globals['_CATEGORICAL']._serialized_start=1903
+  _globals['_CATEGORICAL']._serialized_end=1938
+  _globals['_OBJECTIVE']._serialized_start=1940
+  _globals['_OBJECTIVE']._serialized_end=2047
+  _globals['_STUDYBUDGET']._serialized_start=2049
+  _globals['_STUDYBUDGET']._serialized_end=2159
+  _globals['_PRUNERSPEC']._serialized_start=2162
+  _globals['_PRUNERSPEC']._serialized_end=2435
+  _globals['_TRIAL']._serialized_start=2438
+  _globals['_TRIAL']._serialized_end=2848
+  _globals['_TRIAL_PARAMETERSENTRY']._serialized_start=2789
+  _globals['_TRIAL_PARAMETERSENTRY']._serialized_end=2838
+  _globals['_REPEATEDCONFIGURATION']._serialized_start=2851
+  _globals['_REPEATEDCONFIGURATION']._serialized_end=3005
+  _globals['_STUDYEVENT']._serialized_start=3008
+  _globals['_STUDYEVENT']._serialized_end=3305
 # @@protoc_insertion_point(module_scope)

@@ -249,13 +249,14 @@ class StudySpec(_message.Message):
     REPEAT_COUNT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     parallelism: _builtins.int
-    """Trials run at once. Default 1; range [1, 64]."""
+    """Trials run at once (bounded by the trainer's job slots)."""
     sampler: Global___Sampler.ValueType
     repeat_top_k: _builtins.int
     """After the search, re-run the best `repeat_top_k` configurations `repeat_count` times with fresh
-    seeds. Default 0 (off); ranges [0, 10] and [2, 20].
+    seeds; 0 is off.
     """
     repeat_count: _builtins.int
+    """Runs of each repeated configuration."""
     seed: _builtins.int
     """Seed of the sampler. Default 0."""
     @_builtins.property
@@ -450,7 +451,7 @@ class StudyBudget(_message.Message):
     MAX_TRIALS_FIELD_NUMBER: _builtins.int
     MAX_DURATION_FIELD_NUMBER: _builtins.int
     max_trials: _builtins.int
-    """Stop after this many trials. 0 means no limit, but then max_duration must be set. Range [0, 10000]."""
+    """Stop after this many trials. 0 means no limit, but then max_duration must be set."""
     @_builtins.property
     def max_duration(self) -> _duration_pb2.Duration:
         """Stop starting trials after this wall time."""
@@ -481,11 +482,11 @@ class PrunerSpec(_message.Message):
     STARTUP_TRIALS_FIELD_NUMBER: _builtins.int
     type: Global___PrunerType.ValueType
     min_resource: _builtins.int
-    """Epochs before a trial can be pruned. Default 1; range [1, 1000]."""
+    """Epochs before a trial can be pruned; at most the fewest epochs a trial trains."""
     reduction_factor: _builtins.int
-    """Hyperband/ASHA reduction factor. Default 3; range [2, 10]."""
+    """Hyperband/ASHA reduction factor."""
     startup_trials: _builtins.int
-    """MEDIAN: trials completed before pruning starts. Default 5; range [0, 1000]."""
+    """MEDIAN: trials completed before pruning starts."""
     def __init__(
         self,
         *,

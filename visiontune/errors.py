@@ -81,13 +81,21 @@ class InvalidArgument(VisionTuneError):
         self.violations = tuple(violations)
         super().__init__(message if message is not None else self.summary(self.violations))
 
-    @staticmethod
-    def summary(violations: Sequence[FieldViolation]) -> str:
-        """`2 invalid fields: a (why); b (why)`, naming at most 10 of them."""
+    @classmethod
+    def summary(cls, violations: Sequence[FieldViolation]) -> str:
+        """`2 invalid fields: a (why); b (why)`, naming at most 10 of them (`counted` and `item` word it)."""
         n = len(violations)
-        shown = "; ".join(f"{v.field} ({v.description})" for v in violations[:_SUMMARY_MAX_FIELDS])
+        shown = "; ".join(cls.item(v) for v in violations[:_SUMMARY_MAX_FIELDS])
         more = f"; and {n - _SUMMARY_MAX_FIELDS} more" if n > _SUMMARY_MAX_FIELDS else ""
-        return f"{n} invalid field{'s' if n != 1 else ''}: {shown}{more}"
+        return f"{cls.counted(n)}: {shown}{more}"
+
+    @staticmethod
+    def counted(n: int) -> str:
+        return f"{n} invalid field{'s' if n != 1 else ''}"
+
+    @staticmethod
+    def item(violation: FieldViolation) -> str:
+        return f"{violation.field} ({violation.description})"
 
 
 class NotFound(VisionTuneError):

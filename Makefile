@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus bench-train bench-transfer bench-tuning bench-serve
+.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus postgresql bench-train bench-transfer bench-tuning bench-serve
 
 # A virtualenv with the project and its test/dev extras; redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -26,10 +26,10 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 # The default test suite (slow suites excluded: `make test-slow`).
-test: setup prometheus fashion-mnist
+test: setup prometheus postgresql fashion-mnist
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-slow: setup prometheus fashion-mnist
+test-slow: setup prometheus postgresql fashion-mnist
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist: the transfer-learning evidence runs on it.
@@ -42,6 +42,12 @@ fashion-mnist:
 prometheus:
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
+
+# PostgreSQL from Debian: the job store's suites run against a real server (initdb + pg_ctl in a temp dir),
+# and `visiontune up --database postgresql` starts one.
+POSTGRES_BIN := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+postgresql:
+	test -n "$(POSTGRES_BIN)" || (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql)
 
 # Benchmarks: each compares against a peer in the same run and writes bench/results/*.md.
 bench-train: setup

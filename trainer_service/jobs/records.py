@@ -23,10 +23,12 @@ __all__ = [
     "JobState",
     "JobStoreError",
     "NotFound",
+    "ReplicaRecord",
     "ResourceType",
     "SchemaError",
     "StudyRecord",
     "StudyState",
+    "Takeover",
     "utc_now",
 ]
 
@@ -115,6 +117,9 @@ class JobRecord:
     labels: dict[str, str]
     study_id: str | None
     trial_number: int | None
+    # The trainer replica running the current attempt (None while queued, after the end, or on a store that
+    # predates replicas).
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,30 @@ class StudyRecord:
     end_time: datetime | None
     error: str | None
     result_json: str | None
+    # The trainer replica whose study runner drives the study (None while nobody does).
+    owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    """A trainer process sharing the database: alive while its heartbeat is fresher than the lease."""
+
+    replica_id: str
+    host: str
+    pid: int
+    start_time: datetime
+    heartbeat_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """What expiring dead replicas did: jobs queued again (to resume from their checkpoints), cancels finished,
+    studies released for another runner."""
+
+    replicas: tuple[str, ...]
+    requeued: tuple[str, ...]
+    cancelled: tuple[str, ...]
+    released_studies: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

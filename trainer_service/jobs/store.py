@@ -1,13 +1,18 @@
-"""The trainer's job store: jobs, tuning studies and their event logs in one SQLite file.
+"""The trainer's job store: jobs, tuning studies, their event logs and the trainer replicas, in one SQL database.
 
-Why SQLite in WAL mode: one machine runs the trainer (docs/architecture.md §6); WAL lets the gRPC thread pool read
-while a worker subprocess appends events, and the file survives a restart of the trainer.
+One setting chooses the database (`--database-url`, `visiontune.database`): an embedded SQLite file, the local
+stack's default, or PostgreSQL, shared by several trainer replicas (docs/architecture.md §6). The operations
+here are written once in SQLAlchemy Core; what differs per database is in `visiontune.database` (connections,
+locking, retries through outages) and in the migrations (`trainer_service.jobs.schema`).
 
-This module is the store's operations; its public methods are the interface the servicer, the executor, the
-study runner and the workers use. What a second backend (PostgreSQL) would share lives apart: the records,
-states and errors (`trainer_service.jobs.records`, re-exported here) and page sizes and tokens
-(`visiontune.pagination`). What is SQLite's own, connections, transactions, tables and migrations, is in
-`trainer_service.jobs.sqlite`.
+Several processes use one store at once: the trainer replicas (their servicers, executors and study runners)
+and the job workers. What keeps them apart:
+- claiming a queued job, a study to drive, or a dead replica to expire is one transaction that locks the rows
+  it takes (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite's write lock serialises writers), so two claimers
+  never get the same one;
+- a job's attempt number fences its worker: state changes a worker makes carry the attempt it runs, and fail
+  with Conflict once another attempt has begun (`update_state(..., attempt=)`);
+- event sequences are the resource's previous highest plus one, computed under the resource's row lock.
 
 No protobuf, no gRPC: the servicer converts records to messages, and the errors are `visiontune.errors`
 classes that the server runtime turns into status codes.
@@ -16,16 +21,20 @@ classes that the server runtime turns into status codes.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
+import sqlalchemy as sa
+import sqlalchemy.exc
+from sqlalchemy.engine import Connection
 from visiontune import pagination
+from visiontune.database import Database, DatabaseClosed, DatabaseConfigError
+from visiontune.outages import OutageListener, OutagePolicy
 
 from trainer_service.jobs.records import (
     AlreadyExists,
@@ -35,21 +44,27 @@ from trainer_service.jobs.records import (
     JobState,
     JobStoreError,
     NotFound,
+    ReplicaRecord,
     ResourceType,
     SchemaError,
     StudyRecord,
     StudyState,
+    Takeover,
     utc_now,
 )
-from trainer_service.jobs.sqlite import (
+from trainer_service.jobs.schema import (
+    EVENTS,
     JOBS,
+    REPLICAS,
     SCHEMA_VERSION,
     STUDIES,
-    SqliteDatabase,
-    Table,
+    Resource,
     event_from_row,
     from_us,
     job_from_row,
+    migrate,
+    replica_from_row,
+    schema_version,
     study_from_row,
     to_us,
 )
@@ -64,16 +79,32 @@ __all__ = [
     "JobStore",
     "JobStoreError",
     "NotFound",
+    "ReplicaRecord",
     "ResourceType",
     "SchemaError",
     "StudyRecord",
     "StudyState",
+    "Takeover",
+    "database_url_for",
     "utc_now",
 ]
 
 MAX_EVENTS_PER_CALL: Final = 10_000
+# The states in which a job has a worker (and an owner replica).
+ACTIVE_JOB_STATES: Final = frozenset({JobState.RUNNING, JobState.CANCELLING})
+ACTIVE_STUDY_STATES: Final = frozenset({StudyState.RUNNING, StudyState.CANCELLING})
 
 _R = TypeVar("_R")
+
+_J = JOBS.table.c
+_S = STUDIES.table.c
+_E = EVENTS.c
+_P = REPLICAS.c
+
+
+def database_url_for(path: Path) -> str:
+    """The SQLite URL of a job store file (absolute, so a process's working directory does not matter)."""
+    return "sqlite:///" + str(Path(path).absolute())
 
 
 def _require_id(value: str, what: str) -> None:
@@ -81,36 +112,73 @@ def _require_id(value: str, what: str) -> None:
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
 
 
+def _values(states: Iterable[JobState | StudyState]) -> list[str]:
+    return sorted({s.value for s in states})
+
+
 # ------------------------------------------------------------------------------------------ the store
 
 
 class JobStore:
-    """Jobs, studies and their event logs in a SQLite file. Thread-safe and multi-process safe."""
+    """Jobs, studies, events and replicas in a SQL database. Thread-safe and multi-process safe.
+
+    `database` is a URL (`sqlite:///…`, `postgresql://…`), a path (a SQLite file), or an open `Database`
+    (which the store then closes with itself).
+    """
 
     def __init__(
         self,
-        path: Path,
+        database: str | Path | Database,
         *,
         clock: Callable[[], datetime] = utc_now,
-        busy_timeout_s: float = 10.0,
         poll_interval_s: float = 0.2,
+        outage_policy: OutagePolicy | None = None,
+        outage_listener: OutageListener | None = None,
     ) -> None:
         # In-process appends bump the generation and notify, so waiters wake at once.
         self._events_changed = threading.Condition()
         self._events_generation = 0
         self._clock = clock
-        # How often wait_for_events re-reads the file to notice appends made by other processes.
+        # How often wait_for_events re-reads to notice appends made by other processes.
         self._poll_interval_s = poll_interval_s
-        self._db = SqliteDatabase(Path(path), busy_timeout_s=busy_timeout_s)
+        if isinstance(database, Database):
+            self._db = database
+        else:
+            url = database_url_for(database) if isinstance(database, Path) else database
+            try:
+                self._db = Database(url, policy=outage_policy, listener=outage_listener, service="the job database")
+            except DatabaseConfigError as err:
+                if isinstance(database, Path) or url.startswith("sqlite"):
+                    # A file that exists but is not SQLite: not a connection problem, the wrong file.
+                    raise SchemaError(f"{database} is not a usable job store database: {err}") from err
+                raise
+        try:
+            migrate(self._db)
+        except BaseException:
+            self._db.close()
+            raise
 
     # -- lifecycle
 
     @property
+    def database(self) -> Database:
+        return self._db
+
+    @property
+    def url(self) -> str:
+        """The database URL with its password: for this trainer's own workers and Optuna, never for logs."""
+        return self._db.url.render_as_string(hide_password=False)
+
+    @property
     def path(self) -> Path:
-        return self._db.path
+        """The SQLite file (a PostgreSQL store has none: JobStoreError)."""
+        path = self._db.sqlite_path
+        if path is None:
+            raise JobStoreError(f"the job store at {self._db.endpoint} is not a file")
+        return path
 
     def close(self) -> None:
-        """Close every thread's connection and wake all waiters. Idempotent."""
+        """Close the pool and wake all waiters. Idempotent."""
         self._db.close()
         with self._events_changed:
             self._events_changed.notify_all()
@@ -127,130 +195,161 @@ class JobStore:
         self.close()
 
     def schema_version(self) -> int:
-        """The schema version recorded in the file."""
-        return self._db.schema_version()
+        """The schema version recorded in the database."""
+        return schema_version(self._db)
 
     def _now_us(self) -> int:
         return to_us(self._clock())
+
+    def _read(self, fn: Callable[[Connection], _R]) -> _R:
+        try:
+            return self._db.read(fn)
+        except DatabaseClosed as err:
+            raise JobStoreError(f"the job store at {self._db.endpoint} is closed") from err
+
+    def _write(self, fn: Callable[[Connection], _R]) -> _R:
+        try:
+            return self._db.write(fn)
+        except DatabaseClosed as err:
+            raise JobStoreError(f"the job store at {self._db.endpoint} is closed") from err
+
+    def _locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """`query` with a row lock on PostgreSQL (SQLite's write transaction already holds the database lock)."""
+        return query.with_for_update() if self._db.dialect == "postgresql" else query
+
+    def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """`query` taking only rows no other transaction has locked: claimers never queue behind each other."""
+        return query.with_for_update(skip_locked=True) if self._db.dialect == "postgresql" else query
 
     # -- shared resource code
 
     def _insert_idempotent(
         self,
-        table: Table,
+        resource: Resource,
         resource_id: str,
         request_id: str | None,
         values: dict[str, Any],
-        from_row: Callable[[sqlite3.Row], _R],
+        from_row: Callable[[Any], _R],
     ) -> tuple[_R, bool]:
-        _require_id(resource_id, table.id_column)
+        _require_id(resource_id, resource.id_column)
         if request_id == "":
             request_id = None  # proto3's empty string means "no request id"
-        with self._db.write() as conn:
-            # Check and insert in one write transaction: a retry racing the original sees one or the other.
+        table = resource.table
+
+        def run(conn: Connection) -> tuple[_R, bool]:
             if request_id is not None:
-                row = conn.execute(f"SELECT * FROM {table.name} WHERE request_id = ?", (request_id,)).fetchone()
+                row = conn.execute(sa.select(table).where(table.c.request_id == request_id)).mappings().first()
                 if row is not None:
                     return from_row(row), False
-            if conn.execute(f"SELECT 1 FROM {table.name} WHERE {table.id_column} = ?", (resource_id,)).fetchone():
-                raise AlreadyExists(f"{table.noun} {resource_id!r} already exists")
+            if conn.execute(sa.select(resource.id).where(resource.id == resource_id)).first() is not None:
+                raise AlreadyExists(f"{resource.noun} {resource_id!r} already exists")
             now = self._now_us()
             columns = {
-                table.id_column: resource_id,
+                resource.id_column: resource_id,
                 "request_id": request_id,
                 "create_time": now,
                 "update_time": now,
                 **values,
             }
-            names = ", ".join(columns)
-            marks = ", ".join("?" for _ in columns)
-            conn.execute(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", tuple(columns.values()))
-            row = conn.execute(f"SELECT * FROM {table.name} WHERE {table.id_column} = ?", (resource_id,)).fetchone()
-            return from_row(row), True
+            conn.execute(sa.insert(table).values(**columns))
+            return from_row(self._fetch_row(conn, resource, resource_id)), True
 
-    @staticmethod
-    def _fetch_row(conn: sqlite3.Connection, table: Table, resource_id: str) -> sqlite3.Row:
-        row: sqlite3.Row | None = conn.execute(
-            f"SELECT * FROM {table.name} WHERE {table.id_column} = ?", (resource_id,)
-        ).fetchone()
+        try:
+            return self._write(run)
+        except sqlalchemy.exc.IntegrityError:
+            # A concurrent create with the same request id or resource id committed first (PostgreSQL; SQLite's
+            # write lock serialises them): run again, and see its row.
+            return self._write(run)
+
+    def _fetch_row(self, conn: Connection, resource: Resource, resource_id: str, *, lock: bool = False) -> Any:
+        query = sa.select(resource.table).where(resource.id == resource_id)
+        row = conn.execute(self._locked(query) if lock else query).mappings().first()
         if row is None:
             # The API's words: the servicer passes this message on to the client as it is.
-            raise NotFound(f"{table.resource_name(resource_id)} does not exist")
+            raise NotFound(f"{resource.resource_name(resource_id)} does not exist")
         return row
 
-    def _get(self, table: Table, resource_id: str, from_row: Callable[[sqlite3.Row], _R]) -> _R:
-        return from_row(self._fetch_row(self._db.connection(), table, resource_id))
+    def _get(self, resource: Resource, resource_id: str, from_row: Callable[[Any], _R]) -> _R:
+        return self._read(lambda conn: from_row(self._fetch_row(conn, resource, resource_id)))
 
     def _list_page(
         self,
-        table: Table,
-        where: list[str],
-        params: list[Any],
+        resource: Resource,
+        where: list[sa.ColumnElement[bool]],
         fingerprint_parts: Sequence[object],
         page_size: int,
         page_token: str,
-        from_row: Callable[[sqlite3.Row], _R],
+        from_row: Callable[[Any], _R],
     ) -> tuple[list[_R], str]:
         size = pagination.page_size(page_size)
+        table = resource.table
         fingerprint = pagination.filter_fingerprint([table.name, *fingerprint_parts])
-        where, params = list(where), list(params)
+        where = list(where)
         if page_token:
             after_us, after_id = pagination.decode_page_token(page_token, fingerprint, (int, str))
             # Keyset pagination, newest first: rows strictly "older" than the last one handed out.
             # Stable under concurrent inserts (new rows are newer), unlike OFFSET.
-            where.append(f"(create_time < ? OR (create_time = ? AND {table.id_column} < ?))")
-            params += [after_us, after_us, after_id]
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = (
-            self._db.connection()
-            .execute(
-                f"SELECT * FROM {table.name} {clause} ORDER BY create_time DESC, {table.id_column} DESC LIMIT ?",
-                (*params, size + 1),  # one extra row tells whether there is a next page
+            where.append(
+                sa.or_(
+                    table.c.create_time < after_us,
+                    sa.and_(table.c.create_time == after_us, resource.id < after_id),
+                )
             )
-            .fetchall()
+        query = (
+            sa.select(table)
+            .where(*where)
+            .order_by(table.c.create_time.desc(), resource.id.desc())
+            .limit(size + 1)  # one extra row tells whether there is a next page
         )
+        rows = self._read(lambda conn: list(conn.execute(query).mappings()))
         next_token = ""
         if len(rows) > size:
             rows = rows[:size]
             last = rows[-1]
-            next_token = pagination.encode_page_token((last["create_time"], last[table.id_column]), fingerprint)
+            next_token = pagination.encode_page_token((last["create_time"], last[resource.id_column]), fingerprint)
         return [from_row(r) for r in rows], next_token
 
-    def _update_state(
+    def _set_state(
         self,
-        table: Table,
+        conn: Connection,
+        resource: Resource,
         resource_id: str,
         new_state: JobState | StudyState,
-        expected: Iterable[JobState | StudyState] | None,
-        error: str | None,
-        result_json: str | None,
-        entering_running_sets_start: bool,
-    ) -> sqlite3.Row:
-        with self._db.write() as conn:
-            row = self._fetch_row(conn, table, resource_id)
-            current = row["state"]
-            if expected is not None:
-                allowed = {s.value for s in expected}
-                if current not in allowed:
-                    raise Conflict(f"{table.noun} {resource_id!r} is {current}, expected one of {sorted(allowed)}")
-            now = self._now_us()
-            sets = ["state = ?", "update_time = ?", "end_time = ?"]
-            params: list[Any] = [new_state.value, now, now if new_state.is_terminal else None]
-            if entering_running_sets_start and new_state.value == "RUNNING":
+        *,
+        expected: Iterable[JobState | StudyState] | None = None,
+        error: str | None = None,
+        result_json: str | None = None,
+        extra: dict[str, Any] | None = None,
+        attempt: int | None = None,
+    ) -> Any:
+        """The compare-and-set every state change goes through, inside the caller's transaction."""
+        row = self._fetch_row(conn, resource, resource_id, lock=True)
+        current = row["state"]
+        if expected is not None:
+            allowed = _values(expected)
+            if current not in allowed:
+                raise Conflict(f"{resource.noun} {resource_id!r} is {current}, expected one of {allowed}")
+        if attempt is not None and row["attempt"] != attempt:
+            raise Conflict(f"{resource.noun} {resource_id!r} is on attempt {row['attempt']}, not {attempt}")
+        now = self._now_us()
+        values: dict[str, Any] = {
+            "state": new_state.value,
+            "update_time": now,
+            "end_time": now if new_state.is_terminal else None,
+        }
+        if resource is JOBS:
+            if new_state == JobState.RUNNING:
                 # Keep the first start: a retried job still started when it first ran.
-                sets.append("start_time = COALESCE(start_time, ?)")
-                params.append(now)
-            if error is not None:
-                sets.append("error = ?")
-                params.append(error)
-            if result_json is not None:
-                sets.append("result_json = ?")
-                params.append(result_json)
-            conn.execute(
-                f"UPDATE {table.name} SET {', '.join(sets)} WHERE {table.id_column} = ?",
-                (*params, resource_id),
-            )
-            return self._fetch_row(conn, table, resource_id)
+                values["start_time"] = sa.func.coalesce(_J.start_time, now)
+            if new_state == JobState.QUEUED or new_state.is_terminal:
+                values["owner"] = None  # no worker any more: nobody's to resume
+        if error is not None:
+            values["error"] = error
+        if result_json is not None:
+            values["result_json"] = result_json
+        values.update(extra or {})
+        conn.execute(sa.update(resource.table).where(resource.id == resource_id).values(**values))
+        return self._fetch_row(conn, resource, resource_id)
 
     # -- jobs
 
@@ -285,6 +384,7 @@ class JobStore:
                 "state": JobState.QUEUED.value,
                 "spec_json": spec_json,
                 "display_name": display_name,
+                "attempt": 0,
                 "labels_json": json.dumps(dict(labels or {}), sort_keys=True),
                 "study_id": study_id,
                 "trial_number": trial_number,
@@ -309,16 +409,13 @@ class JobStore:
         `visiontune.pagination`: 0 means the default size, a larger one than the maximum is clamped; a
         negative size, a malformed token or one issued for a different filter raise InvalidPage.
         """
-        where: list[str] = []
-        params: list[Any] = []
-        state_values = sorted(JobState(s).value for s in states or ())
+        where: list[sa.ColumnElement[bool]] = []
+        state_values = _values(JobState(s) for s in states or ())
         if state_values:
-            where.append(f"state IN ({', '.join('?' for _ in state_values)})")
-            params += state_values
+            where.append(_J.state.in_(state_values))
         if study_id is not None:
-            where.append("study_id = ?")
-            params.append(study_id)
-        return self._list_page(JOBS, where, params, [state_values, study_id], page_size, page_token, job_from_row)
+            where.append(_J.study_id == study_id)
+        return self._list_page(JOBS, where, [state_values, study_id], page_size, page_token, job_from_row)
 
     def update_state(
         self,
@@ -328,75 +425,81 @@ class JobStore:
         error: str | None = None,
         result_json: str | None = None,
         expected: set[JobState] | None = None,
+        attempt: int | None = None,
     ) -> JobRecord:
-        """Move a job to ``new_state``; with ``expected``, only if its current state is one of them.
+        """Move a job to ``new_state``; with ``expected``, only if its current state is one of them, and with
+        ``attempt`` only if that is still the job's attempt (a worker's fence).
 
         Raises Conflict when the compare-and-set fails. Entering RUNNING sets start_time (the first
-        time only); a terminal state sets end_time, a non-terminal one clears it. ``error`` and
-        ``result_json`` are written when given and otherwise kept.
+        time only); a terminal state sets end_time, a non-terminal one clears it; QUEUED and terminal states
+        clear the owner. ``error`` and ``result_json`` are written when given and otherwise kept.
         """
-        row = self._update_state(
-            JOBS, job_id, JobState(new_state), expected, error, result_json, entering_running_sets_start=True
+        state = JobState(new_state)
+        return self._write(
+            lambda conn: job_from_row(
+                self._set_state(
+                    conn, JOBS, job_id, state, expected=expected, error=error, result_json=result_json, attempt=attempt
+                )
+            )
         )
-        return job_from_row(row)
 
     def increment_attempt(self, job_id: str) -> JobRecord:
         """Add one to the job's attempt counter (the executor calls it when it starts an attempt)."""
-        with self._db.write() as conn:
-            self._fetch_row(conn, JOBS, job_id)
+
+        def run(conn: Connection) -> JobRecord:
+            self._fetch_row(conn, JOBS, job_id, lock=True)
             conn.execute(
-                "UPDATE vt_jobs SET attempt = attempt + 1, update_time = ? WHERE job_id = ?",
-                (self._now_us(), job_id),
+                sa.update(JOBS.table)
+                .where(_J.job_id == job_id)
+                .values(attempt=_J.attempt + 1, update_time=self._now_us())
             )
             return job_from_row(self._fetch_row(conn, JOBS, job_id))
 
-    def claim_next_queued(self) -> JobRecord | None:
-        """Atomically move the oldest QUEUED job to RUNNING and return it; None when none is queued.
+        return self._write(run)
 
-        The select and the update share one write transaction, so two claimers (threads or
-        processes) never get the same job. The attempt counter is left to increment_attempt.
+    def claim_next_queued(self, owner: str | None = None) -> JobRecord | None:
+        """Atomically move the oldest QUEUED job to RUNNING, owned by replica ``owner``; None when none is queued.
+
+        The select and the update share one transaction and the row is locked (skipping rows another claimer
+        holds), so two claimers (threads, processes or replicas) never get the same job. The attempt counter
+        is left to increment_attempt.
         """
-        with self._db.write() as conn:
-            row = conn.execute(
-                "SELECT job_id FROM vt_jobs WHERE state = ? ORDER BY create_time, job_id LIMIT 1",
-                (JobState.QUEUED.value,),
-            ).fetchone()
+
+        def run(conn: Connection) -> JobRecord | None:
+            query = (
+                sa.select(_J.job_id)
+                .where(_J.state == JobState.QUEUED.value)
+                .order_by(_J.create_time, _J.job_id)
+                .limit(1)
+            )
+            row = conn.execute(self._skip_locked(query)).first()
             if row is None:
                 return None
-            now = self._now_us()
-            conn.execute(
-                "UPDATE vt_jobs SET state = ?, update_time = ?, start_time = COALESCE(start_time, ?), "
-                "end_time = NULL WHERE job_id = ?",
-                (JobState.RUNNING.value, now, now, row["job_id"]),
-            )
-            return job_from_row(self._fetch_row(conn, JOBS, row["job_id"]))
+            return job_from_row(self._set_state(conn, JOBS, row.job_id, JobState.RUNNING, extra={"owner": owner}))
 
-    def jobs_in_states(self, states: Iterable[JobState]) -> list[JobRecord]:
-        """All jobs in any of ``states``, oldest first (e.g. to recover RUNNING jobs after a restart)."""
-        values = sorted({JobState(s).value for s in states})
+        return self._write(run)
+
+    def jobs_in_states(self, states: Iterable[JobState], *, owner: str | None = None) -> list[JobRecord]:
+        """All jobs in any of ``states`` (and, given ``owner``, run by that replica), oldest first."""
+        values = _values(JobState(s) for s in states)
         if not values:
             return []
-        rows = (
-            self._db.connection()
-            .execute(
-                f"SELECT * FROM vt_jobs WHERE state IN ({', '.join('?' for _ in values)}) ORDER BY create_time, job_id",
-                values,
-            )
-            .fetchall()
-        )
-        return [job_from_row(r) for r in rows]
+        query = sa.select(JOBS.table).where(_J.state.in_(values)).order_by(_J.create_time, _J.job_id)
+        if owner is not None:
+            query = query.where(_J.owner == owner)
+        return self._read(lambda conn: [job_from_row(r) for r in conn.execute(query).mappings()])
 
     def delete_job(self, job_id: str, *, expected: set[JobState] | None = None) -> None:
         """Delete a job and its events; with ``expected``, only if it is in one of those states."""
-        with self._db.write() as conn:
-            row = self._fetch_row(conn, JOBS, job_id)
-            if expected is not None and row["state"] not in {s.value for s in expected}:
-                raise Conflict(f"job {job_id!r} is {row['state']}, expected one of {sorted(s.value for s in expected)}")
-            conn.execute(
-                "DELETE FROM vt_events WHERE resource_type = ? AND resource_id = ?",
-                (ResourceType.JOB.value, job_id),
-            )
-            conn.execute("DELETE FROM vt_jobs WHERE job_id = ?", (job_id,))
+
+        def run(conn: Connection) -> None:
+            row = self._fetch_row(conn, JOBS, job_id, lock=True)
+            if expected is not None and row["state"] not in _values(expected):
+                raise Conflict(f"job {job_id!r} is {row['state']}, expected one of {_values(expected)}")
+            conn.execute(sa.delete(EVENTS).where(_E.resource_type == ResourceType.JOB.value, _E.resource_id == job_id))
+            conn.execute(sa.delete(JOBS.table).where(_J.job_id == job_id))
+
+        self._write(run)
 
     # -- studies
 
@@ -407,13 +510,20 @@ class JobStore:
         *,
         display_name: str = "",
         request_id: str | None = None,
+        owner: str | None = None,
     ) -> tuple[StudyRecord, bool]:
-        """Create a RUNNING study. Idempotent on ``request_id`` exactly like create_job."""
+        """Create a RUNNING study, driven by replica ``owner`` (None: by whichever runner claims it first).
+        Idempotent on ``request_id`` exactly like create_job."""
         return self._insert_idempotent(
             STUDIES,
             study_id,
             request_id,
-            {"state": StudyState.RUNNING.value, "spec_json": spec_json, "display_name": display_name},
+            {
+                "state": StudyState.RUNNING.value,
+                "spec_json": spec_json,
+                "display_name": display_name,
+                "owner": owner,
+            },
             study_from_row,
         )
 
@@ -428,13 +538,11 @@ class JobStore:
         page_token: str = "",
     ) -> tuple[list[StudyRecord], str]:
         """One page of studies, newest first; same rules as list_jobs."""
-        where: list[str] = []
-        params: list[Any] = []
-        state_values = sorted(StudyState(s).value for s in states or ())
+        where: list[sa.ColumnElement[bool]] = []
+        state_values = _values(StudyState(s) for s in states or ())
         if state_values:
-            where.append(f"state IN ({', '.join('?' for _ in state_values)})")
-            params += state_values
-        return self._list_page(STUDIES, where, params, [state_values], page_size, page_token, study_from_row)
+            where.append(_S.state.in_(state_values))
+        return self._list_page(STUDIES, where, [state_values], page_size, page_token, study_from_row)
 
     def update_study_state(
         self,
@@ -446,66 +554,184 @@ class JobStore:
         expected: set[StudyState] | None = None,
     ) -> StudyRecord:
         """Compare-and-set a study's state; same rules as update_state (a study has no start_time)."""
-        row = self._update_state(
-            STUDIES,
-            study_id,
-            StudyState(new_state),
-            expected,
-            error,
-            result_json,
-            entering_running_sets_start=False,
+        state = StudyState(new_state)
+        return self._write(
+            lambda conn: study_from_row(
+                self._set_state(conn, STUDIES, study_id, state, expected=expected, error=error, result_json=result_json)
+            )
         )
-        return study_from_row(row)
+
+    def claim_studies(self, owner: str) -> list[StudyRecord]:
+        """Take every active study nobody drives (new, or released from a dead replica) for replica ``owner``,
+        plus those it already owns (after its own restart). One runner per study: the rows are locked."""
+
+        def run(conn: Connection) -> list[StudyRecord]:
+            query = (
+                sa.select(_S.study_id)
+                .where(_S.state.in_(_values(ACTIVE_STUDY_STATES)), sa.or_(_S.owner.is_(None), _S.owner == owner))
+                .order_by(_S.create_time, _S.study_id)
+            )
+            ids = [r.study_id for r in conn.execute(self._skip_locked(query))]
+            if not ids:
+                return []
+            conn.execute(
+                sa.update(STUDIES.table).where(_S.study_id.in_(ids)).values(owner=owner, update_time=self._now_us())
+            )
+            rows = conn.execute(
+                sa.select(STUDIES.table).where(_S.study_id.in_(ids)).order_by(_S.create_time, _S.study_id)
+            )
+            return [study_from_row(r) for r in rows.mappings()]
+
+        return self._write(run)
+
+    # -- replicas
+
+    def register_replica(self, replica_id: str, *, host: str, pid: int) -> ReplicaRecord:
+        """Record (or refresh, after a restart with the same id) a live trainer replica."""
+        _require_id(replica_id, "replica_id")
+
+        def run(conn: Connection) -> ReplicaRecord:
+            now = self._now_us()
+            conn.execute(sa.delete(REPLICAS).where(_P.replica_id == replica_id))
+            conn.execute(
+                sa.insert(REPLICAS).values(
+                    replica_id=replica_id, host=host, pid=pid, start_time=now, heartbeat_time=now
+                )
+            )
+            return replica_from_row(
+                conn.execute(sa.select(REPLICAS).where(_P.replica_id == replica_id)).mappings().one()
+            )
+
+        return self._write(run)
+
+    def heartbeat(self, replica_id: str) -> bool:
+        """Renew the replica's lease. False when its row is gone: another replica expired it and took its work."""
+
+        def run(conn: Connection) -> bool:
+            result = conn.execute(
+                sa.update(REPLICAS).where(_P.replica_id == replica_id).values(heartbeat_time=self._now_us())
+            )
+            return bool(result.rowcount)
+
+        return self._write(run)
+
+    def deregister_replica(self, replica_id: str) -> None:
+        self._write(lambda conn: conn.execute(sa.delete(REPLICAS).where(_P.replica_id == replica_id)))
+
+    def replicas(self) -> list[ReplicaRecord]:
+        query = sa.select(REPLICAS).order_by(_P.replica_id)
+        return self._read(lambda conn: [replica_from_row(r) for r in conn.execute(query).mappings()])
+
+    def expire_replicas(self, lease_ttl: timedelta, *, keep: str | None = None) -> Takeover:
+        """Replicas whose heartbeat is older than ``lease_ttl`` are dead: their running jobs are queued again (to
+        resume from their checkpoints on any replica), their cancelling jobs end CANCELLED, their studies are
+        released, and their rows are deleted. One transaction; each dead replica is expired by one caller only.
+        ``keep`` (the caller itself) is never expired."""
+
+        def run(conn: Connection) -> Takeover:
+            now = self._now_us()
+            cutoff = now - lease_ttl // timedelta(microseconds=1)
+            query = sa.select(_P.replica_id).where(_P.heartbeat_time < cutoff)
+            if keep is not None:
+                query = query.where(_P.replica_id != keep)
+            dead = [r.replica_id for r in conn.execute(self._skip_locked(query))]
+            if not dead:
+                return Takeover((), (), (), ())
+            jobs = list(
+                conn.execute(
+                    self._locked(
+                        sa.select(_J.job_id, _J.state)
+                        .where(_J.owner.in_(dead), _J.state.in_(_values(ACTIVE_JOB_STATES)))
+                        .order_by(_J.create_time, _J.job_id)
+                    )
+                )
+            )
+            requeued = [j.job_id for j in jobs if j.state == JobState.RUNNING.value]
+            cancelled = [j.job_id for j in jobs if j.state == JobState.CANCELLING.value]
+            for job_id in requeued:
+                self._set_state(conn, JOBS, job_id, JobState.QUEUED)
+            for job_id in cancelled:
+                self._set_state(conn, JOBS, job_id, JobState.CANCELLED)
+            studies = [
+                r.study_id
+                for r in conn.execute(
+                    self._locked(sa.select(_S.study_id).where(_S.owner.in_(dead)).order_by(_S.study_id))
+                )
+            ]
+            if studies:
+                conn.execute(sa.update(STUDIES.table).where(_S.study_id.in_(studies)).values(owner=None))
+            conn.execute(sa.delete(REPLICAS).where(_P.replica_id.in_(dead)))
+            return Takeover(tuple(dead), tuple(requeued), tuple(cancelled), tuple(studies))
+
+        return self._write(run)
 
     # -- events (shared by jobs and studies)
 
-    def _append_event(self, table: Table, resource_id: str, kind: str, payload_json: str) -> EventRecord:
-        with self._db.write() as conn:
-            self._fetch_row(conn, table, resource_id)
-            # MAX+1 inside the write transaction: the write lock serialises appenders across threads
-            # and processes, so sequences never collide and have no gaps.
-            (sequence,) = conn.execute(
-                "SELECT COALESCE(MAX(sequence), 0) + 1 FROM vt_events WHERE resource_type = ? AND resource_id = ?",
-                (table.resource_type.value, resource_id),
-            ).fetchone()
+    def _append_event(self, resource: Resource, resource_id: str, kind: str, payload_json: str) -> EventRecord:
+        def run(conn: Connection) -> EventRecord:
+            # The resource's row lock serialises appenders to one log across threads, processes and replicas
+            # (SQLite: the write lock), so MAX+1 never collides and sequences have no gaps.
+            self._fetch_row(conn, resource, resource_id, lock=True)
+            sequence = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(_E.sequence), 0) + 1).where(
+                    _E.resource_type == resource.resource_type.value, _E.resource_id == resource_id
+                )
+            ).scalar_one()
             now = self._now_us()
             conn.execute(
-                "INSERT INTO vt_events (resource_type, resource_id, sequence, time, kind, payload_json) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (table.resource_type.value, resource_id, sequence, now, kind, payload_json),
+                sa.insert(EVENTS).values(
+                    resource_type=resource.resource_type.value,
+                    resource_id=resource_id,
+                    sequence=sequence,
+                    time=now,
+                    kind=kind,
+                    payload_json=payload_json,
+                )
             )
+            return EventRecord(resource.resource_type, resource_id, int(sequence), from_us(now), kind, payload_json)
+
+        event = self._write(run)
         # After COMMIT, so a woken waiter can already read the row.
         with self._events_changed:
             self._events_generation += 1
             self._events_changed.notify_all()
-        return EventRecord(table.resource_type, resource_id, sequence, from_us(now), kind, payload_json)
+        return event
 
-    def _events_after(self, table: Table, resource_id: str, after_sequence: int, limit: int) -> list[EventRecord]:
+    def _events_after(self, resource: Resource, resource_id: str, after_sequence: int, limit: int) -> list[EventRecord]:
         limit = max(1, min(limit, MAX_EVENTS_PER_CALL))
-        with self._db.read() as conn:
-            rows = conn.execute(
-                "SELECT * FROM vt_events WHERE resource_type = ? AND resource_id = ? AND sequence > ? "
-                "ORDER BY sequence LIMIT ?",
-                (table.resource_type.value, resource_id, after_sequence, limit),
-            ).fetchall()
+        query = (
+            sa.select(EVENTS)
+            .where(
+                _E.resource_type == resource.resource_type.value,
+                _E.resource_id == resource_id,
+                _E.sequence > after_sequence,
+            )
+            .order_by(_E.sequence)
+            .limit(limit)
+        )
+
+        def run(conn: Connection) -> list[EventRecord]:
+            rows = list(conn.execute(query).mappings())
             if not rows:
-                self._fetch_row(conn, table, resource_id)  # no events vs. no such resource
-        return [event_from_row(r) for r in rows]
+                self._fetch_row(conn, resource, resource_id)  # no events vs. no such resource
+            return [event_from_row(r) for r in rows]
+
+        return self._read(run)
 
     def _wait_for_events(
-        self, table: Table, resource_id: str, after_sequence: int, timeout_s: float, limit: int
+        self, resource: Resource, resource_id: str, after_sequence: int, timeout_s: float, limit: int
     ) -> list[EventRecord]:
         deadline = time.monotonic() + max(0.0, timeout_s)
         while True:
             with self._events_changed:
                 generation = self._events_generation
-            events = self._events_after(table, resource_id, after_sequence, limit)
+            events = self._events_after(resource, resource_id, after_sequence, limit)
             remaining = deadline - time.monotonic()
             if events or remaining <= 0:
                 return events
             with self._events_changed:
                 if self._db.closed:
-                    raise JobStoreError(f"the job store at {self.path} is closed")
+                    raise JobStoreError(f"the job store at {self._db.endpoint} is closed")
                 # Skip the wait if an in-process append landed since we read; otherwise sleep until
                 # notified, or one poll interval to catch appends made by other processes.
                 if self._events_generation == generation:

@@ -1,0 +1,362 @@
+"""The job store's tables, their versioned migrations, and rows to records.
+
+One schema for both databases (`visiontune.database`: SQLite embedded, PostgreSQL shared). Every table carries a
+``vt_`` prefix because Optuna's RDB storage keeps its own tables (``studies``, ``trials``, ...) in the same
+database. Times are integer microseconds since the epoch: exact, sortable, cheap to compare in SQL (keyset
+pagination), and the same on both databases.
+
+Migrations are numbered and append-only: migration i takes the schema from version i to i + 1; a shipped one is
+never edited. The version lives in SQLite's ``PRAGMA user_version`` (which SQLAlchemy/Alembic never touch, and
+which files made before PostgreSQL support already use) and in PostgreSQL in the ``vt_schema_version`` table.
+Two replicas starting together on a fresh PostgreSQL do not both migrate it: the migration holds an advisory lock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from visiontune import names
+from visiontune.database import Database, Dialect
+
+from trainer_service.jobs.records import (
+    EventRecord,
+    JobRecord,
+    JobState,
+    ReplicaRecord,
+    ResourceType,
+    SchemaError,
+    StudyRecord,
+    StudyState,
+)
+
+__all__ = [
+    "EVENTS",
+    "JOBS",
+    "MIGRATIONS",
+    "REPLICAS",
+    "SCHEMA_VERSION",
+    "STUDIES",
+    "Resource",
+    "event_from_row",
+    "from_us",
+    "job_from_row",
+    "migrate",
+    "replica_from_row",
+    "schema_version",
+    "study_from_row",
+    "to_us",
+]
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+# Any constant: the key of the advisory lock migrations hold on PostgreSQL ("vt" + "jobs" in ASCII).
+_MIGRATION_LOCK: Final = 0x76746A6F6273
+
+
+# ------------------------------------------------------------------------------------------ time codec
+
+
+def to_us(dt: datetime) -> int:
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"the job store needs timezone-aware datetimes, got naive {dt!r}")
+    return (dt - _EPOCH) // _MICROSECOND
+
+
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _opt_from_us(us: int | None) -> datetime | None:
+    return None if us is None else from_us(us)
+
+
+# ------------------------------------------------------------------------------------------- the tables
+
+# What the queries see: the schema at SCHEMA_VERSION. The DDL that makes it is the migrations below.
+_metadata = sa.MetaData()
+
+STUDIES_TABLE: Final = sa.Table(
+    "vt_studies",
+    _metadata,
+    sa.Column("study_id", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("request_id", sa.Text),
+    sa.Column("create_time", sa.BigInteger, nullable=False),
+    sa.Column("update_time", sa.BigInteger, nullable=False),
+    sa.Column("end_time", sa.BigInteger),
+    sa.Column("error", sa.Text),
+    sa.Column("result_json", sa.Text),
+    # The replica whose study runner drives the study; NULL while nobody does (taken by the next runner).
+    sa.Column("owner", sa.Text),
+)
+
+JOBS_TABLE: Final = sa.Table(
+    "vt_jobs",
+    _metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("request_id", sa.Text),
+    sa.Column("create_time", sa.BigInteger, nullable=False),
+    sa.Column("update_time", sa.BigInteger, nullable=False),
+    sa.Column("start_time", sa.BigInteger),
+    sa.Column("end_time", sa.BigInteger),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("result_json", sa.Text),
+    sa.Column("labels_json", sa.Text, nullable=False),
+    sa.Column("study_id", sa.Text),
+    sa.Column("trial_number", sa.Integer),
+    # The replica running the job's current attempt; NULL while it is queued or after it ended.
+    sa.Column("owner", sa.Text),
+)
+
+EVENTS: Final = sa.Table(
+    "vt_events",
+    _metadata,
+    sa.Column("resource_type", sa.Text, primary_key=True),
+    sa.Column("resource_id", sa.Text, primary_key=True),
+    sa.Column("sequence", sa.Integer, primary_key=True),
+    sa.Column("time", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("payload_json", sa.Text, nullable=False),
+)
+
+REPLICAS: Final = sa.Table(
+    "vt_replicas",
+    _metadata,
+    sa.Column("replica_id", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("start_time", sa.BigInteger, nullable=False),
+    sa.Column("heartbeat_time", sa.BigInteger, nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """What the store's shared create/get/list/update code needs to know about one resource table."""
+
+    table: sa.Table
+    id_column: str
+    resource_type: ResourceType
+    noun: str  # for error messages
+    resource_name: Callable[[str], str]  # the ID's API name (`jobs/{id}`), for error messages
+
+    @property
+    def id(self) -> sa.Column[Any]:
+        return self.table.c[self.id_column]
+
+
+JOBS: Final = Resource(JOBS_TABLE, "job_id", ResourceType.JOB, "job", names.job_name)
+STUDIES: Final = Resource(STUDIES_TABLE, "study_id", ResourceType.STUDY, "study", names.study_name)
+
+
+# ----------------------------------------------------------------------------------------- migrations
+
+Migration = Callable[[Connection, Dialect], None]
+
+
+def _migration_1_initial(conn: Connection, dialect: Dialect) -> None:
+    # INTEGER is 64-bit in SQLite but 32-bit in PostgreSQL: times (microseconds) need BIGINT there.
+    big = "INTEGER" if dialect == "sqlite" else "BIGINT"
+    without_rowid = " WITHOUT ROWID" if dialect == "sqlite" else ""
+    statements = (
+        f"""
+        CREATE TABLE vt_studies (
+            study_id     TEXT PRIMARY KEY,
+            state        TEXT NOT NULL,
+            spec_json    TEXT NOT NULL,
+            display_name TEXT NOT NULL DEFAULT '',
+            request_id   TEXT UNIQUE,
+            create_time  {big} NOT NULL,
+            update_time  {big} NOT NULL,
+            end_time     {big},
+            error        TEXT,
+            result_json  TEXT
+        )
+        """,
+        "CREATE INDEX vt_studies_by_create ON vt_studies (create_time, study_id)",
+        f"""
+        CREATE TABLE vt_jobs (
+            job_id       TEXT PRIMARY KEY,
+            state        TEXT NOT NULL,
+            spec_json    TEXT NOT NULL,
+            display_name TEXT NOT NULL DEFAULT '',
+            request_id   TEXT UNIQUE,
+            create_time  {big} NOT NULL,
+            update_time  {big} NOT NULL,
+            start_time   {big},
+            end_time     {big},
+            attempt      INTEGER NOT NULL DEFAULT 0,
+            error        TEXT,
+            result_json  TEXT,
+            labels_json  TEXT NOT NULL DEFAULT '{{}}',
+            study_id     TEXT REFERENCES vt_studies (study_id),
+            trial_number INTEGER
+        )
+        """,
+        "CREATE INDEX vt_jobs_by_create ON vt_jobs (create_time, job_id)",
+        # claim_next_queued and jobs_in_states look jobs up by state, oldest first.
+        "CREATE INDEX vt_jobs_by_state ON vt_jobs (state, create_time, job_id)",
+        "CREATE INDEX vt_jobs_by_study ON vt_jobs (study_id, create_time, job_id)",
+        # One table for job and study events; the primary key is also what makes a sequence unique.
+        f"""
+        CREATE TABLE vt_events (
+            resource_type TEXT NOT NULL CHECK (resource_type IN ('job', 'study')),
+            resource_id   TEXT NOT NULL,
+            sequence      INTEGER NOT NULL,
+            time          {big} NOT NULL,
+            kind          TEXT NOT NULL,
+            payload_json  TEXT NOT NULL,
+            PRIMARY KEY (resource_type, resource_id, sequence)
+        ){without_rowid}
+        """,
+    )
+    for statement in statements:
+        conn.exec_driver_sql(statement)
+
+
+def _migration_2_replicas(conn: Connection, dialect: Dialect) -> None:
+    """Several trainer replicas on one database: who runs each job and drives each study, and who is alive."""
+    big = "INTEGER" if dialect == "sqlite" else "BIGINT"
+    statements = (
+        "ALTER TABLE vt_jobs ADD COLUMN owner TEXT",
+        "ALTER TABLE vt_studies ADD COLUMN owner TEXT",
+        "CREATE INDEX vt_jobs_by_owner ON vt_jobs (owner, state)",
+        "CREATE INDEX vt_studies_by_owner ON vt_studies (owner, state)",
+        f"""
+        CREATE TABLE vt_replicas (
+            replica_id     TEXT PRIMARY KEY,
+            host           TEXT NOT NULL,
+            pid            INTEGER NOT NULL,
+            start_time     {big} NOT NULL,
+            heartbeat_time {big} NOT NULL
+        )
+        """,
+    )
+    for statement in statements:
+        conn.exec_driver_sql(statement)
+
+
+# Ordered: migration i takes the schema from version i to i + 1. Append only, never edit a shipped one.
+MIGRATIONS: Final[tuple[Migration, ...]] = (_migration_1_initial, _migration_2_replicas)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+def _read_version(conn: Connection, dialect: Dialect) -> int:
+    if dialect == "sqlite":
+        return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+    conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS vt_schema_version (version INTEGER NOT NULL)")
+    value = conn.exec_driver_sql("SELECT version FROM vt_schema_version").scalar()
+    return int(value or 0)
+
+
+def _write_version(conn: Connection, dialect: Dialect, version: int) -> None:
+    if dialect == "sqlite":
+        # PRAGMA cannot take a bound parameter; the version is an int constant.
+        conn.exec_driver_sql(f"PRAGMA user_version = {int(version)}")
+        return
+    conn.exec_driver_sql("DELETE FROM vt_schema_version")
+    conn.execute(sa.text("INSERT INTO vt_schema_version (version) VALUES (:v)"), {"v": version})
+
+
+def migrate(db: Database) -> int:
+    """Bring the database to SCHEMA_VERSION; SchemaError for a newer schema. Returns the version found."""
+
+    def run(conn: Connection) -> int:
+        if db.dialect == "postgresql":
+            # Held to the end of the transaction: a second replica waits, then finds the schema current.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        found = _read_version(conn, db.dialect)
+        if found > SCHEMA_VERSION:
+            raise SchemaError(
+                f"{db.endpoint} has job store schema version {found}, but this code only knows versions up to "
+                f"{SCHEMA_VERSION}; upgrade the trainer before opening it"
+            )
+        for migration in MIGRATIONS[found:]:
+            migration(conn, db.dialect)
+        if found != SCHEMA_VERSION:
+            _write_version(conn, db.dialect, SCHEMA_VERSION)
+        return found
+
+    try:
+        return db.write(run)
+    except sa.exc.DatabaseError as err:
+        raise SchemaError(f"{db.endpoint} is not a usable job store database: {err.orig}") from err
+
+
+def schema_version(db: Database) -> int:
+    return db.read(lambda conn: _read_version(conn, db.dialect))
+
+
+# ------------------------------------------------------------------------------------------ rows to records
+
+Row = Mapping[Any, Any]  # a RowMapping: column name -> value
+
+
+def job_from_row(row: Row) -> JobRecord:
+    return JobRecord(
+        job_id=row["job_id"],
+        state=JobState(row["state"]),
+        spec_json=row["spec_json"],
+        display_name=row["display_name"],
+        request_id=row["request_id"],
+        create_time=from_us(row["create_time"]),
+        update_time=from_us(row["update_time"]),
+        start_time=_opt_from_us(row["start_time"]),
+        end_time=_opt_from_us(row["end_time"]),
+        attempt=row["attempt"],
+        error=row["error"],
+        result_json=row["result_json"],
+        labels=json.loads(row["labels_json"]),
+        study_id=row["study_id"],
+        trial_number=row["trial_number"],
+        owner=row["owner"],
+    )
+
+
+def study_from_row(row: Row) -> StudyRecord:
+    return StudyRecord(
+        study_id=row["study_id"],
+        state=StudyState(row["state"]),
+        spec_json=row["spec_json"],
+        display_name=row["display_name"],
+        request_id=row["request_id"],
+        create_time=from_us(row["create_time"]),
+        update_time=from_us(row["update_time"]),
+        end_time=_opt_from_us(row["end_time"]),
+        error=row["error"],
+        result_json=row["result_json"],
+        owner=row["owner"],
+    )
+
+
+def event_from_row(row: Row) -> EventRecord:
+    return EventRecord(
+        resource_type=ResourceType(row["resource_type"]),
+        resource_id=row["resource_id"],
+        sequence=row["sequence"],
+        time=from_us(row["time"]),
+        kind=row["kind"],
+        payload_json=row["payload_json"],
+    )
+
+
+def replica_from_row(row: Row) -> ReplicaRecord:
+    return ReplicaRecord(
+        replica_id=row["replica_id"],
+        host=row["host"],
+        pid=row["pid"],
+        start_time=from_us(row["start_time"]),
+        heartbeat_time=from_us(row["heartbeat_time"]),
+    )

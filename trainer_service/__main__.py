@@ -8,14 +8,16 @@ import sys
 from collections.abc import Callable
 
 import torch
-from visiontune.bootstrap import run_service
+from visiontune.bootstrap import StartupError, run_service
+from visiontune.database import DatabaseConfigError
 from visiontune.server import ServiceBinding
 from visiontune.settings import DEFAULT_TRAINER_PORT, ServerSettings
 from visiontune.store import ArtifactStore
 from visiontune.v1 import training_service_pb2, training_service_pb2_grpc
 
-from trainer_service.jobs.local_executor import JobExecutor
-from trainer_service.jobs.store import JobStore
+from trainer_service.jobs.local_executor import DATABASE_URL_ENV, JobExecutor
+from trainer_service.jobs.replica import DEFAULT_LEASE_TTL_S, ReplicaLease, ReplicaSettings, default_replica_id
+from trainer_service.jobs.store import JobStore, SchemaError, database_url_for, default_database_path
 from trainer_service.servicer import TrainingServicer
 from trainer_service.tuning.runner import StudyRunner
 from trainer_service.tuning.studies import Studies
@@ -31,6 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(os.environ.get("VISIONTUNE_JOB_SLOTS", "0")),
         help="jobs run at once; 0 = one per GPU, or 1 on a CPU-only machine [VISIONTUNE_JOB_SLOTS]",
     )
+    state = parser.add_argument_group("shared state (several trainer replicas)")
+    state.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV, ""),
+        help="the job database: sqlite:///path (embedded, one machine) or postgresql://user:password@host:port/db "
+        f"(shared by replicas); default: DATA_DIR/trainer/jobs.sqlite3 [{DATABASE_URL_ENV}]",
+    )
+    state.add_argument(
+        "--replica-id",
+        default=os.environ.get("VISIONTUNE_REPLICA_ID", ""),
+        help="this replica's name in the job database (default: HOST-PORT; a restart under the same name resumes "
+        "its own jobs at once) [VISIONTUNE_REPLICA_ID]",
+    )
+    state.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=float(os.environ.get("VISIONTUNE_LEASE_TTL_S", str(DEFAULT_LEASE_TTL_S))),
+        help="seconds without a heartbeat after which another replica takes a replica's jobs and studies over "
+        f"(default {DEFAULT_LEASE_TTL_S:g}) [VISIONTUNE_LEASE_TTL_S]",
+    )
 
 
 def job_slots(requested: int) -> int:
@@ -42,13 +64,29 @@ def job_slots(requested: int) -> int:
 def build(
     settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
 ) -> tuple[list[ServiceBinding], Callable[[], None]]:
-    jobs = JobStore(settings.data_dir / "trainer" / "jobs.sqlite3")
-    executor = JobExecutor(jobs, settings.s3, settings.data_dir, slots=job_slots(args.job_slots))
-    executor.start()
-    runner = StudyRunner(
-        jobs, store, default_bucket=store.bucket, wake_executor=executor.wake, cancel_job=executor.cancel
+    url = args.database_url or database_url_for(default_database_path(settings.data_dir))
+    try:
+        jobs = JobStore(url)
+    except (DatabaseConfigError, SchemaError) as err:
+        raise StartupError(str(err)) from err
+    lease = ReplicaLease(jobs, ReplicaSettings(args.replica_id or default_replica_id(settings.port), args.lease_ttl_s))
+    lease.register()
+    executor = JobExecutor(
+        jobs, settings.s3, settings.data_dir, replica_id=lease.replica_id, slots=job_slots(args.job_slots)
     )
+    runner = StudyRunner(
+        jobs,
+        store,
+        default_bucket=store.bucket,
+        wake_executor=executor.wake,
+        cancel_job=executor.cancel,
+        replica_id=lease.replica_id,
+    )
+    lease.subscribe(on_takeover=executor.took_over, on_lost=executor.lease_lost)
+    lease.subscribe(on_takeover=lambda _: runner.wake(), on_lost=runner.lease_lost)
+    executor.start()
     runner.start()
+    lease.start()
     studies = Studies(jobs, runner, default_bucket=store.bucket, wake_executor=executor.wake)
     servicer = TrainingServicer(jobs, executor, store, settings.data_dir / "trainer" / "cache", studies)
     binding = ServiceBinding(
@@ -57,7 +95,8 @@ def build(
 
     def close() -> None:
         runner.stop()
-        executor.stop()
+        executor.stop()  # its running jobs are queued again, for any replica
+        lease.stop()
         jobs.close()
 
     return [binding], close

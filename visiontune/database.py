@@ -76,8 +76,8 @@ class DatabaseConfigError(DatabaseError, errors.FailedPrecondition):
     """The database URL cannot be used: a wrong password, an unknown database, a host nobody answers on."""
 
 
-class DatabaseClosed(DatabaseError):
-    """The `Database` was closed (its owner is shutting down)."""
+class DatabaseClosed(DatabaseError, errors.Unavailable):
+    """The `Database` was closed (its owner is shutting down): another replica, or this one restarted, can answer."""
 
 
 class DatabaseUnavailable(DatabaseError, errors.Unavailable):

@@ -14,7 +14,7 @@ from trainer_service.datasets.listing import DatasetError
 from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.jobs import records
 from trainer_service.tuning.studies import StudyPreconditionFailed
-from visiontune import errors, status, store_errors
+from visiontune import database, errors, outages, status, store_errors
 from visiontune.client import make_channel
 from visiontune.errors import FieldViolation, VisionTuneError
 from visiontune.pagination import InvalidPage
@@ -46,6 +46,19 @@ EXPECTED: list[tuple[Callable[[], VisionTuneError], Code]] = [
     (lambda: store_errors.ModelVersionExists("models/m/versions/v1 is committed", **S3), Code.ALREADY_EXISTS),
     # the job store
     (lambda: records.JobStoreError("the job store at x is closed"), Code.INTERNAL),
+    (lambda: database.DatabaseError("the job database at h:5432/db failed"), Code.INTERNAL),
+    (
+        lambda: database.DatabaseConfigError("cannot use the job database at h:5432/db: wrong password"),
+        Code.FAILED_PRECONDITION,
+    ),
+    (lambda: database.DatabaseUnavailable("the job database at h:5432/db was unreachable for 300 s"), Code.UNAVAILABLE),
+    (lambda: database.DatabaseClosed("the job database at h:5432/db is closed"), Code.UNAVAILABLE),
+    (
+        lambda: outages.OutageTooLong(
+            "S3 at h:9000 was unreachable for 300 s", service="S3", endpoint="h:9000", waited_s=300
+        ),
+        Code.UNAVAILABLE,
+    ),
     (lambda: records.NotFound("jobs/x does not exist"), Code.NOT_FOUND),
     (lambda: records.AlreadyExists("job 'x' already exists"), Code.ALREADY_EXISTS),
     (lambda: records.Conflict("job 'x' is RUNNING, expected one of ['QUEUED']"), Code.ABORTED),

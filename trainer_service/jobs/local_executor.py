@@ -6,8 +6,12 @@ final state in the job store (SUCCEEDED, FAILED, CANCELLED, or PRUNED for a tuni
 stopped); the executor steps in only when a worker dies without doing so:
 - killed (a signal, e.g. kill -9 or the OOM killer) or lost → the job is queued again and resumes from its
   last checkpoint, up to `RunSpec.max_retries` times, then FAILED;
-- CancelJob → SIGTERM to the worker, which stops within a batch and cleans up; CANCELLED.
-On start, jobs left RUNNING by a previous trainer process are queued again (their workers are stopped).
+- CancelJob → SIGTERM to the worker, which stops within a batch and cleans up; CANCELLED. A cancel made on
+  another replica reaches the worker through the job store (it checks its job's state every few seconds).
+Each claimed job is owned by this replica (`trainer_service.jobs.replica`). On start, jobs this replica left
+RUNNING (a restart with the same replica id) are queued again (their stray workers are stopped); on a clean stop
+its running jobs are queued again for any replica; a dead replica's jobs are queued again by whichever replica
+expires it. A worker whose attempt was taken over exits without writing anything (EXIT_SUPERSEDED).
 """
 
 from __future__ import annotations
@@ -27,28 +31,39 @@ from google.protobuf import json_format
 from visiontune.settings import DEFAULT_BUCKET, S3Settings
 
 from trainer_service.jobs import events
-from trainer_service.jobs.store import Conflict, JobRecord, JobState, JobStore
+from trainer_service.jobs.store import Conflict, JobRecord, JobState, JobStore, Takeover
 from trainer_service.spec.convert import load_stored_spec
 from trainer_service.spec.validate import SpecInvalid
 
 log = logging.getLogger(__name__)
 
+# The job database's URL for workers (and the trainer's `--database-url` default).
+DATABASE_URL_ENV = "VISIONTUNE_DATABASE_URL"
+
 WORKER_MODULE = "trainer_service.jobs.worker"
 EXIT_CANCELLED = 3  # the worker stopped because it was asked to
 EXIT_PARENT_GONE = 75  # the trainer that started the worker is gone; the job resumes on its next start
+EXIT_SUPERSEDED = 76  # another attempt of the job began elsewhere (this replica was taken for dead)
 
 
 @dataclass
 class _Running:
     job_id: str
+    attempt: int
     proc: subprocess.Popen[bytes]
     log_path: Path
     cancel_requested: bool = False
 
 
-def worker_environment(s3: S3Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`base` (this process's environment by default) plus the S3 settings the worker's flags default to."""
-    return {**(os.environ if base is None else base), **s3.to_env(), "PYTHONUNBUFFERED": "1"}
+def worker_environment(
+    s3: S3Settings, base: Mapping[str, str] | None = None, *, database_url: str | None = None
+) -> dict[str, str]:
+    """`base` (this process's environment by default) plus the S3 settings and the job database the worker's flags
+    default to. The database URL travels in the environment, not argv, so its password is not in `ps`."""
+    env = {**(os.environ if base is None else base), **s3.to_env(), "PYTHONUNBUFFERED": "1"}
+    if database_url is not None:
+        env[DATABASE_URL_ENV] = database_url
+    return env
 
 
 def max_retries_of(record: JobRecord, default_bucket: str = DEFAULT_BUCKET) -> int:
@@ -69,11 +84,13 @@ class JobExecutor:
         s3: S3Settings,
         data_dir: Path,
         *,
+        replica_id: str,
         slots: int = 1,
         poll_interval_s: float = 0.5,
         python: str = sys.executable,
     ) -> None:
         self._jobs = jobs
+        self.replica_id = replica_id
         self._s3 = s3
         self._data_dir = data_dir
         self._slots = slots
@@ -92,18 +109,60 @@ class JobExecutor:
         self._thread = threading.Thread(target=self._loop, name="job-executor", daemon=True)
         self._thread.start()
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Stop claiming; running workers are terminated and their jobs resume on the next start."""
+    def stop(self, grace_s: float = 10.0, *, requeue: bool = True) -> None:
+        """Stop claiming and stop the running workers; with `requeue`, their jobs are queued again at once, to
+        resume from their checkpoints on any replica (otherwise they stay RUNNING, resumed when this replica
+        starts again or expired with it)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=grace_s)
+        running = self._kill_all()
+        if not requeue:
+            return
+        for run in running:
+            self._requeue(run.job_id, run.attempt, f"the trainer replica {self.replica_id} stopped")
+
+    def lease_lost(self) -> None:
+        """This replica was expired by another (it stalled past its lease): its jobs are queued or running
+        elsewhere already, so its workers stop at once and nothing is recorded."""
+        for run in self._kill_all():
+            log.warning("stopped a worker whose job was taken over", extra={"job": run.job_id})
+
+    def took_over(self, takeover: Takeover) -> None:
+        """Record, in their logs, what expiring a dead replica did to its jobs, and look for the queued work."""
+        dead = ", ".join(takeover.replicas)
+        for job_id in takeover.requeued:
+            events.record_state(
+                self._jobs,
+                job_id,
+                JobState.QUEUED,
+                f"the trainer replica running it ({dead}) stopped heartbeating; resuming from the last checkpoint",
+            )
+        for job_id in takeover.cancelled:
+            events.record_state(self._jobs, job_id, JobState.CANCELLED, f"cancelled (its replica {dead} is gone)")
+        self._wake.set()
+
+    def _kill_all(self) -> list[_Running]:
         with self._lock:
             running = list(self._running.values())
+            self._running.clear()
         for run in running:
             if run.proc.poll() is None:
-                run.proc.kill()  # no cleanup wanted: the job stays RUNNING and is recovered on restart
+                run.proc.kill()  # no cleanup wanted: the job resumes from its last checkpoint
                 run.proc.wait()
+        return running
+
+    def _requeue(self, job_id: str, attempt: int, why: str) -> None:
+        try:
+            self._jobs.update_state(job_id, JobState.QUEUED, expected={JobState.RUNNING}, attempt=attempt)
+        except Conflict:
+            # Ended meanwhile, cancelling, or taken over: finish a cancel, otherwise someone else has it.
+            record = self._jobs.get_job(job_id)
+            if record.state == JobState.CANCELLING and record.attempt == attempt:
+                self._finish(job_id, JobState.CANCELLED, f"cancelled ({why})")
+            return
+        events.record_state(self._jobs, job_id, JobState.QUEUED, f"{why}; resuming from the last checkpoint")
 
     def wake(self) -> None:
         """Look for queued work now (CreateJob calls it)."""
@@ -156,7 +215,7 @@ class JobExecutor:
             with self._lock:
                 if len(self._running) >= self._slots:
                     return
-            record = self._jobs.claim_next_queued()
+            record = self._jobs.claim_next_queued(owner=self.replica_id)
             if record is None:
                 return
             self._launch(record)
@@ -174,14 +233,14 @@ class JobExecutor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=worker_environment(self._s3),
+                env=worker_environment(self._s3, database_url=self._jobs.url),
             )
         log.info(
             "job started",
             extra={"job": record.job_id, "attempt": record.attempt, "pid": proc.pid, "log": str(log_path)},
         )
         with self._lock:
-            self._running[record.job_id] = _Running(record.job_id, proc, log_path)
+            self._running[record.job_id] = _Running(record.job_id, record.attempt, proc, log_path)
 
     def _reap(self) -> None:
         with self._lock:
@@ -197,6 +256,9 @@ class JobExecutor:
         if record.state.is_terminal:
             log.info("job ended", extra={"job": run.job_id, "state": record.state.value, "exit_code": code})
             return
+        if record.attempt != run.attempt or code == EXIT_SUPERSEDED:
+            log.warning("job taken over by another attempt", extra={"job": run.job_id, "exit_code": code})
+            return
         # The worker died without recording an end: a signal, an OOM kill, or an exit we did not expect.
         if record.state == JobState.CANCELLING or run.cancel_requested:
             self._finish(run.job_id, JobState.CANCELLED, "cancelled (the worker was stopped)")
@@ -206,7 +268,10 @@ class JobExecutor:
         retries = max_retries_of(record, self._s3.bucket)
         if record.attempt <= retries:
             log.warning("worker died; job queued to resume", extra={"job": run.job_id, "cause": cause})
-            self._jobs.update_state(run.job_id, JobState.QUEUED, expected={JobState.RUNNING})
+            try:
+                self._jobs.update_state(run.job_id, JobState.QUEUED, expected={JobState.RUNNING}, attempt=run.attempt)
+            except Conflict:
+                return  # cancelled or taken over meanwhile: the next pass (or another replica) handles it
             events.record_state(
                 self._jobs,
                 run.job_id,
@@ -219,31 +284,34 @@ class JobExecutor:
                 run.job_id,
                 JobState.FAILED,
                 f"the worker died ({cause}) on each of {record.attempt} attempts; last log lines: {tail}",
+                attempt=run.attempt,
             )
 
-    def _finish(self, job_id: str, state: JobState, message: str) -> None:
+    def _finish(self, job_id: str, state: JobState, message: str, *, attempt: int | None = None) -> None:
         try:
             self._jobs.update_state(
                 job_id,
                 state,
                 error=message if state == JobState.FAILED else None,
                 expected={JobState.RUNNING, JobState.CANCELLING},
+                attempt=attempt,
             )
         except Conflict:
             return
         events.record_state(self._jobs, job_id, state, message)
 
     def _recover(self) -> None:
-        """Jobs a previous trainer left RUNNING or CANCELLING: stop stray workers, then resume or cancel."""
-        for record in self._jobs.jobs_in_states({JobState.RUNNING, JobState.CANCELLING}):
+        """Jobs this replica left RUNNING or CANCELLING when it last ran (same replica id), or that a store from
+        before replicas left without an owner: stop stray workers, then resume or cancel."""
+        active = {JobState.RUNNING, JobState.CANCELLING}
+        left = self._jobs.jobs_in_states(active, owner=self.replica_id)
+        left += [r for r in self._jobs.jobs_in_states(active) if r.owner is None]
+        for record in left:
             _kill_stray_worker(record.job_id)
             if record.state == JobState.CANCELLING:
                 self._finish(record.job_id, JobState.CANCELLED, "cancelled (the trainer restarted)")
                 continue
-            self._jobs.update_state(record.job_id, JobState.QUEUED, expected={JobState.RUNNING})
-            events.record_state(
-                self._jobs, record.job_id, JobState.QUEUED, "the trainer restarted; resuming from the last checkpoint"
-            )
+            self._requeue(record.job_id, record.attempt, "the trainer restarted")
 
 
 def _kill_stray_worker(job_id: str) -> None:

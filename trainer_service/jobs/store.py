@@ -86,6 +86,7 @@ __all__ = [
     "StudyState",
     "Takeover",
     "database_url_for",
+    "default_database_path",
     "utc_now",
 ]
 
@@ -100,6 +101,11 @@ _J = JOBS.table.c
 _S = STUDIES.table.c
 _E = EVENTS.c
 _P = REPLICAS.c
+
+
+def default_database_path(data_dir: Path) -> Path:
+    """The embedded default: a SQLite file in the trainer's data directory."""
+    return Path(data_dir) / "trainer" / "jobs.sqlite3"
 
 
 def database_url_for(path: Path) -> str:

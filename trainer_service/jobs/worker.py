@@ -10,8 +10,14 @@ Jobs of a tuning study (the record has `study_id`) publish no model version: the
 metrics the study runner reads. A trial (`trial_number` too) reports its objective to the study's pruner
 after each epoch and ends PRUNED, at once, when the pruner says so (see tuning/trial_reporter.py).
 
+Every few seconds (and before each checkpoint) the worker reads its job's record: a cancel made on any replica
+stops it like SIGTERM does, and an attempt number other than its own means the job was taken over by another
+replica (this one was taken for dead), so it exits at once without writing anything more. Its final state change
+is fenced by its attempt number too.
+
 Exit codes: 0 done (SUCCEEDED, FAILED or PRUNED recorded), 3 cancelled, 75 the trainer went away (the job
-resumes when it restarts). Dying any other way leaves the job RUNNING for the executor to resume.
+resumes when it restarts), 76 superseded by another attempt. Dying any other way leaves the job RUNNING for the
+executor to resume.
 """
 
 from __future__ import annotations
@@ -53,8 +59,8 @@ from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
 from trainer_service.engine.models import WeightsUnavailable, build_classifier
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 from trainer_service.jobs import artifacts, events, results
-from trainer_service.jobs.local_executor import EXIT_CANCELLED, EXIT_PARENT_GONE
-from trainer_service.jobs.store import JobState, JobStore
+from trainer_service.jobs.local_executor import DATABASE_URL_ENV, EXIT_CANCELLED, EXIT_PARENT_GONE, EXIT_SUPERSEDED
+from trainer_service.jobs.store import Conflict, JobState, JobStore, database_url_for, default_database_path
 from trainer_service.spec.config import TrainingConfig
 from trainer_service.spec.convert import load_stored_spec
 from trainer_service.weights import load_base_weights
@@ -63,6 +69,9 @@ if TYPE_CHECKING:
     from trainer_service.tuning.trial_reporter import TrialReporter
 
 log = logging.getLogger("trainer_service.jobs.worker")
+
+# How often the worker reads its job's record between batches (cancels from other replicas, takeovers).
+FENCE_CHECK_INTERVAL_S = 2.0
 
 
 class _Pruned(Exception):
@@ -96,6 +105,7 @@ class JobWorker:
         self.config: TrainingConfig = stored.config
         self._stop_requested = False
         self._parent = os.getppid()
+        self._fence_checked_at = time.monotonic()
         self._stage_started_at = 0.0
         # Trials only: the reporter, and how many epochs stage 1 ran in the first repeat (the pruner's step
         # counts epochs across both stages; only the first repeat reports, so steps never repeat).
@@ -110,7 +120,22 @@ class JobWorker:
         if os.getppid() != self._parent:
             log.warning("the trainer that started this worker is gone; stopping", extra={"job": self.job_id})
             os._exit(EXIT_PARENT_GONE)
+        if time.monotonic() - self._fence_checked_at >= FENCE_CHECK_INTERVAL_S:
+            self._check_fence()
         return self._stop_requested
+
+    def _check_fence(self) -> None:
+        """Read the job's record: stop if it is being cancelled, exit if another attempt has taken it over."""
+        self._fence_checked_at = time.monotonic()
+        current = self.jobs.get_job(self.job_id)
+        if current.attempt != self.record.attempt or current.state not in (JobState.RUNNING, JobState.CANCELLING):
+            log.warning(
+                "the job was taken over by another attempt; stopping without writing",
+                extra={"job": self.job_id, "attempt": self.record.attempt, "now": current.attempt},
+            )
+            os._exit(EXIT_SUPERSEDED)
+        if current.state == JobState.CANCELLING:
+            self._stop_requested = True
 
     def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
         self._stage_started_at = time.monotonic()
@@ -156,6 +181,7 @@ class JobWorker:
             )
 
     def checkpoint(self, state: dict[str, Any]) -> None:
+        self._check_fence()  # a superseded attempt must not overwrite the checkpoint the new one resumes from
         artifacts.save_checkpoint(self.store, self.job_id, state)
 
     # -- the job
@@ -203,9 +229,18 @@ class JobWorker:
         # ended has then already been able to read every event.
         events.record_state(self.jobs, self.job_id, state, message)
         artifacts.save_event_log(self.store, self.job_id, self.jobs.events_after(self.job_id, 0, limit=10_000))
-        self.jobs.update_state(
-            self.job_id, state, error=error, result_json=result_json, expected={JobState.RUNNING, JobState.CANCELLING}
-        )
+        try:
+            self.jobs.update_state(
+                self.job_id,
+                state,
+                error=error,
+                result_json=result_json,
+                expected={JobState.RUNNING, JobState.CANCELLING},
+                attempt=self.record.attempt,
+            )
+        except Conflict:
+            log.warning("the job was taken over by another attempt; its end is not ours", extra={"job": self.job_id})
+            os._exit(EXIT_SUPERSEDED)
 
     def _clean_up(self) -> None:
         artifacts.delete_checkpoints(self.store, self.job_id)
@@ -425,13 +460,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer_service.jobs.worker", description=__doc__)
     parser.add_argument("--job", required=True, help="the job ID")
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV, ""),
+        help=f"the job database (default: the SQLite file under --data-dir) [{DATABASE_URL_ENV}]",
+    )
     add_s3_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(os.environ.get("VISIONTUNE_LOG_LEVEL", "INFO"), "json", service="trainer_worker")
     # Denormal floats make CPU kernels crawl once weights or gradients get tiny; flushing them is harmless.
     torch.set_flush_denormal(True)
     store = ArtifactStore.connect(s3_settings_from_args(args))
-    with JobStore(args.data_dir / "trainer" / "jobs.sqlite3") as jobs:
+    with JobStore(args.database_url or database_url_for(default_database_path(args.data_dir))) as jobs:
         return JobWorker(jobs, store, args.job, args.data_dir).run()
 
 

@@ -1,6 +1,7 @@
-"""Optuna wired to a `StudyConfig`: the RDB storage in the job store's SQLite file, the sampler and the pruner.
+"""Optuna wired to a `StudyConfig`: the RDB storage in the job store's database, the sampler and the pruner.
 
-Storage: Optuna's tables (`studies`, `trials`, `trial_params`, `alembic_version`, …; see
+Storage: in the job store's database, SQLite or PostgreSQL (so every trainer replica and every trial worker shares
+the studies). On SQLite, Optuna's tables (`studies`, `trials`, `trial_params`, `alembic_version`, …; see
 optuna/storages/_rdb/models.py) live in the same file as the job store, whose tables all carry a `vt_` prefix and
 whose schema version is `PRAGMA user_version`, which Alembic never touches: neither side sees the other's tables.
 The file is in WAL mode (whichever side opens it first sets it; the mode is persistent), and Optuna's connections
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Final
 
 import optuna
+import sqlalchemy as sa
 from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner, SuccessiveHalvingPruner
 from optuna.samplers import BaseSampler, CmaEsSampler, GPSampler, GridSampler, RandomSampler, TPESampler
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+from visiontune.database import normalize_url
 
 from trainer_service.tuning.space import grid_search_space
 from trainer_service.tuning.study_config import PrunerType, SamplerType, StudyConfig
@@ -55,19 +58,27 @@ DIRECTION_ATTR: Final = "direction"
 LOCK_TIMEOUT_S: Final = 30.0
 
 
-def storage_url(db_path: Path) -> str:
-    """SQLAlchemy's URL of the SQLite file: `sqlite:////abs/path` (an absolute path, so a process's cwd is moot)."""
-    return "sqlite:///" + str(Path(db_path).absolute())
+def storage_url(database: str | Path) -> str:
+    """SQLAlchemy's URL of the job store's database: a URL as it is (psycopg 3 for PostgreSQL), a path as an absolute
+    `sqlite:////abs/path` (so a process's cwd is moot)."""
+    if isinstance(database, Path):
+        return "sqlite:///" + str(database.absolute())
+    return normalize_url(database).render_as_string(hide_password=False)
 
 
-def open_storage(db_path: Path) -> RDBStorage:
-    """Optuna's RDB storage in `db_path` (the job store's file), creating Optuna's tables when missing."""
-    path = Path(db_path)
+def open_storage(database: str | Path) -> RDBStorage:
+    """Optuna's RDB storage in the job store's database (a URL, or a SQLite file's path), creating Optuna's tables
+    when missing."""
+    url = storage_url(database)
+    if not url.startswith("sqlite"):
+        # A dropped connection (a database restart) is replaced before use, not handed to Optuna.
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}})
+    path = Path(sa.make_url(url).database or "")
     path.parent.mkdir(parents=True, exist_ok=True)
     # WAL lets readers run beside one writer; it is persistent, so this is a no-op once the job store set it.
     with contextlib.closing(sqlite3.connect(path, timeout=LOCK_TIMEOUT_S)) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
-    return RDBStorage(storage_url(path), engine_kwargs={"connect_args": {"timeout": LOCK_TIMEOUT_S}})
+    return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": LOCK_TIMEOUT_S}})
 
 
 class AskTellGridSampler(GridSampler):

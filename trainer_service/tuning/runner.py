@@ -11,11 +11,13 @@ One thread drives every active study, one step at a time:
 3. when the search is over: re-run the top-k configurations with fresh seeds (repeats), then write the
    results (best trial and spec, parameter importances, plots in the bucket) and end the study.
 
-Everything lives in the job store's SQLite file (the study record and its events, the trial jobs) and in
-Optuna's tables beside them, and the runner keeps no state of its own: a restarted trainer picks every
-RUNNING study up where it was, and the executor resumes the trial jobs it was running from their
-checkpoints. No trial is lost (a trial asked for but not yet given a job gets it on the next step) or run
-twice (request ids).
+Everything lives in the job store's database (the study record and its events, the trial jobs) and in
+Optuna's tables beside them, and the runner keeps no state of its own. One runner drives a study at a time: the
+study record names the replica that owns it, a runner claims only studies nobody owns (new ones, or those released
+when their replica died: `trainer_service.jobs.replica`), and drops a study whose owner is no longer its replica.
+So a restarted trainer, or another replica after this one died, picks every RUNNING study up where it was, and
+the executors resume the trial jobs from their checkpoints. No trial is lost (a trial asked for but not yet given
+a job gets it on the next step) or run twice (request ids).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import sqlalchemy.exc
 from google.protobuf import json_format
 from optuna.trial import FrozenTrial, TrialState
 from visiontune import names
+from visiontune.database import DatabaseError
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import study_pb2, training_spec_pb2
 
@@ -82,14 +85,16 @@ class StudyRunner:
         wake_executor: Callable[[], None],
         cancel_job: Callable[[str], object],
         poll_interval: float = 1.0,
+        replica_id: str = "local",
     ) -> None:
         self._jobs = jobs
+        self.replica_id = replica_id
         self._store = store
         self._default_bucket = default_bucket
         self._wake_executor = wake_executor
         self._cancel_job = cancel_job
         self._poll_interval = poll_interval
-        self._storage = open_storage(jobs.path)
+        self._storage = open_storage(jobs.url)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -103,14 +108,7 @@ class StudyRunner:
         # Optuna's messages go through the service's logging (JSON lines), not Optuna's own stderr handler.
         optuna.logging.disable_default_handler()
         optuna.logging.enable_propagation()
-        for state in (StudyState.RUNNING, StudyState.CANCELLING):
-            token = ""
-            while True:
-                records, token = self._jobs.list_studies(states={state}, page_token=token)
-                for record in records:
-                    self._activate(record)
-                if not token:
-                    break
+        self._claim()
         self._thread.start()
 
     def stop(self) -> None:
@@ -121,6 +119,23 @@ class StudyRunner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def lease_lost(self) -> None:
+        """This replica was expired by another: its studies are released (or driven elsewhere already)."""
+        with self._lock:
+            dropped = list(self._active)
+            self._active.clear()
+        if dropped:
+            log.warning("dropped studies after losing the replica lease: %s", ", ".join(dropped))
+        self.wake()
+
+    def _claim(self) -> None:
+        """Take the studies nobody drives (and this replica's own, after a restart) and start driving them."""
+        for record in self._jobs.claim_studies(self.replica_id):
+            with self._lock:
+                known = record.study_id in self._active
+            if not known:
+                self._activate(record)
 
     def create(self, study_id: str, config: StudyConfig) -> None:
         """Start driving a study whose record the caller has just created (state RUNNING)."""
@@ -152,7 +167,11 @@ class StudyRunner:
             self.run_once()
 
     def run_once(self) -> None:
-        """One step of every active study (the loop's body; tests drive it directly)."""
+        """Claim unowned studies, then one step of every active study (the loop's body; tests drive it directly)."""
+        try:
+            self._claim()
+        except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError, DatabaseError) as err:
+            log.warning("could not claim studies: %s; retrying", err)
         with self._lock:
             active = dict(self._active)
         for study_id, state in active.items():
@@ -168,10 +187,11 @@ class StudyRunner:
                 optuna.exceptions.OptunaError,
                 sqlalchemy.exc.OperationalError,
                 sqlite3.Error,
+                DatabaseError,
                 StoreError,
                 OSError,
             ) as err:
-                # Transient (a locked database, S3 unavailable): the next step tries again.
+                # Transient (a locked database, a database or S3 outage past its window): the next step tries again.
                 log.warning("study %s: %s: %s; retrying", study_id, type(err).__name__, err)
                 done = False
             if done:
@@ -182,6 +202,9 @@ class StudyRunner:
         """One pass over a study; True once it has ended."""
         record = self._jobs.get_study(study_id)
         if record.state.is_terminal:
+            return True
+        if record.owner not in (None, self.replica_id):
+            log.warning("study %s is driven by replica %s now; dropping it here", study_id, record.owner)
             return True
         config, study = active.config, active.study
         jobs = study_jobs(self._jobs, study_id)

@@ -75,6 +75,7 @@ class Studies:
             json_format.MessageToJson(study.spec, indent=None),
             display_name=study.display_name,
             request_id=request_id or None,
+            owner=self._runner.replica_id,
         )
         if created:
             self._runner.create(record.study_id, config)

@@ -17,7 +17,6 @@ the job has ended.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import optuna
 from google.protobuf import json_format
@@ -44,9 +43,10 @@ class TrialReporter:
     """Reports one running trial's per-epoch objective to its Optuna study and asks the study's pruner."""
 
     def __init__(
-        self, jobs: JobStore, study_id: str, trial_number: int, *, default_bucket: str, db_path: Path | None = None
+        self, jobs: JobStore, study_id: str, trial_number: int, *, default_bucket: str, database: str | None = None
     ) -> None:
-        """Open trial `trial_number` of study `study_id`; `db_path` defaults to the job store's file."""
+        """Open trial `trial_number` of study `study_id`; Optuna's storage is in `database` (a URL), by default the
+        job store's own."""
         self.study_id = study_id
         self.trial_number = trial_number
         try:
@@ -61,7 +61,7 @@ class TrialReporter:
             config = validate_study(spec, default_bucket=default_bucket)
         except (ParseError, ValueError) as err:
             raise TrialSetupError(f"study {study_id!r} has a spec this trainer cannot use: {err}") from err
-        self._storage = open_storage(db_path if db_path is not None else jobs.path)
+        self._storage = open_storage(database if database is not None else jobs.url)
         try:
             # The study's pruner; no sampler of its own: a trial's parameters are already in its job's spec, and
             # the study's sampler (a grid of every point, a GP) would only cost time here.

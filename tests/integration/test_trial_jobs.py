@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from optuna.trial import TrialState
 from tests.integration.trainer_helpers import Trainer, tiny_spec, worker_pid
 from trainer_service.jobs import events
-from trainer_service.jobs.store import JobState, JobStore
+from trainer_service.jobs.store import JobState, JobStore, default_database_path
 from trainer_service.spec.convert import config_to_spec
 from trainer_service.spec.validate import validate_spec
 from trainer_service.tuning.optuna_setup import create_study, open_storage
@@ -35,7 +35,7 @@ MIN_RESOURCE = 2
 @pytest.fixture
 def jobs(trainer: Trainer) -> Iterator[JobStore]:
     """The trainer's own job store, opened from this process as well (the runner's view of it)."""
-    with JobStore(trainer.data_dir / "trainer" / "jobs.sqlite3") as store:
+    with JobStore(default_database_path(trainer.data_dir)) as store:
         yield store
 
 
@@ -62,8 +62,9 @@ class Study:
             budget=study_pb2.StudyBudget(max_trials=10),
             pruner=study_pb2.PrunerSpec(type=study_pb2.PRUNER_TYPE_MEDIAN, min_resource=MIN_RESOURCE, startup_trials=2),
         )
-        jobs.create_study(study_id, json_format.MessageToJson(spec, indent=None))
-        self.optuna = create_study(open_storage(jobs.path), study_id, validate_study(spec, default_bucket=store.bucket))
+        # Owned by this test, which plays the study runner: the trainer's own runner claims only unowned studies.
+        jobs.create_study(study_id, json_format.MessageToJson(spec, indent=None), owner="test-study-runner")
+        self.optuna = create_study(open_storage(jobs.url), study_id, validate_study(spec, default_bucket=store.bucket))
         # Finished trials whose every epoch scored `reference`: what the median pruner compares with.
         for _ in range(3):
             trial = self.optuna.ask()

@@ -72,9 +72,9 @@ def run_service(
     log = logging.getLogger(service)
 
     try:
-        store = ArtifactStore.connect(settings.s3)
+        store = ArtifactStore.connect(settings.s3)  # its outage window from VISIONTUNE_OUTAGE_WINDOW_S
         wait_for_store(store, settings.s3_wait_seconds, log)
-    except StoreError as err:
+    except (StoreError, ValueError) as err:  # ValueError: an outage window that is not a number of seconds
         print(f"{service}: cannot start: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 

@@ -29,6 +29,7 @@ from visiontune.store import (
     StoreError,
     StoreOutageTooLong,
     StoreUnavailable,
+    is_unreachable,
     retry_call,
     sha256_file,
 )
@@ -398,6 +399,26 @@ def test_transient_errors_are_retried_then_succeed(sleeps: list[float]) -> None:
     # Exponential with jitter: each wait lies in [base/2, base] for base 0.1, 0.2, 0.4.
     for wait, base in zip(sleeps, (0.1, 0.2, 0.4), strict=True):
         assert base / 2 <= wait <= base
+
+
+def test_an_unreachable_server_is_an_outage_other_errors_are_not() -> None:
+    outage: list[BaseException] = [
+        urllib3.exceptions.NewConnectionError(None, "Failed to establish a new connection: [Errno 111] refused"),  # type: ignore[arg-type]
+        urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset")),
+        urllib3.exceptions.ConnectTimeoutError(None, "timed out"),
+        ConnectionRefusedError(111, "refused"),
+        _s3_error("ServiceUnavailable", 503),
+        _s3_error("SlowDown", 503),
+    ]
+    other: list[BaseException] = [
+        urllib3.exceptions.NameResolutionError("no-such-host.invalid", None, OSError("unknown")),  # type: ignore[arg-type]
+        _s3_error("InternalError", 500),  # transient: the short retry policy, not the outage window
+        _s3_error("NoSuchKey", 404),
+        _s3_error("SignatureDoesNotMatch", 403),
+        ValueError("not an S3 error"),
+    ]
+    assert [is_unreachable(e) for e in outage] == [True] * len(outage)
+    assert [is_unreachable(e) for e in other] == [False] * len(other)
 
 
 def test_non_transient_errors_are_not_retried(sleeps: list[float]) -> None:

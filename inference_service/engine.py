@@ -42,6 +42,7 @@ from visiontune.errors import (
 )
 from visiontune.names import ModelVersionName
 from visiontune.openset import is_known, open_set_scores
+from visiontune.outages import NO_WAIT
 from visiontune.preprocessing import MAX_IMAGE_PIXELS, ImageRejected, center_crop, decode_hwc, normalize
 from visiontune.store import ArtifactStore, ObjectNotFound, StoreError, sha256_file
 
@@ -120,7 +121,12 @@ class InferenceEngine:
         registry: DeploymentRegistry | None = None,
         decode_threads: int | None = None,
     ) -> None:
-        self.store = store
+        # Requests (DeployModel, UndeployModel) must not hang on an S3 outage: they fail at once, UNAVAILABLE with
+        # the store's one-line cause, and the client retries. So does a restore's deploy, which holds the version's
+        # deploy lock that a request may wait on. Only reading the records at start-up, which no request waits for,
+        # waits through an outage (the store's window, VISIONTUNE_OUTAGE_WINDOW_S).
+        self.store = store.with_outage(NO_WAIT)
+        self._records_store = store
         self.triton = triton
         self.metrics = metrics
         self.gpu = gpu
@@ -282,7 +288,7 @@ class InferenceEngine:
     def restore(self) -> None:
         """Redeploy every version recorded in the bucket (run at start-up, in the background)."""
         try:
-            saved, problems = dep.load_records(self.store)
+            saved, problems = dep.load_records(self._records_store)
         except StoreError as err:
             log.error("cannot list the recorded deployments: %s", err)
             return

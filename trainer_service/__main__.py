@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from visiontune.bootstrap import StartupError, run_service
 from visiontune.database import DatabaseConfigError
+from visiontune.outages import NO_WAIT
 from visiontune.server import ServiceBinding
 from visiontune.settings import DEFAULT_TRAINER_PORT, ServerSettings
 from visiontune.store import ArtifactStore
@@ -88,7 +89,11 @@ def build(
     runner.start()
     lease.start()
     studies = Studies(jobs, runner, default_bucket=store.bucket, wake_executor=executor.wake)
-    servicer = TrainingServicer(jobs, executor, store, settings.data_dir / "trainer" / "cache", studies)
+    # The servicer reads S3 inside requests (FindLearningRate, RecommendSpec): with S3 down they fail now, with
+    # the store's one-line error, rather than hold the call for the outage window. The study runner, in the
+    # background, waits through an outage as the job workers (their own processes) do.
+    request_store = store.with_outage(NO_WAIT)
+    servicer = TrainingServicer(jobs, executor, request_store, settings.data_dir / "trainer" / "cache", studies)
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
     )

@@ -35,7 +35,9 @@ def wait_for_store(store: ArtifactStore, wait_seconds: float, log: logging.Logge
     """Create/check the bucket, waiting up to `wait_seconds` while S3 is down or still starting.
 
     Services and their S3 often start together (a pod beside MinIO, the local stack), so an unreachable or
-    erroring endpoint is waited for; an answer that rejects the credentials or the bucket fails at once.
+    erroring endpoint is waited for; an answer that rejects the credentials or the bucket fails at once. This is
+    the only wait at start-up: `ensure_bucket` and `check` never wait out an outage themselves (the outage window
+    is for a service that was serving), so a wrong endpoint is reported after `wait_seconds`.
     """
     deadline = time.monotonic() + wait_seconds
     while True:
@@ -70,9 +72,9 @@ def run_service(
     log = logging.getLogger(service)
 
     try:
-        store = ArtifactStore.connect(settings.s3)
+        store = ArtifactStore.connect(settings.s3)  # its outage window from VISIONTUNE_OUTAGE_WINDOW_S
         wait_for_store(store, settings.s3_wait_seconds, log)
-    except StoreError as err:
+    except (StoreError, ValueError) as err:  # ValueError: an outage window that is not a number of seconds
         print(f"{service}: cannot start: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 

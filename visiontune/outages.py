@@ -26,6 +26,7 @@ from visiontune import errors
 
 __all__ = [
     "DEFAULT_OUTAGE_WINDOW_S",
+    "NO_WAIT",
     "OUTAGE_WINDOW_ENV",
     "Outage",
     "OutageListener",
@@ -79,6 +80,10 @@ class OutagePolicy:
         """Seconds before retry number `retry` (1-based): doubling from first_delay_s, capped, half jittered."""
         base: float = min(self.max_delay_s, self.first_delay_s * 2.0 ** (retry - 1))
         return base / 2 + rng.uniform(0, base / 2)
+
+
+# For calls that must answer now (a gRPC request, a start-up check): an unreachable service fails them at once.
+NO_WAIT: Final = OutagePolicy(window_s=0.0)
 
 
 @dataclass(frozen=True, slots=True)

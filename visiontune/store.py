@@ -3,7 +3,14 @@
 Every call goes through one retry policy (exponential backoff with jitter, transient errors only) and
 every failure surfaces as a `StoreError` whose one-line message names the endpoint, the key and the cause
 (both in `visiontune.store_errors`, re-exported here). The urllib3 pool under the client has its own retries
-switched off, so that policy is the only one and a dead server fails within seconds.
+switched off, so that policy is the only short one.
+
+A server that does not answer at all (refused, timed out, 503: `is_unreachable`) is an outage: the call waits for
+it through `visiontune.outages.ride_out`, up to the store's outage window (`VISIONTUNE_OUTAGE_WINDOW_S`, 5 minutes
+by default), telling its listener when the wait starts and ends, and then carries on; past the window it raises
+StoreOutageTooLong. Once a wait has run out, later calls fail fast until the server answers again, so the
+clean-up after a failure does not wait a second window. Calls that must answer now use a copy with
+`with_outage(NO_WAIT)`; `check()` and `ensure_bucket()` never wait (their callers poll with their own deadline).
 
 Model versions follow docs/architecture.md §5: files under `models/{model}/versions/{version}/`, committed by
 writing `manifest.json` last (`visiontune.model_versions.ModelVersionWriter`). Readers see only versions that have
@@ -14,19 +21,23 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import hashlib
 import io
+import itertools
 import logging
 import mimetypes
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar, cast
+from urllib.parse import urlsplit
 
 import minio
 import urllib3
@@ -38,6 +49,7 @@ from visiontune.model_versions import ModelVersionWriter
 # MANIFEST is re-exported: the store commits model versions with it, and its callers read it here.
 from visiontune.names import MANIFEST as MANIFEST
 from visiontune.names import model_version_prefix, model_versions_prefix
+from visiontune.outages import NO_WAIT, OUTAGE_WINDOW_ENV, OutageListener, OutagePolicy, OutageTooLong, ride_out
 from visiontune.settings import S3Settings
 from visiontune.store_errors import (
     CLIENT_ERRORS,
@@ -47,10 +59,12 @@ from visiontune.store_errors import (
     RetryPolicy,
     StoreConfigError,
     StoreError,
+    StoreOutageTooLong,
     StoreUnavailable,
     StoreUnreachable,
     describe_error,
     is_transient,
+    is_unreachable,
     retry_call,
     translate,
 )
@@ -67,10 +81,12 @@ __all__ = [
     "RetryPolicy",
     "StoreConfigError",
     "StoreError",
+    "StoreOutageTooLong",
     "StoreUnavailable",
     "StoreUnreachable",
     "describe_error",
     "is_transient",
+    "is_unreachable",
     "make_http_client",
     "model_version_prefix",
     "retry_call",
@@ -84,6 +100,7 @@ T = TypeVar("T")
 PART_SIZE = 16 * 1024 * 1024  # multipart part size for uploads of unknown or large size
 _CHUNK = 1024 * 1024
 
+_LIST_BATCH = 1000  # keys per listing step, each one call that is retried as a whole (one S3 page)
 _BUCKET_EXISTS_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
 # A prefix nothing is stored under: listing it checks credentials and bucket access without reading data.
 _PROBE_PREFIX = ".visiontune-probe/"
@@ -155,6 +172,13 @@ class _ObjectReader(io.RawIOBase):
         super().close()
 
 
+@dataclass
+class _GaveUp:
+    """Shared by a store and its copies: whether the last wait for the server ran out its window."""
+
+    value: bool = False
+
+
 class ArtifactStore:
     """One bucket on one S3 endpoint. Thread-safe: the minio client and its pool are."""
 
@@ -167,14 +191,24 @@ class ArtifactStore:
         retry: RetryPolicy = DEFAULT_RETRY,
         sleep: Callable[[float], None] = time.sleep,
         access_key: str | None = None,
+        outage: OutagePolicy | None = None,
+        listener: OutageListener | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        """`outage`: how long calls wait for an unreachable server (default: `OutagePolicy.from_env()`);
+        `listener` hears when such a wait starts and ends; `stop`, once set, ends every wait at once."""
         self._client = client
         self.bucket = bucket
         self.endpoint = endpoint  # for messages: "http://host:port"
+        self.address = urlsplit(endpoint).netloc or endpoint  # "host:port", as outage events name it
         self.retry = retry
+        self.outage = outage if outage is not None else OutagePolicy.from_env()
+        self._listener = listener
+        self._stop = stop
         self._sleep = sleep
         self._access_key = access_key
         self._rng = random.Random()
+        self._gave_up = _GaveUp()
 
     @classmethod
     def connect(
@@ -185,6 +219,8 @@ class ArtifactStore:
         sleep: Callable[[float], None] = time.sleep,
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 60.0,
+        outage: OutagePolicy | None = None,
+        listener: OutageListener | None = None,
     ) -> ArtifactStore:
         client = minio.Minio(
             settings.endpoint,
@@ -196,21 +232,41 @@ class ArtifactStore:
             http_client=make_http_client(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s),
         )
         return cls(
-            client, settings.bucket, endpoint=settings.url, retry=retry, sleep=sleep, access_key=settings.access_key
+            client,
+            settings.bucket,
+            endpoint=settings.url,
+            retry=retry,
+            sleep=sleep,
+            access_key=settings.access_key,
+            outage=outage,
+            listener=listener,
         )
 
     def for_bucket(self, bucket: str) -> ArtifactStore:
-        """This endpoint, credentials and retry policy on another bucket (sharing the connection pool)."""
+        """This endpoint, credentials, retry and outage policy on another bucket (sharing the connection pool)."""
         if bucket == self.bucket:
             return self
-        return ArtifactStore(
-            self._client,
-            bucket,
-            endpoint=self.endpoint,
-            retry=self.retry,
-            sleep=self._sleep,
-            access_key=self._access_key,
-        )
+        other = copy.copy(self)
+        other.bucket = bucket
+        return other
+
+    def with_outage(
+        self,
+        policy: OutagePolicy | None = None,
+        *,
+        listener: OutageListener | None = None,
+        stop: threading.Event | None = None,
+    ) -> ArtifactStore:
+        """This store (same bucket, pool and retry policy) with another outage policy, listener or stop event;
+        what is not given stays as it is. `with_outage(NO_WAIT)` is the store for calls that must answer now."""
+        other = copy.copy(self)
+        if policy is not None:
+            other.outage = policy
+        if listener is not None:
+            other._listener = listener
+        if stop is not None:
+            other._stop = stop
+        return other
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.endpoint}, bucket={self.bucket!r})"
@@ -228,7 +284,10 @@ class ArtifactStore:
             access_key=self._access_key,
         )
 
-    def _run(self, op: str, key: str | None, fn: Callable[[], T], *, retry: RetryPolicy | None = None) -> T:
+    def _run(
+        self, op: str, key: str | None, fn: Callable[[], T], *, retry: RetryPolicy | None = None, wait: bool = True
+    ) -> T:
+        """`fn` under the retry policy and, unless `wait` is False, through an outage of up to the window."""
         attempts = 0
 
         def counted() -> T:
@@ -236,10 +295,46 @@ class ArtifactStore:
             attempts += 1
             return fn()
 
-        try:
+        def attempt() -> T:
             return retry_call(counted, retry or self.retry, sleep=self._sleep, rng=self._rng)
+
+        policy = NO_WAIT if not wait or self._gave_up.value else self.outage
+        try:
+            if policy.window_s <= 0:
+                result = attempt()
+            else:
+                result = ride_out(
+                    attempt,
+                    service="S3",
+                    endpoint=self.address,
+                    is_outage=is_unreachable,
+                    describe=describe_error,
+                    policy=policy,
+                    listener=self._listener,
+                    sleep=self._sleep,
+                    stop=self._stop,
+                )
+        except OutageTooLong as err:
+            self._gave_up.value = True
+            raise self._too_long(err, op, key) from err
         except CLIENT_ERRORS as exc:
+            if not is_unreachable(exc):
+                self._gave_up.value = False  # it answered, if only with an error
             raise self._translate(exc, op, key, attempts) from exc
+        self._gave_up.value = False
+        return result
+
+    def _too_long(self, err: OutageTooLong, op: str, key: str | None) -> StoreOutageTooLong:
+        cause = describe_error(err.__cause__) if err.__cause__ is not None else "no answer"
+        where = f"'{self.bucket}/{key}'" if key else f"bucket '{self.bucket}'"
+        return StoreOutageTooLong(
+            f"S3 at {self.endpoint} was unreachable for {err.waited_s:.0f} s, longer than the outage window "
+            f"({self.outage.window_s:.0f} s, {OUTAGE_WINDOW_ENV}): {op} {where} failed: {cause}",
+            endpoint=self.endpoint,
+            key=key,
+            cause=cause,
+            waited_s=err.waited_s,
+        )
 
     @staticmethod
     def _info(obj: Any) -> ObjectInfo:
@@ -252,7 +347,10 @@ class ArtifactStore:
         )
 
     def _bucket_exists(self) -> bool:
-        """Probe the bucket with a GET listing (unlike HEAD, its errors carry the S3 error code)."""
+        """Probe the bucket with a GET listing (unlike HEAD, its errors carry the S3 error code).
+
+        Never waits through an outage: its callers are start-up checks, where nobody answering at the endpoint is
+        most often a wrong address, and they poll with their own deadline (bootstrap's --s3-wait-seconds)."""
 
         def probe() -> bool:
             try:
@@ -263,12 +361,14 @@ class ArtifactStore:
                 raise
             return True
 
-        return self._run("list", None, probe)
+        return self._run("list", None, probe, wait=False)
 
     # -- bucket -------------------------------------------------------------------------------------------
 
     def ensure_bucket(self) -> None:
-        """Create the bucket if it is missing. Idempotent, and safe against a concurrent creator."""
+        """Create the bucket if it is missing. Idempotent, and safe against a concurrent creator.
+
+        A set-up step, like `check()`: it fails at once when nobody answers, instead of waiting out an outage."""
         if self._bucket_exists():
             return
 
@@ -280,7 +380,7 @@ class ArtifactStore:
                     raise
 
         try:
-            self._run("create bucket", None, create)
+            self._run("create bucket", None, create, wait=False)
         except StoreConfigError as err:
             raise StoreConfigError(
                 f"S3 at {self.endpoint}: bucket '{self.bucket}' does not exist and cannot be created with "
@@ -294,7 +394,8 @@ class ArtifactStore:
         """Verify the endpoint answers, the credentials are accepted and the bucket is readable.
 
         Raises StoreConfigError with a one-line explanation; StoreUnreachable (also a StoreUnavailable)
-        when nobody answers at the endpoint.
+        when nobody answers at the endpoint, after the short retry policy only: a wrong endpoint at start-up is a
+        configuration error to report now, not an outage to wait for.
         """
         try:
             exists = self._bucket_exists()
@@ -348,7 +449,8 @@ class ArtifactStore:
     ) -> str:
         """Upload from a stream; `length=-1` when unknown (multipart, 16 MiB parts). Returns the ETag.
 
-        A seekable stream is rewound and retried on transient errors; any other one gets one attempt.
+        A seekable stream is rewound and retried on transient errors and through an outage; any other one gets one
+        attempt: what the failed attempt read from it is gone, and a retry would upload a truncated object.
         """
         rewindable = isinstance(stream, io.IOBase) and stream.seekable()
         start = stream.tell() if isinstance(stream, io.IOBase) and rewindable else 0
@@ -366,7 +468,7 @@ class ArtifactStore:
             return str(result.etag)
 
         policy = self.retry if rewindable else RetryPolicy(attempts=1)
-        return self._run("put", key, put, retry=policy)
+        return self._run("put", key, put, retry=policy, wait=rewindable)
 
     def get_bytes(self, key: str) -> bytes:
         def get() -> bytes:
@@ -435,27 +537,42 @@ class ArtifactStore:
         return True
 
     def list(self, prefix: str = "", recursive: bool = True) -> Iterator[ObjectInfo]:
-        """Objects under `prefix` in key order; a transient failure resumes after the last key yielded."""
+        """Objects under `prefix` in key order.
+
+        Read in steps of one S3 page, each retried (and waited through an outage) as one call; a step that failed
+        resumes after the last key yielded, so no key is yielded twice.
+        """
         last: str | None = None
-        failures = 0
-        while True:
-            start_after = last if recursive else None
+        pages: Iterator[Any] | None = None  # the SDK's lazy listing, kept across steps while it works
+
+        def step() -> builtins.list[Any]:
+            nonlocal pages
+            if pages is None:
+                # Only a recursive listing can start after a key: with a delimiter a common prefix would come back.
+                pages = iter(
+                    self._client.list_objects(
+                        self.bucket,
+                        prefix=prefix or None,
+                        recursive=recursive,
+                        start_after=last if recursive else None,
+                    )
+                )
             try:
-                for obj in self._client.list_objects(
-                    self.bucket, prefix=prefix or None, recursive=recursive, start_after=start_after
-                ):
-                    info = self._info(obj)
-                    if last is not None and info.key <= last:
-                        continue  # already yielded before the retry
-                    yield info
-                    last = info.key
-                    failures = 0
+                return builtins.list(itertools.islice(pages, _LIST_BATCH))
+            except BaseException:
+                pages = None  # a broken listing starts again after `last`
+                raise
+
+        while True:
+            batch = self._run("list", prefix, step)
+            for obj in batch:
+                info = self._info(obj)
+                if last is not None and info.key <= last:
+                    continue  # already yielded before a retry
+                yield info
+                last = info.key
+            if len(batch) < _LIST_BATCH:
                 return
-            except CLIENT_ERRORS as exc:
-                failures += 1
-                if failures >= self.retry.attempts or not is_transient(exc):
-                    raise self._translate(exc, "list", prefix, failures) from exc
-                self._sleep(self.retry.backoff(failures, self._rng))
 
     def delete(self, key: str) -> None:
         """Delete one object; deleting a missing key is not an error (as in S3)."""

@@ -1,6 +1,10 @@
 """What can go wrong talking to S3: the artifact store's errors, what each SDK failure becomes, and the one
 retry policy every call goes through (exponential backoff with jitter, transient errors only).
 
+Two kinds of "try again": a transient error (a reset connection, a 500) gets the short RetryPolicy; an
+unreachable server (`is_unreachable`: refused, timed out, 502/503/504) is an outage, which the store waits through
+for up to the outage window of `visiontune.outages` before it raises StoreOutageTooLong.
+
 The errors are `visiontune.errors` classes, so a servicer that lets one through answers with its status
 code (docs/architecture.md §3); the services usually say first what the failure means to them.
 """
@@ -18,6 +22,7 @@ import urllib3
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
 from visiontune import errors
+from visiontune.outages import OutageTooLong
 
 __all__ = [
     "CLIENT_ERRORS",
@@ -27,10 +32,12 @@ __all__ = [
     "RetryPolicy",
     "StoreConfigError",
     "StoreError",
+    "StoreOutageTooLong",
     "StoreUnavailable",
     "StoreUnreachable",
     "describe_error",
     "is_transient",
+    "is_unreachable",
     "retry_call",
     "translate",
 ]
@@ -43,6 +50,8 @@ T = TypeVar("T")
 CLIENT_ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError)
 _TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
+# A server that is restarting, or a proxy in front of one that is down, answers with these.
+_UNREACHABLE_STATUS = frozenset({502, 503, 504})
 _CREDENTIAL_CODES = frozenset(
     {
         "InvalidAccessKeyId",
@@ -86,6 +95,23 @@ class StoreUnreachable(StoreConfigError, StoreUnavailable):
 
     # Not FAILED_PRECONDITION, which it would inherit first: the server may just not be up yet.
     code: ClassVar[errors.Code] = "UNAVAILABLE"
+
+
+class StoreOutageTooLong(StoreUnavailable, OutageTooLong):
+    """The server stayed unreachable for longer than the outage window; `cause` is the last error seen.
+
+    Both a StoreUnavailable (what callers of the store catch) and an OutageTooLong (what code that handles any
+    backing service's outage catches); `endpoint` is the store's URL, as in every StoreError.
+    """
+
+    def __init__(self, message: str, *, endpoint: str, key: str | None, cause: str, waited_s: float) -> None:
+        # The two bases' constructors take different keywords: set what each promises, once.
+        errors.Unavailable.__init__(self, message)
+        self.endpoint = endpoint
+        self.key = key
+        self.cause = cause
+        self.service = "S3"
+        self.waited_s = waited_s
 
 
 class ModelVersionExists(StoreError, errors.AlreadyExists):
@@ -145,6 +171,30 @@ def is_transient(exc: BaseException) -> bool:
             urllib3.exceptions.MaxRetryError,
             urllib3.exceptions.NewConnectionError,
             urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.TimeoutError,
+            urllib3.exceptions.IncompleteRead,
+            ConnectionError,
+            TimeoutError,
+        ),
+    )
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Nobody answers at the endpoint, or only "unavailable" does: an outage to wait through, not a bad request.
+
+    A name that does not resolve is not one: that is a wrong endpoint, a configuration error.
+    """
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        return is_unreachable(exc.reason)
+    if isinstance(exc, urllib3.exceptions.NameResolutionError):
+        return False
+    if isinstance(exc, (S3Error, ServerError, InvalidResponseError)):
+        return _status_of(exc) in _UNREACHABLE_STATUS
+    return isinstance(
+        exc,
+        (
+            urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.ProtocolError,  # reset or closed mid-request: the server went away
             urllib3.exceptions.TimeoutError,
             urllib3.exceptions.IncompleteRead,
             ConnectionError,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from visiontune.devstack import stack
+from visiontune.devstack import s3server, stack
+from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 
 pytestmark = pytest.mark.integration
@@ -28,6 +32,14 @@ def _cli(*args: str, data_dir: Path | None, check: bool = True) -> subprocess.Co
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
 
 
 def test_stack_up_push_status_down(tmp_path: Path) -> None:
@@ -58,9 +70,40 @@ def test_stack_up_push_status_down(tmp_path: Path) -> None:
         assert "serving" in _cli("status", data_dir=data_dir).stdout
         # A second `up` finds the running stack instead of starting another.
         assert "already running" in _cli("up", data_dir=data_dir).stdout
+
+        # The recorded S3 pid is the wrapper; the real server dies with it, even of a kill -9, so that no server
+        # is left holding the data directory's lock.
+        servers = s3server.servers_using(stack.s3_data_dir(data_dir))
+        assert len(servers) == 1
+        assert servers[0][1].startswith(("weed", "minio"))
+        os.kill(state.component("s3").pid, signal.SIGKILL)
+        _wait_for(lambda: not s3server.servers_using(stack.s3_data_dir(data_dir)), "the S3 server to stop")
+        assert "stopped" in _cli("status", data_dir=data_dir, check=False).stdout
     finally:
         _cli("down", data_dir=data_dir, check=False)
 
     assert state is not None
     assert not any(stack.is_alive(c) for c in state.components)
     assert _cli("status", data_dir=data_dir, check=False).returncode != 0
+
+
+def test_an_s3_server_left_on_the_data_directory_is_reported_with_its_pid(tmp_path: Path) -> None:
+    data_dir = (tmp_path / "state").resolve()
+    # A server of an earlier stack whose record is gone, still running on the stack's S3 data directory.
+    leftover = S3ServerProcess(stack.s3_data_dir(data_dir), access_key="old-stack", secret_key="old-stack-secret")
+    leftover.start(timeout=60)
+    try:
+        up = _cli("up", "--any-ports", data_dir=data_dir, check=False)
+        assert up.returncode == 1
+        pid, name = leftover.pid, leftover.binary.name
+        assert up.stderr == (
+            f"Error: the S3 data directory {stack.s3_data_dir(data_dir)} is locked by pid {pid} ({name}), left "
+            f"from an earlier stack: stop it with `kill {pid}` or `visiontune down`\n"
+        )
+        assert stack.load_state(data_dir) is None  # nothing was started
+
+        down = _cli("down", data_dir=data_dir)
+        assert f"stopped the S3 server {name} (pid {pid})" in down.stdout
+        _wait_for(lambda: not leftover.running, "the leftover server to exit")
+    finally:
+        leftover.kill()

@@ -16,6 +16,7 @@ import urllib3
 from minio.error import S3Error
 from visiontune.devstack.ports import free_port
 from visiontune.devstack.s3server import S3ServerProcess
+from visiontune.outages import NO_WAIT, Outage, OutagePolicy, OutageTooLong
 from visiontune.settings import S3Settings
 from visiontune.store import (
     MANIFEST,
@@ -26,7 +27,9 @@ from visiontune.store import (
     RetryPolicy,
     StoreConfigError,
     StoreError,
+    StoreOutageTooLong,
     StoreUnavailable,
+    is_unreachable,
     retry_call,
     sha256_file,
 )
@@ -242,7 +245,8 @@ def test_kill_9_mid_upload_leaves_no_visible_version(tmp_path: Path) -> None:
     server.start()
     restarted: S3ServerProcess | None = None
     try:
-        store = ArtifactStore.connect(server.settings("kill-test"), retry=FAST_RETRY)
+        # A short outage window: the server stays down, and the upload is to fail rather than wait for it.
+        store = ArtifactStore.connect(server.settings("kill-test"), retry=FAST_RETRY, outage=OutagePolicy(window_s=1))
         store.ensure_bucket()
         stream = _GatedStream(40 * MiB, gate_at=20 * MiB)
         failure: list[BaseException] = []
@@ -333,8 +337,9 @@ def test_missing_bucket_fails_check(s3_server: S3ServerProcess) -> None:
 
 def test_unreachable_endpoint_fails_fast_with_one_line() -> None:
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
+    # check() never waits out an outage; the put below fails at once because this store's window is NO_WAIT.
     store = ArtifactStore.connect(
-        S3Settings(endpoint=endpoint, access_key="a", secret_key="b", bucket="bkt"), retry=FAST_RETRY
+        S3Settings(endpoint=endpoint, access_key="a", secret_key="b", bucket="bkt"), retry=FAST_RETRY, outage=NO_WAIT
     )
     started = time.monotonic()
     with pytest.raises(StoreConfigError) as err:
@@ -396,6 +401,26 @@ def test_transient_errors_are_retried_then_succeed(sleeps: list[float]) -> None:
         assert base / 2 <= wait <= base
 
 
+def test_an_unreachable_server_is_an_outage_other_errors_are_not() -> None:
+    outage: list[BaseException] = [
+        urllib3.exceptions.NewConnectionError(None, "Failed to establish a new connection: [Errno 111] refused"),  # type: ignore[arg-type]
+        urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset")),
+        urllib3.exceptions.ConnectTimeoutError(None, "timed out"),
+        ConnectionRefusedError(111, "refused"),
+        _s3_error("ServiceUnavailable", 503),
+        _s3_error("SlowDown", 503),
+    ]
+    other: list[BaseException] = [
+        urllib3.exceptions.NameResolutionError("no-such-host.invalid", None, OSError("unknown")),  # type: ignore[arg-type]
+        _s3_error("InternalError", 500),  # transient: the short retry policy, not the outage window
+        _s3_error("NoSuchKey", 404),
+        _s3_error("SignatureDoesNotMatch", 403),
+        ValueError("not an S3 error"),
+    ]
+    assert [is_unreachable(e) for e in outage] == [True] * len(outage)
+    assert [is_unreachable(e) for e in other] == [False] * len(other)
+
+
 def test_non_transient_errors_are_not_retried(sleeps: list[float]) -> None:
     for error in (_s3_error("NoSuchKey", 404), _s3_error("SignatureDoesNotMatch", 403)):
         calls = 0
@@ -417,6 +442,7 @@ def test_store_gives_up_after_the_policy_against_a_dead_server(sleeps: list[floa
         S3Settings(endpoint=endpoint, access_key="a", secret_key="b", bucket="bkt"),
         retry=RetryPolicy(attempts=4),
         sleep=sleeps.append,
+        outage=NO_WAIT,  # the retry policy alone: an outage wait would sleep on a real clock
     )
     with pytest.raises(StoreUnavailable) as err:
         store.get_bytes("jobs/j/events.jsonl")
@@ -425,3 +451,123 @@ def test_store_gives_up_after_the_policy_against_a_dead_server(sleeps: list[floa
     assert endpoint in str(err.value)
     assert "jobs/j/events.jsonl" in str(err.value)
     assert err.value.cause == "connection refused"
+
+
+# -- outages of the server ------------------------------------------------------------------------------------
+
+
+class _Heard:
+    """An OutageListener that keeps what it heard."""
+
+    def __init__(self) -> None:
+        self.started: list[Outage] = []
+        self.ended: list[tuple[Outage, float]] = []
+
+    def outage_started(self, outage: Outage) -> None:
+        self.started.append(outage)
+
+    def outage_ended(self, outage: Outage, waited_s: float) -> None:
+        self.ended.append((outage, waited_s))
+
+
+def test_a_restart_of_the_server_within_the_outage_window_is_waited_through(tmp_path: Path) -> None:
+    keys = {"access_key": "out-" + secrets.token_hex(3), "secret_key": secrets.token_urlsafe(16)}
+    server = S3ServerProcess(tmp_path / "s3", **keys).start(timeout=60)
+    restarted: S3ServerProcess | None = None
+    try:
+        heard = _Heard()
+        store = ArtifactStore.connect(
+            server.settings("outage"), retry=FAST_RETRY, outage=OutagePolicy(window_s=120), listener=heard
+        )
+        store.ensure_bucket()
+        store.put_bytes("jobs/j/spec.json", b'{"epochs": 3}')
+        server.kill()
+
+        got: list[bytes] = []
+        failed: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                got.append(store.get_bytes("jobs/j/spec.json"))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread, which asserts on it
+                failed.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while not heard.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(heard.started) == 1, failed
+        outage = heard.started[0]
+        assert (outage.service, outage.endpoint, outage.cause) == ("S3", server.endpoint, "connection refused")
+        assert f"waiting for S3 at {server.endpoint} since " in outage.waiting_message()
+        time.sleep(2)  # the outage lasts a while
+        assert reader.is_alive()
+
+        restarted = S3ServerProcess(tmp_path / "s3", port=server.port, **keys).start(timeout=60)
+        reader.join(120)
+        assert not reader.is_alive()
+        assert failed == []
+        assert got == [b'{"epochs": 3}']  # the same call, carried on
+        assert len(heard.ended) == 1
+        assert heard.ended[0][1] >= 2
+        store.put_bytes("jobs/j/events.jsonl", b"{}\n")  # and the store goes on working
+        assert [o.key for o in store.list("jobs/j/")] == ["jobs/j/events.jsonl", "jobs/j/spec.json"]
+    finally:
+        server.kill()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_an_outage_longer_than_the_window_fails_with_one_line_then_fails_fast(tmp_path: Path) -> None:
+    port = free_port()
+    keys = {"access_key": "out-" + secrets.token_hex(3), "secret_key": secrets.token_urlsafe(16)}
+    settings = S3Settings(endpoint=f"127.0.0.1:{port}", bucket="outage", **keys)
+    heard = _Heard()
+    store = ArtifactStore.connect(settings, retry=FAST_RETRY, outage=OutagePolicy(window_s=2), listener=heard)
+
+    started = time.monotonic()
+    with pytest.raises(StoreOutageTooLong) as err:
+        store.put_bytes("jobs/j/checkpoints/last.pt", b"weights")
+    assert 1 <= time.monotonic() - started < 20  # no retry is made past the window
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"S3 at http://{settings.endpoint} was unreachable for ")
+    assert "longer than the outage window (2 s, VISIONTUNE_OUTAGE_WINDOW_S)" in message
+    assert message.endswith("put 'outage/jobs/j/checkpoints/last.pt' failed: connection refused")
+    assert isinstance(err.value, StoreUnavailable)  # what callers of the store catch
+    assert isinstance(err.value, OutageTooLong)  # what code handling any backing service's outage catches
+    assert err.value.code == "UNAVAILABLE"
+    assert err.value.waited_s >= 0.5
+    assert len(heard.started) == 1
+    assert heard.ended == []
+
+    # The wait has run out: clean-up calls after the failure do not wait a second window.
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="after 3 attempts"):
+        store.delete_prefix("jobs/j/checkpoints/")
+    assert time.monotonic() - started < 2
+    assert len(heard.started) == 1
+
+    # Once the server answers again, so do calls, and a later outage is waited for again.
+    with S3ServerProcess(tmp_path / "s3", port=port, **keys) as server:
+        store.ensure_bucket()
+        store.put_bytes("jobs/j/spec.json", b"{}")
+        server.kill()
+        with pytest.raises(StoreOutageTooLong):
+            store.get_bytes("jobs/j/spec.json")
+        assert len(heard.started) == 2
+
+
+def test_non_rewindable_streams_are_not_retried_through_an_outage() -> None:
+    """What a failed attempt read from a pipe is gone: a retry would store a truncated object."""
+    store = ArtifactStore.connect(
+        S3Settings(endpoint=f"127.0.0.1:{free_port()}", access_key="a", secret_key="b", bucket="bkt"),
+        retry=FAST_RETRY,
+        outage=OutagePolicy(window_s=60),
+    )
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="after 1 attempt: connection refused") as err:
+        store.put_stream("models/m/versions/v1/model.pt", _Chunks(MiB))
+    assert not isinstance(err.value, StoreOutageTooLong)
+    assert time.monotonic() - started < 5

@@ -162,6 +162,10 @@ def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: 
 
     assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
     assert any(e.HasField("state_changed") and "resuming" in e.state_changed.message for e in events)
+    # Both attempts checked the data; the job has each of its warnings once.
+    warnings = [(e.warning.code, e.warning.message) for e in events if e.HasField("warning")]
+    assert len(warnings) == len(set(warnings)), warnings
+    assert {"few_images", "corrupt_image", "resumed"} <= {code for code, _ in warnings}
     done = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=job.name), timeout=10)
     ref = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=reference.name), timeout=10)
     assert done.attempt == 2

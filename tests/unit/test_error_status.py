@@ -44,6 +44,15 @@ EXPECTED: list[tuple[Callable[[], VisionTuneError], Code]] = [
     (lambda: store_errors.StoreUnavailable("S3 at e unavailable", **S3), Code.UNAVAILABLE),
     (lambda: store_errors.StoreUnreachable("S3 at e is unreachable", **S3), Code.UNAVAILABLE),
     (lambda: store_errors.ModelVersionExists("models/m/versions/v1 is committed", **S3), Code.ALREADY_EXISTS),
+    (
+        lambda: store_errors.StoreOutageTooLong("S3 at e was unreachable", cause="refused", waited_s=300, **S3),
+        Code.UNAVAILABLE,
+    ),
+    # any backing service
+    (
+        lambda: outages.OutageTooLong("S3 at e was unreachable", service="S3", endpoint="e", waited_s=300),
+        Code.UNAVAILABLE,
+    ),
     # the job store
     (lambda: records.JobStoreError("the job store at x is closed"), Code.INTERNAL),
     (lambda: database.DatabaseError("the job database at h:5432/db failed"), Code.INTERNAL),

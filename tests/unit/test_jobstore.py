@@ -517,9 +517,7 @@ def test_events_appended_from_another_process(db_url: str) -> None:
     ctx = multiprocessing.get_context("spawn")  # no fork: the parent holds open SQLite handles
     with JobStore(db_url, poll_interval_s=0.05) as s:
         s.create_job("j1", "{}")
-        children = [
-            ctx.Process(target=_append_from_other_process, args=(db_url, "j1", 40, 0.0)) for _ in range(2)
-        ]
+        children = [ctx.Process(target=_append_from_other_process, args=(db_url, "j1", 40, 0.0)) for _ in range(2)]
         for child in children:
             child.start()
         # Keep appending until both children are done, so the three writers overlap.

@@ -6,15 +6,26 @@ so the log stays readable with sqlite3 and any process can append to it (the wor
 
 from __future__ import annotations
 
+import json
+import logging
+import sqlite3
+import threading
+
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from visiontune import names
+from visiontune import errors, names
+from visiontune.outages import Outage
 from visiontune.v1 import job_pb2
 
-from trainer_service.jobs.store import EventRecord, JobState, JobStore
+from trainer_service.jobs.store import MAX_EVENTS_PER_CALL, EventRecord, JobState, JobStore
 from trainer_service.resources import JOB_STATES
 
+log = logging.getLogger(__name__)
+
 _KINDS = {field.name for field in job_pb2.JobEvent.DESCRIPTOR.oneofs_by_name["event"].fields}
+
+# The warning code of a wait for S3 (its start, and its end).
+S3_UNAVAILABLE = "s3_unavailable"
 
 
 def record(jobs: JobStore, job_id: str, kind: str, message: Message) -> EventRecord:
@@ -28,8 +39,63 @@ def record_state(jobs: JobStore, job_id: str, state: JobState, message: str = ""
     return record(jobs, job_id, "state_changed", job_pb2.StateChanged(state=JOB_STATES[state], message=message))
 
 
-def record_warning(jobs: JobStore, job_id: str, code: str, message: str) -> EventRecord:
+def record_warning(jobs: JobStore, job_id: str, code: str, message: str, *, once: bool = True) -> EventRecord:
+    """Append a warning; with `once`, not if the log already holds one with this code and message (that one is
+    returned). A resumed attempt runs the data checks of the first again: the job has each warning once, not once
+    per attempt. Warnings that are news each time they happen (an outage starting) pass `once=False`."""
+    if once:
+        earlier = _find_warning(jobs, job_id, code, message)
+        if earlier is not None:
+            return earlier
     return record(jobs, job_id, "warning", job_pb2.JobWarning(code=code, message=message))
+
+
+def _find_warning(jobs: JobStore, job_id: str, code: str, message: str) -> EventRecord | None:
+    after = 0
+    while batch := jobs.events_after(job_id, after, limit=MAX_EVENTS_PER_CALL):
+        for event in batch:
+            if event.kind == "warning":
+                payload = json.loads(event.payload_json)
+                if payload.get("code", "") == code and payload.get("message", "") == message:
+                    return event
+        after = batch[-1].sequence
+    return None
+
+
+class OutageEvents:
+    """An OutageListener for a job's artifact store: a `s3_unavailable` warning when a wait for S3 starts ("waiting
+    for S3 at host:port since 12:01:02 UTC (connection refused)") and one when S3 is back.
+
+    The image downloads run in threads that wait side by side: the job sees one wait, from the first thread's
+    start to the first thread's success. If the job store cannot take the event, it goes to the log instead.
+    """
+
+    def __init__(self, jobs: JobStore, job_id: str) -> None:
+        self._jobs = jobs
+        self._job_id = job_id
+        self._lock = threading.Lock()
+        self._current: Outage | None = None
+
+    def outage_started(self, outage: Outage) -> None:
+        with self._lock:
+            if self._current is not None:
+                return
+            self._current = outage
+        self._record(outage.waiting_message())
+
+    def outage_ended(self, outage: Outage, waited_s: float) -> None:
+        with self._lock:
+            if self._current is None:
+                return
+            self._current = None
+        self._record(f"{outage.service} at {outage.endpoint} is back after {waited_s:.0f} s")
+
+    def _record(self, message: str) -> None:
+        try:
+            record_warning(self._jobs, self._job_id, S3_UNAVAILABLE, message, once=False)
+        except (errors.VisionTuneError, sqlite3.Error) as err:
+            # The job store being down too must not end the wait for S3; the worker's log keeps the news.
+            log.warning("%s (not recorded as a job event: %s)", message, err, extra={"job": self._job_id})
 
 
 def to_proto(event: EventRecord) -> job_pb2.JobEvent:

@@ -16,6 +16,7 @@ expires it. A worker whose attempt was taken over exits without writing anything
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -264,7 +265,7 @@ class JobExecutor:
             self._finish(run.job_id, JobState.CANCELLED, "cancelled (the worker was stopped)")
             return
         cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        tail = _log_tail(run.log_path)
+        last = last_log_line(run.log_path)
         retries = max_retries_of(record, self._s3.bucket)
         if record.attempt <= retries:
             log.warning("worker died; job queued to resume", extra={"job": run.job_id, "cause": cause})
@@ -283,7 +284,7 @@ class JobExecutor:
             self._finish(
                 run.job_id,
                 JobState.FAILED,
-                f"the worker died ({cause}) on each of {record.attempt} attempts; last log lines: {tail}",
+                f"the worker died ({cause}) on each of {record.attempt} attempts; its last words: {last}",
                 attempt=run.attempt,
             )
 
@@ -333,9 +334,49 @@ def _kill_stray_worker(job_id: str) -> None:
             time.sleep(0.1)
 
 
-def _log_tail(path: Path, lines: int = 5) -> str:
+_TRACEBACK = "Traceback (most recent call last):"
+_LAST_LINE_MAX = 500
+
+
+def last_log_line(path: Path, max_bytes: int = 64 * 1024) -> str:
+    """What a dead worker said last, as one line for the job's error: the exception line of its last traceback
+    (plain on stderr, or the `exc` of a JSON log record), else the message of its last log record.
+
+    A job's error is read by people and by UIs that show one line; the whole log stays in the worker's log file.
+    """
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return "(no worker log)"
-    return " | ".join(text[-lines:])
+    line = _exception_line(lines)
+    if line is None:
+        records = [text.strip() for text in lines if text.strip()]
+        if not records:
+            return "(the worker log is empty)"
+        line = records[-1]
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and "msg" in entry:
+            exc = entry.get("exc")
+            found = _exception_line(exc.splitlines()) if isinstance(exc, str) else None
+            line = f"{entry['msg']}: {found}" if found else str(entry["msg"])
+    line = " ".join(line.split())
+    return line if len(line) <= _LAST_LINE_MAX else line[: _LAST_LINE_MAX - 1] + "…"
+
+
+def _exception_line(lines: list[str]) -> str | None:
+    """The `Type: message` line ending the last traceback in `lines` (its first unindented line after the frames)."""
+    starts = [i for i, text in enumerate(lines) if text.startswith(_TRACEBACK)]
+    if not starts:
+        return None
+    found = None
+    for text in lines[starts[-1] + 1 :]:
+        if text.strip() and not text[0].isspace():
+            found = text.strip()
+            break
+    return found

@@ -15,6 +15,10 @@ stops it like SIGTERM does, and an attempt number other than its own means the j
 replica (this one was taken for dead), so it exits at once without writing anything more. Its final state change
 is fenced by its attempt number too.
 
+An outage of S3 is waited through (docs/architecture.md §6): the worker's store tells the job's event log when a
+wait starts and ends (`events.OutageEvents`), and the job carries on in this process where it was. Past the
+outage window the job ends FAILED with the store's one-line message; a CancelJob during a wait ends the wait.
+
 Exit codes: 0 done (SUCCEEDED, FAILED or PRUNED recorded), 3 cancelled, 75 the trainer went away (the job
 resumes when it restarts), 76 superseded by another attempt. Dying any other way leaves the job RUNNING for the
 executor to resume.
@@ -27,6 +31,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -39,6 +44,7 @@ import numpy as np
 import torch
 from google.protobuf import json_format
 from visiontune.logs import configure_logging
+from visiontune.outages import OutageTooLong
 from visiontune.settings import add_s3_arguments, s3_settings_from_args
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import job_pb2
@@ -96,7 +102,9 @@ class JobWorker:
 
     def __init__(self, jobs: JobStore, store: ArtifactStore, job_id: str, data_dir: Path) -> None:
         self.jobs = jobs
-        self.store = store
+        # Set by CancelJob's SIGTERM: it also ends a wait for S3, which would otherwise hold the cancel for minutes.
+        self._stop = threading.Event()
+        self.store = store.with_outage(listener=events.OutageEvents(jobs, job_id), stop=self._stop)
         self.job_id = job_id
         self.data_dir = data_dir
         self.record = jobs.get_job(job_id)
@@ -188,6 +196,7 @@ class JobWorker:
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
         self._stop_requested = True
+        self._stop.set()
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -212,7 +221,16 @@ class JobWorker:
                 result=self._pruned_result(),
             )
             return 0
-        except (DatasetError, WeightsUnavailable, StoreError, RuntimeError, ValueError) as err:
+        except (StoreError, OutageTooLong) as err:
+            if self._stop_requested:  # CancelJob ended a wait for S3
+                self._clean_up()
+                self._end(JobState.CANCELLED, "cancelled")
+                return EXIT_CANCELLED
+            # The message is one line naming the endpoint, the operation and the cause: the job's error is that.
+            log.error("job failed: %s", err, extra={"job": self.job_id})
+            self._end(JobState.FAILED, str(err), error=str(err))
+            return 0
+        except (DatasetError, WeightsUnavailable, RuntimeError, ValueError) as err:
             log.exception("job failed", extra={"job": self.job_id})
             self._end(JobState.FAILED, f"{type(err).__name__}: {err}", error=str(err))
             return 0
@@ -228,7 +246,11 @@ class JobWorker:
         # The last events and the log in the bucket come before the state: a watcher that sees the job
         # ended has then already been able to read every event.
         events.record_state(self.jobs, self.job_id, state, message)
-        artifacts.save_event_log(self.store, self.job_id, self.jobs.events_after(self.job_id, 0, limit=10_000))
+        try:
+            artifacts.save_event_log(self.store, self.job_id, self.jobs.events_after(self.job_id, 0, limit=10_000))
+        except StoreError as err:
+            # The bucket's copy of the log is a convenience; the job store has the log, and the job must end.
+            log.warning("the event log was not copied to the bucket: %s", err, extra={"job": self.job_id})
         try:
             self.jobs.update_state(
                 self.job_id,
@@ -243,7 +265,11 @@ class JobWorker:
             os._exit(EXIT_SUPERSEDED)
 
     def _clean_up(self) -> None:
-        artifacts.delete_checkpoints(self.store, self.job_id)
+        try:
+            artifacts.delete_checkpoints(self.store, self.job_id)
+        except StoreError as err:
+            # Checkpoints left behind waste space but harm nothing: no other attempt of this job will start.
+            log.warning("the job's checkpoints were not deleted: %s", err, extra={"job": self.job_id})
 
     def _run(self) -> job_pb2.JobResult:
         config = self.config

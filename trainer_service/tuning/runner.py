@@ -89,7 +89,10 @@ class StudyRunner:
     ) -> None:
         self._jobs = jobs
         self.replica_id = replica_id
-        self._store = store
+        self._stop = threading.Event()
+        # Writing a study's plots waits through an S3 outage (the next step would only try again); stopping the
+        # trainer ends that wait.
+        self._store = store.with_outage(stop=self._stop)
         self._default_bucket = default_bucket
         self._wake_executor = wake_executor
         self._cancel_job = cancel_job
@@ -98,7 +101,6 @@ class StudyRunner:
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="study-runner", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from visiontune.cli.common import (
     stack_state,
 )
 from visiontune.imagefolder import IMAGE_SUFFIXES, is_image_name
+from visiontune.outages import NO_WAIT
 from visiontune.store import MANIFEST, ArtifactStore, StoreError
 from visiontune.v1 import inference_service_pb2 as inference_pb
 from visiontune.v1 import inference_service_pb2_grpc
@@ -110,7 +111,8 @@ def _batching(d: inference_pb.Deployment) -> str:
 def _newest_version(data_dir: Path, model: str) -> tuple[str, list[str]]:
     """The model's newest committed version in the bucket (by its manifest's time), and all of them."""
     settings = s3_settings(data_dir)
-    store = ArtifactStore.connect(settings)
+    # A lookup before a command's real work: with S3 down, say so now rather than wait out an outage.
+    store = ArtifactStore.connect(settings, outage=NO_WAIT)
     try:
         versions = store.list_model_versions(model)
         if not versions:

@@ -7,7 +7,8 @@ through an S3 identity file, all state under the data directory.
 
     python -m visiontune.devstack.s3server --data-dir D --port P --access-key A --secret-key S
 
-runs one in the foreground until SIGTERM/SIGINT.
+runs one in the foreground until SIGTERM/SIGINT. Its server dies with it, a kill -9 included (PR_SET_PDEATHSIG):
+the local stack records this wrapper's pid, and a server left behind would hold the data directory's lock.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import importlib.metadata
 import json
 import os
@@ -26,7 +28,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Literal
@@ -52,6 +54,59 @@ _SCRUBBED_ENV_PREFIXES = ("AWS_", "S3_", "WEED_", "MINIO_")
 
 class S3ServerError(RuntimeError):
     """The S3 server binary is missing, or the server did not start or died."""
+
+
+class DataDirLocked(S3ServerError):
+    """Another S3 server process already runs on the data directory (and holds its lock)."""
+
+    def __init__(self, data_dir: Path, pid: int, name: str) -> None:
+        super().__init__(f"the S3 data directory {data_dir} is locked by pid {pid} ({name})")
+        self.data_dir = data_dir
+        self.pid = pid
+        self.name = name
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM (a clean stop) when the process that started it dies, however it dies."""
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only makes the call
+
+    def arm() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            os._exit(126)  # a server that would outlive its parent is what this is for: do not start one
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def servers_using(data_dir: Path) -> list[tuple[int, str]]:
+    """(pid, binary name) of every S3 server process (weed, minio) whose command line names `data_dir` or a path
+    under it: the processes that hold, or will hold, the lock on it. Found through /proc, so also servers of an
+    earlier stack whose wrapper is gone."""
+    root = str(Path(data_dir).resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if not args:
+            continue
+        name = Path(args[0]).name
+        if name.lower().startswith(("weed", "minio")) and any(_names_path(arg, root) for arg in args[1:]):
+            found.append((int(entry.name), name))
+    return sorted(found)
+
+
+def _names_path(arg: str, root: str) -> bool:
+    value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg  # -dir=/x as well as /x
+    return value == root or value.startswith(root + os.sep)
 
 
 def _free_port_pair(host: str, taken: set[int]) -> tuple[int, int]:
@@ -142,7 +197,10 @@ class S3ServerProcess:
         log_path: Path | None = None,
         binary: Path | None = None,
         stop_grace_s: float = 10.0,
+        die_with_parent: bool = False,
     ) -> None:
+        """`die_with_parent`: the server gets SIGTERM when the thread that starts it ends (PR_SET_PDEATHSIG), so
+        start it from a thread that lives as long as the process."""
         if len(access_key) < 3 or len(secret_key) < 8:
             # MinIO's own minimums; applied to both flavours so a config works with either.
             raise ValueError("the S3 access key needs at least 3 characters and the secret key at least 8")
@@ -155,6 +213,7 @@ class S3ServerProcess:
         self.binary = binary if binary is not None else find_server_binary()
         self.flavor: Flavor = flavor_of(self.binary)
         self.stop_grace_s = stop_grace_s
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._ports: list[int] = []
         self._lock = threading.Lock()
@@ -192,6 +251,10 @@ class S3ServerProcess:
         with self._lock:
             if self.running:
                 return self
+            # Before the port: a server left on this data directory may also hold the port, and is the real cause.
+            holders = servers_using(self.data_dir)
+            if holders:
+                raise DataDirLocked(self.data_dir, *holders[0])
             if not port_is_free(self.host, self.port):
                 raise S3ServerError(f"cannot start the S3 server: {self.endpoint} is already in use")
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +272,7 @@ class S3ServerProcess:
                     env=env,
                     # Its own session: a terminal's Ctrl+C reaches only us, and we stop the child in order.
                     start_new_session=True,
+                    preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None,
                 )
             _live.add(self)
         try:
@@ -434,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_key=args.access_key,
             secret_key=args.secret_key,
             log_path=args.log_file,
+            die_with_parent=True,  # started from this main thread, which lives until we exit
         )
         server.start(timeout=args.start_timeout)
     except (S3ServerError, ValueError) as err:

@@ -3,6 +3,10 @@
 `up` starts them detached (they outlive the CLI), waits until each is healthy and records pids, ports,
 credentials and log paths in `{data_dir}/stack/stack.json` (mode 0600). `status` and `down` read it.
 Other CLI commands read it too, so `visiontune dataset push` talks to the stack with no flags.
+
+The S3 component's pid is its wrapper (`python -m visiontune.devstack.s3server`); the real server (`weed`,
+`minio`) dies with the wrapper, and `down` also stops any S3 server still running on the stack's data directory,
+which `up` reports, with its pid, instead of failing on the server's lock.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from visiontune.client import is_serving
+from visiontune.devstack import s3server
 from visiontune.devstack.launch import service_environment
 from visiontune.devstack.ports import free_port, port_is_free
 from visiontune.settings import S3Settings
@@ -64,6 +69,10 @@ class StackState:
 
 def state_path(data_dir: Path) -> Path:
     return data_dir / "stack" / "stack.json"
+
+
+def s3_data_dir(data_dir: Path) -> Path:
+    return data_dir / "s3"
 
 
 def load_state(data_dir: Path) -> StackState | None:
@@ -171,6 +180,14 @@ def up(
         return existing
     if existing:
         down(data_dir, echo=echo)
+    # Before the ports: a server left running would hold the S3 port too, and its lock is the real problem.
+    leftovers = s3server.servers_using(s3_data_dir(data_dir))
+    if leftovers:
+        pid, name = leftovers[0]
+        raise StackError(
+            f"{s3server.DataDirLocked(s3_data_dir(data_dir), pid, name)}, left from an earlier stack: stop it with "
+            f"`kill {pid}` or `visiontune down`"
+        )
 
     wanted = {
         "s3": s3_port,
@@ -202,7 +219,7 @@ def up(
                 "-m",
                 "visiontune.devstack.s3server",
                 "--data-dir",
-                str(data_dir / "s3"),
+                str(s3_data_dir(data_dir)),
                 "--host",
                 HOST,
                 "--port",
@@ -312,15 +329,24 @@ def _reap(pid: int) -> bool:
 
 
 def down(data_dir: Path, *, echo: Callable[[str], None] = print) -> bool:
-    """Stop every component (services first, S3 last). False if no stack was recorded."""
-    state = load_state(data_dir.resolve())
-    if state is None:
-        return False
-    for comp in reversed(state.components):
-        if stop_component(comp):
-            echo(f"stopped {comp.name} (pid {comp.pid})")
-    state_path(Path(state.data_dir)).unlink(missing_ok=True)
-    return True
+    """Stop every component (services first, S3 last), then any S3 server still on the data directory. False if
+    there was neither a recorded stack nor such a server."""
+    data_dir = data_dir.resolve()
+    state = load_state(data_dir)
+    if state is not None:
+        for comp in reversed(state.components):
+            if stop_component(comp):
+                echo(f"stopped {comp.name} (pid {comp.pid})")
+    # The server of a wrapper killed with -9 stops by itself, but may still be shutting down; one of an earlier
+    # stack whose record is gone would run on and hold the data directory's lock.
+    root = s3_data_dir(data_dir)
+    leftovers = s3server.servers_using(root)
+    for pid, name in leftovers:
+        if stop_component(Component(name=name, pid=pid, port=0, log="", marker=str(root))):
+            echo(f"stopped the S3 server {name} (pid {pid}) left on {root}")
+    if state is not None:
+        state_path(data_dir).unlink(missing_ok=True)
+    return state is not None or bool(leftovers)
 
 
 @dataclass

@@ -62,12 +62,6 @@ EXPECTED: list[tuple[Callable[[], VisionTuneError], Code]] = [
     ),
     (lambda: database.DatabaseUnavailable("the job database at h:5432/db was unreachable for 300 s"), Code.UNAVAILABLE),
     (lambda: database.DatabaseClosed("the job database at h:5432/db is closed"), Code.UNAVAILABLE),
-    (
-        lambda: outages.OutageTooLong(
-            "S3 at h:9000 was unreachable for 300 s", service="S3", endpoint="h:9000", waited_s=300
-        ),
-        Code.UNAVAILABLE,
-    ),
     (lambda: records.NotFound("jobs/x does not exist"), Code.NOT_FOUND),
     (lambda: records.AlreadyExists("job 'x' already exists"), Code.ALREADY_EXISTS),
     (lambda: records.Conflict("job 'x' is RUNNING, expected one of ['QUEUED']"), Code.ABORTED),

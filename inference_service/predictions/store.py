@@ -62,8 +62,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPACITY: Final = 1_000_000  # requests, fleet-wide: a few hundred MB of database at most
 DEFAULT_RETENTION_HOURS: Final = 168.0  # a week: feedback from people arrives hours or days later
 JANITOR_INTERVAL_S: Final = 60.0
-# How long a call waits for a database that does not answer: Classify sits on the hot path, and ReportFeedback's
-# clients retry UNAVAILABLE (a repeated report is a duplicate, never counted twice).
+# How long a call waits for a database that does not answer (or, SQLite, for another writer's lock), give or take
+# one more try: Classify sits on the hot path, and ReportFeedback's clients retry UNAVAILABLE (a repeated report is
+# a duplicate, never counted twice).
 OUTAGE_WINDOW_S: Final = 2.0
 _DELETE_BATCH: Final = 1000  # rows per janitor transaction: a short write lock, Classify's inserts barely wait
 
@@ -119,7 +120,13 @@ class SqlPredictionStore:
             if outage_policy is None:
                 # The shared window (VISIONTUNE_OUTAGE_WINDOW_S) when shorter, e.g. 0 in tests.
                 outage_policy = OutagePolicy(window_s=min(OutagePolicy.from_env().window_s, OUTAGE_WINDOW_S))
-            self._db = Database(database, policy=outage_policy, service="the prediction database")
+            # SQLite's busy timeout bounds a wait for another writer's lock the same way.
+            self._db = Database(
+                database,
+                policy=outage_policy,
+                service="the prediction database",
+                sqlite_busy_timeout_s=OUTAGE_WINDOW_S,
+            )
         try:
             migrate(self._db)
         except BaseException:

@@ -56,7 +56,8 @@ def to_us(dt: datetime) -> int:
 # What the queries see: the schema at SCHEMA_VERSION. The DDL that makes it is the migrations below.
 _metadata = sa.MetaData()
 
-# A served version's labels, once per version rather than in every prediction (a model may have thousands).
+# A served version's labels, once per version rather than in every prediction (a model may have thousands). Never
+# deleted: one small row per version ever served, which a replica may keep serving for longer than the retention.
 VERSIONS: Final = sa.Table(
     "vt_prediction_versions",
     _metadata,

@@ -13,7 +13,8 @@ dynamic-batching queue delay of --queue-delay-ms. The same model file is then me
 
   Classify        our API: one encoded JPEG per ClassifyRequest (default top_k, no request_id), so each
                   request pays for decode, resize and normalise in the service, a Triton call, softmax,
-                  top-k and the open-set verdict, the feedback log and the metrics.
+                  top-k and the open-set verdict, the prediction record (one INSERT into the prediction
+                  store, a SQLite file by default) and the metrics.
   Triton direct   tritonclient.grpc against the Triton that the service runs, on the deployed model: the
                   same images already decoded and normalised (visiontune.preprocessing, as the service
                   does), one float32 [1, 3, S, S] tensor per request, as the service sends for one image.

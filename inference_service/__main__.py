@@ -1,8 +1,8 @@
 """`python -m inference_service`: the InferenceService gRPC server, its Triton server and its metrics.
 
-Start-up: check S3 (shared bootstrap), start Triton on its own ports, open the Prometheus endpoint,
-serve gRPC, and restore the deployments recorded in the bucket in the background (ListDeployments shows
-them LOADING until Triton has them ready).
+Start-up: check S3 (shared bootstrap), open the prediction store (feedback's database, shared by every
+replica), start Triton on its own ports, open the Prometheus endpoint, serve gRPC, and restore the deployments
+recorded in the bucket in the background (ListDeployments shows them LOADING until Triton has them ready).
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 from prometheus_client import start_http_server
 from visiontune.bootstrap import StartupError, run_service
+from visiontune.database import DatabaseError
 from visiontune.preprocessing import MAX_IMAGE_PIXELS
 from visiontune.server import ServiceBinding
 from visiontune.settings import DEFAULT_INFERENCE_PORT, ServerSettings
@@ -25,8 +28,15 @@ from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2, inference_service_pb2_grpc
 
 from inference_service.engine import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, InferenceEngine, Limits
-from inference_service.feedback import DEFAULT_CAPACITY, PredictionLog
 from inference_service.metrics import DEFAULT_RATE_WINDOW, InferenceMetrics
+from inference_service.predictions.schema import SchemaError
+from inference_service.predictions.store import (
+    DEFAULT_CAPACITY,
+    DEFAULT_RETENTION_HOURS,
+    Janitor,
+    SqlPredictionStore,
+    database_url_for,
+)
 from inference_service.servicer import InferenceServicer
 from inference_service.triton.server import TritonError, TritonModels, TritonPorts, TritonServer, find_triton
 from inference_service.triton.supervisor import TritonSupervisor
@@ -34,12 +44,17 @@ from inference_service.triton.supervisor import TritonSupervisor
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 DEFAULT_METRICS_PORT = 9464  # the port OpenTelemetry/Prometheus exporters conventionally use
 DEFAULT_TRITON_PORTS = (8001, 8000, 8002)  # gRPC, HTTP, metrics: Triton's own defaults
+PREDICTIONS_FILE = Path("inference") / "predictions.sqlite3"  # under --data-dir, without --feedback-database-url
 
 log = logging.getLogger("inference_service")
 
 
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(f"VISIONTUNE_{name}", str(default)))
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(f"VISIONTUNE_{name}", str(default)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,11 +89,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
         help="decoded pixels per image; more is refused as a decompression bomb (default 64 Mi)",
     )
-    serving.add_argument(
+    feedback = parser.add_argument_group("feedback")
+    feedback.add_argument(
+        "--feedback-database-url",
+        default=os.environ.get("VISIONTUNE_FEEDBACK_DATABASE_URL") or None,
+        help="the prediction store, shared by every replica: postgresql://user:password@host:port/db, or "
+        f"sqlite:///path (default: {PREDICTIONS_FILE} under --data-dir) [VISIONTUNE_FEEDBACK_DATABASE_URL]",
+    )
+    feedback.add_argument(
+        "--feedback-retention-hours",
+        type=float,
+        default=_env_float("FEEDBACK_RETENTION_HOURS", DEFAULT_RETENTION_HOURS),
+        help=f"predictions older than this are deleted (default {DEFAULT_RETENTION_HOURS:g}) "
+        "[VISIONTUNE_FEEDBACK_RETENTION_HOURS]",
+    )
+    feedback.add_argument(
         "--feedback-capacity",
         type=int,
         default=_env_int("FEEDBACK_CAPACITY", DEFAULT_CAPACITY),
-        help="recent requests kept for ReportFeedback (default 100000)",
+        help=f"requests the prediction store keeps, all replicas together; the oldest beyond are deleted "
+        f"(default {DEFAULT_CAPACITY}) [VISIONTUNE_FEEDBACK_CAPACITY]",
     )
     serving.add_argument(
         "--fp-rate-window",
@@ -110,10 +140,34 @@ def use_gpu(device: str) -> bool:
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
+def open_predictions(settings: ServerSettings, args: argparse.Namespace) -> SqlPredictionStore:
+    """The prediction store of --feedback-database-url; StartupError (one line, naming the host) if unusable."""
+    url = args.feedback_database_url or database_url_for(settings.data_dir / PREDICTIONS_FILE)
+    try:
+        predictions = SqlPredictionStore(
+            url, capacity=args.feedback_capacity, retention=timedelta(hours=args.feedback_retention_hours)
+        )
+    except (DatabaseError, SchemaError) as err:
+        raise StartupError(f"{err} (--feedback-database-url)") from err
+    except ValueError as err:  # a capacity or retention out of range
+        raise StartupError(f"--feedback-capacity / --feedback-retention-hours: {err}") from err
+    except OSError as err:  # the SQLite file's directory cannot be made
+        raise StartupError(f"cannot create the prediction database {url}: {err}") from err
+    log.info(
+        "predictions for feedback in %s: %g h, at most %d requests",
+        predictions.endpoint,
+        args.feedback_retention_hours,
+        args.feedback_capacity,
+    )
+    return predictions
+
+
 def build(
     settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
 ) -> tuple[list[ServiceBinding], Callable[[], None]]:
     gpu = use_gpu(args.device)
+    # First: a database it cannot use stops the service before Triton starts.
+    predictions = open_predictions(settings, args)
     workdir = settings.data_dir / "inference"
     # Deployments come back from their records in the bucket; a model repository left by an earlier run
     # would only be stale.
@@ -130,6 +184,7 @@ def build(
         )
         triton.start()
     except TritonError as err:
+        predictions.close()
         raise StartupError(str(err).splitlines()[0] + f" (log: {workdir / 'triton' / 'tritonserver.log'})") from err
 
     metrics = InferenceMetrics(rate_window=args.fp_rate_window)
@@ -137,6 +192,7 @@ def build(
         metrics_server, _ = start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
     except OSError as err:
         triton.stop()
+        predictions.close()
         raise StartupError(f"metrics port {settings.host}:{args.metrics_port}: {err}") from err
     log.info("metrics on http://%s:%d/metrics", settings.host, metrics_server.server_port)
 
@@ -146,13 +202,15 @@ def build(
         models,
         workdir,
         metrics,
+        predictions,
         gpu=gpu,
         limits=Limits(
             max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels
         ),
-        predictions=PredictionLog(args.feedback_capacity),
     )
     threading.Thread(target=engine.restore, name="restore-deployments", daemon=True).start()
+    janitor = Janitor(predictions)
+    janitor.start()
     supervisor = TritonSupervisor(triton, engine)
     supervisor.start()
 
@@ -163,7 +221,9 @@ def build(
 
     def close() -> None:
         supervisor.stop()
+        janitor.stop()
         engine.close()
+        predictions.close()
         models.close()
         metrics_server.shutdown()
         metrics_server.server_close()

@@ -10,7 +10,8 @@ fields), each with the status code the client sees. One Classify request:
    preprocessing, `visiontune.preprocessing`); any bad image fails the request with every bad image named;
 3. infer: one Triton call per `max_batch_size` images; Triton's dynamic batcher merges concurrent requests;
 4. decide: softmax, top-k, the open-set score against the manifest's threshold (or the request's);
-5. record the predictions for feedback, and the metrics.
+5. record the predictions for feedback (one INSERT into the prediction store every replica shares), and the
+   metrics.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from inference_service.feedback import (
     FeedbackResult,
     ImagePrediction,
     Outcome,
-    PredictionLog,
+    PredictionStore,
+    PredictionsUnavailable,
     RequestRecord,
 )
 from inference_service.metrics import VERDICT_KNOWN, VERDICT_UNKNOWN, InferenceMetrics
@@ -114,10 +116,10 @@ class InferenceEngine:
         triton: TritonModels,
         workdir: Path,
         metrics: InferenceMetrics,
+        predictions: PredictionStore,
         *,
         gpu: bool = False,
         limits: Limits = Limits(),
-        predictions: PredictionLog | None = None,
         registry: DeploymentRegistry | None = None,
         decode_threads: int | None = None,
     ) -> None:
@@ -133,7 +135,7 @@ class InferenceEngine:
         self.limits = limits
         self.repository = workdir / "triton" / "models"
         self.weights_dir = workdir / "weights"
-        self.predictions = predictions or PredictionLog()
+        self.predictions = predictions
         self.registry = registry or DeploymentRegistry()
         self._decoder = ThreadPoolExecutor(
             max_workers=decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
@@ -375,8 +377,6 @@ class InferenceEngine:
         request_id = request.request_id or f"req-{secrets.token_hex(8)}"
         if not _REQUEST_ID_RE.match(request_id):
             raise InvalidRequest([FieldViolation("request_id", "1-128 characters of letters, digits and ._:-")])
-        if request_id in self.predictions:
-            raise AlreadyExists(f"request id {request_id!r} was already used; leave it empty to get a fresh one")
         return request_id
 
     def _classify(self, request: ClassifyInput, labels: dict[str, str], started: float) -> ClassifyOutput:
@@ -390,15 +390,7 @@ class InferenceEngine:
             batch = self._preprocess(request.images, served, labels)
             logits = self._infer(deployment, served, batch, labels)
         results = _decide(logits, served, top_k, threshold, request.client_ids)
-        self.predictions.add(
-            request_id,
-            RequestRecord(
-                model=deployment.name.model,
-                version=deployment.name.version,
-                labels=frozenset(served.labels),
-                images=tuple(ImagePrediction(r.top_k[0][0], r.unknown) for r in results),
-            ),
-        )
+        self._record(request_id, deployment.name, served, results)
         unknown = sum(r.unknown for r in results)
         mv = (deployment.name.model, deployment.name.version)
         self.metrics.images.labels(*mv).inc(len(results))
@@ -407,6 +399,27 @@ class InferenceEngine:
         if len(results) - unknown:
             self.metrics.predictions.labels(*mv, VERDICT_KNOWN).inc(len(results) - unknown)
         return ClassifyOutput(request_id, deployment.name, results, time.perf_counter() - started)
+
+    def _record(
+        self, request_id: str, name: ModelVersionName, served: ServedModel, results: tuple[ImageResult, ...]
+    ) -> None:
+        """Record the predictions for feedback. The store's insert is what keeps a request id unique across
+        replicas (no read before it: one round trip per request). A store that cannot be reached does not fail
+        the request: it is answered, and counted as unrecorded (feedback on it will be NOT_FOUND)."""
+        record = RequestRecord(
+            model=name.model,
+            version=name.version,
+            labels=served.labels,
+            images=tuple(ImagePrediction(r.top_k[0][0], r.unknown) for r in results),
+        )
+        try:
+            recorded = self.predictions.record(request_id, record)
+        except PredictionsUnavailable as err:
+            self.metrics.unrecorded_requests.labels(name.model, name.version).inc()
+            log.warning("%s: request %s answered without its feedback record: %s", name, request_id, err)
+            return
+        if not recorded:
+            raise AlreadyExists(f"request id {request_id!r} was already used; leave it empty to get a fresh one")
 
     def _decision_settings(self, request: ClassifyInput, served: ServedModel) -> tuple[int, float]:
         violations = []

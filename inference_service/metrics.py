@@ -5,6 +5,12 @@ seconds with buckets from 0.5 ms to 10 s, which resolve millisecond serving on a
 slow CPU request. The unknown-class false-positive accounting comes from ReportFeedback: only a client
 knows that an image was of none of the model's classes.
 
+Every replica counts what it did itself: the Classify calls it answered and the feedback reports it scored (a
+report is scored once, by the replica that received it first; the prediction store sees to that). The counters
+of all replicas add up to the fleet's, so fleet-wide rates and ratios are sums over instances
+(`sum(rate(a[1h])) / sum(rate(b[1h]))`, deploy/monitoring). The rolling false-positive rate is a gauge of the
+replica's own last N reports, for looking at one replica.
+
 Series (all prefixed `visiontune_inference_`):
 
 | name | type | labels | meaning |
@@ -18,7 +24,8 @@ Series (all prefixed `visiontune_inference_`):
 | feedback_total | counter | model, version, outcome | feedback reports by outcome |
 | unknown_false_positives_total | counter | model, version | unknown-class images accepted as a known class |
 | false_rejections_total | counter | model, version | known-class images rejected as unknown |
-| unknown_false_positive_rate | gauge | model, version | false positives / unknown-class reports, last N |
+| unrecorded_requests_total | counter | model, version | Classify answered without a prediction record |
+| unknown_false_positive_rate | gauge | model, version | false positives / unknown-class reports, last N, this replica |
 | unknown_feedback_window | gauge | model, version | how many reports that rate is over (<= N) |
 | deployed_versions | gauge | model | versions that are live (ready); 0 once none is |
 | traffic_weight | gauge | model, version | a live version's traffic weight |
@@ -105,6 +112,13 @@ class InferenceMetrics:
         )
         self.false_rejections = Counter(
             f"{PREFIX}_false_rejections", "Images of a known class rejected as unknown (from feedback).", mv, registry=r
+        )
+        self.unrecorded_requests = Counter(
+            f"{PREFIX}_unrecorded_requests",
+            "Classify requests answered without their prediction record (the prediction database was unavailable): "
+            "feedback on them is NOT_FOUND.",
+            mv,
+            registry=r,
         )
         self.false_positive_rate = Gauge(
             f"{PREFIX}_unknown_false_positive_rate",

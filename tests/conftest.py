@@ -62,7 +62,7 @@ def postgres_url(postgres_server: PostgresProcess) -> str:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The job store's database, once per backend: an embedded SQLite file, and a fresh PostgreSQL database."""
+    """A store's database, once per backend: an embedded SQLite file, and a fresh PostgreSQL database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     url: str = request.getfixturevalue("postgres_url")

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -259,6 +260,40 @@ def test_feedback_outcomes_duplicates_and_unknown_ids(service: Inference, bucket
     assert 'visiontune_inference_unknown_false_positives_total{model="feedback",version="v1"} 1.0' in text
     assert 'visiontune_inference_false_rejections_total{model="feedback",version="v1"} 1.0' in text
     assert 'visiontune_inference_unknown_false_positive_rate{model="feedback",version="v1"} 0.5' in text
+
+
+def test_classify_answers_when_its_prediction_cannot_be_recorded(service: Inference, bucket: ArtifactStore) -> None:
+    name = publish_color_model(bucket, "unrecorded")
+    service.deploy(name)
+    # Another process holds the write lock of the service's prediction database (its default SQLite file) past
+    # the few seconds the service waits for it.
+    holder = sqlite3.connect(service.process.data_dir / "inference" / "predictions.sqlite3", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        answered = service.classify("models/unrecorded", solid_image(RED))
+        waited = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert _top1(answered.classifications[0]) == "red"
+    assert waited < 15
+    with pytest.raises(grpc.RpcError) as unrecorded:
+        service.stub.ReportFeedback(
+            pb.ReportFeedbackRequest(request_id=answered.request_id, index=0, true_label="red"), timeout=10
+        )
+    assert _code(unrecorded) == grpc.StatusCode.NOT_FOUND
+    with urllib.request.urlopen(service.process.metrics_url, timeout=10) as scrape:
+        assert 'visiontune_inference_unrecorded_requests_total{model="unrecorded",version="v1"} 1.0' in (
+            scrape.read().decode()
+        )
+
+    # The lock is gone: the next request is recorded, and its feedback scored.
+    recorded = service.classify("models/unrecorded", solid_image(RED))
+    scored = service.stub.ReportFeedback(
+        pb.ReportFeedbackRequest(request_id=recorded.request_id, index=0, true_label="red"), timeout=10
+    )
+    assert (scored.outcome, scored.duplicate) == (pb.FEEDBACK_OUTCOME_CORRECT, False)
 
 
 def test_traffic_split_and_hot_swap_under_load_fail_no_request(service: Inference, bucket: ArtifactStore) -> None:

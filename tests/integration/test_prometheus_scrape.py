@@ -123,6 +123,7 @@ def populate_baseline(metrics: InferenceMetrics) -> None:
             metrics.feedback.labels(model, version, outcome)
         metrics.false_rejections.labels(model, version)
         metrics.false_positives.labels(model, version)
+        metrics.unrecorded_requests.labels(model, version)
         metrics.images.labels(model, version)
         for verdict in (VERDICT_KNOWN, VERDICT_UNKNOWN):
             metrics.predictions.labels(model, version, verdict)
@@ -132,7 +133,7 @@ def populate_baseline(metrics: InferenceMetrics) -> None:
     metrics.requests.labels("dogs", "v1", "OK")
     metrics.requests.labels("dogs", "", "NOT_FOUND")
     metrics.set_deployments({("flowers", "v2"): 90, ("cats", "v1"): 10, ("dogs", "v1"): 100, ("birds", "v1"): 100})
-    # cats/v1: an FP rate of 0.6, but over 5 reports only: must not page.
+    # cats/v1's rolling rate (this replica's view): 0.6 over 5 reports.
     for accepted in (True, True, True, False, False):
         metrics.record_unknown_feedback("cats", "v1", accepted=accepted)
 
@@ -160,6 +161,12 @@ def serve_traffic(metrics: InferenceMetrics) -> None:
         metrics.feedback.labels(m, v, "false_positive" if accepted else "true_rejection").inc()
         if accepted:
             metrics.false_positives.labels(m, v).inc()
+
+    # cats/v1: 3 false positives in 5 unknown-class reports, too few to page.
+    for accepted in (True, True, True, False, False):
+        metrics.feedback.labels("cats", "v1", "false_positive" if accepted else "true_rejection").inc()
+        if accepted:
+            metrics.false_positives.labels("cats", "v1").inc()
 
     metrics.requests.labels("cats", "v1", "OK").inc(50)
     for _ in range(50):

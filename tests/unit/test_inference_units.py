@@ -1,5 +1,6 @@
-"""The inference service's plain parts, without Triton: feedback outcomes, the prediction log, routing by traffic
-weight and draining, the manifest check, Triton model configs, and the metrics' rolling rate."""
+"""The inference service's plain parts, without Triton: feedback outcomes, routing by traffic weight and draining,
+the manifest check, Triton model configs, and the metrics' rolling rate (the prediction store has its own suite,
+test_prediction_store.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from inference_service.deployments import Deployment, DeploymentRegistry, DeploymentState, DeploySettings, NoLiveVersion
-from inference_service.feedback import FeedbackError, ImagePrediction, Outcome, PredictionLog, RequestRecord, outcome
+from inference_service.feedback import Outcome, outcome
 from inference_service.metrics import InferenceMetrics
 from inference_service.served_model import ManifestInvalid, from_manifest
 from inference_service.triton.repository import TritonModelConfig, triton_model_name, write_model
@@ -34,37 +35,6 @@ from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
 )
 def test_outcome_of_each_prediction_and_truth(label: str, unknown: bool, truth: str | None, expected: Outcome) -> None:
     assert outcome(predicted_label=label, predicted_unknown=unknown, true_label=truth) == expected
-
-
-def _record(*predictions: tuple[str, bool]) -> RequestRecord:
-    images = tuple(ImagePrediction(label, unknown) for label, unknown in predictions)
-    return RequestRecord("m", "v1", frozenset({"cat", "dog"}), images)
-
-
-def test_prediction_log_counts_a_report_once_and_keeps_the_first_outcome() -> None:
-    log = PredictionLog(capacity=10)
-    assert log.add("r1", _record(("cat", False)))
-    assert not log.add("r1", _record(("dog", False)))  # the id is taken: nothing recorded
-    first = log.report("r1", 0, "dog")
-    assert (first.outcome, first.duplicate) == (Outcome.MISCLASSIFIED, False)
-    again = log.report("r1", 0, None)
-    assert (again.outcome, again.duplicate) == (Outcome.MISCLASSIFIED, True)
-
-
-def test_prediction_log_is_bounded_and_says_why_a_report_is_refused() -> None:
-    log = PredictionLog(capacity=2)
-    for rid in ("a", "b", "c"):
-        log.add(rid, _record(("cat", False)))
-    assert len(log) == 2
-    with pytest.raises(FeedbackError, match="last 2 requests") as aged_out:
-        log.report("a", 0, "cat")
-    assert aged_out.value.kind == "request"
-    with pytest.raises(FeedbackError) as index:
-        log.report("c", 1, "cat")
-    assert index.value.kind == "index"
-    with pytest.raises(FeedbackError, match="cow") as label:
-        log.report("c", 0, "cow")
-    assert label.value.kind == "label"
 
 
 # -- routing -----------------------------------------------------------------------------------------------

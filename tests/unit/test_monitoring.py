@@ -159,6 +159,7 @@ def populated_metrics() -> InferenceMetrics:
         metrics.feedback.labels(model, version, outcome).inc()
     metrics.false_positives.labels(model, version).inc()
     metrics.false_rejections.labels(model, version).inc()
+    metrics.unrecorded_requests.labels(model, version).inc()
     metrics.record_unknown_feedback(model, version, accepted=True)
     metrics.record_unknown_feedback(model, version, accepted=False)
     metrics.set_deployments({(model, version): 90, (model, "v1"): 10})
@@ -204,7 +205,7 @@ def test_exported_series_are_the_documented_ones() -> None:
     assert series[f"{PREFIX}_requests_total"] == {"model", "version", "code"}
     assert series[f"{PREFIX}_request_duration_seconds_bucket"] == {"model", "version", "le"}
     assert series[f"{PREFIX}_deployed_versions"] == {"model"}
-    assert len(series) == 3 * 3 + 6 + 4  # 3 histograms, 6 counters, 4 gauges
+    assert len(series) == 3 * 3 + 7 + 4  # 3 histograms, 7 counters, 4 gauges
 
 
 # --- a small PromQL reader: which series and labels an expression uses --------------------------------------

@@ -43,11 +43,14 @@ class Trainer:
             self.proc.wait(timeout=60)
 
 
-def start_trainer(store: ArtifactStore, s3: S3ServerProcess, data_dir: Path, *args: str) -> Trainer:
-    """`python -m trainer_service` (plus `args`) on a free port against `store`'s bucket; waits until it serves."""
+def start_trainer(
+    store: ArtifactStore, s3: S3ServerProcess, data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Trainer:
+    """`python -m trainer_service` (plus `args`, and `env` on top of the service environment) on a free port against
+    `store`'s bucket; waits until it serves."""
     port = free_port()
     settings = s3.settings(store.bucket)
-    env = service_environment(settings, data_dir)
+    env = {**service_environment(settings, data_dir), **(env or {})}
     log = open(data_dir.parent / f"trainer-{port}.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer_service", "--port", str(port), "--log-format", "text", *args],

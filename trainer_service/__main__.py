@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from visiontune.bootstrap import StartupError, run_service
 from visiontune.database import DatabaseConfigError
-from visiontune.outages import NO_WAIT
+from visiontune.outages import BRIEF_WAIT, NO_WAIT
 from visiontune.server import ServiceBinding
 from visiontune.settings import DEFAULT_TRAINER_PORT, ServerSettings
 from visiontune.store import ArtifactStore
@@ -93,7 +93,9 @@ def build(
     # the store's one-line error, rather than hold the call for the outage window. The study runner, in the
     # background, waits through an outage as the job workers (their own processes) do.
     request_store = store.with_outage(NO_WAIT)
-    servicer = TrainingServicer(jobs, executor, request_store, settings.data_dir / "trainer" / "cache", studies)
+    # A client waits on each request: a database blip is ridden out, an outage answers UNAVAILABLE in seconds.
+    request_jobs = jobs.with_outage(BRIEF_WAIT)
+    servicer = TrainingServicer(request_jobs, executor, request_store, settings.data_dir / "trainer" / "cache", studies)
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
     )

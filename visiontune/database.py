@@ -22,6 +22,7 @@ fresh transaction each time, and commits only when it returns.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sqlite3
 import threading
@@ -205,6 +206,13 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({self.url.render_as_string(hide_password=True)})"
+
+    def with_outage(self, policy: OutagePolicy) -> Database:
+        """This database (the same pool) with another outage policy, e.g. a short one for request paths. Close the
+        original, not the copy."""
+        clone = copy.copy(self)
+        clone.policy = policy
+        return clone
 
     # -- lifecycle
 

@@ -25,6 +25,7 @@ from typing import Final, Protocol, TypeVar
 from visiontune import errors
 
 __all__ = [
+    "BRIEF_WAIT",
     "DEFAULT_OUTAGE_WINDOW_S",
     "NO_WAIT",
     "OUTAGE_WINDOW_ENV",
@@ -84,6 +85,9 @@ class OutagePolicy:
 
 # For calls that must answer now (a gRPC request, a start-up check): an unreachable service fails them at once.
 NO_WAIT: Final = OutagePolicy(window_s=0.0)
+# For a request a client waits on that a blip should not fail (a dropped pooled connection, a database failover):
+# a few seconds, then UNAVAILABLE.
+BRIEF_WAIT: Final = OutagePolicy(window_s=5.0, max_delay_s=1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ classes that the server runtime turns into status codes.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -182,6 +183,13 @@ class JobStore:
         if path is None:
             raise JobStoreError(f"the job store at {self._db.endpoint} is not a file")
         return path
+
+    def with_outage(self, policy: OutagePolicy) -> JobStore:
+        """This store (the same pool and in-process event notifications) waiting `policy`'s window for a database
+        that does not answer: the servicer's requests use a short one. Close the original, not the copy."""
+        clone = copy.copy(self)
+        clone._db = self._db.with_outage(policy)
+        return clone
 
     def close(self) -> None:
         """Close the pool and wake all waiters. Idempotent."""

@@ -13,14 +13,14 @@ both migrate it: the migration holds an advisory lock (a key of its own, not the
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from visiontune import errors
-from visiontune.database import Database, Dialect, describe_db_error
+from visiontune import errors, migrations
+from visiontune.database import Database, Dialect
+from visiontune.migrations import Migration, Schema
 
 __all__ = [
     "FEEDBACK",
@@ -93,8 +93,6 @@ FEEDBACK: Final = sa.Table(
 
 # ----------------------------------------------------------------------------------------- migrations
 
-Migration = Callable[[Connection, Dialect], None]
-
 
 def _migration_1_initial(conn: Connection, dialect: Dialect) -> None:
     # BIGINT: 64-bit on both (INTEGER is 32-bit in PostgreSQL); SQLite reads it as INTEGER.
@@ -140,45 +138,20 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (_migration_1_initial,)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
-def _read_version(conn: Connection, *, create: bool) -> int:
-    if create:
-        conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {_VERSION_TABLE} (version INTEGER NOT NULL)")
-    elif not sa.inspect(conn).has_table(_VERSION_TABLE):
-        return 0
-    value = conn.exec_driver_sql(f"SELECT version FROM {_VERSION_TABLE}").scalar()
-    return int(value or 0)
-
-
-def _write_version(conn: Connection, version: int) -> None:
-    conn.exec_driver_sql(f"DELETE FROM {_VERSION_TABLE}")
-    conn.execute(sa.text(f"INSERT INTO {_VERSION_TABLE} (version) VALUES (:v)"), {"v": version})
+SCHEMA: Final = Schema(
+    store="prediction store",
+    service="the inference service",
+    migrations=MIGRATIONS,
+    version_table=_VERSION_TABLE,
+    lock_key=_MIGRATION_LOCK,
+)
 
 
 def migrate(db: Database) -> int:
     """Bring the database to SCHEMA_VERSION; SchemaError for a newer schema. Returns the version found."""
-
-    def run(conn: Connection) -> int:
-        if db.dialect == "postgresql":
-            # Held to the end of the transaction: a second replica waits, then finds the schema current.
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
-        found = _read_version(conn, create=True)
-        if found > SCHEMA_VERSION:
-            raise SchemaError(
-                f"{db.endpoint} has prediction store schema version {found}, but this code only knows versions up "
-                f"to {SCHEMA_VERSION}; upgrade the inference service before opening it"
-            )
-        for migration in MIGRATIONS[found:]:
-            migration(conn, db.dialect)
-        if found != SCHEMA_VERSION:
-            _write_version(conn, SCHEMA_VERSION)
-        return found
-
-    try:
-        return db.write(run)
-    except sa.exc.DatabaseError as err:
-        raise SchemaError(f"{db.endpoint} is not a usable prediction store database: {describe_db_error(err)}") from err
+    return migrations.migrate(db, SCHEMA, SchemaError)
 
 
 def schema_version(db: Database) -> int:
     """The version recorded in the database (0 before the first migration)."""
-    return db.read(lambda conn: _read_version(conn, create=False))
+    return migrations.schema_version(db, SCHEMA)

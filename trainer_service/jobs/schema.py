@@ -5,10 +5,9 @@ One schema for both databases (`visiontune.database`: SQLite embedded, PostgreSQ
 database. Times are integer microseconds since the epoch: exact, sortable, cheap to compare in SQL (keyset
 pagination), and the same on both databases.
 
-Migrations are numbered and append-only: migration i takes the schema from version i to i + 1; a shipped one is
-never edited. The version lives in SQLite's ``PRAGMA user_version`` (which SQLAlchemy/Alembic never touch, and
-which files made before PostgreSQL support already use) and in PostgreSQL in the ``vt_schema_version`` table.
-Two replicas starting together on a fresh PostgreSQL do not both migrate it: the migration holds an advisory lock.
+Migrations are numbered and append-only (`visiontune.migrations` runs them). The version lives in SQLite's
+``PRAGMA user_version`` (which SQLAlchemy/Alembic never touch, and which files made before PostgreSQL support
+already use) and in PostgreSQL in the ``vt_schema_version`` table.
 """
 
 from __future__ import annotations
@@ -21,8 +20,9 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from visiontune import names
+from visiontune import migrations, names
 from visiontune.database import Database, Dialect
+from visiontune.migrations import Migration, Schema
 
 from trainer_service.jobs.records import (
     EventRecord,
@@ -163,8 +163,6 @@ STUDIES: Final = Resource(STUDIES_TABLE, "study_id", ResourceType.STUDY, "study"
 
 # ----------------------------------------------------------------------------------------- migrations
 
-Migration = Callable[[Connection, Dialect], None]
-
 
 def _migration_1_initial(conn: Connection, dialect: Dialect) -> None:
     # INTEGER is 64-bit in SQLite but 32-bit in PostgreSQL: times (microseconds) need BIGINT there.
@@ -253,50 +251,23 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (_migration_1_initial, _migration_2_r
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
-def _read_version(conn: Connection, dialect: Dialect) -> int:
-    if dialect == "sqlite":
-        return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
-    conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS vt_schema_version (version INTEGER NOT NULL)")
-    value = conn.exec_driver_sql("SELECT version FROM vt_schema_version").scalar()
-    return int(value or 0)
-
-
-def _write_version(conn: Connection, dialect: Dialect, version: int) -> None:
-    if dialect == "sqlite":
-        # PRAGMA cannot take a bound parameter; the version is an int constant.
-        conn.exec_driver_sql(f"PRAGMA user_version = {int(version)}")
-        return
-    conn.exec_driver_sql("DELETE FROM vt_schema_version")
-    conn.execute(sa.text("INSERT INTO vt_schema_version (version) VALUES (:v)"), {"v": version})
+SCHEMA: Final = Schema(
+    store="job store",
+    service="the trainer",
+    migrations=MIGRATIONS,
+    version_table="vt_schema_version",
+    lock_key=_MIGRATION_LOCK,
+    sqlite_user_version=True,
+)
 
 
 def migrate(db: Database) -> int:
     """Bring the database to SCHEMA_VERSION; SchemaError for a newer schema. Returns the version found."""
-
-    def run(conn: Connection) -> int:
-        if db.dialect == "postgresql":
-            # Held to the end of the transaction: a second replica waits, then finds the schema current.
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
-        found = _read_version(conn, db.dialect)
-        if found > SCHEMA_VERSION:
-            raise SchemaError(
-                f"{db.endpoint} has job store schema version {found}, but this code only knows versions up to "
-                f"{SCHEMA_VERSION}; upgrade the trainer before opening it"
-            )
-        for migration in MIGRATIONS[found:]:
-            migration(conn, db.dialect)
-        if found != SCHEMA_VERSION:
-            _write_version(conn, db.dialect, SCHEMA_VERSION)
-        return found
-
-    try:
-        return db.write(run)
-    except sa.exc.DatabaseError as err:
-        raise SchemaError(f"{db.endpoint} is not a usable job store database: {err.orig}") from err
+    return migrations.migrate(db, SCHEMA, SchemaError)
 
 
 def schema_version(db: Database) -> int:
-    return db.read(lambda conn: _read_version(conn, db.dialect))
+    return migrations.schema_version(db, SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------ rows to records

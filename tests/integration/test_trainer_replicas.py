@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -201,6 +202,15 @@ def test_a_study_whose_runner_is_killed_finishes_on_the_other_replica(
         ),
         timeout=60,
     )
+    # Followed live on replica b from the start: the events a's runner writes first, then b's own.
+    streamed: list[study_pb2.StudyEvent] = []
+    watcher = threading.Thread(
+        target=lambda: streamed.extend(
+            b.stub.WatchStudy(training_service_pb2.WatchStudyRequest(name=study.name), timeout=900)
+        ),
+        daemon=True,
+    )
+    watcher.start()
     with JobStore(postgres_url) as jobs:
         assert jobs.get_study("takeover").owner == "replica-a"  # a's runner drives it
 
@@ -230,3 +240,10 @@ def test_a_study_whose_runner_is_killed_finishes_on_the_other_replica(
     assert len(finished.trials) == max_trials
     assert sorted(t.job for t in finished.trials) == sorted(names.job_name(j.job_id) for j in trial_jobs)
     assert finished.best_trial in range(max_trials)
+    watcher.join(timeout=60)
+    assert not watcher.is_alive(), "WatchStudy on replica b did not end with the study"
+    assert [e.sequence for e in streamed] == list(range(1, len(streamed) + 1))
+    assert streamed[0].state_changed == study_pb2.STUDY_STATE_RUNNING  # written by replica a
+    assert streamed[-1].state_changed == study_pb2.STUDY_STATE_SUCCEEDED  # written by replica b
+    trial_updates = {e.trial_updated.number for e in streamed if e.HasField("trial_updated")}
+    assert trial_updates == set(range(max_trials))

@@ -32,7 +32,7 @@ from google.protobuf import json_format
 from visiontune.settings import DEFAULT_BUCKET, S3Settings
 
 from trainer_service.jobs import events
-from trainer_service.jobs.store import Conflict, JobRecord, JobState, JobStore, Takeover
+from trainer_service.jobs.store import ACTIVE_JOB_STATES, Conflict, JobRecord, JobState, JobStore, Takeover
 from trainer_service.spec.convert import load_stored_spec
 from trainer_service.spec.validate import SpecInvalid
 
@@ -294,7 +294,7 @@ class JobExecutor:
                 job_id,
                 state,
                 error=message if state == JobState.FAILED else None,
-                expected={JobState.RUNNING, JobState.CANCELLING},
+                expected=set(ACTIVE_JOB_STATES),
                 attempt=attempt,
             )
         except Conflict:
@@ -304,7 +304,7 @@ class JobExecutor:
     def _recover(self) -> None:
         """Jobs this replica left RUNNING or CANCELLING when it last ran (same replica id), or that a store from
         before replicas left without an owner: stop stray workers, then resume or cancel."""
-        active = {JobState.RUNNING, JobState.CANCELLING}
+        active = set(ACTIVE_JOB_STATES)
         left = self._jobs.jobs_in_states(active, owner=self.replica_id)
         left += [r for r in self._jobs.jobs_in_states(active) if r.owner is None]
         for record in left:

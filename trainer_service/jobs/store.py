@@ -71,6 +71,8 @@ from trainer_service.jobs.schema import (
 )
 
 __all__ = [
+    "ACTIVE_JOB_STATES",
+    "ACTIVE_STUDY_STATES",
     "SCHEMA_VERSION",
     "AlreadyExists",
     "Conflict",

@@ -66,7 +66,14 @@ from trainer_service.engine.models import WeightsUnavailable, build_classifier
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 from trainer_service.jobs import artifacts, events, results
 from trainer_service.jobs.local_executor import DATABASE_URL_ENV, EXIT_CANCELLED, EXIT_PARENT_GONE, EXIT_SUPERSEDED
-from trainer_service.jobs.store import Conflict, JobState, JobStore, database_url_for, default_database_path
+from trainer_service.jobs.store import (
+    ACTIVE_JOB_STATES,
+    Conflict,
+    JobState,
+    JobStore,
+    database_url_for,
+    default_database_path,
+)
 from trainer_service.spec.config import TrainingConfig
 from trainer_service.spec.convert import load_stored_spec
 from trainer_service.weights import load_base_weights
@@ -136,7 +143,7 @@ class JobWorker:
         """Read the job's record: stop if it is being cancelled, exit if another attempt has taken it over."""
         self._fence_checked_at = time.monotonic()
         current = self.jobs.get_job(self.job_id)
-        if current.attempt != self.record.attempt or current.state not in (JobState.RUNNING, JobState.CANCELLING):
+        if current.attempt != self.record.attempt or current.state not in ACTIVE_JOB_STATES:
             log.warning(
                 "the job was taken over by another attempt; stopping without writing",
                 extra={"job": self.job_id, "attempt": self.record.attempt, "now": current.attempt},
@@ -257,7 +264,7 @@ class JobWorker:
                 state,
                 error=error,
                 result_json=result_json,
-                expected={JobState.RUNNING, JobState.CANCELLING},
+                expected=set(ACTIVE_JOB_STATES),
                 attempt=self.record.attempt,
             )
         except Conflict:

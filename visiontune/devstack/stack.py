@@ -471,10 +471,9 @@ def up(
                 HOST,
                 "--port",
                 str(ports["s3"]),
-                "--access-key",
-                s3.access_key,
-                "--secret-key",
-                s3.secret_key,
+                # `--name=value`: a generated secret may begin with "-", which argparse would take for an option.
+                f"--access-key={s3.access_key}",
+                f"--secret-key={s3.secret_key}",
             ],
             log=logs / "s3.log",
             env=env,

@@ -23,7 +23,7 @@ from visiontune.bootstrap import StartupError, run_service
 from visiontune.database import DatabaseError
 from visiontune.preprocessing import MAX_IMAGE_PIXELS
 from visiontune.server import ServiceBinding
-from visiontune.settings import DEFAULT_INFERENCE_PORT, ServerSettings
+from visiontune.settings import DEFAULT_INFERENCE_PORT, FEEDBACK_DATABASE_URL_ENV, ServerSettings
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2, inference_service_pb2_grpc
 
@@ -92,9 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     feedback = parser.add_argument_group("feedback")
     feedback.add_argument(
         "--feedback-database-url",
-        default=os.environ.get("VISIONTUNE_FEEDBACK_DATABASE_URL") or None,
+        default=os.environ.get(FEEDBACK_DATABASE_URL_ENV) or None,
         help="the prediction store, shared by every replica: postgresql://user:password@host:port/db, or "
-        f"sqlite:///path (default: {PREDICTIONS_FILE} under --data-dir) [VISIONTUNE_FEEDBACK_DATABASE_URL]",
+        f"sqlite:///path (default: {PREDICTIONS_FILE} under --data-dir) [{FEEDBACK_DATABASE_URL_ENV}]",
     )
     feedback.add_argument(
         "--feedback-retention-hours",

@@ -12,11 +12,11 @@ from visiontune.bootstrap import StartupError, run_service
 from visiontune.database import DatabaseConfigError
 from visiontune.outages import BRIEF_WAIT, NO_WAIT
 from visiontune.server import ServiceBinding
-from visiontune.settings import DEFAULT_TRAINER_PORT, ServerSettings
+from visiontune.settings import DATABASE_URL_ENV, DEFAULT_TRAINER_PORT, ServerSettings
 from visiontune.store import ArtifactStore
 from visiontune.v1 import training_service_pb2, training_service_pb2_grpc
 
-from trainer_service.jobs.local_executor import DATABASE_URL_ENV, JobExecutor
+from trainer_service.jobs.local_executor import JobExecutor
 from trainer_service.jobs.replica import DEFAULT_LEASE_TTL_S, ReplicaLease, ReplicaSettings, default_replica_id
 from trainer_service.jobs.store import JobStore, SchemaError, database_url_for, default_database_path
 from trainer_service.servicer import TrainingServicer

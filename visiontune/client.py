@@ -1,8 +1,15 @@
-"""Client-side helpers: channels to VisionTune servers, health polling, reflection listing."""
+"""Client-side helpers: channels to VisionTune servers, health polling, reflection listing.
+
+Several replicas of one service are reached through one channel: `replicas_target` lists their addresses in a
+gRPC `ipv4:`/`ipv6:` target, and `make_channel` gives such a target the `round_robin` policy, so consecutive calls
+go to the replicas in turn (gRPC's default, pick_first, would send every call to the first that answers).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +20,17 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from visiontune.settings import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["is_serving", "list_services", "make_channel", "wait_for_serving"]
+__all__ = [
+    "is_serving",
+    "list_services",
+    "make_channel",
+    "replica_addresses",
+    "replicas_target",
+    "round_robin",
+    "wait_for_serving",
+]
+
+_ADDRESS_SCHEMES = ("ipv4:", "ipv6:")
 
 # grpc's classes are generic only in grpc-stubs; subscripting them at runtime raises.
 if TYPE_CHECKING:
@@ -88,6 +105,55 @@ class _TokenClientInterceptor(
         return continuation(self._details(client_call_details), request_iterator)
 
 
+def _split_address(address: str) -> tuple[str, str]:
+    """`host:port` or `[v6]:port` -> (host, port); ValueError when there is no port."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{address!r}: not host:port")
+    return host.removeprefix("[").removesuffix("]"), port
+
+
+def replicas_target(addresses: Sequence[str]) -> str:
+    """The gRPC target for one server (its address as given) or for several replicas of one service:
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051` (or `ipv6:[::1]:50051,...`), which `make_channel` balances round-robin.
+
+    Several addresses must be IP literals of one family: gRPC's address-list targets do not resolve names (a host
+    name with several replicas behind it is a DNS name or a load balancer: give that as the one address)."""
+    if not addresses:
+        raise ValueError("no server address")
+    if len(addresses) == 1:
+        return addresses[0].strip()
+    versions = set()
+    parts = []
+    for address in addresses:
+        host, port = _split_address(address)
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError as err:
+            raise ValueError(
+                f"{address!r}: several replicas are listed by IP address (127.0.0.1:50051,127.0.0.1:50061), not by "
+                "host name; for a name with several replicas behind it, give that one name"
+            ) from err
+        versions.add(version)
+        parts.append(f"[{host}]:{port}" if version == 6 else f"{host}:{port}")
+    if len(versions) > 1:
+        raise ValueError(f"{', '.join(addresses)}: IPv4 and IPv6 addresses in one list")
+    return f"ipv{versions.pop()}:" + ",".join(parts)
+
+
+def replica_addresses(value: str) -> list[str]:
+    """The replica addresses in a comma-separated list (what VISIONTUNE_TRAINER / VISIONTUNE_INFERENCE hold); a
+    gRPC target with a scheme (`dns:///name:port`, `ipv4:a,b`) is one opaque target."""
+    if "://" in value or value.startswith(_ADDRESS_SCHEMES):
+        return [value.strip()]
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def round_robin(target: str) -> bool:
+    """Whether `target` lists several addresses (a `replicas_target`): its channel balances calls round-robin."""
+    return target.startswith(_ADDRESS_SCHEMES) and "," in target
+
+
 def make_channel(
     target: str,
     *,
@@ -99,12 +165,15 @@ def make_channel(
     """A channel to a VisionTune server.
 
     TLS when `tls_ca` is given (trusting that PEM bundle) or `tls` is true (trusting the system roots).
-    `token` is sent as `authorization: Bearer <token>` on every call.
+    `token` is sent as `authorization: Bearer <token>` on every call. A target listing several replicas
+    (`replicas_target`) gets the round-robin policy: each call goes to the next replica that is up.
     """
-    options = [
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if round_robin(target):
+        options.append(("grpc.lb_policy_name", "round_robin"))
     if tls_ca is not None or tls:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None

@@ -23,6 +23,10 @@ DEFAULT_BUCKET = "visiontune"
 DEFAULT_S3_REGION = "us-east-1"
 # The largest gRPC message, servers and client channels alike: batches of encoded images are large.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The databases' URLs travel in the environment, not argv, so their passwords are not in `ps`: the trainer's job
+# database (the trainer's `--database-url` and its workers) and the inference service's prediction store.
+DATABASE_URL_ENV = "VISIONTUNE_DATABASE_URL"
+FEEDBACK_DATABASE_URL_ENV = "VISIONTUNE_FEEDBACK_DATABASE_URL"
 
 _TRUE_WORDS = ("1", "true", "yes", "on")
 

@@ -1,12 +1,15 @@
-"""The trial side of a study: a TrialReporter on a real Optuna study in the job store's own SQLite file."""
+"""The trial side of a study: a TrialReporter on a real Optuna study in the job store's own SQLite file; the storage
+opened by several replicas at once on PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from google.protobuf import json_format
 from optuna.trial import TrialState
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
@@ -197,3 +200,25 @@ def test_optuna_shares_the_job_store_file(jobs: JobStore) -> None:
     names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(jobs.path))]
     assert names == [STUDY]
     assert study.optuna.user_attrs["metric"] == Metric.VALIDATION_ACCURACY.value  # what the reporter reads
+
+
+def test_replicas_opening_a_fresh_postgresql_at_once_all_get_the_storage(postgres_url: str) -> None:
+    # Trainer replicas starting together each open the study storage; Optuna's own table creation is not safe
+    # against a concurrent one (CREATE TYPE fails in the loser), so open_storage serialises it.
+    start = threading.Barrier(4)
+    failures: list[BaseException] = []
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            open_storage(postgres_url)
+        except sqlalchemy.exc.SQLAlchemyError as err:  # the loser's CREATE TYPE: reported below
+            failures.append(err)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failures == []
+    assert optuna.get_all_study_summaries(open_storage(postgres_url)) == []

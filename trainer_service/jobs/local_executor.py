@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import json_format
-from visiontune.settings import DEFAULT_BUCKET, S3Settings
+from visiontune.settings import DATABASE_URL_ENV, DEFAULT_BUCKET, S3Settings
 
 from trainer_service.jobs import events
 from trainer_service.jobs.store import ACTIVE_JOB_STATES, Conflict, JobRecord, JobState, JobStore, Takeover
@@ -37,9 +37,6 @@ from trainer_service.spec.convert import load_stored_spec
 from trainer_service.spec.validate import SpecInvalid
 
 log = logging.getLogger(__name__)
-
-# The job database's URL for workers (and the trainer's `--database-url` default).
-DATABASE_URL_ENV = "VISIONTUNE_DATABASE_URL"
 
 WORKER_MODULE = "trainer_service.jobs.worker"
 EXIT_CANCELLED = 3  # the worker stopped because it was asked to

@@ -45,7 +45,7 @@ import torch
 from google.protobuf import json_format
 from visiontune.logs import configure_logging
 from visiontune.outages import OutageTooLong
-from visiontune.settings import add_s3_arguments, s3_settings_from_args
+from visiontune.settings import DATABASE_URL_ENV, add_s3_arguments, s3_settings_from_args
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import job_pb2
 
@@ -65,7 +65,7 @@ from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
 from trainer_service.engine.models import WeightsUnavailable, build_classifier
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 from trainer_service.jobs import artifacts, events, results
-from trainer_service.jobs.local_executor import DATABASE_URL_ENV, EXIT_CANCELLED, EXIT_PARENT_GONE, EXIT_SUPERSEDED
+from trainer_service.jobs.local_executor import EXIT_CANCELLED, EXIT_PARENT_GONE, EXIT_SUPERSEDED
 from trainer_service.jobs.store import (
     ACTIVE_JOB_STATES,
     Conflict,

@@ -56,6 +56,8 @@ METRIC_ATTR: Final = "metric"
 DIRECTION_ATTR: Final = "direction"
 # How long an Optuna connection waits for the job store (or another process) to release the write lock.
 LOCK_TIMEOUT_S: Final = 30.0
+# Any constant: the key of the advisory lock creating Optuna's tables holds on PostgreSQL ("vt" + "optuna" in ASCII).
+_SCHEMA_LOCK: Final = 0x76746F7074756E61
 
 
 def storage_url(database: str | Path) -> str:
@@ -71,8 +73,20 @@ def open_storage(database: str | Path) -> RDBStorage:
     when missing."""
     url = storage_url(database)
     if not url.startswith("sqlite"):
-        # A dropped connection (a database restart) is replaced before use, not handed to Optuna.
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}})
+        # Optuna creates its tables and enum types without a lock: replicas starting together on a fresh database
+        # would both CREATE TYPE and one fail. The first takes the lock and creates them; the others wait, then find
+        # them made. A dropped connection (a database restart) is replaced before use, not handed to Optuna.
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
+        engine = sa.create_engine(url, connect_args={"connect_timeout": 5})
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
+                try:
+                    return RDBStorage(url, engine_kwargs=engine_kwargs)
+                finally:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
+        finally:
+            engine.dispose()
     path = Path(sa.make_url(url).database or "")
     path.parent.mkdir(parents=True, exist_ok=True)
     # WAL lets readers run beside one writer; it is persistent, so this is a no-op once the job store set it.

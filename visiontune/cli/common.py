@@ -16,12 +16,15 @@ import click
 import grpc
 from google.protobuf.descriptor import EnumDescriptor
 
-from visiontune.client import make_channel
+from visiontune.client import make_channel, replica_addresses, replicas_target
 from visiontune.devstack import stack
 from visiontune.settings import S3Settings, default_data_dir
 from visiontune.specfile import enum_short_name
 from visiontune.status import field_violations
 from visiontune.v1 import inference_service_pb2_grpc, training_service_pb2_grpc
+
+_TRAINER_ENV = "VISIONTUNE_TRAINER"
+_INFERENCE_ENV = "VISIONTUNE_INFERENCE"
 
 data_dir_option = click.option(
     "--data-dir",
@@ -55,36 +58,54 @@ def s3_settings(data_dir: Path) -> S3Settings:
     return stack_state(data_dir, "no S3 endpoint: set VISIONTUNE_S3_ENDPOINT (and credentials)").s3_settings
 
 
+def _replica_addresses(data_dir: Path, variable: str, role: str, what: str) -> list[str]:
+    """$variable (one address, or several comma-separated), else every replica of the running local stack."""
+    value = os.environ.get(variable)
+    if value:
+        return replica_addresses(value)
+    state = stack_state(data_dir, f"no {what}: set {variable}=host:port[,host:port...]")
+    return [c.address for c in state.replicas(role)]
+
+
+def _channel_target(addresses: list[str], variable: str) -> str:
+    try:
+        return replicas_target(addresses)
+    except ValueError as err:
+        raise click.ClickException(f"{variable}: {err}") from err
+
+
 def trainer_target(data_dir: Path) -> str:
-    """The trainer's address: $VISIONTUNE_TRAINER, else the running local stack's trainer."""
-    target = os.environ.get("VISIONTUNE_TRAINER")
-    if target:
-        return target
-    state = stack_state(data_dir, "no trainer: set VISIONTUNE_TRAINER=host:port")
-    return f"{stack.HOST}:{state.component('trainer').port}"
+    """The trainer's gRPC target: $VISIONTUNE_TRAINER, else the running local stack's trainers (several: one
+    round-robin target over them, any replica answers any call)."""
+    return _channel_target(_replica_addresses(data_dir, _TRAINER_ENV, stack.TRAINER, "trainer"), _TRAINER_ENV)
+
+
+def inference_targets(data_dir: Path) -> list[str]:
+    """Every inference replica's address: $VISIONTUNE_INFERENCE (comma-separated), else the local stack's."""
+    return _replica_addresses(data_dir, _INFERENCE_ENV, stack.INFERENCE, "inference service")
 
 
 def inference_target(data_dir: Path) -> str:
-    """The inference service's address: $VISIONTUNE_INFERENCE, else the running local stack's."""
-    target = os.environ.get("VISIONTUNE_INFERENCE")
-    if target:
-        return target
-    state = stack_state(data_dir, "no inference service: set VISIONTUNE_INFERENCE=host:port")
-    return f"{stack.HOST}:{state.component('inference').port}"
+    """The inference service's gRPC target: one replica, or a round-robin target over several (classify and
+    feedback may reach different replicas: they share the prediction store)."""
+    return _channel_target(inference_targets(data_dir), _INFERENCE_ENV)
 
 
 @contextmanager
 def trainer(data_dir: Path) -> Iterator[tuple[str, training_service_pb2_grpc.TrainingServiceStub]]:
-    """The trainer's address and a stub on a channel to it (closed on exit), with $VISIONTUNE_AUTH_TOKEN."""
+    """The trainer's target and a stub on a channel to it (closed on exit), with $VISIONTUNE_AUTH_TOKEN."""
     target = trainer_target(data_dir)
     with make_channel(target, token=os.environ.get("VISIONTUNE_AUTH_TOKEN")) as channel:
         yield target, training_service_pb2_grpc.TrainingServiceStub(channel)
 
 
 @contextmanager
-def inference(data_dir: Path) -> Iterator[tuple[str, inference_service_pb2_grpc.InferenceServiceStub]]:
-    """The inference service's address and a stub on a channel to it, as `trainer` does."""
-    target = inference_target(data_dir)
+def inference(
+    data_dir: Path, target: str | None = None
+) -> Iterator[tuple[str, inference_service_pb2_grpc.InferenceServiceStub]]:
+    """The inference service's target (`target`, else `inference_target`) and a stub on a channel to it, as
+    `trainer` does."""
+    target = target or inference_target(data_dir)
     with make_channel(target, token=os.environ.get("VISIONTUNE_AUTH_TOKEN")) as channel:
         yield target, inference_service_pb2_grpc.InferenceServiceStub(channel)
 

@@ -3,6 +3,11 @@
 `deploy models/M` picks M's newest committed version from the bucket; `classify` sends images in requests
 the service accepts (at most 64 images and 48 MiB each) and prints the open-set verdict of every image with
 the request id that `feedback` refers to.
+
+Several inference replicas (the local stack's `--inference-replicas`, or VISIONTUNE_INFERENCE=a:p,b:p): classify
+and feedback go to them round-robin through one channel (they share the prediction store, so a report may reach
+any replica). A deployment is each replica's own (its Triton), so `deploy` and `undeploy` go to every replica in
+turn, `deployments` lists each one's, and `metrics` shows each replica's samples.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -28,10 +34,12 @@ from visiontune.cli.common import (
     data_dir_option,
     enum_word,
     inference,
+    inference_targets,
     rpc_failed,
     s3_settings,
     stack_state,
 )
+from visiontune.devstack import stack
 from visiontune.imagefolder import IMAGE_SUFFIXES, is_image_name
 from visiontune.outages import NO_WAIT
 from visiontune.store import MANIFEST, ArtifactStore, StoreError
@@ -55,21 +63,27 @@ _OUTCOMES = {
     inference_pb.FEEDBACK_OUTCOME_TRUE_REJECTION: "true rejection (an unknown image rejected as unknown)",
 }
 _METRIC_PREFIX = "visiontune_inference_"
+_METRICS_ENV = "VISIONTUNE_INFERENCE_METRICS"
 
 
-def inference_metrics_url(data_dir: Path) -> str:
-    """The inference service's Prometheus endpoint: $VISIONTUNE_INFERENCE_METRICS, else the local stack's."""
-    url = os.environ.get("VISIONTUNE_INFERENCE_METRICS")
-    if url:
-        return url
-    state = stack_state(data_dir, "no metrics endpoint: set VISIONTUNE_INFERENCE_METRICS=http://host:port/metrics")
-    url = state.component("inference").endpoints.get("metrics")
-    if not url:
-        raise click.ClickException(
-            f"the stack under {state.data_dir} records no metrics endpoint; restart it "
-            "(visiontune down && visiontune up)"
-        )
-    return url
+def inference_metrics_urls(data_dir: Path) -> list[tuple[str, str]]:
+    """(replica, URL) of each inference replica's Prometheus endpoint: $VISIONTUNE_INFERENCE_METRICS (URLs,
+    comma-separated), else the local stack's replicas."""
+    value = os.environ.get(_METRICS_ENV)
+    if value:
+        urls = [url.strip() for url in value.split(",") if url.strip()]
+        return [(urllib.parse.urlsplit(url).netloc or url, url) for url in urls]
+    state = stack_state(data_dir, f"no metrics endpoint: set {_METRICS_ENV}=http://host:port/metrics")
+    found = []
+    for replica in state.replicas(stack.INFERENCE):
+        url = replica.endpoints.get("metrics")
+        if not url:
+            raise click.ClickException(
+                f"the stack under {state.data_dir} records no metrics endpoint; restart it "
+                "(visiontune down && visiontune up)"
+            )
+        found.append((replica.name, url))
+    return found
 
 
 def _model_option_value(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -223,28 +237,42 @@ def deploy(
         request.max_queue_delay.FromNanoseconds(round(max_queue_delay_ms * 1e6))
     if instances is not None:
         request.instance_count = instances
-    with inference(data_dir) as (target, stub):
-        click.echo(f"deploying {model_version} on {target} ... (Triton loads the model)")
-        started = time.monotonic()
-        try:
-            d = stub.DeployModel(request, timeout=timeout)
-        except grpc.RpcError as err:
-            raise rpc_failed(target, err, field_name=lambda f: _DEPLOY_OPTIONS.get(f, f)) from err
-        took = time.monotonic() - started
-        model = names.parse_model_version_name(d.model_version).model
-        replaced = []
-        if replace:
-            for other in _list_deployments(stub, target, f"models/{model}"):
-                if other.model_version != d.model_version:
-                    try:
-                        stub.UndeployModel(
-                            inference_pb.UndeployModelRequest(model_version=other.model_version), timeout=timeout
-                        )
-                    except grpc.RpcError as err:
-                        raise rpc_failed(target, err) from err
-                    replaced.append(other.model_version)
-        deployments = _list_deployments(stub, target, f"models/{model}")
-    click.echo(f"{d.model_version}: {_deployment_state(d.state)} in {took:.1f} s")
+    targets = inference_targets(data_dir)
+    live: list[str] = []
+    replaced: list[str] = []
+    for target in targets:
+        with inference(data_dir, target) as (_, stub):
+            click.echo(f"deploying {model_version} on {target} ... (Triton loads the model)")
+            started = time.monotonic()
+            try:
+                d = stub.DeployModel(request, timeout=timeout)
+                took = time.monotonic() - started
+                model = names.parse_model_version_name(d.model_version).model
+                if replace:
+                    for other in _list_deployments(stub, target, f"models/{model}"):
+                        if other.model_version != d.model_version:
+                            stub.UndeployModel(
+                                inference_pb.UndeployModelRequest(model_version=other.model_version), timeout=timeout
+                            )
+                            if other.model_version not in replaced:
+                                replaced.append(other.model_version)
+            except grpc.RpcError as err:
+                failed = rpc_failed(target, err, field_name=lambda f: _DEPLOY_OPTIONS.get(f, f))
+                if live:
+                    failed = type(failed)(
+                        f"{failed.message}\n{model_version} is live on {', '.join(live)} only; run the same deploy "
+                        f"again once {target} answers (a replica that restarts restores every deployment from the "
+                        "bucket)"
+                    )
+                raise failed from err
+            deployments = _list_deployments(stub, target, f"models/{model}")
+        live.append(target)
+        if len(targets) > 1:
+            click.echo(f"  {_deployment_state(d.state)} in {took:.1f} s")
+    if len(targets) == 1:
+        click.echo(f"{d.model_version}: {_deployment_state(d.state)} in {took:.1f} s")
+    else:
+        click.echo(f"{d.model_version}: {_deployment_state(d.state)} on {count(len(targets), 'replica')}")
     click.echo(f"  triton model:   {d.triton_model}")
     click.echo(f"  device:         {d.device}")
     click.echo(f"  traffic weight: {d.traffic_weight} ({_traffic_share(d, deployments)} of models/{model}'s traffic)")
@@ -265,16 +293,32 @@ def deploy(
 )
 @data_dir_option
 def undeploy(model_version: str, timeout: float, data_dir: Path) -> None:
-    """Stop serving a model version (MODEL_VERSION: models/M/versions/V) and unload it from Triton."""
-    with inference(data_dir) as (target, stub):
-        try:
-            response = stub.UndeployModel(
-                inference_pb.UndeployModelRequest(model_version=model_version), timeout=timeout
-            )
-        except grpc.RpcError as err:
-            raise rpc_failed(target, err) from err
-    d = response.deployment
-    click.echo(f"undeployed {d.model_version} (Triton model {d.triton_model}, was {_deployment_state(d.state)})")
+    """Stop serving a model version (MODEL_VERSION: models/M/versions/V) and unload it from Triton, on every
+    inference replica."""
+    targets = inference_targets(data_dir)
+    absent: list[str] = []
+    for target in targets:
+        with inference(data_dir, target) as (_, stub):
+            try:
+                response = stub.UndeployModel(
+                    inference_pb.UndeployModelRequest(model_version=model_version), timeout=timeout
+                )
+            except grpc.RpcError as err:
+                # With several replicas, one that does not serve it (restarted after an undeploy elsewhere, or
+                # never reached by the deploy) is not a failure; none serving it is.
+                if len(targets) > 1 and err.code() == grpc.StatusCode.NOT_FOUND:
+                    absent.append(target)
+                    continue
+                raise rpc_failed(target, err) from err
+        d = response.deployment
+        where = f" on {target}" if len(targets) > 1 else ""
+        click.echo(
+            f"undeployed {d.model_version}{where} (Triton model {d.triton_model}, was {_deployment_state(d.state)})"
+        )
+    if len(absent) == len(targets):
+        raise click.ClickException(f"{model_version} is not deployed on any of {', '.join(targets)}")
+    for target in absent:
+        click.echo(f"{model_version} was not deployed on {target}")
 
 
 @cli.command()
@@ -284,8 +328,17 @@ def deployments(model: str | None, data_dir: Path) -> None:
     """List deployed model versions: state, traffic, Triton model, batching."""
     if model is not None and "/versions/" in model:
         raise click.BadParameter("a model (models/M), not a version", param_hint="--model")
-    with inference(data_dir) as (target, stub):
-        found = _list_deployments(stub, target, model or "")
+    targets = inference_targets(data_dir)
+    for n, target in enumerate(targets):
+        with inference(data_dir, target) as (_, stub):
+            found = _list_deployments(stub, target, model or "")
+        if len(targets) > 1:
+            # Each replica serves its own deployments: one table each, so a replica that differs shows.
+            click.echo(f"{'' if n == 0 else chr(10)}{target}:")
+        _print_deployments(found, target, model)
+
+
+def _print_deployments(found: Sequence[inference_pb.Deployment], target: str, model: str | None) -> None:
     if not found:
         click.echo(
             f"nothing deployed{f' of {model}' if model else ''} on {target}; deploy with: visiontune deploy models/M"
@@ -531,18 +584,35 @@ def _metric_samples(text: str, *, everything: bool) -> list[tuple[str, str]]:
 @click.option("--all", "everything", is_flag=True, help="Histogram buckets too.")
 @data_dir_option
 def metrics(pattern: str | None, everything: bool, data_dir: Path) -> None:
-    """Print the inference service's metrics: its visiontune_inference_* Prometheus samples."""
-    url = inference_metrics_url(data_dir)
-    try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            text = reply.read().decode("utf-8", errors="replace")
-    except (urllib.error.URLError, OSError) as err:
-        raise click.ClickException(f"{url}: {getattr(err, 'reason', err)}") from err
-    samples = [(s, v) for s, v in _metric_samples(text, everything=everything) if not pattern or pattern in f"{s} {v}"]
-    if not samples:
-        click.echo(f"no {_METRIC_PREFIX}* samples{f' matching {pattern!r}' if pattern else ''} at {url} yet")
+    """Print the inference service's metrics: its visiontune_inference_* Prometheus samples, each replica's.
+
+    Every replica counts what it answered, so with several the fleet's count is the sum of a counter over the
+    replicas (what the alerts compute), and a gauge such as the rolling false-positive rate is one replica's."""
+    endpoints = inference_metrics_urls(data_dir)
+    rows: list[tuple[str, str, str]] = []
+    for replica, url in endpoints:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode("utf-8", errors="replace")
+        except (urllib.error.URLError, OSError) as err:
+            raise click.ClickException(f"{url}: {getattr(err, 'reason', err)}") from err
+        samples = _metric_samples(text, everything=everything)
+        rows += [(replica, s, v) for s, v in samples if not pattern or pattern in f"{s} {v}"]
+    where = endpoints[0][1] if len(endpoints) == 1 else f"{count(len(endpoints), 'replica')}"
+    if not rows:
+        click.echo(f"no {_METRIC_PREFIX}* samples{f' matching {pattern!r}' if pattern else ''} at {where} yet")
         return
-    width = max(len(s) for s, _ in samples)
-    for series, value in samples:
-        click.echo(f"{series:<{width}}  {value}")
-    click.echo(f"({count(len(samples), 'sample')} from {url})")
+    width = max(len(s) for _, s, _ in rows)
+    several = len(endpoints) > 1
+    replica_width = max(len(r) for r, _ in endpoints)
+    for replica, series, value in rows:
+        column = f"{replica:<{replica_width}}  " if several else ""
+        click.echo(f"{column}{series:<{width}}  {value}")
+    if several:
+        urls = ", ".join(f"{r} {u}" for r, u in endpoints)
+        click.echo(
+            f"({count(len(rows), 'sample')} from {where}: {urls}; each replica counts what it answered, so the "
+            "fleet's count is a counter's sum over the replicas, and a gauge is the replica's own)"
+        )
+    else:
+        click.echo(f"({count(len(rows), 'sample')} from {where})")

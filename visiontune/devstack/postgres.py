@@ -4,11 +4,14 @@ Debian's `postgresql` package ships initdb, pg_ctl and postgres under /usr/lib/p
 runs a private cluster from them: initdb into the data directory (password authentication, a generated
 superuser password), the server on a loopback port with its Unix socket inside the data directory, so it
 never touches the machine's own cluster or /var/run/postgresql. PostgreSQL refuses to run as root: when this
-process is root, the server runs as the `postgres` system user the package creates, which owns the directory.
+process is root, the server runs as the `postgres` system user the package creates, which owns the directory
+(and must be able to enter every directory above it).
 
-    python -m visiontune.devstack.postgres --data-dir D --port P
+    python -m visiontune.devstack.postgres --data-dir D --port P [--database NAME] [--password-file F]
 
-runs one in the foreground until SIGTERM/SIGINT and prints its URL.
+runs one in the foreground until SIGTERM/SIGINT, creating the database when it is missing; its server dies with it,
+a kill -9 included (PR_SET_PDEATHSIG), as the local stack's S3 server does. The password is never printed: it is
+in the password file (mode 0600), which `visiontune up` keeps in the stack's state directory.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -30,16 +34,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Final
+from urllib.parse import quote
 
+import psycopg
+
+from visiontune.devstack.lifetime import die_with_parent
 from visiontune.devstack.ports import free_port, port_is_free
 
-__all__ = ["PostgresError", "PostgresProcess", "find_bin_dir"]
+__all__ = ["SUPERUSER", "PostgresError", "PostgresProcess", "accepts", "find_bin_dir", "postmaster_pid", "url_for"]
 
 BIN_ENV: Final = "VISIONTUNE_POSTGRES_BIN"
 _DEBIAN_ROOT: Final = Path("/usr/lib/postgresql")
 _SYSTEM_USER: Final = "postgres"
-_SUPERUSER: Final = "visiontune"
-_PASSWORD_FILE: Final = "visiontune-password"
+SUPERUSER: Final = "visiontune"
+_PASSWORD_FILE: Final = "visiontune-password"  # under the data directory, unless a password file is given
+CLUSTER_DIR: Final = "cluster"
 _LOG_TAIL_BYTES: Final = 4000
 
 
@@ -68,6 +77,41 @@ def find_bin_dir() -> Path:
     )
 
 
+def url_for(host: str, port: int, password: str, database: str) -> str:
+    """A SQLAlchemy URL (psycopg 3 driver) for `database` as the cluster's superuser."""
+    return f"postgresql+psycopg://{SUPERUSER}:{quote(password, safe='')}@{host}:{port}/{database}"
+
+
+def accepts(host: str, port: int, password: str, database: str, timeout: float = 2.0) -> bool:
+    """Whether the server logs `SUPERUSER` into `database` within `timeout`: up, the database made, the password
+    right (what a store needs, unlike pg_isready's "accepting connections")."""
+    try:
+        with psycopg.connect(
+            host=host,
+            port=port,
+            user=SUPERUSER,
+            password=password,
+            dbname=database,
+            connect_timeout=max(1, round(timeout)),
+        ) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """The pid of a PostgreSQL server still running on the cluster under `data_dir` (its postmaster.pid names a
+    live process whose command line names the cluster), or None. Also finds one whose wrapper is gone."""
+    cluster = Path(data_dir).resolve() / CLUSTER_DIR
+    try:
+        pid = int((cluster / "postmaster.pid").read_text().splitlines()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if str(cluster).encode() in cmdline else None
+
+
 # Servers still running when the interpreter exits are stopped, so a crashed test run leaves no strays.
 _live: weakref.WeakSet[PostgresProcess] = weakref.WeakSet()
 
@@ -83,6 +127,11 @@ class PostgresProcess:
 
     The data directory is kept: starting again on the same directory reuses the cluster and its password
     (what `visiontune up` does across restarts, and what the outage tests do after a kill).
+
+    `password_file` is where the superuser's password is kept (mode 0600, owned by this process's user), by
+    default inside the data directory; one that exists before the first start is used, else one is generated.
+    `die_with_parent`: the server gets SIGINT (a fast shutdown) when the thread that starts it ends, so start it
+    from a thread that lives as long as the process.
     """
 
     def __init__(
@@ -93,12 +142,16 @@ class PostgresProcess:
         port: int | None = None,
         bin_dir: Path | None = None,
         log_path: Path | None = None,
+        password_file: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.root = Path(data_dir).resolve()
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.bin_dir = bin_dir if bin_dir is not None else find_bin_dir()
         self.log_path = Path(log_path) if log_path is not None else self.root / "postgres.log"
+        self.password_file = Path(password_file).resolve() if password_file is not None else self.root / _PASSWORD_FILE
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
 
@@ -106,7 +159,7 @@ class PostgresProcess:
 
     @property
     def cluster_dir(self) -> Path:
-        return self.root / "cluster"
+        return self.root / CLUSTER_DIR
 
     @property
     def socket_dir(self) -> Path:
@@ -114,11 +167,11 @@ class PostgresProcess:
 
     @property
     def user(self) -> str:
-        return _SUPERUSER
+        return SUPERUSER
 
     @property
     def password(self) -> str:
-        return (self.root / _PASSWORD_FILE).read_text().strip()
+        return self.password_file.read_text().strip()
 
     @property
     def pid(self) -> int | None:
@@ -130,7 +183,7 @@ class PostgresProcess:
 
     def url(self, database: str = "postgres") -> str:
         """A SQLAlchemy URL (psycopg 3 driver) for `database` on this server, with the superuser's password."""
-        return f"postgresql+psycopg://{_SUPERUSER}:{self.password}@{self.host}:{self.port}/{database}"
+        return url_for(self.host, self.port, self.password, database)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -142,8 +195,14 @@ class PostgresProcess:
             if not port_is_free(self.host, self.port):
                 raise PostgresError(f"cannot start PostgreSQL: {self.host}:{self.port} is already in use")
             self.root.mkdir(parents=True, exist_ok=True)
+            self._check_reachable()
             if not (self.cluster_dir / "PG_VERSION").is_file():
                 self._initdb()
+            elif not self.password_file.is_file():
+                raise PostgresError(
+                    f"the cluster in {self.cluster_dir} exists but its password file {self.password_file} is gone, "
+                    f"so nobody can log in: restore the file, or remove {self.root} to start afresh (its data is lost)"
+                )
             self._remove_stale_pid_file()
             self.socket_dir.mkdir(exist_ok=True)
             self._chown(self.socket_dir)
@@ -175,6 +234,7 @@ class PostgresProcess:
                     start_new_session=True,
                     user=uid,
                     group=gid,
+                    preexec_fn=die_with_parent(os.getpid(), signal.SIGINT) if self.die_with_parent else None,
                 )
             _live.add(self)
         try:
@@ -212,10 +272,17 @@ class PostgresProcess:
 
     def create_database(self, name: str) -> str:
         """CREATE DATABASE `name` (a plain identifier) and return its URL."""
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"database name {name!r}: letters, digits and underscores only")
+        _check_identifier(name)
         self._psql(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def ensure_database(self, name: str) -> bool:
+        """CREATE DATABASE `name` unless it exists; True if it was created."""
+        _check_identifier(name)
+        if self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'").strip():
+            return False
+        self._psql(f'CREATE DATABASE "{name}"')
+        return True
 
     def __enter__(self) -> PostgresProcess:
         return self.start()
@@ -258,21 +325,50 @@ class PostgresProcess:
         if uid is not None and gid is not None:
             os.chown(path, uid, gid)
 
+    def _check_reachable(self) -> None:
+        """As root the server runs as `postgres`, which must enter every directory above the data directory; say so
+        here rather than let initdb fail with "Permission denied" on a path (pytest's 0700 temp root, a home)."""
+        uid, gid = self._owner()
+        if uid is None or gid is None:
+            return
+        groups = set(os.getgrouplist(_SYSTEM_USER, gid))
+        for parent in reversed(self.root.parents):
+            info = parent.stat()
+            bit = stat.S_IXUSR if info.st_uid == uid else stat.S_IXGRP if info.st_gid in groups else stat.S_IXOTH
+            if not info.st_mode & bit:
+                raise PostgresError(
+                    f"PostgreSQL runs as the {_SYSTEM_USER!r} user here (this process is root), and that user cannot "
+                    f"enter {parent} (mode {stat.S_IMODE(info.st_mode):o}): choose a data directory it can reach, "
+                    f"or `chmod o+x {parent}`"
+                )
+
     def _initdb(self) -> None:
         uid, gid = self._owner()
-        password = secrets.token_urlsafe(18)
-        password_file = self.root / _PASSWORD_FILE
-        password_file.write_text(password + "\n")
-        password_file.chmod(0o600)
+        if self.password_file.is_file():
+            password = self.password  # clients already have it: a fresh cluster keeps it
+        else:
+            password = secrets.token_urlsafe(18)
+            self.password_file.parent.mkdir(parents=True, exist_ok=True)
+            _write_private(self.password_file, password)
         self._chown(self.root)
+        # initdb reads the password from a file its own user can read: a copy inside the data directory, removed
+        # once the cluster exists (the kept file stays this process's user's, mode 0600).
+        password_file = self.root / ".initdb-password"
+        _write_private(password_file, password)
         self._chown(password_file)
+        try:
+            self._run_initdb(password_file, uid, gid)
+        finally:
+            password_file.unlink(missing_ok=True)
+
+    def _run_initdb(self, password_file: Path, uid: int | None, gid: int | None) -> None:
         result = subprocess.run(
             [
                 str(self.bin_dir / "initdb"),
                 "-D",
                 str(self.cluster_dir),
                 "-U",
-                _SUPERUSER,
+                SUPERUSER,
                 f"--pwfile={password_file}",
                 "--auth=scram-sha-256",
                 "--encoding=UTF8",
@@ -314,7 +410,7 @@ class PostgresProcess:
                 "-p",
                 str(self.port),
                 "-U",
-                _SUPERUSER,
+                SUPERUSER,
                 "-d",
                 "postgres",
                 "-v",
@@ -356,6 +452,19 @@ class PostgresProcess:
             time.sleep(0.1)
 
 
+def _check_identifier(name: str) -> None:
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"database name {name!r}: letters, digits and underscores only")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a file readable by its owner only, from the first byte (no window with the umask's mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    path.chmod(0o600)  # an existing file keeps its mode through O_CREAT
+
+
 # -- CLI --------------------------------------------------------------------------------------------------
 
 
@@ -364,7 +473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, required=True, help="where the cluster keeps its state")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5432, help="port (default: 5432)")
-    parser.add_argument("--database", default="visiontune", help="a database to create on first start")
+    parser.add_argument("--database", default="visiontune", help="a database to create when it is missing")
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        default=None,
+        help=f"the superuser's password (mode 0600; made on first start; default: DATA_DIR/{_PASSWORD_FILE})",
+    )
     args = parser.parse_args(argv)
 
     stop_requested = threading.Event()
@@ -374,16 +489,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server = PostgresProcess(
+        args.data_dir, host=args.host, port=args.port, password_file=args.password_file, die_with_parent=True
+    )
     try:
-        server = PostgresProcess(args.data_dir, host=args.host, port=args.port)
-        fresh = not (server.cluster_dir / "PG_VERSION").is_file()
         server.start()
-        if fresh:
-            server.create_database(args.database)
+        if server.ensure_database(args.database):
+            print(f"postgres: created the database {args.database}", flush=True)
     except (PostgresError, ValueError) as err:
+        server.stop()
         print(f"postgres: {err}", file=sys.stderr)
         return 1
-    print(f"postgres: ready at {server.host}:{server.port} (pid {server.pid}, data {server.root})", flush=True)
+    print(
+        f"postgres: ready at {server.host}:{server.port}/{args.database} as {SUPERUSER} (pid {server.pid}, data "
+        f"{server.root}, password in {server.password_file})",
+        flush=True,
+    )
     while not stop_requested.wait(0.5):
         if not server.running:
             print(f"postgres: the server exited; log tail:\n{server.log_tail()}", file=sys.stderr)

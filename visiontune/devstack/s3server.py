@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
 import importlib.metadata
 import json
 import os
@@ -28,7 +27,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Literal
@@ -37,6 +36,7 @@ import minio
 import urllib3
 from minio.error import MinioException
 
+from visiontune.devstack.lifetime import die_with_parent
 from visiontune.devstack.ports import free_port, port_is_free
 from visiontune.settings import S3Settings
 
@@ -64,23 +64,6 @@ class DataDirLocked(S3ServerError):
         self.data_dir = data_dir
         self.pid = pid
         self.name = name
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A preexec_fn: the child gets SIGTERM (a clean stop) when the process that started it dies, however it dies."""
-
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only makes the call
-
-    def arm() -> None:
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-            os._exit(126)  # a server that would outlive its parent is what this is for: do not start one
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    return arm
 
 
 def servers_using(data_dir: Path) -> list[tuple[int, str]]:
@@ -272,7 +255,7 @@ class S3ServerProcess:
                     env=env,
                     # Its own session: a terminal's Ctrl+C reaches only us, and we stop the child in order.
                     start_new_session=True,
-                    preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None,
+                    preexec_fn=die_with_parent(os.getpid()) if self.die_with_parent else None,
                 )
             _live.add(self)
         try:

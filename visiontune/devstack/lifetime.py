@@ -1,4 +1,5 @@
-"""Children that do not outlive the wrapper that starts them (the local stack's S3 server and PostgreSQL)."""
+"""Server child processes of the local stack (its S3 server and PostgreSQL): they do not outlive the wrapper that
+starts them, and their logs are read from the end."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import ctypes
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "log_tail"]
 
 _PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 
@@ -28,3 +30,14 @@ def die_with_parent(parent: int, sig: signal.Signals = signal.SIGTERM) -> Callab
             os._exit(1)
 
     return arm
+
+
+def log_tail(path: Path, max_bytes: int = 4000) -> str:
+    """The last `max_bytes` of a server's log ("" when there is none yet), for a start-up error."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - max_bytes))
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""

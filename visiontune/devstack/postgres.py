@@ -38,7 +38,7 @@ from urllib.parse import quote
 
 import psycopg
 
-from visiontune.devstack.lifetime import die_with_parent
+from visiontune.devstack.lifetime import die_with_parent, log_tail
 from visiontune.devstack.ports import free_port, port_is_free
 
 __all__ = ["SUPERUSER", "PostgresError", "PostgresProcess", "accepts", "find_bin_dir", "postmaster_pid", "url_for"]
@@ -297,13 +297,7 @@ class PostgresProcess:
         return f"PostgresProcess({self.host}:{self.port}, {state}, data_dir={str(self.root)!r})"
 
     def log_tail(self, max_bytes: int = _LOG_TAIL_BYTES) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - max_bytes))
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return log_tail(self.log_path, max_bytes)
 
     # -- internals --------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import minio
 import urllib3
 from minio.error import MinioException
 
-from visiontune.devstack.lifetime import die_with_parent
+from visiontune.devstack.lifetime import die_with_parent, log_tail
 from visiontune.devstack.ports import free_port, port_is_free
 from visiontune.settings import S3Settings
 
@@ -302,13 +302,7 @@ class S3ServerProcess:
         return f"S3ServerProcess({self.flavor}, {self.url}, {state}, data_dir={str(self.data_dir)!r})"
 
     def log_tail(self, max_bytes: int = _LOG_TAIL_BYTES) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - max_bytes))
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return log_tail(self.log_path, max_bytes)
 
     # -- internals --------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 from visiontune.bootstrap import StartupError, run_service
-from visiontune.database import DatabaseConfigError
+from visiontune.database import DatabaseError
 from visiontune.outages import BRIEF_WAIT, NO_WAIT
 from visiontune.server import ServiceBinding
 from visiontune.settings import DATABASE_URL_ENV, DEFAULT_TRAINER_PORT, ServerSettings
@@ -62,14 +62,40 @@ def job_slots(requested: int) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def build(
-    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
-) -> tuple[list[ServiceBinding], Callable[[], None]]:
+def open_job_store(settings: ServerSettings, args: argparse.Namespace) -> JobStore:
+    """The job database of --database-url, connected once and migrated; StartupError (one line naming the host and
+    the cause, never the password) when the URL cannot work: a wrong password, an unknown database, nobody
+    listening, an unknown host, a malformed URL or another scheme than sqlite/postgresql."""
     url = args.database_url or database_url_for(default_database_path(settings.data_dir))
     try:
-        jobs = JobStore(url)
-    except (DatabaseConfigError, SchemaError) as err:
-        raise StartupError(str(err)) from err
+        return JobStore(url)
+    except (DatabaseError, SchemaError) as err:
+        raise StartupError(f"{err} (--database-url)") from err
+    except OSError as err:  # the SQLite file's directory cannot be made
+        raise StartupError(f"cannot create the job database {url}: {err} (--database-url)") from err
+
+
+class _Opened:
+    """The job store `run_service` opens before S3 (`before_store`), handed on to build()."""
+
+    def __init__(self) -> None:
+        self.jobs: JobStore | None = None
+
+    def open(self, settings: ServerSettings, args: argparse.Namespace) -> None:
+        self.jobs = open_job_store(settings, args)
+
+    def build(
+        self, settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
+    ) -> tuple[list[ServiceBinding], Callable[[], None]]:
+        jobs, self.jobs = self.jobs, None
+        return build(settings, store, args, jobs)
+
+
+def build(
+    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace, jobs: JobStore | None = None
+) -> tuple[list[ServiceBinding], Callable[[], None]]:
+    if jobs is None:
+        jobs = open_job_store(settings, args)
     lease = ReplicaLease(jobs, ReplicaSettings(args.replica_id or default_replica_id(settings.port), args.lease_ttl_s))
     lease.register()
     executor = JobExecutor(
@@ -110,13 +136,15 @@ def build(
 
 
 def main() -> int:
+    opened = _Opened()
     return run_service(
         service="trainer_service",
         description="VisionTune TrainingService: training jobs, LR finder, spec recommender, tuning studies.",
         default_port=DEFAULT_TRAINER_PORT,
         port_env="TRAINER_PORT",
-        factory=build,
+        factory=opened.build,
         add_arguments=add_arguments,
+        before_store=opened.open,
     )
 
 

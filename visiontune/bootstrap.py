@@ -1,7 +1,8 @@
-"""The start-up sequence both services share: settings, logs, artifact store, gRPC server.
+"""The start-up sequence both services share: settings, logs, the service's own checks, artifact store, gRPC server.
 
-A misconfiguration (bad S3 credentials, unreachable endpoint, taken port) ends the process with exit
-code 2 and one line on stderr naming the cause: an operator reads it in `kubectl logs` or the stack's log.
+A misconfiguration (bad S3 credentials, unreachable endpoint, a database URL that cannot work, taken port) ends the
+process with exit code 2 and one line on stderr naming the cause: an operator reads it in `kubectl logs` or the
+stack's log.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def run_service(
     factory: ServiceFactory,
     argv: Sequence[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    before_store: Callable[[ServerSettings, argparse.Namespace], None] | None = None,
 ) -> int:
+    """Parse the flags, then `before_store` (what the service checks without S3: the trainer opens its job database
+    there, so a wrong URL fails before a bucket is created or S3 is waited for), the store, `factory`, the server.
+    A StartupError from `before_store` or `factory` is the one line on stderr."""
     parser = argparse.ArgumentParser(prog=f"python -m {service}", description=description)
     add_server_arguments(parser, default_port=default_port, port_env=port_env)
     if add_arguments is not None:
@@ -71,6 +76,12 @@ def run_service(
     configure_logging(settings.log_level, settings.log_format, service=service)
     log = logging.getLogger(service)
 
+    if before_store is not None:
+        try:
+            before_store(settings, args)
+        except StartupError as err:
+            print(f"{service}: cannot start: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     try:
         store = ArtifactStore.connect(settings.s3)  # its outage window from VISIONTUNE_OUTAGE_WINDOW_S
         wait_for_store(store, settings.s3_wait_seconds, log)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -65,6 +66,22 @@ _CONFIG_STATES: Final = {
     "3D000": "no such database",
     "42501": "permission denied",
 }
+# The same, for a connection the server refused while it was being made: libpq reports no SQLSTATE then, only the
+# server's message (in its lc_messages; the English ones here) or its own, so these are matched on the text.
+_CONFIG_MESSAGES: Final = (
+    (re.compile(r"password authentication failed|no password supplied|password is required"), "wrong password"),
+    (re.compile(r'database "[^"]*" does not exist'), "no such database"),
+    (re.compile(r'role "[^"]*" does not exist'), "no such user"),
+    (re.compile(r"no pg_hba\.conf entry|authentication failed"), "authentication rejected"),
+    (re.compile(r"permission denied for database|must be superuser|not permitted to log in"), "permission denied"),
+    (re.compile(r"invalid port number|invalid integer value|invalid connection option|invalid sslmode"), "bad URL"),
+)
+# What libpq puts before the cause of a failed connection: the host and port, which the caller's message names.
+_CONNECT_PREFIX: Final = re.compile(
+    r"^(connection failed: |connection is bad: )?"
+    r'(connection to server (at "[^"]*"( \([^)]*\))?, port \d+|on socket "[^"]*") failed: )?'
+    r"(FATAL: +)?"
+)
 _MAX_QUICK_RETRIES: Final = 10
 _CONNECT_TIMEOUT_S: Final = 5
 
@@ -89,9 +106,10 @@ def normalize_url(url: str) -> sa.URL:
     """The URL SQLAlchemy should use: `postgresql://` and `postgres://` mean psycopg 3 (the driver we ship)."""
     try:
         parsed = sa.make_url(url)
-    except sqlalchemy.exc.ArgumentError as err:
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:  # ValueError: a port that is not a number
+        what = "its port is not a number" if isinstance(err, ValueError) else "it is not a URL"
         raise DatabaseConfigError(
-            f"database URL {_redact(url)!r} is not a URL: expected sqlite:///path or postgresql://user:pass@host/db"
+            f"database URL {_redact(url)!r}: {what} (expected sqlite:///path or postgresql://user:password@host:port/db)"
         ) from err
     backend = parsed.get_backend_name()
     if backend in ("postgres", "postgresql"):
@@ -102,10 +120,11 @@ def normalize_url(url: str) -> sa.URL:
 
 
 def _redact(url: str) -> str:
+    """The URL without its password (for messages), also when SQLAlchemy cannot parse it."""
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url.split("@")[-1]
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return re.sub(r"^([^:/@]*://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -114,29 +133,54 @@ def _sqlstate(exc: BaseException) -> str | None:
     return str(state) if state else None
 
 
-def describe_db_error(exc: BaseException) -> str:
-    """A short, one-line cause: the driver's message without SQLAlchemy's SQL echo and background link."""
+def _first_line(exc: BaseException) -> str:
+    """The driver's message: its first line, without SQLAlchemy's SQL echo and background link, nor libpq's
+    'connection to server at "h", port p failed: ' and 'FATAL:' (the caller's message names the host)."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
-    first = text[0] if text else type(orig).__name__
-    # psycopg: 'connection failed: connection to server at "127.0.0.1", port 5 failed: Connection refused'
-    first = first.replace("connection failed: ", "")
+    first = " ".join(text[0].split()) if text else ""
+    return _CONNECT_PREFIX.sub("", first, count=1) or type(orig).__name__
+
+
+def _config_cause(exc: BaseException) -> str | None:
+    """What is wrong with the URL when `exc` says it cannot work (a wrong password, no such database, ...); None for
+    anything else (an outage among them)."""
     state = _sqlstate(exc)
     if state in _CONFIG_STATES:
-        return f"{_CONFIG_STATES[state]}: {first}"
-    return " ".join(first.split())
+        return _CONFIG_STATES[state]
+    if state is None and isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        message = _first_line(exc)
+        for pattern, cause in _CONFIG_MESSAGES:
+            if pattern.search(message):
+                return cause
+    return None
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """A short, one-line cause, e.g. `wrong password: password authentication failed for user "vt"`, `Connection
+    refused`, `terminating connection due to administrator command`."""
+    first = _first_line(exc)
+    cause = _config_cause(exc)
+    return f"{cause}: {first}" if cause is not None else first
 
 
 def _is_lost_connection(exc: BaseException) -> bool:
-    """The server is unreachable or went away mid-transaction: wait for it (the outage window)."""
+    """The server is unreachable, restarting or went away mid-transaction: wait for it (the outage window).
+
+    Waited through: a connection the server closed (57P01 admin shutdown, 57P02 crash of another backend, "server
+    closed the connection unexpectedly"), a refused or timed-out connection, an unresolvable host (DNS during a
+    restart), "the database system is starting up / not yet accepting connections" (57P03; at connect libpq gives
+    no SQLSTATE, only the text), SQLite's "database is locked" past the busy timeout. Not waited: a URL that cannot
+    work (`_config_cause`: a wrong password, an unknown database or user) and every error of the SQL itself.
+    """
+    if _config_cause(exc) is not None:
+        return False
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return True
     state = _sqlstate(exc)
     if state in _SERVER_GONE:
         return True
     if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-        if state in _CONFIG_STATES:
-            return False
         message = str(getattr(exc, "orig", exc)).lower()
         # SQLite: another process holds the lock past the busy timeout (a stuck writer, not an outage of ours,
         # but the same cure: wait and try again).
@@ -315,6 +359,11 @@ class Database:
         except OutageTooLong as err:
             raise DatabaseUnavailable(str(err)) from err
         except sqlalchemy.exc.DBAPIError as err:
+            if _config_cause(err) is not None:
+                # The server answers but refuses us (a password rotated under a running service): not an outage.
+                raise DatabaseConfigError(
+                    f"cannot use {self.service} at {self.endpoint}: {describe_db_error(err)}"
+                ) from err
             if _sqlstate(err) in _RETRY_AT_ONCE:
                 raise DatabaseUnavailable(
                     f"{self.service} at {self.endpoint}: a transaction kept conflicting with concurrent ones "

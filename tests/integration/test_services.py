@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.protobuf import json_format
 from trainer_service.jobs.store import JobStore
 from visiontune.client import is_serving, list_services
@@ -193,3 +194,64 @@ def test_unreachable_s3_refuses_start_naming_the_endpoint(tmp_path: Path) -> Non
     assert len(final) == 1, err
     assert "cannot start" in final[0]
     assert dead.endpoint in final[0]
+
+
+def test_a_job_database_url_it_cannot_use_refuses_start_with_one_line(
+    s3: S3Settings, postgres_url: str, tmp_path: Path
+) -> None:
+    good = sa.make_url(postgres_url)
+    at = f"{good.host}:{good.port}"
+    nobody = free_port()
+
+    def text(url: sa.URL) -> str:
+        return url.render_as_string(hide_password=False)
+
+    # The URL, where the line says the database is (never with the password), and the cause it gives.
+    cases = {
+        "wrong password": (
+            text(good.set(password="not-the-password")),
+            f"cannot use the job database at {at}/{good.database}: ",
+            'wrong password: password authentication failed for user "visiontune"',
+        ),
+        "unknown database": (
+            text(good.set(database="no_such_db")),
+            f"cannot use the job database at {at}/no_such_db: ",
+            'no such database: database "no_such_db" does not exist',
+        ),
+        "nobody listening": (
+            text(good.set(port=nobody)),
+            f"cannot use the job database at {good.host}:{nobody}/{good.database}: ",
+            "Connection refused",
+        ),
+        "unknown host": (
+            text(good.set(host="no-such-host.invalid")),
+            f"cannot use the job database at no-such-host.invalid:{good.port}/{good.database}: ",
+            "failed to resolve host 'no-such-host.invalid'",
+        ),
+        "malformed": (
+            "postgresql://vt:not-the-password@db.example:54x2/jobs",
+            "database URL 'postgresql://vt:***@db.example:54x2/jobs': ",
+            "its port is not a number",
+        ),
+        "another scheme": (
+            "mysql://vt:not-the-password@db.example/jobs",
+            "database URL 'mysql://vt:***@db.example/jobs': ",
+            "only sqlite:// and postgresql:// are supported",
+        ),
+    }
+    procs = {}
+    for name, (url, _, _) in cases.items():  # side by side: each start costs the imports (seconds on 2 cores)
+        data_dir = tmp_path / name.replace(" ", "-")
+        procs[name] = _spawn("trainer_service", s3, data_dir, free_port(), "--database-url", url)
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=180)
+        _, where, cause = cases[name]
+        assert proc.returncode == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, (name, err)  # nothing before it either: the database is opened before S3
+        assert "Traceback" not in err
+        assert lines[0].startswith(f"trainer_service: cannot start: {where}"), (name, lines[0])
+        assert cause in lines[0], (name, lines[0])
+        assert lines[0].endswith(" (--database-url)"), (name, lines[0])
+        assert "not-the-password" not in err
+        assert str(good.password) not in err

@@ -102,3 +102,42 @@ def test_a_job_store_that_cannot_take_the_event_means_a_log_line(
         listener.outage_started(_outage())  # does not raise: the wait for S3 goes on
     assert "waiting for S3 at 127.0.0.1:9000 since 12:01:02 UTC (connection refused)" in caplog.text
     assert "not recorded as a job event" in caplog.text
+
+
+def _db_outage(since: datetime, cause: str = "Connection refused") -> Outage:
+    return Outage("the job database", "127.0.0.1:5432/jobs", since, cause)
+
+
+def test_a_database_outage_is_one_warning_when_the_database_is_back(jobs: JobStore) -> None:
+    # Nothing at the start: the database cannot take an event during its own outage.
+    listener = events.DatabaseOutageEvents(jobs, "job-1")
+    first = datetime(2026, 1, 1, 12, 1, 2, tzinfo=UTC)
+    listener.outage_started(_db_outage(first))
+    listener.outage_started(_db_outage(first.replace(second=5), "the database system is starting up"))
+    assert _warnings(jobs) == []
+    # The later wait is the one that ends first: the outage still dates from the first wait, and lasts from there.
+    listener.outage_ended(_db_outage(first.replace(second=5)), 28.4)
+    listener.outage_ended(_db_outage(first), 31.2)
+    assert _warnings(jobs) == [
+        (
+            "database_unavailable",
+            "the job database at 127.0.0.1:5432/jobs was unreachable from 12:01:02 UTC for 31 s "
+            "(Connection refused); the job carried on",
+        )
+    ]
+
+
+def test_a_database_listener_without_its_store_yet_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The worker's listener exists before its job store does (it is one of the store's arguments).
+    listener = events.DatabaseOutageEvents(None, "job-1")
+    with caplog.at_level(logging.WARNING, logger="trainer_service.jobs.events"):
+        listener.outage_started(_db_outage(datetime(2026, 1, 1, 12, 1, 2, tzinfo=UTC)))
+        listener.outage_ended(_db_outage(datetime(2026, 1, 1, 12, 1, 2, tzinfo=UTC)), 3.0)
+    assert "unreachable from 12:01:02 UTC for 3 s (Connection refused); the job carried on" in caplog.text
+    assert "not recorded as a job event" in caplog.text
+    with JobStore(tmp_path / "jobs.sqlite3", outage_listener=listener) as jobs:
+        listener.bind(jobs)
+        jobs.create_job("job-1", "{}")
+        listener.outage_started(_db_outage(datetime(2026, 1, 1, 12, 2, 0, tzinfo=UTC)))
+        listener.outage_ended(_db_outage(datetime(2026, 1, 1, 12, 2, 0, tzinfo=UTC)), 4.0)
+        assert [code for code, _ in _warnings(jobs)] == ["database_unavailable"]

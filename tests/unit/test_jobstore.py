@@ -404,6 +404,18 @@ def test_claim_next_queued_takes_oldest_first(store: JobStore) -> None:
     assert store.claim_next_queued() is None
 
 
+def test_claim_next_queued_can_start_the_attempt_in_the_same_transaction(store: JobStore) -> None:
+    store.create_job("j1", "{}")
+    first = store.claim_next_queued("r1", start_attempt=True)
+    assert first is not None
+    assert (first.state, first.owner, first.attempt) == (JobState.RUNNING, "r1", 1)
+    store.update_state("j1", JobState.QUEUED, expected={JobState.RUNNING}, attempt=1)
+    again = store.claim_next_queued("r2", start_attempt=True)
+    assert again is not None
+    assert (again.owner, again.attempt) == ("r2", 2)
+    assert store.get_job("j1").attempt == 2
+
+
 def test_claim_next_queued_concurrent_claimers_never_share_a_job(db_url: str) -> None:
     n_jobs, n_threads = 60, 8
     with JobStore(db_url) as s:

@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import threading
 
+import sqlalchemy.exc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from visiontune import errors, names
@@ -26,6 +27,8 @@ _KINDS = {field.name for field in job_pb2.JobEvent.DESCRIPTOR.oneofs_by_name["ev
 
 # The warning code of a wait for S3 (its start, and its end).
 S3_UNAVAILABLE = "s3_unavailable"
+# The warning code of an outage of the job database the worker waited through (recorded when it is back).
+DATABASE_UNAVAILABLE = "database_unavailable"
 
 
 def record(jobs: JobStore, job_id: str, kind: str, message: Message) -> EventRecord:
@@ -70,32 +73,71 @@ class OutageEvents:
     start to the first thread's success. If the job store cannot take the event, it goes to the log instead.
     """
 
-    def __init__(self, jobs: JobStore, job_id: str) -> None:
+    code = S3_UNAVAILABLE
+
+    def __init__(self, jobs: JobStore | None, job_id: str) -> None:
         self._jobs = jobs
         self._job_id = job_id
         self._lock = threading.Lock()
         self._current: Outage | None = None
+
+    def bind(self, jobs: JobStore) -> None:
+        """The job store to record in, when it is opened after the listener (the job database's own listener)."""
+        self._jobs = jobs
 
     def outage_started(self, outage: Outage) -> None:
         with self._lock:
             if self._current is not None:
                 return
             self._current = outage
-        self._record(outage.waiting_message())
+        message = self.started_message(outage)
+        if message is not None:
+            self._record(message)
 
     def outage_ended(self, outage: Outage, waited_s: float) -> None:
         with self._lock:
-            if self._current is None:
-                return
-            self._current = None
-        self._record(f"{outage.service} at {outage.endpoint} is back after {waited_s:.0f} s")
+            first, self._current = self._current, None
+        if first is not None:
+            # From the first wait's start: another thread's wait may have begun later than the one that ended it.
+            waited_s += max(0.0, (outage.since - first.since).total_seconds())
+            self._record(self.ended_message(first, waited_s))
+
+    def started_message(self, outage: Outage) -> str | None:
+        return outage.waiting_message()
+
+    def ended_message(self, outage: Outage, waited_s: float) -> str:
+        return f"{outage.service} at {outage.endpoint} is back after {waited_s:.0f} s"
 
     def _record(self, message: str) -> None:
         try:
-            record_warning(self._jobs, self._job_id, S3_UNAVAILABLE, message, once=False)
-        except (errors.VisionTuneError, sqlite3.Error) as err:
-            # The job store being down too must not end the wait for S3; the worker's log keeps the news.
+            if self._jobs is None:
+                raise errors.FailedPrecondition("no job store yet")
+            record_warning(self._jobs, self._job_id, self.code, message, once=False)
+        except (errors.VisionTuneError, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError) as err:
+            # The job store being down too must not end the wait; the worker's log keeps the news.
             log.warning("%s (not recorded as a job event: %s)", message, err, extra={"job": self._job_id})
+
+
+class DatabaseOutageEvents(OutageEvents):
+    """An OutageListener for a job worker's job store: when the job database is back after an outage, one
+    `database_unavailable` warning says how long it was away ("the job database at 127.0.0.1:5432/jobs was
+    unreachable from 12:01:02 UTC for 31 s (Connection refused); the job carried on").
+
+    Nothing when the wait starts: the database cannot take an event during its own outage. The event is recorded
+    by the call that found the database back (inside its retry loop, once that call's transaction is done), so it
+    follows the events the job recorded before the outage and precedes those it records after.
+    """
+
+    code = DATABASE_UNAVAILABLE
+
+    def started_message(self, outage: Outage) -> str | None:
+        return None
+
+    def ended_message(self, outage: Outage, waited_s: float) -> str:
+        return (
+            f"{outage.service} at {outage.endpoint} was unreachable from {outage.since:%H:%M:%S} UTC for "
+            f"{waited_s:.0f} s ({outage.cause}); the job carried on"
+        )
 
 
 def to_proto(event: EventRecord) -> job_pb2.JobEvent:

@@ -12,6 +12,12 @@ Each claimed job is owned by this replica (`trainer_service.jobs.replica`). On s
 RUNNING (a restart with the same replica id) are queued again (their stray workers are stopped); on a clean stop
 its running jobs are queued again for any replica; a dead replica's jobs are queued again by whichever replica
 expires it. A worker whose attempt was taken over exits without writing anything (EXIT_SUPERSEDED).
+
+A database outage (docs/architecture.md §6) is waited through by every call, here as in the workers; one that
+outlasts the outage window fails this pass of the loop, which tries again on the next. A worker that ended while the
+database was away is kept until its end can be read and handled; a worker that exited because the database stayed
+away (EXIT_DATABASE_UNAVAILABLE) is a dead worker with a known cause: its job resumes from its last checkpoint, or
+ends FAILED with the database's one line once its retries are spent.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy.exc
 from google.protobuf import json_format
+from visiontune.errors import VisionTuneError
 from visiontune.settings import DATABASE_URL_ENV, DEFAULT_BUCKET, S3Settings
 
 from trainer_service.jobs import events
@@ -42,6 +50,7 @@ WORKER_MODULE = "trainer_service.jobs.worker"
 EXIT_CANCELLED = 3  # the worker stopped because it was asked to
 EXIT_PARENT_GONE = 75  # the trainer that started the worker is gone; the job resumes on its next start
 EXIT_SUPERSEDED = 76  # another attempt of the job began elsewhere (this replica was taken for dead)
+EXIT_DATABASE_UNAVAILABLE = 77  # the job database stayed unreachable past the outage window: nothing was recorded
 
 
 @dataclass
@@ -119,7 +128,12 @@ class JobExecutor:
         if not requeue:
             return
         for run in running:
-            self._requeue(run.job_id, run.attempt, f"the trainer replica {self.replica_id} stopped")
+            try:
+                self._requeue(run.job_id, run.attempt, f"the trainer replica {self.replica_id} stopped")
+            except VisionTuneError as err:
+                # The database is away: the job stays RUNNING, resumed when this replica starts again or expired with
+                # it by another.
+                log.warning("could not queue the job again: %s", err, extra={"job": run.job_id})
 
     def lease_lost(self) -> None:
         """This replica was expired by another (it stalled past its lease): its jobs are queued or running
@@ -203,8 +217,15 @@ class JobExecutor:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._reap()
-            self._claim()
+            try:
+                self._reap()
+                self._claim()
+            except (VisionTuneError, sqlalchemy.exc.SQLAlchemyError) as err:
+                # The job database past its outage window, most likely: nothing is lost (claims are transactions, a
+                # worker that ended is reaped on a later pass), and the next pass tries again.
+                log.warning("the executor's pass failed: %s; trying again", err, extra={"replica": self.replica_id})
+            except Exception:
+                log.exception("the executor's pass failed; trying again", extra={"replica": self.replica_id})
             self._wake.wait(self._poll_interval_s)
             self._wake.clear()
 
@@ -213,18 +234,23 @@ class JobExecutor:
             with self._lock:
                 if len(self._running) >= self._slots:
                     return
-            record = self._jobs.claim_next_queued(owner=self.replica_id)
+            # The claim counts the attempt in its own transaction: no job is left RUNNING on its previous attempt.
+            record = self._jobs.claim_next_queued(owner=self.replica_id, start_attempt=True)
             if record is None:
                 return
             self._launch(record)
 
     def _launch(self, record: JobRecord) -> None:
-        record = self._jobs.increment_attempt(record.job_id)
         log_dir = self._data_dir / "trainer" / "jobs" / record.job_id
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"worker-{record.attempt}.log"
         message = "started" if record.attempt == 1 else f"resumed (attempt {record.attempt})"
-        events.record_state(self._jobs, record.job_id, JobState.RUNNING, message)
+        try:
+            events.record_state(self._jobs, record.job_id, JobState.RUNNING, message)
+        except VisionTuneError as err:
+            # The job is claimed: it must get its worker, which records the rest (or exits if the database is still
+            # away, and is reaped like any other).
+            log.warning("the job's start was not recorded: %s", err, extra={"job": record.job_id})
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [self._python, "-m", WORKER_MODULE, "--job", record.job_id, "--data-dir", str(self._data_dir)],
@@ -243,10 +269,13 @@ class JobExecutor:
     def _reap(self) -> None:
         with self._lock:
             finished = [run for run in self._running.values() if run.proc.poll() is not None]
-            for run in finished:
-                del self._running[run.job_id]
         for run in finished:
+            # A run leaves `_running` only once its end is handled: if the database is away now, the next pass
+            # handles it (handling twice is harmless: every step is a compare-and-set).
             self._after_exit(run)
+            with self._lock:
+                if self._running.get(run.job_id) is run:
+                    del self._running[run.job_id]
 
     def _after_exit(self, run: _Running) -> None:
         code = run.proc.returncode
@@ -264,24 +293,30 @@ class JobExecutor:
         cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         last = last_log_line(run.log_path)
         retries = max_retries_of(record, self._s3.bucket)
+        # A worker the database's outage stopped said why in one line (the database, the wait, the cause).
+        database_gone = code == EXIT_DATABASE_UNAVAILABLE
         if record.attempt <= retries:
-            log.warning("worker died; job queued to resume", extra={"job": run.job_id, "cause": cause})
+            why = last if database_gone else cause
+            log.warning("worker died; job queued to resume", extra={"job": run.job_id, "cause": why})
             try:
                 self._jobs.update_state(run.job_id, JobState.QUEUED, expected={JobState.RUNNING}, attempt=run.attempt)
             except Conflict:
                 return  # cancelled or taken over meanwhile: the next pass (or another replica) handles it
+            why = f"the worker stopped: {last}" if database_gone else f"worker died ({cause})"
             events.record_state(
                 self._jobs,
                 run.job_id,
                 JobState.QUEUED,
-                f"worker died ({cause}); resuming from the last checkpoint (retry {record.attempt} of {retries})",
+                f"{why}; resuming from the last checkpoint (retry {record.attempt} of {retries})",
             )
             self._wake.set()
         else:
             self._finish(
                 run.job_id,
                 JobState.FAILED,
-                f"the worker died ({cause}) on each of {record.attempt} attempts; its last words: {last}",
+                last
+                if database_gone
+                else f"the worker died ({cause}) on each of {record.attempt} attempts; its last words: {last}",
                 attempt=run.attempt,
             )
 

@@ -13,6 +13,9 @@ Two guards keep a live replica from being taken for dead:
   outage every replica's heartbeat is stale, and each must first see the others renew theirs;
 - a replica that finds its row gone (it was expired while stalled) has lost its work: it stops its workers at once
   (`on_lost`) and registers again. Its workers' writes are fenced by attempt number meanwhile (`JobStore`).
+
+A database outage holds each heartbeat for as long as the outage lasts (up to the outage window); past it the pass
+fails and the next one tries again: the lease thread never ends on a database error.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
 
+import sqlalchemy.exc
 from visiontune.errors import VisionTuneError
 
 from trainer_service.jobs.store import JobStore, Takeover
@@ -162,4 +166,13 @@ class ReplicaLease:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
-            self.tick()
+            try:
+                self.tick()
+            except (VisionTuneError, sqlalchemy.exc.SQLAlchemyError) as err:
+                # An expiry pass or a takeover's records meeting a database outage past its window (a heartbeat's own
+                # failure is handled in tick): the lease goes on, and counts as unhealthy until heartbeats succeed.
+                self._healthy_since = None
+                log.warning("lease pass failed: %s", err, extra={"replica": self.replica_id})
+            except Exception:
+                self._healthy_since = None
+                log.exception("lease pass failed", extra={"replica": self.replica_id})

@@ -473,12 +473,14 @@ class JobStore:
 
         return self._write(run)
 
-    def claim_next_queued(self, owner: str | None = None) -> JobRecord | None:
+    def claim_next_queued(self, owner: str | None = None, *, start_attempt: bool = False) -> JobRecord | None:
         """Atomically move the oldest QUEUED job to RUNNING, owned by replica ``owner``; None when none is queued.
 
         The select and the update share one transaction and the row is locked (skipping rows another claimer
-        holds), so two claimers (threads, processes or replicas) never get the same job. The attempt counter
-        is left to increment_attempt.
+        holds), so two claimers (threads, processes or replicas) never get the same job. With ``start_attempt`` the
+        attempt counter goes up by one in the same transaction (the executor's claim: a database lost between the
+        claim and the count cannot leave a job RUNNING on its previous attempt); otherwise it is left to
+        increment_attempt.
         """
 
         def run(conn: Connection) -> JobRecord | None:
@@ -491,7 +493,10 @@ class JobStore:
             row = conn.execute(self._skip_locked(query)).first()
             if row is None:
                 return None
-            return job_from_row(self._set_state(conn, JOBS, row.job_id, JobState.RUNNING, extra={"owner": owner}))
+            extra: dict[str, Any] = {"owner": owner}
+            if start_attempt:
+                extra["attempt"] = _J.attempt + 1
+            return job_from_row(self._set_state(conn, JOBS, row.job_id, JobState.RUNNING, extra=extra))
 
         return self._write(run)
 

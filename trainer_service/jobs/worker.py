@@ -19,9 +19,16 @@ An outage of S3 is waited through (docs/architecture.md §6): the worker's store
 wait starts and ends (`events.OutageEvents`), and the job carries on in this process where it was. Past the
 outage window the job ends FAILED with the store's one-line message; a CancelJob during a wait ends the wait.
 
+An outage of the job database is waited through too (`visiontune.database`): every write of the job (its events,
+its fence checks, its end) holds until the database answers, so training pauses and then carries on; when it is
+back, one `database_unavailable` warning says for how long it was away (`events.DatabaseOutageEvents`). Past the
+window nothing can be recorded, not even FAILED: the worker logs the database's one line and exits with
+EXIT_DATABASE_UNAVAILABLE, and the executor, once the database answers, resumes the job from its last checkpoint
+(a retry) or, past `run.max_retries`, ends it FAILED with that line.
+
 Exit codes: 0 done (SUCCEEDED, FAILED or PRUNED recorded), 3 cancelled, 75 the trainer went away (the job
-resumes when it restarts), 76 superseded by another attempt. Dying any other way leaves the job RUNNING for the
-executor to resume.
+resumes when it restarts), 76 superseded by another attempt, 77 the job database stayed unreachable. Dying any
+other way leaves the job RUNNING for the executor to resume.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from google.protobuf import json_format
+from visiontune.database import DatabaseError
 from visiontune.logs import configure_logging
 from visiontune.outages import OutageTooLong
 from visiontune.settings import DATABASE_URL_ENV, add_s3_arguments, s3_settings_from_args
@@ -65,7 +73,12 @@ from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
 from trainer_service.engine.models import WeightsUnavailable, build_classifier
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 from trainer_service.jobs import artifacts, events, results
-from trainer_service.jobs.local_executor import EXIT_CANCELLED, EXIT_PARENT_GONE, EXIT_SUPERSEDED
+from trainer_service.jobs.local_executor import (
+    EXIT_CANCELLED,
+    EXIT_DATABASE_UNAVAILABLE,
+    EXIT_PARENT_GONE,
+    EXIT_SUPERSEDED,
+)
 from trainer_service.jobs.store import (
     ACTIVE_JOB_STATES,
     Conflict,
@@ -504,8 +517,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Denormal floats make CPU kernels crawl once weights or gradients get tiny; flushing them is harmless.
     torch.set_flush_denormal(True)
     store = ArtifactStore.connect(s3_settings_from_args(args))
-    with JobStore(args.database_url or database_url_for(default_database_path(args.data_dir))) as jobs:
-        return JobWorker(jobs, store, args.job, args.data_dir).run()
+    url = args.database_url or database_url_for(default_database_path(args.data_dir))
+    outages = events.DatabaseOutageEvents(None, args.job)
+    try:
+        with JobStore(url, outage_listener=outages) as jobs:
+            outages.bind(jobs)
+            return JobWorker(jobs, store, args.job, args.data_dir).run()
+    except DatabaseError as err:
+        # Past the outage window (or the database refused us): nothing can be recorded, not even FAILED. One line, no
+        # traceback: the executor reads it as the job's news when the database answers again.
+        log.error("%s", err, extra={"job": args.job, "then": "the trainer resumes the job when the database is back"})
+        return EXIT_DATABASE_UNAVAILABLE
 
 
 if __name__ == "__main__":

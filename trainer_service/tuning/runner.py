@@ -166,7 +166,12 @@ class StudyRunner:
         while not self._stop.is_set():
             self._wake.wait(self._poll_interval)
             self._wake.clear()
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception:
+                # What run_once does not expect (ending a failed study while the database is away, say): the studies
+                # are in the database, so the next pass picks them up where they are.
+                log.exception("study runner pass failed; trying again")
 
     def run_once(self) -> None:
         """Claim unowned studies, then one step of every active study (the loop's body; tests drive it directly)."""

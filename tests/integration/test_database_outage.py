@@ -1,0 +1,222 @@
+"""A training job survives a restart of its job database: the worker waits, and the job carries on where it was.
+
+The PostgreSQL here is each test's own (killed with SIGKILL and restarted on the same data directory and port), so
+the session's server, which every other test uses, is not touched. The trainer, its servicer, executor, study
+runner and replica lease, and the job's worker all use it; none of them is restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from tests.integration.trainer_helpers import Trainer, start_shapes_trainer, tiny_spec, worker_pid
+from trainer_service.jobs.store import JobStore
+from visiontune.client import is_serving
+from visiontune.devstack.postgres import PostgresProcess
+from visiontune.devstack.s3server import S3ServerProcess
+from visiontune.v1 import job_pb2, training_service_pb2, training_spec_pb2
+
+pytestmark = pytest.mark.integration
+
+OUTAGE_S = 30
+
+
+@pytest.fixture
+def postgres() -> Iterator[PostgresProcess]:
+    """A PostgreSQL of the test's own. Under /tmp: as root the server runs as `postgres`, which cannot enter pytest's
+    temp root."""
+    root = Path(tempfile.mkdtemp(prefix="visiontune-pg-outage-"))
+    server = PostgresProcess(root).start(timeout=60)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _create(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> job_pb2.Job:
+    return trainer.stub.CreateJob(
+        training_service_pb2.CreateJobRequest(job=job_pb2.Job(spec=spec), job_id=job_id), timeout=30
+    )
+
+
+def _watch(trainer: Trainer, name: str) -> list[job_pb2.JobEvent]:
+    return list(trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=600))
+
+
+def _watch_until(trainer: Trainer, name: str, until: Callable[[job_pb2.JobEvent], bool]) -> None:
+    for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=120):
+        if until(event):
+            return
+    pytest.fail(f"{name} ended before the event the test waits for")
+
+
+def _get(trainer: Trainer, name: str) -> job_pb2.Job:
+    return trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=name), timeout=10)
+
+
+def _assert_whole_log(events: list[job_pb2.JobEvent]) -> None:
+    """No torn log: sequences 1..n, each once, in order, and one final state at the end."""
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    finals = [e for e in events if e.state_changed.state in (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED)]
+    assert finals == [events[-1]]
+
+
+@pytest.mark.slow  # three jobs and a 30-second outage: about 3 minutes on 2 cores (`make test-slow`)
+def test_a_job_waits_through_a_database_restart_and_matches_an_uninterrupted_run(
+    postgres: PostgresProcess, s3_server: S3ServerProcess, tmp_path: Path
+) -> None:
+    url = postgres.create_database("jobs")
+    endpoint = f"{postgres.host}:{postgres.port}/jobs"
+    trainer = start_shapes_trainer(s3_server, tmp_path, "dboutage", "--database-url", url)
+    try:
+        spec = tiny_spec(epochs=4, fine_tuning_epochs=1, seed=3)
+        reference = _create(trainer, spec, "reference")
+        assert _watch(trainer, reference.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+
+        job = _create(trainer, spec, "outage")
+        _watch_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
+        postgres.kill()
+        killed_at = time.monotonic()
+        # A WatchJob that starts during the outage: it waits with the database, then streams the whole job.
+        streamed: list[job_pb2.JobEvent] = []
+        watcher = threading.Thread(target=lambda: streamed.extend(_watch(trainer, job.name)))
+        watcher.start()
+        time.sleep(OUTAGE_S)
+        assert worker_pid("outage") is not None  # the worker waits: it did not die
+        postgres.start(timeout=60)
+        down_s = time.monotonic() - killed_at
+        watcher.join(timeout=300)
+        assert not watcher.is_alive()
+
+        events = _watch(trainer, job.name)  # after the outage, without restarting the trainer
+        assert [e.sequence for e in streamed] == [e.sequence for e in events]
+        _assert_whole_log(events)
+        assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED, events[-1]
+        done, ref = _get(trainer, job.name), _get(trainer, reference.name)
+        assert done.attempt == 1  # the same worker carried on: no retry, no resume
+        assert not any(e.warning.code == "resumed" for e in events)
+        assert [e.state_changed.state for e in events if e.HasField("state_changed")] == [
+            job_pb2.JOB_STATE_QUEUED,
+            job_pb2.JOB_STATE_RUNNING,
+            job_pb2.JOB_STATE_SUCCEEDED,
+        ]
+        for key in ("val_accuracy", "val_loss", "train_loss", "open_set_threshold"):
+            assert done.result.metrics[key].mean == pytest.approx(ref.result.metrics[key].mean, rel=1e-4, abs=1e-5), key
+        assert done.result.model_version == "models/shapes/versions/outage"
+
+        # One warning, recorded when the database was back: after the epoch before the outage, before the end.
+        outages = [(i, e.warning.message) for i, e in enumerate(events) if e.warning.code == "database_unavailable"]
+        assert len(outages) == 1, outages
+        index, message = outages[0]
+        found = re.fullmatch(
+            rf"the job database at {re.escape(endpoint)} was unreachable from \d\d:\d\d:\d\d UTC for (\d+) s "
+            r"\((.+)\); the job carried on",
+            message,
+        )
+        assert found is not None, message
+        # The worker met the outage at its next write (an epoch's end, a fence check: within seconds of the kill) and
+        # found the database back within its backoff (at most 5 s) of the restart.
+        assert down_s - 15 <= int(found.group(1)) <= down_s + 10, (message, down_s)
+        assert found.group(2) in (
+            "Connection refused",
+            "terminating connection due to unexpected postmaster exit",
+            "consuming input failed: server closed the connection unexpectedly",
+        ), message
+        first_epoch = next(i for i, e in enumerate(events) if e.HasField("epoch_ended"))
+        assert first_epoch < index < len(events) - 1
+
+        # The rest of the trainer came through too: health, a new job claimed and run, the replica's lease renewed.
+        assert is_serving(trainer.target, "visiontune.v1.TrainingService", 5.0)
+        after = _create(trainer, tiny_spec(epochs=1), "after")
+        assert _watch(trainer, after.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+        with JobStore(url) as jobs:
+            (replica,) = jobs.replicas()
+            assert (jobs.get_job("outage").state.value, jobs.get_job("outage").owner) == ("SUCCEEDED", None)
+        assert time.time() - replica.heartbeat_time.timestamp() < 30  # within one lease
+    finally:
+        trainer.stop()
+
+
+def _worker_log_records(trainer: Trainer, job_id: str, attempt: int) -> list[dict[str, object]]:
+    path = trainer.data_dir / "trainer" / "jobs" / job_id / f"worker-{attempt}.log"
+    records = []
+    for line in path.read_text().splitlines():
+        assert not line.startswith("Traceback"), path.read_text()[-3000:]
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def test_past_the_window_the_worker_exits_and_the_job_resumes_or_fails_when_the_database_is_back(
+    postgres: PostgresProcess, s3_server: S3ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    window_s = 8
+    monkeypatch.setenv("VISIONTUNE_OUTAGE_WINDOW_S", str(window_s))  # the trainer's, and its workers'
+    url = postgres.create_database("jobs")
+    endpoint = f"{postgres.host}:{postgres.port}/jobs"
+    trainer = start_shapes_trainer(s3_server, tmp_path, "dbgone", "--database-url", url, "--job-slots", "2")
+    try:
+        resumes = tiny_spec(epochs=6, seed=1)  # run.max_retries: the default, 2
+        fails = tiny_spec(epochs=6, seed=2)
+        fails.run.max_retries = 0
+        jobs = {"resumes": _create(trainer, resumes, "resumes"), "fails": _create(trainer, fails, "fails")}
+        for job in jobs.values():
+            _watch_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
+        postgres.kill()
+        # Each worker waits one window, then exits: it cannot record anything, not even FAILED.
+        deadline = time.monotonic() + window_s + 60
+        while any(worker_pid(job_id) is not None for job_id in jobs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert all(worker_pid(job_id) is None for job_id in jobs)
+        # Down for one more window: the executor's own wait to read how its workers ended runs out too. It keeps
+        # them, and handles them once the database answers.
+        time.sleep(window_s + 4)
+        postgres.start(timeout=60)
+
+        gone = re.compile(
+            rf"the job database at {re.escape(endpoint)} was unreachable for \d+ s \(outage window {window_s} s\): .+"
+        )
+        for job_id in jobs:
+            last = _worker_log_records(trainer, job_id, 1)[-1]
+            assert last["level"] == "ERROR"
+            assert gone.fullmatch(str(last["msg"])), last
+            assert "exc" not in last
+
+        # Max retries 0: FAILED, with the database's one line, once the database is back.
+        events = _watch(trainer, jobs["fails"].name)
+        _assert_whole_log(events)
+        failed = _get(trainer, jobs["fails"].name)
+        assert failed.state == job_pb2.JOB_STATE_FAILED
+        assert failed.attempt == 1
+        assert gone.fullmatch(failed.error.message), failed.error.message
+        assert events[-1].state_changed.message == failed.error.message
+
+        # The default retries: resumed from its last checkpoint by a second attempt, which succeeds.
+        events = _watch(trainer, jobs["resumes"].name)
+        _assert_whole_log(events)
+        resumed = _get(trainer, jobs["resumes"].name)
+        assert resumed.state == job_pb2.JOB_STATE_SUCCEEDED, events[-1]
+        assert resumed.attempt == 2
+        assert not resumed.error.message
+        (queued,) = [e.state_changed.message for e in events if e.state_changed.state == job_pb2.JOB_STATE_QUEUED][1:]
+        assert queued.startswith("the worker stopped: the job database at "), queued
+        assert gone.fullmatch(queued.removeprefix("the worker stopped: ").split("; resuming")[0]), queued
+        assert queued.endswith("; resuming from the last checkpoint (retry 1 of 2)"), queued
+        assert any(e.warning.code == "resumed" for e in events)
+        assert is_serving(trainer.target, "visiontune.v1.TrainingService", 5.0)
+        trainer_log = next(tmp_path.glob("trainer-*.log")).read_text()
+        assert "the executor's pass failed: the job database at " in trainer_log
+        assert "Traceback" not in trainer_log
+    finally:
+        trainer.stop()

@@ -16,8 +16,10 @@ network blip) for up to the outage window (`visiontune.outages`), so a 30-second
 through. A transaction is retried as a whole, never half-applied: a store's function gets a connection in a
 fresh transaction each time, and commits only when it returns.
 
-`Database.open` connects once and refuses a URL it cannot use with one line naming the host and the cause
-(`DatabaseConfigError`): a wrong password, an unknown database, nobody listening.
+Opening a `Database` connects once and refuses a URL it cannot use with one line naming the host and the cause
+(`DatabaseConfigError`): a wrong password, an unknown database, nobody listening, an unknown host. Later, the same
+refusals of the login (a password rotated under a running service) are not an outage either: DatabaseConfigError
+at once, not a wait (`_is_lost_connection` says which errors are waited through).
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ EXIT_CANCELLED = 3  # the worker stopped because it was asked to
 EXIT_PARENT_GONE = 75  # the trainer that started the worker is gone; the job resumes on its next start
 EXIT_SUPERSEDED = 76  # another attempt of the job began elsewhere (this replica was taken for dead)
 EXIT_DATABASE_UNAVAILABLE = 77  # the job database stayed unreachable past the outage window: nothing was recorded
+# How often the executor looks for jobs it owns but runs no worker for (`sweep_orphans`).
+ORPHAN_SWEEP_S = 30.0
 
 
 @dataclass
@@ -108,6 +110,7 @@ class JobExecutor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._swept_at = time.monotonic()
 
     # -- lifecycle
 
@@ -219,6 +222,8 @@ class JobExecutor:
         while not self._stop.is_set():
             try:
                 self._reap()
+                if time.monotonic() - self._swept_at >= ORPHAN_SWEEP_S:
+                    self.sweep_orphans()
                 self._claim()
             except (VisionTuneError, sqlalchemy.exc.SQLAlchemyError) as err:
                 # The job database past its outage window, most likely: nothing is lost (claims are transactions, a
@@ -319,6 +324,29 @@ class JobExecutor:
                 else f"the worker died ({cause}) on each of {record.attempt} attempts; its last words: {last}",
                 attempt=run.attempt,
             )
+
+    def sweep_orphans(self) -> None:
+        """Jobs this replica owns, RUNNING or CANCELLING, with no worker here: resume or cancel them.
+
+        Nothing should leave one, but a database outage can: a claim whose COMMIT the server applied while the
+        connection died before its answer came is run again (and claims the next job), so the first stays RUNNING
+        here with no worker; so does a cancel that lands between a dead worker's reaping steps. Only this thread
+        launches workers, so a job of ours that is not in `_running` has none.
+        """
+        self._swept_at = time.monotonic()
+        owned = self._jobs.jobs_in_states({JobState.RUNNING, JobState.CANCELLING}, owner=self.replica_id)
+        with self._lock:
+            orphans = [record for record in owned if record.job_id not in self._running]
+        for record in orphans:
+            log.warning(
+                "a job of this replica had no worker", extra={"job": record.job_id, "state": record.state.value}
+            )
+            if record.state == JobState.CANCELLING:
+                self._finish(record.job_id, JobState.CANCELLED, "cancelled (its worker was gone)")
+            else:
+                self._requeue(record.job_id, record.attempt, "the trainer found the job without its worker")
+        if orphans:
+            self._wake.set()
 
     def _finish(self, job_id: str, state: JobState, message: str, *, attempt: int | None = None) -> None:
         try:

@@ -334,7 +334,7 @@ class JobExecutor:
         launches workers, so a job of ours that is not in `_running` has none.
         """
         self._swept_at = time.monotonic()
-        owned = self._jobs.jobs_in_states({JobState.RUNNING, JobState.CANCELLING}, owner=self.replica_id)
+        owned = self._jobs.jobs_in_states(ACTIVE_JOB_STATES, owner=self.replica_id)
         with self._lock:
             orphans = [record for record in owned if record.job_id not in self._running]
         for record in orphans:

@@ -183,10 +183,14 @@ def _is_lost_connection(exc: BaseException) -> bool:
     if state in _SERVER_GONE:
         return True
     if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-        message = str(getattr(exc, "orig", exc)).lower()
-        # SQLite: another process holds the lock past the busy timeout (a stuck writer, not an outage of ours,
-        # but the same cure: wait and try again).
-        return state is None or "database is locked" in message
+        orig = getattr(exc, "orig", exc)
+        if isinstance(orig, sqlite3.Error):
+            # SQLite: another process holds the lock past the busy timeout (a stuck writer, not an outage of ours,
+            # but the same cure: wait and try again). Its other operational errors (no such table, a full disk) are
+            # not made better by waiting.
+            return "database is locked" in str(orig).lower()
+        # psycopg gives every error the server sent a SQLSTATE: one without is the connection's own failure.
+        return state is None
     return False
 
 

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -276,5 +277,28 @@ def test_transactions_in_flight_when_the_server_is_killed_are_applied_whole_afte
         assert len(heard.ended) == 1
         assert heard.started[0].service == "the job database"
         assert heard.ended[0] >= 3
+    finally:
+        database.close()
+
+
+def test_on_sqlite_only_a_held_write_lock_is_waited_on(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    database = Database(f"sqlite:///{path}", policy=OutagePolicy(window_s=60), sqlite_busy_timeout_s=0.1)
+    try:
+        database.write(lambda conn: conn.exec_driver_sql("CREATE TABLE t (n int)"))
+        missing = _error(lambda: database.read(lambda conn: conn.exec_driver_sql("SELECT * FROM nope").all()))
+        assert not _is_lost_connection(missing)
+        assert describe_db_error(missing) == "no such table: nope"
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's writer, stuck
+        try:
+            with database.engine.connect() as conn:
+                conn.execution_options(vt_write=True)
+                locked = _error(lambda: conn.exec_driver_sql("INSERT INTO t VALUES (1)"))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert _is_lost_connection(locked)
+        assert describe_db_error(locked) == "database is locked"
     finally:
         database.close()

@@ -10,6 +10,8 @@ import grpc
 import pytest
 from inference_service.deployments import NoLiveVersion, NotDeployed, NotReady
 from inference_service.errors import InvalidRequest
+from inference_service.feedback import PredictionsUnavailable
+from inference_service.predictions import schema as predictions_schema
 from trainer_service.datasets.listing import DatasetError
 from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.jobs import records
@@ -73,6 +75,8 @@ EXPECTED: list[tuple[Callable[[], VisionTuneError], Code]] = [
     # the inference service
     (lambda: InvalidRequest(VIOLATIONS), Code.INVALID_ARGUMENT),
     (lambda: NoLiveVersion("no version can answer"), Code.INTERNAL),  # a base: the registry raises its subclasses
+    (lambda: PredictionsUnavailable("the prediction store at h:5432/db did not answer"), Code.UNAVAILABLE),
+    (lambda: predictions_schema.SchemaError("x has prediction store schema version 9"), Code.FAILED_PRECONDITION),
     (lambda: NotDeployed("models/m has no deployed version"), Code.NOT_FOUND),
     (lambda: NotReady("models/m/versions/v1 is loading"), Code.UNAVAILABLE),
 ]

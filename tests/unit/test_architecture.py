@@ -254,3 +254,10 @@ def test_forbidden_imports_between_the_parts(importer: str, source: str, expecte
         m for i in imports_of(source, importer, is_package="." not in importer) for m in forbidden_imports(importer, i)
     ]
     assert found == expected
+
+
+def test_test_modules_have_unique_names() -> None:
+    # tests/unit and tests/integration are not packages: pytest imports each file by its basename, and a second
+    # file of the same name stops the whole collection ("import file mismatch").
+    names = sorted(p.name for p in (REPO / "tests").rglob("test_*.py"))
+    assert [n for n in set(names) if names.count(n) > 1] == []

@@ -13,17 +13,26 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from tests.integration.trainer_helpers import Trainer, start_shapes_trainer, tiny_spec, worker_pid
+from tests.integration.trainer_helpers import (
+    Trainer,
+    create_job,
+    get_job,
+    start_shapes_trainer,
+    tiny_spec,
+    watch_job,
+    watch_job_until,
+    worker_pid,
+)
 from trainer_service.jobs.store import JobStore
 from visiontune.client import is_serving
 from visiontune.devstack.postgres import PostgresProcess
 from visiontune.devstack.s3server import S3ServerProcess
-from visiontune.v1 import job_pb2, training_service_pb2, training_spec_pb2
+from visiontune.v1 import job_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -43,27 +52,6 @@ def postgres() -> Iterator[PostgresProcess]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _create(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> job_pb2.Job:
-    return trainer.stub.CreateJob(
-        training_service_pb2.CreateJobRequest(job=job_pb2.Job(spec=spec), job_id=job_id), timeout=30
-    )
-
-
-def _watch(trainer: Trainer, name: str) -> list[job_pb2.JobEvent]:
-    return list(trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=600))
-
-
-def _watch_until(trainer: Trainer, name: str, until: Callable[[job_pb2.JobEvent], bool]) -> None:
-    for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=120):
-        if until(event):
-            return
-    pytest.fail(f"{name} ended before the event the test waits for")
-
-
-def _get(trainer: Trainer, name: str) -> job_pb2.Job:
-    return trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=name), timeout=10)
-
-
 def _assert_whole_log(events: list[job_pb2.JobEvent]) -> None:
     """No torn log: sequences 1..n, each once, in order, and one final state at the end."""
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
@@ -80,15 +68,15 @@ def test_a_job_waits_through_a_database_restart_and_matches_an_uninterrupted_run
     trainer = start_shapes_trainer(s3_server, tmp_path, "dboutage", "--database-url", url)
     try:
         spec = tiny_spec(epochs=4, fine_tuning_epochs=1, seed=3)
-        reference = _create(trainer, spec, "reference")
-        assert _watch(trainer, reference.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+        reference = create_job(trainer, spec, "reference")
+        assert watch_job(trainer, reference.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
 
-        job = _create(trainer, spec, "outage")
-        _watch_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
+        job = create_job(trainer, spec, "outage")
+        watch_job_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
         postgres.kill()
         killed_at = time.monotonic()
         # Requests ride out a blip of a few seconds, then answer UNAVAILABLE with the database's one line.
-        for call in (lambda: _get(trainer, job.name), lambda: _watch(trainer, job.name)):
+        for call in (lambda: get_job(trainer, job.name), lambda: watch_job(trainer, job.name)):
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as unavailable:
                 call()
@@ -100,11 +88,11 @@ def test_a_job_waits_through_a_database_restart_and_matches_an_uninterrupted_run
         postgres.start(timeout=60)
         down_s = time.monotonic() - killed_at
 
-        events = _watch(trainer, job.name)  # after the outage, without restarting the trainer
-        assert _get(trainer, job.name).state == job_pb2.JOB_STATE_SUCCEEDED
+        events = watch_job(trainer, job.name)  # after the outage, without restarting the trainer
+        assert get_job(trainer, job.name).state == job_pb2.JOB_STATE_SUCCEEDED
         _assert_whole_log(events)
         assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED, events[-1]
-        done, ref = _get(trainer, job.name), _get(trainer, reference.name)
+        done, ref = get_job(trainer, job.name), get_job(trainer, reference.name)
         assert done.attempt == 1  # the same worker carried on: no retry, no resume
         assert not any(e.warning.code == "resumed" for e in events)
         assert [e.state_changed.state for e in events if e.HasField("state_changed")] == [
@@ -139,8 +127,8 @@ def test_a_job_waits_through_a_database_restart_and_matches_an_uninterrupted_run
 
         # The rest of the trainer came through too: health, a new job claimed and run, the replica's lease renewed.
         assert is_serving(trainer.target, "visiontune.v1.TrainingService", 5.0)
-        after = _create(trainer, tiny_spec(epochs=1), "after")
-        assert _watch(trainer, after.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+        after = create_job(trainer, tiny_spec(epochs=1), "after")
+        assert watch_job(trainer, after.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
         with JobStore(url) as jobs:
             (replica,) = jobs.replicas()
             assert (jobs.get_job("outage").state.value, jobs.get_job("outage").owner) == ("SUCCEEDED", None)
@@ -173,9 +161,9 @@ def test_past_the_window_the_worker_exits_and_the_job_resumes_or_fails_when_the_
         resumes = tiny_spec(epochs=6, seed=1)  # run.max_retries: the default, 2
         fails = tiny_spec(epochs=6, seed=2)
         fails.run.max_retries = 0
-        jobs = {"resumes": _create(trainer, resumes, "resumes"), "fails": _create(trainer, fails, "fails")}
+        jobs = {"resumes": create_job(trainer, resumes, "resumes"), "fails": create_job(trainer, fails, "fails")}
         for job in jobs.values():
-            _watch_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
+            watch_job_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
         postgres.kill()
         # Each worker waits one window, then exits: it cannot record anything, not even FAILED.
         deadline = time.monotonic() + window_s + 60
@@ -197,18 +185,18 @@ def test_past_the_window_the_worker_exits_and_the_job_resumes_or_fails_when_the_
             assert "exc" not in last
 
         # Max retries 0: FAILED, with the database's one line, once the database is back.
-        events = _watch(trainer, jobs["fails"].name)
+        events = watch_job(trainer, jobs["fails"].name)
         _assert_whole_log(events)
-        failed = _get(trainer, jobs["fails"].name)
+        failed = get_job(trainer, jobs["fails"].name)
         assert failed.state == job_pb2.JOB_STATE_FAILED
         assert failed.attempt == 1
         assert gone.fullmatch(failed.error.message), failed.error.message
         assert events[-1].state_changed.message == failed.error.message
 
         # The default retries: resumed from its last checkpoint by a second attempt, which succeeds.
-        events = _watch(trainer, jobs["resumes"].name)
+        events = watch_job(trainer, jobs["resumes"].name)
         _assert_whole_log(events)
-        resumed = _get(trainer, jobs["resumes"].name)
+        resumed = get_job(trainer, jobs["resumes"].name)
         assert resumed.state == job_pb2.JOB_STATE_SUCCEEDED, events[-1]
         assert resumed.attempt == 2
         assert not resumed.error.message

@@ -8,38 +8,24 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.integration.trainer_helpers import Trainer, start_shapes_trainer, tiny_spec
+from tests.integration.trainer_helpers import (
+    Trainer,
+    create_job,
+    get_job,
+    start_shapes_trainer,
+    tiny_spec,
+    watch_job,
+    watch_job_until,
+)
 from visiontune.devstack.s3server import S3ServerProcess
-from visiontune.v1 import job_pb2, training_service_pb2, training_spec_pb2
+from visiontune.v1 import job_pb2, training_service_pb2
 
 pytestmark = pytest.mark.integration
 
 OUTAGE_S = 30
-
-
-def _create(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> job_pb2.Job:
-    return trainer.stub.CreateJob(
-        training_service_pb2.CreateJobRequest(job=job_pb2.Job(spec=spec), job_id=job_id), timeout=30
-    )
-
-
-def _watch(trainer: Trainer, name: str) -> list[job_pb2.JobEvent]:
-    return list(trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=600))
-
-
-def _watch_until(trainer: Trainer, name: str, until: Callable[[job_pb2.JobEvent], bool]) -> None:
-    for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=120):
-        if until(event):
-            return
-    pytest.fail(f"{name} ended before the event the test waits for")
-
-
-def _get(trainer: Trainer, name: str) -> job_pb2.Job:
-    return trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=name), timeout=10)
 
 
 @pytest.mark.slow  # two jobs and a 30-second outage: about 2 minutes on 2 cores (`make test-slow`)
@@ -51,15 +37,15 @@ def test_a_job_waits_through_an_s3_restart_and_matches_an_uninterrupted_run(tmp_
     try:
         trainer = start_shapes_trainer(s3, tmp_path, "outage")
         spec = tiny_spec(epochs=4, fine_tuning_epochs=1, seed=3)
-        reference = _create(trainer, spec, "reference")
-        assert _watch(trainer, reference.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+        reference = create_job(trainer, spec, "reference")
+        assert watch_job(trainer, reference.name)[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
 
-        job = _create(trainer, spec, "outage")
-        _watch_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
+        job = create_job(trainer, spec, "outage")
+        watch_job_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
         s3.kill()
         time.sleep(OUTAGE_S)
         restarted = S3ServerProcess(tmp_path / "s3", port=s3.port, **keys).start(timeout=60)
-        events = _watch(trainer, job.name)
+        events = watch_job(trainer, job.name)
 
         assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED, events[-1]
         warnings = [e.warning.message for e in events if e.warning.code == "s3_unavailable"]
@@ -67,7 +53,7 @@ def test_a_job_waits_through_an_s3_restart_and_matches_an_uninterrupted_run(tmp_
         assert warnings[0].startswith(f"waiting for S3 at {s3.endpoint} since ")
         assert warnings[0].endswith(" UTC (connection refused)")
         assert warnings[1].startswith(f"S3 at {s3.endpoint} is back after ")
-        done, ref = _get(trainer, job.name), _get(trainer, reference.name)
+        done, ref = get_job(trainer, job.name), get_job(trainer, reference.name)
         assert done.attempt == 1  # the same worker carried on: no retry, no resume
         assert not any(e.warning.code == "resumed" for e in events)
         for key in ("val_accuracy", "val_loss", "train_loss", "open_set_threshold"):
@@ -91,19 +77,19 @@ def test_past_the_window_a_job_fails_with_one_line_and_a_cancel_ends_the_wait(
     try:
         trainer = start_shapes_trainer(s3, tmp_path, "gone")
         spec = tiny_spec(epochs=50)
-        cancelled = _create(trainer, spec, "cancelled")
-        _watch_until(trainer, cancelled.name, lambda e: e.HasField("epoch_ended"))
+        cancelled = create_job(trainer, spec, "cancelled")
+        watch_job_until(trainer, cancelled.name, lambda e: e.HasField("epoch_ended"))
         s3.kill()  # for good
-        _watch_until(trainer, cancelled.name, lambda e: e.warning.code == "s3_unavailable")
+        watch_job_until(trainer, cancelled.name, lambda e: e.warning.code == "s3_unavailable")
         started = time.monotonic()
         trainer.stub.CancelJob(training_service_pb2.CancelJobRequest(name=cancelled.name), timeout=10)
-        events = _watch(trainer, cancelled.name)
+        events = watch_job(trainer, cancelled.name)
         assert events[-1].state_changed.state == job_pb2.JOB_STATE_CANCELLED
         assert time.monotonic() - started < 12  # the cancel ended the wait; it did not sit out the window
 
-        failed = _create(trainer, spec, "failed")  # its first write, the spec, meets the dead server
-        events = _watch(trainer, failed.name)
-        job = _get(trainer, failed.name)
+        failed = create_job(trainer, spec, "failed")  # its first write, the spec, meets the dead server
+        events = watch_job(trainer, failed.name)
+        job = get_job(trainer, failed.name)
         assert job.state == job_pb2.JOB_STATE_FAILED
         assert job.attempt == 1  # failed on purpose, not a crashed worker retried
         assert "\n" not in job.error.message

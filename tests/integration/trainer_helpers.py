@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from visiontune.devstack.ports import free_port
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.devstack.sample_data import write_shapes_dataset
 from visiontune.store import ArtifactStore
-from visiontune.v1 import training_service_pb2_grpc, training_spec_pb2
+from visiontune.v1 import job_pb2, training_service_pb2, training_service_pb2_grpc, training_spec_pb2
 
 DATASET = "datasets/shapes"
 
@@ -116,3 +117,26 @@ def worker_pid(job_id: str) -> int | None:
             except OSError:
                 continue
     return None
+
+
+def create_job(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> job_pb2.Job:
+    return trainer.stub.CreateJob(
+        training_service_pb2.CreateJobRequest(job=job_pb2.Job(spec=spec), job_id=job_id), timeout=30
+    )
+
+
+def watch_job(trainer: Trainer, name: str) -> list[job_pb2.JobEvent]:
+    """Every event of the job until its stream ends (the job ended)."""
+    return list(trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=600))
+
+
+def watch_job_until(trainer: Trainer, name: str, until: Callable[[job_pb2.JobEvent], bool]) -> None:
+    """Follow the job until an event satisfies `until`; fails the test if the job ends first."""
+    for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=name), timeout=120):
+        if until(event):
+            return
+    pytest.fail(f"{name} ended before the event the test waits for")
+
+
+def get_job(trainer: Trainer, name: str) -> job_pb2.Job:
+    return trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=name), timeout=10)

@@ -16,8 +16,11 @@ from visiontune.settings import DATABASE_URL_ENV, DEFAULT_TRAINER_PORT, ServerSe
 from visiontune.store import ArtifactStore
 from visiontune.v1 import training_service_pb2, training_service_pb2_grpc
 
-from trainer_service.jobs.local_executor import JobExecutor
+from trainer_service.jobs.executor import JobExecutor
+from trainer_service.jobs.kubernetes import settings as k8s_settings
+from trainer_service.jobs.local_workers import LocalWorkers
 from trainer_service.jobs.replica import DEFAULT_LEASE_TTL_S, ReplicaLease, ReplicaSettings, default_replica_id
+from trainer_service.jobs.runtime import WorkerRuntime
 from trainer_service.jobs.store import JobStore, SchemaError, database_url_for, default_database_path
 from trainer_service.servicer import TrainingServicer
 from trainer_service.tuning.runner import StudyRunner
@@ -26,14 +29,26 @@ from trainer_service.tuning.studies import Studies
 SERVICE_NAME = training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
+EXECUTORS = ("local", "kubernetes")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training jobs")
+    group.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=os.environ.get("VISIONTUNE_EXECUTOR", "local"),
+        help="where job workers run: 'local' subprocesses (default) or a Kubernetes Job per attempt "
+        "(the --k8s-* flags) [VISIONTUNE_EXECUTOR]",
+    )
     group.add_argument(
         "--job-slots",
         type=int,
         default=int(os.environ.get("VISIONTUNE_JOB_SLOTS", "0")),
-        help="jobs run at once; 0 = one per GPU, or 1 on a CPU-only machine [VISIONTUNE_JOB_SLOTS]",
+        help="jobs run at once by the local executor; 0 = one per GPU, or 1 on a CPU-only machine "
+        "[VISIONTUNE_JOB_SLOTS]",
     )
+    k8s_settings.add_arguments(parser)
     state = parser.add_argument_group("shared state (several trainer replicas)")
     state.add_argument(
         "--database-url",
@@ -60,6 +75,26 @@ def job_slots(requested: int) -> int:
     if requested > 0:
         return requested
     return max(1, torch.cuda.device_count())
+
+
+def worker_runtime(
+    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace, jobs: JobStore
+) -> tuple[WorkerRuntime, int]:
+    """The runtime of --executor and the executor's slots on this replica: the local slots, or the cluster cap (the
+    Kubernetes executor's bound is the cap on Jobs in the cluster, which the claims enforce across replicas)."""
+    if args.executor == "kubernetes":
+        # Imported here: the local stack never loads the Kubernetes client.
+        from trainer_service.jobs.kubernetes.workers import KubernetesWorkers, api_client
+
+        try:
+            kube = k8s_settings.settings_from_args(args)
+            client = api_client(kube)
+        except (k8s_settings.KubernetesSettingsError, OSError) as err:
+            raise StartupError(f"the Kubernetes executor: {err}") from err
+        except Exception as err:  # the client's config loader raises its own ConfigException and YAML errors
+            raise StartupError(f"the Kubernetes executor cannot reach a cluster: {err}") from err
+        return KubernetesWorkers(kube, client, default_bucket=store.bucket), kube.max_jobs
+    return LocalWorkers(settings.s3, settings.data_dir, database_url=jobs.url), job_slots(args.job_slots)
 
 
 def open_job_store(settings: ServerSettings, args: argparse.Namespace) -> JobStore:
@@ -98,9 +133,8 @@ def build(
         jobs = open_job_store(settings, args)
     lease = ReplicaLease(jobs, ReplicaSettings(args.replica_id or default_replica_id(settings.port), args.lease_ttl_s))
     lease.register()
-    executor = JobExecutor(
-        jobs, settings.s3, settings.data_dir, replica_id=lease.replica_id, slots=job_slots(args.job_slots)
-    )
+    workers, slots = worker_runtime(settings, store, args, jobs)
+    executor = JobExecutor(jobs, workers, replica_id=lease.replica_id, default_bucket=store.bucket, slots=slots)
     runner = StudyRunner(
         jobs,
         store,

@@ -24,7 +24,7 @@ from trainer_service.advice.lr_range_test import run_lr_finder
 from trainer_service.advice.recommend import recommend_for_dataset
 from trainer_service.datasets.listing import dataset_fingerprint
 from trainer_service.jobs import events
-from trainer_service.jobs.local_executor import JobExecutor
+from trainer_service.jobs.executor import JobExecutor
 from trainer_service.jobs.store import JobState, JobStore
 from trainer_service.spec.convert import config_to_spec
 from trainer_service.spec.lr_sweep import validate_lr_request

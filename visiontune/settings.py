@@ -27,6 +27,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # database (the trainer's `--database-url` and its workers) and the inference service's prediction store.
 DATABASE_URL_ENV = "VISIONTUNE_DATABASE_URL"
 FEEDBACK_DATABASE_URL_ENV = "VISIONTUNE_FEEDBACK_DATABASE_URL"
+# Where a job worker writes its last error for Kubernetes (the container's terminationMessagePath).
+TERMINATION_MESSAGE_ENV = "VISIONTUNE_TERMINATION_MESSAGE_PATH"
 
 _TRUE_WORDS = ("1", "true", "yes", "on")
 

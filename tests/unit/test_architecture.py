@@ -241,7 +241,7 @@ def test_allowed_engine_imports_pass(source: str) -> None:
         ("visiontune", "from . import names\nimport inference_service\n", ["inference_service"]),
         ("visiontune.client", "from visiontune.v1 import job_pb2\nimport torch\n", []),
         (
-            "trainer_service.jobs.local_executor",
+            "trainer_service.jobs.executor",
             "from visiontune.devstack.ports import free_port\n",
             ["visiontune.devstack.ports"],
         ),

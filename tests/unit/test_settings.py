@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from trainer_service.jobs.local_executor import worker_environment
+from trainer_service.jobs.local_workers import worker_environment
 from visiontune.devstack.launch import service_environment
 from visiontune.settings import (
     DEFAULT_BUCKET,

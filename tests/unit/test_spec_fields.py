@@ -49,7 +49,7 @@ from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, No
 from trainer_service.engine.models import Classifier, build_classifier, normalization
 from trainer_service.engine.recipe import PreparedData, RepeatResult, train
 from trainer_service.engine.schedules import PlateauReducer, lr_curve
-from trainer_service.jobs.local_executor import max_retries_of
+from trainer_service.jobs.executor import max_retries_of
 from trainer_service.jobs.store import JobStore
 from trainer_service.spec.config import (
     Architecture,

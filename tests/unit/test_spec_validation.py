@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from trainer_service.jobs.local_executor import max_retries_of
+from trainer_service.jobs.executor import max_retries_of
 from trainer_service.jobs.store import JobStore
 from trainer_service.spec.config import (
     BLOCK_COUNTS,

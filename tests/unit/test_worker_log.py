@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer_service.jobs.local_executor import last_log_line
+from trainer_service.jobs.local_workers import last_log_line
 
 CAUSE = "S3 at http://h:1 unavailable: put 'b/k' failed"
 

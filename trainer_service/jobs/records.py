@@ -150,14 +150,27 @@ class ReplicaRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """A worker outside the trainer's process tree (a Kubernetes Job), from its claim until it is gone."""
+
+    name: str
+    job_id: str
+    attempt: int
+    owner: str | None  # None: released by its replica; any replica adopts it
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Takeover:
     """What expiring dead replicas did: jobs queued again (to resume from their checkpoints), cancels finished,
-    studies released for another runner."""
+    studies released for another runner, and jobs whose worker outlives its replica (a Kubernetes Job) released,
+    still RUNNING, for another replica to adopt."""
 
     replicas: tuple[str, ...]
     requeued: tuple[str, ...]
     cancelled: tuple[str, ...]
     released_studies: tuple[str, ...]
+    released_jobs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from trainer_service.jobs.records import (
     SchemaError,
     StudyRecord,
     StudyState,
+    WorkerRecord,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "REPLICAS",
     "SCHEMA_VERSION",
     "STUDIES",
+    "WORKERS",
     "Resource",
     "event_from_row",
     "from_us",
@@ -51,6 +53,7 @@ __all__ = [
     "schema_version",
     "study_from_row",
     "to_us",
+    "worker_from_row",
 ]
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -139,6 +142,20 @@ REPLICAS: Final = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("start_time", sa.BigInteger, nullable=False),
     sa.Column("heartbeat_time", sa.BigInteger, nullable=False),
+)
+
+# Workers that live outside the trainer's process tree (the Kubernetes executor's Jobs), one row per Job that may
+# exist: the row is taken in the claim's transaction and dropped only once the Job is gone, so counting rows bounds
+# the Jobs in the cluster, across replicas.
+WORKERS: Final = sa.Table(
+    "vt_workers",
+    _metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("job_id", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    # The replica looking after the worker; NULL: released (its replica stopped or died), any replica adopts it.
+    sa.Column("owner", sa.Text),
+    sa.Column("create_time", sa.BigInteger, nullable=False),
 )
 
 
@@ -246,8 +263,29 @@ def _migration_2_replicas(conn: Connection, dialect: Dialect) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _migration_3_workers(conn: Connection, dialect: Dialect) -> None:
+    """Workers outside the trainer (Kubernetes Jobs): a row per Job that may exist, for the cluster-wide cap and
+    for adopting a stopped or dead replica's running Jobs."""
+    big = "INTEGER" if dialect == "sqlite" else "BIGINT"
+    statements = (
+        f"""
+        CREATE TABLE vt_workers (
+            name        TEXT PRIMARY KEY,
+            job_id      TEXT NOT NULL,
+            attempt     INTEGER NOT NULL,
+            owner       TEXT,
+            create_time {big} NOT NULL
+        )
+        """,
+        "CREATE INDEX vt_workers_by_owner ON vt_workers (owner)",
+        "CREATE INDEX vt_workers_by_job ON vt_workers (job_id)",
+    )
+    for statement in statements:
+        conn.exec_driver_sql(statement)
+
+
 # Ordered: migration i takes the schema from version i to i + 1. Append only, never edit a shipped one.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_migration_1_initial, _migration_2_replicas)
+MIGRATIONS: Final[tuple[Migration, ...]] = (_migration_1_initial, _migration_2_replicas, _migration_3_workers)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -330,4 +368,14 @@ def replica_from_row(row: Row) -> ReplicaRecord:
         pid=row["pid"],
         start_time=from_us(row["start_time"]),
         heartbeat_time=from_us(row["heartbeat_time"]),
+    )
+
+
+def worker_from_row(row: Row) -> WorkerRecord:
+    return WorkerRecord(
+        name=row["name"],
+        job_id=row["job_id"],
+        attempt=row["attempt"],
+        owner=row["owner"],
+        create_time=from_us(row["create_time"]),
     )

@@ -25,6 +25,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +52,7 @@ from trainer_service.jobs.records import (
     StudyRecord,
     StudyState,
     Takeover,
+    WorkerRecord,
     utc_now,
 )
 from trainer_service.jobs.schema import (
@@ -59,6 +61,7 @@ from trainer_service.jobs.schema import (
     REPLICAS,
     SCHEMA_VERSION,
     STUDIES,
+    WORKERS,
     Resource,
     event_from_row,
     from_us,
@@ -68,6 +71,7 @@ from trainer_service.jobs.schema import (
     schema_version,
     study_from_row,
     to_us,
+    worker_from_row,
 )
 
 __all__ = [
@@ -88,6 +92,8 @@ __all__ = [
     "StudyRecord",
     "StudyState",
     "Takeover",
+    "WorkerClaim",
+    "WorkerRecord",
     "database_url_for",
     "default_database_path",
     "utc_now",
@@ -104,6 +110,17 @@ _J = JOBS.table.c
 _S = STUDIES.table.c
 _E = EVENTS.c
 _P = REPLICAS.c
+_W = WORKERS.c
+# Any constant: the advisory lock capped claims take turns on, on PostgreSQL ("vt" + "slots" in ASCII).
+_WORKER_CAP_LOCK: Final = 0x7674736C6F7473
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerClaim:
+    """A claim that also takes a worker row: its name (from the job and the new attempt) and the cap on rows."""
+
+    name_for: Callable[[str, int], str]
+    cap: int
 
 
 def default_database_path(data_dir: Path) -> Path:
@@ -473,17 +490,22 @@ class JobStore:
 
         return self._write(run)
 
-    def claim_next_queued(self, owner: str | None = None, *, start_attempt: bool = False) -> JobRecord | None:
+    def claim_next_queued(
+        self, owner: str | None = None, *, start_attempt: bool = False, worker: WorkerClaim | None = None
+    ) -> JobRecord | None:
         """Atomically move the oldest QUEUED job to RUNNING, owned by replica ``owner``; None when none is queued.
 
         The select and the update share one transaction and the row is locked (skipping rows another claimer
         holds), so two claimers (threads, processes or replicas) never get the same job. With ``start_attempt`` the
         attempt counter goes up by one in the same transaction (the executor's claim: a database lost between the
         claim and the count cannot leave a job RUNNING on its previous attempt); otherwise it is left to
-        increment_attempt.
+        increment_attempt. With ``worker`` (the Kubernetes executor), the claim also takes a worker row for the new
+        attempt, and claims nothing while ``worker.cap`` rows exist (all replicas' Jobs together).
         """
 
         def run(conn: Connection) -> JobRecord | None:
+            if worker is not None and self._workers_at_cap(conn, worker.cap):
+                return None
             query = (
                 sa.select(_J.job_id)
                 .where(_J.state == JobState.QUEUED.value)
@@ -496,7 +518,88 @@ class JobStore:
             extra: dict[str, Any] = {"owner": owner}
             if start_attempt:
                 extra["attempt"] = _J.attempt + 1
-            return job_from_row(self._set_state(conn, JOBS, row.job_id, JobState.RUNNING, extra=extra))
+            record = job_from_row(self._set_state(conn, JOBS, row.job_id, JobState.RUNNING, extra=extra))
+            if worker is not None:
+                conn.execute(
+                    sa.insert(WORKERS).values(
+                        name=worker.name_for(record.job_id, record.attempt),
+                        job_id=record.job_id,
+                        attempt=record.attempt,
+                        owner=owner,
+                        create_time=self._now_us(),
+                    )
+                )
+            return record
+
+        return self._write(run)
+
+    # -- workers outside the trainer (Kubernetes Jobs)
+
+    def _workers_at_cap(self, conn: Connection, cap: int) -> bool:
+        if self._db.dialect == "postgresql":
+            # Claims with a cap take turns: two replicas counting at once would both see room for one more.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_WORKER_CAP_LOCK)))
+        count = conn.execute(sa.select(sa.func.count()).select_from(WORKERS)).scalar_one()
+        return int(count) >= cap
+
+    def workers(self, *, owner: str | None = None) -> list[WorkerRecord]:
+        """Every worker row (given ``owner``, that replica's), oldest first."""
+        query = sa.select(WORKERS).order_by(_W.create_time, _W.name)
+        if owner is not None:
+            query = query.where(_W.owner == owner)
+        return self._read(lambda conn: [worker_from_row(r) for r in conn.execute(query).mappings()])
+
+    def release_worker(self, name: str) -> None:
+        """The worker is gone (its Job deleted): drop its row, freeing its place under the cap."""
+        self._write(lambda conn: conn.execute(sa.delete(WORKERS).where(_W.name == name)))
+
+    def release_workers(self, owner: str) -> list[WorkerRecord]:
+        """A clean stop of replica ``owner`` whose workers keep running (Kubernetes Jobs): hand them, and their
+        RUNNING jobs, to whichever replica adopts them next (`adopt_workers`)."""
+
+        def run(conn: Connection) -> list[WorkerRecord]:
+            rows = [
+                worker_from_row(r)
+                for r in conn.execute(self._locked(sa.select(WORKERS).where(_W.owner == owner))).mappings()
+            ]
+            self._release(conn, rows)
+            return rows
+
+        return self._write(run)
+
+    def _release(self, conn: Connection, rows: Sequence[WorkerRecord]) -> list[str]:
+        """Workers and the active jobs they run, ownerless, inside the caller's transaction; the jobs' IDs."""
+        if not rows:
+            return []
+        conn.execute(sa.update(WORKERS).where(_W.name.in_([w.name for w in rows])).values(owner=None))
+        released = []
+        for w in rows:
+            result = conn.execute(
+                sa.update(JOBS.table)
+                .where(_J.job_id == w.job_id, _J.attempt == w.attempt, _J.state.in_(_values(ACTIVE_JOB_STATES)))
+                .values(owner=None, update_time=self._now_us())
+            )
+            if result.rowcount:
+                released.append(w.job_id)
+        return released
+
+    def adopt_workers(self, owner: str) -> list[WorkerRecord]:
+        """Take every released worker (and its job, if the job is still on that attempt) for replica ``owner``."""
+
+        def run(conn: Connection) -> list[WorkerRecord]:
+            query = self._skip_locked(sa.select(WORKERS).where(_W.owner.is_(None)).order_by(_W.create_time))
+            rows = [worker_from_row(r) for r in conn.execute(query).mappings()]
+            if not rows:
+                return []
+            conn.execute(sa.update(WORKERS).where(_W.name.in_([w.name for w in rows])).values(owner=owner))
+            for w in rows:
+                conn.execute(
+                    sa.update(JOBS.table)
+                    .where(_J.job_id == w.job_id, _J.attempt == w.attempt, _J.owner.is_(None))
+                    .where(_J.state.in_(_values(ACTIVE_JOB_STATES)))
+                    .values(owner=owner, update_time=self._now_us())
+                )
+            return [WorkerRecord(w.name, w.job_id, w.attempt, owner, w.create_time) for w in rows]
 
         return self._write(run)
 
@@ -645,7 +748,8 @@ class JobStore:
 
     def expire_replicas(self, lease_ttl: timedelta, *, keep: str | None = None) -> Takeover:
         """Replicas whose heartbeat is older than ``lease_ttl`` are dead: their running jobs are queued again (to
-        resume from their checkpoints on any replica), their cancelling jobs end CANCELLED, their studies are
+        resume from their checkpoints on any replica) unless their worker outlives them (a Kubernetes Job: released,
+        still RUNNING, for another replica to adopt), their cancelling jobs end CANCELLED, their studies are
         released, and their rows are deleted. One transaction; each dead replica is expired by one caller only.
         ``keep`` (the caller itself) is never expired."""
 
@@ -667,6 +771,13 @@ class JobStore:
                     )
                 )
             )
+            # Workers that outlive their replica (Kubernetes Jobs) keep running: released for another to adopt.
+            orphaned = [
+                worker_from_row(r)
+                for r in conn.execute(self._locked(sa.select(WORKERS).where(_W.owner.in_(dead)))).mappings()
+            ]
+            released = set(self._release(conn, orphaned))
+            jobs = [j for j in jobs if j.job_id not in released]
             requeued = [j.job_id for j in jobs if j.state == JobState.RUNNING.value]
             cancelled = [j.job_id for j in jobs if j.state == JobState.CANCELLING.value]
             for job_id in requeued:
@@ -682,7 +793,7 @@ class JobStore:
             if studies:
                 conn.execute(sa.update(STUDIES.table).where(_S.study_id.in_(studies)).values(owner=None))
             conn.execute(sa.delete(REPLICAS).where(_P.replica_id.in_(dead)))
-            return Takeover(tuple(dead), tuple(requeued), tuple(cancelled), tuple(studies))
+            return Takeover(tuple(dead), tuple(requeued), tuple(cancelled), tuple(studies), tuple(sorted(released)))
 
         return self._write(run)
 

@@ -27,8 +27,10 @@ EXIT_DATABASE_UNAVAILABLE, and the executor, once the database answers, resumes 
 (a retry) or, past `run.max_retries`, ends it FAILED with that line.
 
 Exit codes: 0 done (SUCCEEDED, FAILED or PRUNED recorded), 3 cancelled, 75 the trainer went away (the job
-resumes when it restarts), 76 superseded by another attempt, 77 the job database stayed unreachable. Dying any
-other way leaves the job RUNNING for the executor to resume.
+resumes when it restarts), 76 superseded by another attempt, 77 the job database stayed unreachable, 78 stopped by a
+SIGTERM that was not a cancel (a node drain, an eviction: the job resumes). Dying any other way leaves the job
+RUNNING for the executor to resume. Its last error also goes to VISIONTUNE_TERMINATION_MESSAGE_PATH when set (a
+Kubernetes Job's termination message).
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ from google.protobuf import json_format
 from visiontune.database import DatabaseError
 from visiontune.logs import configure_logging
 from visiontune.outages import OutageTooLong
-from visiontune.settings import DATABASE_URL_ENV, add_s3_arguments, s3_settings_from_args
+from visiontune.settings import (
+    DATABASE_URL_ENV,
+    TERMINATION_MESSAGE_ENV,
+    add_s3_arguments,
+    s3_settings_from_args,
+)
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import job_pb2
 
@@ -73,9 +80,10 @@ from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
 from trainer_service.engine.models import WeightsUnavailable, build_classifier
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
 from trainer_service.jobs import artifacts, events, results
-from trainer_service.jobs.local_executor import (
+from trainer_service.jobs.runtime import (
     EXIT_CANCELLED,
     EXIT_DATABASE_UNAVAILABLE,
+    EXIT_INTERRUPTED,
     EXIT_PARENT_GONE,
     EXIT_SUPERSEDED,
 )
@@ -225,14 +233,11 @@ class JobWorker:
                 artifacts.save_spec(self.store, self.job_id, self.record.spec_json)
             outcome = self._run()
         except Cancelled:
-            self._clean_up()
-            self._end(JobState.CANCELLED, "cancelled")
-            return EXIT_CANCELLED
+            return self._stopped()
         except _Pruned as pruned:
+            if self._stop_requested:  # a stop came first: a cancel, or the pod is going away
+                return self._stopped()
             self._clean_up()
-            if self._stop_requested:  # CancelJob came first: the caller asked for a cancel
-                self._end(JobState.CANCELLED, "cancelled")
-                return EXIT_CANCELLED
             metric = self._reporter.metric.value if self._reporter is not None else "objective"
             self._end(
                 JobState.PRUNED,
@@ -242,20 +247,33 @@ class JobWorker:
             )
             return 0
         except (StoreError, OutageTooLong) as err:
-            if self._stop_requested:  # CancelJob ended a wait for S3
-                self._clean_up()
-                self._end(JobState.CANCELLED, "cancelled")
-                return EXIT_CANCELLED
+            if self._stop_requested:  # a stop ended a wait for S3
+                return self._stopped()
             # The message is one line naming the endpoint, the operation and the cause: the job's error is that.
             log.error("job failed: %s", err, extra={"job": self.job_id})
+            write_termination_message(str(err))
             self._end(JobState.FAILED, str(err), error=str(err))
             return 0
         except (DatasetError, WeightsUnavailable, RuntimeError, ValueError) as err:
             log.exception("job failed", extra={"job": self.job_id})
+            write_termination_message(f"{type(err).__name__}: {err}")
             self._end(JobState.FAILED, f"{type(err).__name__}: {err}", error=str(err))
             return 0
         self._end(JobState.SUCCEEDED, "succeeded", result=outcome)
         return 0
+
+    def _stopped(self) -> int:
+        """The job was asked to stop. By CancelJob (the job is CANCELLING: seen here, or sent as SIGTERM) it ends
+        CANCELLED and its checkpoints go. A SIGTERM without a cancel comes from outside (a node drain, an eviction,
+        its Kubernetes Job deleted by someone): nothing is recorded and the checkpoints stay, so the executor resumes
+        the job from the last one."""
+        if self.jobs.get_job(self.job_id).state == JobState.CANCELLING:
+            self._clean_up()
+            self._end(JobState.CANCELLED, "cancelled")
+            return EXIT_CANCELLED
+        log.warning("stopped from outside (SIGTERM) without a cancel; the job resumes", extra={"job": self.job_id})
+        write_termination_message("stopped by SIGTERM without a cancel (a node drain, an eviction, its Job deleted)")
+        return EXIT_INTERRUPTED
 
     def _end(
         self, state: JobState, message: str, *, error: str | None = None, result: job_pb2.JobResult | None = None
@@ -502,6 +520,18 @@ class JobWorker:
         return job_result
 
 
+def write_termination_message(text: str) -> None:
+    """The worker's last error, where Kubernetes reads a container's last words (`terminationMessagePath`, named
+    in TERMINATION_MESSAGE_ENV by the Kubernetes executor; unset for local workers, whose log file says it)."""
+    path = os.environ.get(TERMINATION_MESSAGE_ENV)
+    if not path:
+        return
+    try:
+        Path(path).write_text(text[:4096] + "\n")  # Kubernetes keeps at most 4 KiB of it
+    except OSError as err:
+        log.warning("the termination message was not written: %s", err, extra={"path": path})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer_service.jobs.worker", description=__doc__)
     parser.add_argument("--job", required=True, help="the job ID")
@@ -524,11 +554,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             outages.bind(jobs)
             return JobWorker(jobs, store, args.job, args.data_dir).run()
     except DatabaseError as err:
+        write_termination_message(str(err))
         # Past the outage window (or the database refused us): nothing can be recorded, not even FAILED. One line, no
         # traceback: the executor reads it as the job's news when the database answers again.
         log.error("%s", err, extra={"job": args.job, "then": "the trainer resumes the job when the database is back"})
         return EXIT_DATABASE_UNAVAILABLE
 
 
+def _main_with_last_words() -> int:
+    try:
+        return main()
+    except Exception as err:
+        # Anything unexpected still reaches the job's error in one line (the traceback goes to the log), then the
+        # process dies as before: the executor resumes the job or fails it with these words.
+        write_termination_message(f"{type(err).__name__}: {err}")
+        raise
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_with_last_words())

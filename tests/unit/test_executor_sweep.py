@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer_service.jobs import events
-from trainer_service.jobs.local_executor import JobExecutor
+from trainer_service.jobs.executor import JobExecutor
+from trainer_service.jobs.local_workers import LocalWorkers
 from trainer_service.jobs.store import JobState, JobStore
 from visiontune.settings import S3Settings
 
@@ -23,7 +24,7 @@ def test_a_job_owned_here_without_a_worker_is_resumed_or_cancelled(tmp_path: Pat
         assert elsewhere is not None
         assert elsewhere.job_id == "elsewhere"
 
-        executor = JobExecutor(jobs, S3Settings(), tmp_path, replica_id="r1")
+        executor = JobExecutor(jobs, LocalWorkers(S3Settings(), tmp_path, database_url=jobs.url), replica_id="r1")
         executor.sweep_orphans()
 
         assert {r.job_id: (r.state, r.owner) for r in jobs.jobs_in_states(set(JobState))} == {

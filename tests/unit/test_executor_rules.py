@@ -1,0 +1,153 @@
+"""The executor's rules over any worker runtime, with a runtime whose workers are plain objects the test ends (the
+rules are the executor's; the real runtimes have their own tests): retries, failures that are not retried, the cap,
+and handing workers that outlive their trainer over to another replica."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import json_format
+from tests.integration.trainer_helpers import tiny_spec
+from trainer_service.jobs.executor import JobExecutor
+from trainer_service.jobs.records import JobRecord, WorkerRecord
+from trainer_service.jobs.runtime import WorkerExit
+from trainer_service.jobs.store import JobState, JobStore
+
+
+@dataclass
+class PlainWorker:
+    job_id: str
+    attempt: int
+    ended: WorkerExit | None = None
+    terminated: bool = False
+    gone: bool = False
+
+    def exited(self) -> WorkerExit | None:
+        return self.ended
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    def kill(self) -> None:
+        self.ended = self.ended or WorkerExit(None, "killed", "")
+
+    def cleaned_up(self) -> bool:
+        return self.gone
+
+
+@dataclass
+class PlainRuntime:
+    cluster_cap: int | None = None
+    workers_outlive_trainer: bool = False
+    launched: list[PlainWorker] = field(default_factory=list)
+    adopted: list[PlainWorker] = field(default_factory=list)
+
+    def worker_name(self, job_id: str, attempt: int) -> str:
+        return f"vt-{job_id}-{attempt}"
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def launch(self, record: JobRecord) -> PlainWorker:
+        worker = PlainWorker(record.job_id, record.attempt)
+        self.launched.append(worker)
+        return worker
+
+    def adopt(self, row: WorkerRecord) -> PlainWorker:
+        worker = PlainWorker(row.job_id, row.attempt)
+        self.adopted.append(worker)
+        return worker
+
+    def stop_strays(self, job_id: str) -> None:
+        pass
+
+
+SPEC = json_format.MessageToJson(tiny_spec())
+
+
+def _until(predicate: Callable[[], object], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _executor(jobs: JobStore, runtime: PlainRuntime, replica: str = "r1", slots: int = 4) -> JobExecutor:
+    executor = JobExecutor(jobs, runtime, replica_id=replica, slots=slots, poll_interval_s=0.05)
+    executor.start()
+    return executor
+
+
+def test_a_killed_worker_is_retried_and_one_that_cannot_run_fails_at_once(tmp_path: Path) -> None:
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        runtime = PlainRuntime()
+        executor = _executor(jobs, runtime)
+        try:
+            jobs.create_job("retried", SPEC)  # max_retries 2 by default
+            _until(lambda: len(runtime.launched) == 1)
+            first = runtime.launched[0]
+            first.ended, first.gone = WorkerExit(None, "signal SIGKILL (exit code 137)", ""), True
+            _until(lambda: len(runtime.launched) == 2)
+            assert jobs.get_job("retried").attempt == 2
+
+            jobs.create_job("hopeless", "{}")
+            _until(lambda: len(runtime.launched) == 3)
+            stuck = runtime.launched[2]
+            stuck.ended = WorkerExit(None, "its image x could not be pulled for 300 s", "", retryable=False)
+            stuck.gone = True
+            _until(lambda: jobs.get_job("hopeless").state == JobState.FAILED)
+            assert jobs.get_job("hopeless").error == "its image x could not be pulled for 300 s"
+            assert len(runtime.launched) == 3
+        finally:
+            executor.stop()
+
+
+def test_the_cap_holds_until_a_worker_is_cleaned_up(tmp_path: Path) -> None:
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        runtime = PlainRuntime(cluster_cap=2, workers_outlive_trainer=True)
+        executor = _executor(jobs, runtime, slots=2)
+        try:
+            for i in range(3):
+                jobs.create_job(f"j{i}", "{}")
+            _until(lambda: len(runtime.launched) == 2)
+            done = runtime.launched[0]
+            jobs.update_state(done.job_id, JobState.SUCCEEDED)  # what the worker itself records
+            done.ended = WorkerExit(0, "exit code 0", "")
+            time.sleep(0.5)
+            assert len(runtime.launched) == 2  # ended, but its Job still exists: no third yet
+            done.gone = True
+            _until(lambda: len(runtime.launched) == 3)
+            assert len(jobs.workers()) == 2
+        finally:
+            executor.stop(requeue=False)
+
+
+def test_a_stopped_replica_s_workers_are_adopted_by_another_never_relaunched(tmp_path: Path) -> None:
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        first = PlainRuntime(cluster_cap=8, workers_outlive_trainer=True)
+        executor = _executor(jobs, first, "r1")
+        jobs.create_job("long", "{}")
+        _until(lambda: len(first.launched) == 1)
+        executor.stop()  # the worker runs on; its row and job are released
+        assert jobs.get_job("long").state == JobState.RUNNING
+        assert jobs.get_job("long").owner is None
+
+        second = PlainRuntime(cluster_cap=8, workers_outlive_trainer=True)
+        other = _executor(jobs, second, "r2")
+        try:
+            _until(lambda: len(second.adopted) == 1)
+            assert second.launched == []
+            assert jobs.get_job("long").owner == "r2"
+            adopted = second.adopted[0]
+            jobs.update_state("long", JobState.SUCCEEDED)
+            adopted.ended, adopted.gone = WorkerExit(0, "exit code 0", ""), True
+            _until(lambda: not jobs.workers())
+            assert jobs.get_job("long").attempt == 1
+        finally:
+            other.stop()

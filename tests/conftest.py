@@ -1,4 +1,5 @@
-"""Shared fixtures: one real S3 server and one real PostgreSQL per test session, a fresh bucket / database per test."""
+"""Shared fixtures: one real S3 server, PostgreSQL and Kubernetes control plane per test session (each started when a
+test first needs it), a fresh bucket / database / namespace per test."""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kubernetes import client as k8s
 from visiontune.devstack.postgres import PostgresProcess
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
+
+from tests.kube_cluster import KubeControlPlane
+from tests.standin_kubelet import StandInKubelet
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +73,46 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture(scope="session")
+def kube_control_plane() -> Iterator[KubeControlPlane]:
+    """A real control plane (etcd, kube-apiserver, controller-manager, scheduler) for the session, started lazily."""
+    with KubeControlPlane() as plane:
+        print(f"kube control plane started in {plane.started_in_s:.1f} s")
+        yield plane
+
+
+@dataclass
+class Kube:
+    """A test's view of the control plane: a namespace of its own and a stand-in node (see tests/standin_kubelet.py)."""
+
+    plane: KubeControlPlane
+    api_client: k8s.ApiClient
+    namespace: str
+    kubelet: StandInKubelet
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.plane.kubeconfig
+
+
+STANDIN_IMAGES = frozenset({"visiontune/trainer:test"})
+
+
+@pytest.fixture
+def kube(kube_control_plane: KubeControlPlane, request: pytest.FixtureRequest) -> Iterator[Kube]:
+    """A fresh namespace (deleted after) and a stand-in node with 4 GPUs that has `visiontune/trainer:test`; a test
+    changes the node with `@pytest.mark.standin(gpus=..., images=...)`."""
+    marker = request.node.get_closest_marker("standin")
+    options = {"gpus": 4, "images": STANDIN_IMAGES, **(marker.kwargs if marker else {})}
+    namespace = "t-" + secrets.token_hex(5)
+    with kube_control_plane.api_client() as api:
+        core = k8s.CoreV1Api(api)
+        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
+        kubelet = StandInKubelet(api, node=f"node-{namespace}", **options).start()
+        try:
+            yield Kube(kube_control_plane, api, namespace, kubelet)
+        finally:
+            kubelet.stop()
+            core.delete_namespace(namespace)

@@ -15,6 +15,7 @@ from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
+from urllib3.exceptions import ProtocolError
 from tests.integration.trainer_helpers import Trainer, start_trainer
 from trainer_service.jobs.kubernetes.manifest import SELECTOR
 from visiontune.devstack.s3server import S3ServerProcess
@@ -23,6 +24,7 @@ from visiontune.store import ArtifactStore
 
 WORKER_IMAGE = "visiontune/trainer:test"
 ENV_SECRET = "visiontune-worker-env"
+WORKER_SERVICE_ACCOUNT = "visiontune-worker"
 
 
 def worker_path_env() -> str:
@@ -31,7 +33,11 @@ def worker_path_env() -> str:
 
 
 def create_worker_secret(api: k8s.ApiClient, namespace: str, s3: S3ServerProcess, bucket: str, db_url: str) -> None:
-    """The Secret job pods take their S3 and database settings from (`--k8s-worker-env-from secret:…`)."""
+    """What deploy/k8s gives job pods: their ServiceAccount, and the Secret they take their S3 and database settings
+    from (`--k8s-worker-env-from secret:…`)."""
+    k8s.CoreV1Api(api).create_namespaced_service_account(
+        namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name=WORKER_SERVICE_ACCOUNT))
+    )
     values = {**s3.settings(bucket).to_env(), DATABASE_URL_ENV: db_url, "VISIONTUNE_LOG_FORMAT": "json"}
     data = {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}
     k8s.CoreV1Api(api).create_namespaced_secret(
@@ -91,6 +97,7 @@ class JobCounter:
         self._lock = threading.Lock()
         self._watch = k8s_watch.Watch()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stopped = False
 
     def __enter__(self) -> JobCounter:
         self._thread.start()
@@ -98,6 +105,7 @@ class JobCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stopped = True
         self._watch.stop()
         self._thread.join(timeout=10)
 
@@ -105,6 +113,13 @@ class JobCounter:
         stream = self._watch.stream(
             self._batch.list_namespaced_job, self._namespace, label_selector=SELECTOR, deserialize=False
         )
+        try:
+            self._count(stream)
+        except ProtocolError:
+            if not self._stopped:
+                raise  # the stream broke while counting: the counts would be wrong
+
+    def _count(self, stream: Any) -> None:
         for event in stream:
             obj: dict[str, Any] = event["object"]
             name = obj["metadata"]["name"]

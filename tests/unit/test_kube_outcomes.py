@@ -116,3 +116,13 @@ def test_a_deadline_fails_the_job_whatever_the_pod_says() -> None:
 def test_a_job_gone_without_pods() -> None:
     ended = _exit(None)
     assert (ended.exit_code, ended.cause, ended.retryable) == (None, "its Kubernetes Job vt-j-1 was deleted", True)
+
+
+def test_a_job_that_makes_no_pod_fails_past_the_schedule_timeout() -> None:
+    job = _job()
+    job["metadata"]["creationTimestamp"] = _ts(30)
+    assert _exit(job) is None
+    job["metadata"]["creationTimestamp"] = _ts(61)
+    ended = _exit(job)
+    assert not ended.retryable
+    assert ended.cause.startswith("its Kubernetes Job vt-j-1 made no pod for 61 s")

@@ -173,4 +173,15 @@ def worker_exit(
         stuck = pending_exit(pod, now, schedule_timeout_s=schedule_timeout_s, image_pull_timeout_s=image_pull_timeout_s)
         if stuck is not None:
             return stuck
+    if not pods and not job.get("status", {}).get("active"):
+        created = parse_time(job.get("metadata", {}).get("creationTimestamp"))
+        waited = (now - created).total_seconds() if created is not None else 0.0
+        if waited >= schedule_timeout_s:
+            # The Job controller could not make its pod: a missing ServiceAccount, a quota, an admission policy. Why
+            # is in the Job's events, which the trainer's Role does not read.
+            why = (
+                f"its Kubernetes Job {name} made no pod for {waited:.0f} s "
+                f"(see `kubectl describe job {name}`: a missing ServiceAccount, a quota or an admission policy)"
+            )
+            return WorkerExit(None, why, why, retryable=False)
     return job_failed_exit(job)

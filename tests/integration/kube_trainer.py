@@ -15,9 +15,9 @@ from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
-from urllib3.exceptions import ProtocolError
 from tests.integration.trainer_helpers import Trainer, start_trainer
 from trainer_service.jobs.kubernetes.manifest import SELECTOR
+from urllib3.exceptions import ProtocolError
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.settings import DATABASE_URL_ENV
 from visiontune.store import ArtifactStore

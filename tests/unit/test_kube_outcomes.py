@@ -6,7 +6,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-
 from trainer_service.jobs.kubernetes.outcomes import worker_exit
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)

@@ -105,6 +105,8 @@ class WatchedObjects:
                 self._watch_once()
                 pause = 0.5
             except ApiException as err:
+                if self._stop.is_set():
+                    return
                 if err.status == _GONE:
                     log.info("%s watch expired (410 Gone); listing again", self.kind)
                     self._version = ""
@@ -112,6 +114,8 @@ class WatchedObjects:
                     continue
                 log.warning("watching %s failed: %s %s; retrying", self.kind, err.status, err.reason)
             except (HTTPError, OSError, ValueError) as err:
+                if self._stop.is_set():
+                    return  # stop() closed the stream under the watch
                 log.warning("watching %s failed: %s; retrying", self.kind, err)
             self._stop.wait(pause)
             pause = min(pause * 2, _RETRY_MAX_S)

@@ -1,9 +1,9 @@
 """The dev overlay applied for real to the test control plane (tests/kube_cluster.py), and the trainer's
 ServiceAccount checked with `kubectl auth can-i`: it may manage Jobs and read pods in its namespace, nothing more.
 
-The test API server is Kubernetes 1.20: it serves neither autoscaling/v2 nor policy/v1 and has no gRPC probes. Those
-documents are validated strictly against 1.32's schemas in tests/unit/test_deploy_manifests.py; here they are set
-aside by name, and the rest is applied without client-side schema validation (1.20's would refuse the gRPC probes).
+The test API server is Kubernetes 1.20: it serves neither autoscaling/v2 nor policy/v1 and has no gRPC probes. The
+rendered documents are validated strictly against 1.32's schemas in tests/unit/test_deploy_manifests.py; here the
+newer kinds are set aside by name, and gRPC probes are applied as TCP probes on the same port (the one change made).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -40,12 +41,26 @@ def applied(kube_control_plane: KubeControlPlane) -> Iterator[KubeControlPlane]:
     }
     assert set_aside == NEWER_THAN_THE_TEST_SERVER  # the overlay does carry its autoscaler and disruption budgets
     kept = [d for d in docs if (d["apiVersion"], d["kind"]) not in NEWER_THAN_THE_TEST_SERVER]
+    assert sum(_grpc_probes_as_tcp(d) for d in kept) >= 6  # both services: readiness, liveness, startup
     result = _kubectl(kube_control_plane, "apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(kept))
     assert result.returncode == 0, result.stderr
     try:
         yield kube_control_plane
     finally:
         _kubectl(kube_control_plane, "delete", "namespace", NAMESPACE, "--wait=false")
+
+
+def _grpc_probes_as_tcp(doc: dict[str, Any]) -> int:
+    """1.20 knows no gRPC probes: the same port as a TCP probe. Returns how many probes it changed."""
+    changed = 0
+    pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+    for container in pod.get("containers", []):
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            probe = container.get(kind)
+            if probe and "grpc" in probe:
+                probe["tcpSocket"] = {"port": probe.pop("grpc")["port"]}
+                changed += 1
+    return changed
 
 
 def _can(plane: KubeControlPlane, account: str, *args: str) -> bool:

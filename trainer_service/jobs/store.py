@@ -14,6 +14,11 @@ and the job workers. What keeps them apart:
   with Conflict once another attempt has begun (`update_state(..., attempt=)`);
 - event sequences are the resource's previous highest plus one, computed under the resource's row lock.
 
+One module, one class: every operation (jobs, studies, replicas, worker rows, events) goes through the same
+transaction helpers and the one compare-and-set `_set_state`, and claims, expiry and adoption touch several of those
+tables in one transaction; the tables, migrations and row mappers already live in `schema.py`. (Splitting the class
+by resource over a shared base is the next step if it grows further.)
+
 No protobuf, no gRPC: the servicer converts records to messages, and the errors are `visiontune.errors`
 classes that the server runtime turns into status codes.
 """

@@ -125,3 +125,11 @@ def test_a_job_that_makes_no_pod_fails_past_the_schedule_timeout() -> None:
     ended = _exit(job)
     assert not ended.retryable
     assert ended.cause.startswith("its Kubernetes Job vt-j-1 made no pod for 61 s")
+
+
+def test_a_worker_stopped_from_outside_is_retried_with_that_cause() -> None:
+    message = "stopped by SIGTERM without a cancel (a node drain, an eviction, its Job deleted)"
+    ended = _exit(_job(), _pod("Failed", state={"terminated": {"exitCode": 78, "reason": "Error", "message": message}}))
+    assert (ended.exit_code, ended.retryable) == (None, True)
+    assert ended.cause == "stopped from outside (SIGTERM without a cancel: a drain or an eviction)"
+    assert ended.last_words == message

@@ -42,18 +42,10 @@ class LocalWorker:
     """One worker subprocess."""
 
     def __init__(self, job_id: str, attempt: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-        self._job_id = job_id
-        self._attempt = attempt
+        self.job_id = job_id
+        self.attempt = attempt
         self.proc = proc
         self.log_path = log_path
-
-    @property
-    def job_id(self) -> str:
-        return self._job_id
-
-    @property
-    def attempt(self) -> int:
-        return self._attempt
 
     @property
     def pid(self) -> int:

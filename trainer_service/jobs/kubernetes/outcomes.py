@@ -14,7 +14,7 @@ import signal
 from datetime import datetime
 from typing import Any, Final
 
-from trainer_service.jobs.runtime import WorkerExit, last_words
+from trainer_service.jobs.runtime import EXIT_INTERRUPTED, WorkerExit, last_words
 
 Obj = dict[str, Any]
 
@@ -83,6 +83,8 @@ def pod_exit(pod: Obj) -> WorkerExit | None:
         return WorkerExit(None, f"OOMKilled (over its memory limit, exit code {code})", words or "killed for memory")
     if code > 128:
         return WorkerExit(None, signal_cause(code), words)
+    if code == EXIT_INTERRUPTED:
+        return WorkerExit(None, "stopped from outside (SIGTERM without a cancel: a drain or an eviction)", words)
     return WorkerExit(code, f"exit code {code}", words)
 
 

@@ -31,7 +31,7 @@ from trainer_service.jobs.kubernetes import manifest, outcomes
 from trainer_service.jobs.kubernetes.settings import KubernetesSettings
 from trainer_service.jobs.kubernetes.watch import WatchedObjects
 from trainer_service.jobs.records import JobRecord, WorkerRecord
-from trainer_service.jobs.runtime import EXIT_INTERRUPTED, WorkerExit
+from trainer_service.jobs.runtime import WorkerExit
 from trainer_service.spec.config import DeviceKind
 from trainer_service.spec.convert import load_stored_spec
 from trainer_service.spec.validate import SpecInvalid
@@ -72,8 +72,8 @@ class KubernetesWorker:
     def __init__(self, runtime: KubernetesWorkers, name: str, job_id: str, attempt: int) -> None:
         self._runtime = runtime
         self.name = name
-        self._job_id = job_id
-        self._attempt = attempt
+        self.job_id = job_id
+        self.attempt = attempt
         self._created = False
         self._body: dict[str, Any] | None = None
         self._first_try = time.monotonic()
@@ -81,14 +81,6 @@ class KubernetesWorker:
         self._failed: WorkerExit | None = None
         self._deleting = False
         self._missing_since: float | None = None
-
-    @property
-    def job_id(self) -> str:
-        return self._job_id
-
-    @property
-    def attempt(self) -> int:
-        return self._attempt
 
     # -- creating
 
@@ -153,8 +145,6 @@ class KubernetesWorker:
             return None
         if job is None and not self._deleting:
             return WorkerExit(None, f"its Kubernetes Job {self.name} was deleted outside the trainer", ended.last_words)
-        if ended.exit_code == EXIT_INTERRUPTED:
-            return WorkerExit(None, "stopped from outside (SIGTERM without a cancel: a drain or an eviction)", "")
         return ended
 
     def _confirmed_gone(self) -> bool:

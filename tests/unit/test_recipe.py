@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from trainer_service.engine.context import RunContext
 from trainer_service.engine.epoch import Cancelled
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks
 from trainer_service.engine.models import build_classifier, normalization
-from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, train
+from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, checkpoint_bytes, train
 from trainer_service.spec.config import (
     Architecture,
     AugmentationConfig,
@@ -81,9 +80,7 @@ class Recorder(NoOpCallbacks):
         self.ended.append((repeat, stage, epochs_run, stopped_early))
 
     def checkpoint(self, state: dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self.checkpoints.append(buffer.getvalue())
+        self.checkpoints.append(checkpoint_bytes(state))
 
     def should_stop(self) -> bool:
         return self.stop_after_epochs is not None and len(self.epochs) >= self.stop_after_epochs
@@ -94,8 +91,7 @@ def _run(config: TrainingConfig, recorder: Recorder, resume: ResumeState | None 
 
 
 def _resume_state(raw: bytes) -> ResumeState:
-    state = torch.load(io.BytesIO(raw), weights_only=False)
-    return ResumeState.from_checkpoint(state)
+    return ResumeState.from_bytes(raw)  # weights-only, as the worker loads it
 
 
 def test_two_stages_report_every_epoch_and_learn() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from trainer_service.engine.batches import Split
 from trainer_service.engine.context import RunContext
 from trainer_service.engine.evaluation import (
     ClassificationReport,
+    MisclassifiedExample,
     OpenSetReport,
     aggregate,
     classification_report,
@@ -36,7 +38,7 @@ from trainer_service.engine.loop import (
     run_stage,
 )
 from trainer_service.engine.models import Classifier
-from trainer_service.spec.config import TrainingConfig
+from trainer_service.spec.config import OpenSetScore, TrainingConfig
 
 
 @dataclass
@@ -116,6 +118,33 @@ class ResumeState:
     def from_checkpoint(cls, state: Mapping[str, Any]) -> ResumeState:
         """The resume state in a checkpoint: the dict `Callbacks.checkpoint` was given, read back."""
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ResumeState:
+        """A checkpoint as `checkpoint_bytes` wrote it, loaded weights-only: tensors, primitives and the
+        `CHECKPOINT_TYPES` rebuild, any other global in the pickle is refused (no code runs)."""
+        with torch.serialization.safe_globals(list(CHECKPOINT_TYPES)):
+            state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        return cls.from_checkpoint(state)
+
+
+def checkpoint_bytes(state: Mapping[str, Any]) -> bytes:
+    """The dict `Callbacks.checkpoint` is given, serialised as `ResumeState.from_bytes` reads it."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    return buffer.getvalue()
+
+
+# Every type a checkpoint holds besides tensors and primitives: what the weights-only unpickler may rebuild.
+CHECKPOINT_TYPES: tuple[type, ...] = (
+    StageState,
+    EpochRecord,
+    RepeatResult,
+    ClassificationReport,
+    MisclassifiedExample,
+    OpenSetReport,
+    OpenSetScore,
+)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     jobs/{job}/spec.json                        the spec as submitted (written by the job's first attempt)
     jobs/{job}/events.jsonl                     the job's whole event log, written when the job ends
-    jobs/{job}/checkpoints/last.pt              the last checkpoint: overwritten every epoch, deleted at the end
+    jobs/{job}/checkpoints/{sha256}.pt          the last checkpoint, named by its digest (which the job store holds)
     models/{model}/versions/{version}/          model.pt and plots/*.png, then manifest.json, which commits them
     studies/{study}/plots/{name}.png            a tuning study's plots
     lr-finder/{model}-{token}/loss_vs_lr.png    an LR range test's plot
@@ -14,7 +14,8 @@ the store they were given.
 
 from __future__ import annotations
 
-import io
+import hashlib
+import hmac
 import json
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-import torch
 from google.protobuf import json_format
 from visiontune import names
 from visiontune.store import ArtifactStore, ObjectNotFound
@@ -32,7 +32,7 @@ from visiontune.v1 import job_pb2, training_spec_pb2
 from trainer_service.engine import plots
 from trainer_service.engine.loop import CLASSIFIER
 from trainer_service.engine.models import export_torchscript, normalization
-from trainer_service.engine.recipe import ResumeState, TrainingResult
+from trainer_service.engine.recipe import ResumeState, TrainingResult, checkpoint_bytes
 from trainer_service.jobs import results
 from trainer_service.jobs.store import EventRecord
 from trainer_service.spec.config import TrainingConfig
@@ -64,8 +64,9 @@ def checkpoints_prefix(job_id: str) -> str:
     return f"{job_prefix(job_id)}checkpoints/"
 
 
-def checkpoint_key(job_id: str) -> str:
-    return f"{checkpoints_prefix(job_id)}last.pt"
+def checkpoint_key(job_id: str, sha256: str) -> str:
+    """A checkpoint is named by its digest: a new one never overwrites the one the job store still names."""
+    return f"{checkpoints_prefix(job_id)}{sha256}.pt"
 
 
 def study_plot_key(study_id: str, plot: str) -> str:
@@ -100,22 +101,49 @@ def save_event_log(store: ArtifactStore, job_id: str, log: Iterable[EventRecord]
     store.put_bytes(events_key(job_id), ("\n".join(lines) + "\n").encode(), content_type="application/x-ndjson")
 
 
-def save_checkpoint(store: ArtifactStore, job_id: str, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    # One object, overwritten each epoch: an S3 PUT is atomic, so a reader sees the old or the new one.
-    store.put_bytes(checkpoint_key(job_id), buffer.getvalue())
+class CheckpointIntegrityError(RuntimeError):
+    """The checkpoint the job store names is missing, or the object's bytes are not the ones the worker wrote:
+    someone with write access to the bucket replaced it. Nothing of it was unpickled."""
 
 
-def load_checkpoint(store: ArtifactStore, job_id: str) -> ResumeState | None:
-    """The job's last checkpoint as the engine resumes from it; None when there is none."""
-    try:
-        raw = store.get_bytes(checkpoint_key(job_id))
-    except ObjectNotFound:
+def save_checkpoint(store: ArtifactStore, job_id: str, state: dict[str, Any]) -> str:
+    """Upload a checkpoint; returns its sha256, which the caller commits to the job store (the commit point: until
+    then a resume still loads the previous one, so a crash between the two tears nothing)."""
+    data = checkpoint_bytes(state)
+    digest = hashlib.sha256(data).hexdigest()
+    store.put_bytes(checkpoint_key(job_id, digest), data)
+    return digest
+
+
+def load_checkpoint(store: ArtifactStore, job_id: str, sha256: str | None) -> ResumeState | None:
+    """The checkpoint the job store names (`sha256`, None: there is none) as the engine resumes from it.
+
+    The bytes are checked against the digest before anything is unpickled, and then loaded weights-only with just
+    the checkpoint's own dataclasses allowed: a replaced object fails here (CheckpointIntegrityError) and never
+    runs code in the worker, which holds the bucket's and the database's credentials.
+    """
+    if sha256 is None:
         return None
-    # Our own checkpoint, written by this code: it carries dataclasses, so it is not weights-only.
-    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    return ResumeState.from_checkpoint(state)
+    key = checkpoint_key(job_id, sha256)
+    try:
+        raw = store.get_bytes(key)
+    except ObjectNotFound:
+        raise CheckpointIntegrityError(
+            f"the job's checkpoint {object_uri(store, key)} is missing from the bucket; it was deleted behind the "
+            "job's back, so the job cannot resume"
+        ) from None
+    actual = hashlib.sha256(raw).hexdigest()
+    if not hmac.compare_digest(actual, sha256):
+        raise CheckpointIntegrityError(
+            f"the job's checkpoint {object_uri(store, key)} has sha256 {actual}, but the worker wrote {sha256}: the "
+            "object was replaced in the bucket; refusing to load it"
+        )
+    return ResumeState.from_bytes(raw)
+
+
+def delete_checkpoint(store: ArtifactStore, job_id: str, sha256: str) -> None:
+    """Drop a checkpoint a newer one replaced."""
+    store.delete(checkpoint_key(job_id, sha256))
 
 
 def delete_checkpoints(store: ArtifactStore, job_id: str) -> None:

@@ -57,6 +57,19 @@ class Conflict(JobStoreError, errors.Aborted):
     """A compare-and-set failed: the resource is not in one of the expected states."""
 
 
+class QuotaExceeded(JobStoreError, errors.ResourceExhausted):
+    """The creator already holds as many queued jobs (running studies) as a `CreatorQuota` allows."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreatorQuota:
+    """At most `limit` queued jobs (running studies) of one creator at once (0: no limit); `setting` names the
+    flag that raises it, for the error."""
+
+    limit: int
+    setting: str = ""
+
+
 class SchemaError(JobStoreError, errors.FailedPrecondition):
     """The database file has a schema this code cannot use (newer, or not a job store at all)."""
 
@@ -120,6 +133,10 @@ class JobRecord:
     # The trainer replica running the current attempt (None while queued, after the end, or on a store that
     # predates replicas).
     owner: str | None = None
+    # The authenticated principal that created the job ('' without authentication).
+    creator: str = ""
+    # sha256 of the checkpoint the last finished epoch committed (None before the first one).
+    checkpoint_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +153,7 @@ class StudyRecord:
     result_json: str | None
     # The trainer replica whose study runner drives the study (None while nobody does).
     owner: str | None = None
+    creator: str = ""  # the authenticated principal that created the study ('' without authentication)
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,6 +99,8 @@ STUDIES_TABLE: Final = sa.Table(
     sa.Column("result_json", sa.Text),
     # The replica whose study runner drives the study; NULL while nobody does (taken by the next runner).
     sa.Column("owner", sa.Text),
+    # The authenticated principal that created it ('' without authentication): per-caller quotas count by it.
+    sa.Column("creator", sa.Text, nullable=False),
 )
 
 JOBS_TABLE: Final = sa.Table(
@@ -121,6 +123,9 @@ JOBS_TABLE: Final = sa.Table(
     sa.Column("trial_number", sa.Integer),
     # The replica running the job's current attempt; NULL while it is queued or after it ended.
     sa.Column("owner", sa.Text),
+    sa.Column("creator", sa.Text, nullable=False),
+    # sha256 of the checkpoint object the last epoch committed: a resume loads nothing else.
+    sa.Column("checkpoint_sha256", sa.Text),
 )
 
 EVENTS: Final = sa.Table(
@@ -284,8 +289,27 @@ def _migration_3_workers(conn: Connection, dialect: Dialect) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _migration_4_creators_and_checkpoints(conn: Connection, dialect: Dialect) -> None:
+    """Who created each job and study (per-caller quotas), and the digest of each job's committed checkpoint (a
+    resume verifies the object before it unpickles anything)."""
+    statements = (
+        "ALTER TABLE vt_jobs ADD COLUMN creator TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE vt_jobs ADD COLUMN checkpoint_sha256 TEXT",
+        "ALTER TABLE vt_studies ADD COLUMN creator TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX vt_jobs_by_creator ON vt_jobs (creator, state)",
+        "CREATE INDEX vt_studies_by_creator ON vt_studies (creator, state)",
+    )
+    for statement in statements:
+        conn.exec_driver_sql(statement)
+
+
 # Ordered: migration i takes the schema from version i to i + 1. Append only, never edit a shipped one.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_migration_1_initial, _migration_2_replicas, _migration_3_workers)
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    _migration_1_initial,
+    _migration_2_replicas,
+    _migration_3_workers,
+    _migration_4_creators_and_checkpoints,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -331,6 +355,8 @@ def job_from_row(row: Row) -> JobRecord:
         study_id=row["study_id"],
         trial_number=row["trial_number"],
         owner=row["owner"],
+        creator=row["creator"],
+        checkpoint_sha256=row["checkpoint_sha256"],
     )
 
 
@@ -347,6 +373,7 @@ def study_from_row(row: Row) -> StudyRecord:
         error=row["error"],
         result_json=row["result_json"],
         owner=row["owner"],
+        creator=row["creator"],
     )
 
 

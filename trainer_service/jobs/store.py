@@ -46,11 +46,13 @@ from visiontune.outages import OutageListener, OutagePolicy
 from trainer_service.jobs.records import (
     AlreadyExists,
     Conflict,
+    CreatorQuota,
     EventRecord,
     JobRecord,
     JobState,
     JobStoreError,
     NotFound,
+    QuotaExceeded,
     ReplicaRecord,
     ResourceType,
     SchemaError,
@@ -85,12 +87,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "AlreadyExists",
     "Conflict",
+    "CreatorQuota",
     "EventRecord",
     "JobRecord",
     "JobState",
     "JobStore",
     "JobStoreError",
     "NotFound",
+    "QuotaExceeded",
     "ReplicaRecord",
     "ResourceType",
     "SchemaError",
@@ -268,7 +272,10 @@ class JobStore:
         request_id: str | None,
         values: dict[str, Any],
         from_row: Callable[[Any], _R],
+        quota: tuple[str, CreatorQuota, Iterable[str]] | None = None,
     ) -> tuple[_R, bool]:
+        """Insert a row unless `request_id` made it before. `quota`: the creator's cap and the states it counts,
+        checked in the insert's transaction (a replay of a request is never refused by it)."""
         _require_id(resource_id, resource.id_column)
         if request_id == "":
             request_id = None  # proto3's empty string means "no request id"
@@ -281,6 +288,8 @@ class JobStore:
                     return from_row(row), False
             if conn.execute(sa.select(resource.id).where(resource.id == resource_id)).first() is not None:
                 raise AlreadyExists(f"{resource.noun} {resource_id!r} already exists")
+            if quota is not None:
+                self._check_quota(conn, resource, *quota)
             now = self._now_us()
             columns = {
                 resource.id_column: resource_id,
@@ -298,6 +307,26 @@ class JobStore:
             # A concurrent create with the same request id or resource id committed first (PostgreSQL; SQLite's
             # write lock serialises them): run again, and see its row.
             return self._write(run)
+
+    def _check_quota(
+        self, conn: Connection, resource: Resource, creator: str, quota: CreatorQuota, states: Iterable[str]
+    ) -> None:
+        if quota.limit <= 0:
+            return
+        table = resource.table
+        held = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(table)
+            .where(table.c.creator == creator, table.c.state.in_(list(states)))
+        ).scalar_one()
+        if held >= quota.limit:
+            who = f"caller {creator!r}" if creator else "all callers together (no authentication)"
+            raise QuotaExceeded(
+                f"{who} already has {held} {resource.noun}s {'queued' if resource is JOBS else 'running'}, "
+                f"the limit is {quota.limit}"
+                + (f" ({quota.setting})" if quota.setting else "")
+                + "; wait for some to finish or cancel them"
+            )
 
     def _fetch_row(self, conn: Connection, resource: Resource, resource_id: str, *, lock: bool = False) -> Any:
         query = sa.select(resource.table).where(resource.id == resource_id)
@@ -401,12 +430,15 @@ class JobStore:
         labels: dict[str, str] | None = None,
         study_id: str | None = None,
         trial_number: int | None = None,
+        creator: str = "",
+        quota: CreatorQuota | None = None,
     ) -> tuple[JobRecord, bool]:
         """Create a QUEUED job. Returns (job, created).
 
         Idempotent on ``request_id``: a retry with the same request id returns the job the first call
         made and ``created=False``. A different request for an existing ``job_id`` raises AlreadyExists;
-        an unknown ``study_id`` raises NotFound.
+        an unknown ``study_id`` raises NotFound; QuotaExceeded when ``creator`` already has `quota`'s limit of
+        jobs queued.
         """
         if study_id is not None:
             # Checked here for a clear message; the foreign key still guards it inside the transaction.
@@ -426,8 +458,10 @@ class JobStore:
                 "labels_json": json.dumps(dict(labels or {}), sort_keys=True),
                 "study_id": study_id,
                 "trial_number": trial_number,
+                "creator": creator,
             },
             job_from_row,
+            None if quota is None else (creator, quota, [JobState.QUEUED.value]),
         )
 
     def get_job(self, job_id: str) -> JobRecord:
@@ -492,6 +526,25 @@ class JobStore:
                 .values(attempt=_J.attempt + 1, update_time=self._now_us())
             )
             return job_from_row(self._fetch_row(conn, JOBS, job_id))
+
+        return self._write(run)
+
+    def commit_checkpoint(self, job_id: str, attempt: int, sha256: str | None) -> str | None:
+        """Make `sha256` the job's checkpoint (None: it has none), if `attempt` is still the job's current one.
+        Returns the digest it replaced (None when there was none). Raises Conflict when another attempt has taken
+        the job over: its checkpoint is the one that counts."""
+
+        def run(conn: Connection) -> str | None:
+            row = self._fetch_row(conn, JOBS, job_id, lock=True)
+            if row["attempt"] != attempt:
+                raise Conflict(f"job {job_id!r} is on attempt {row['attempt']}, not {attempt}: checkpoint not kept")
+            conn.execute(
+                sa.update(JOBS.table)
+                .where(_J.job_id == job_id)
+                .values(checkpoint_sha256=sha256, update_time=self._now_us())
+            )
+            previous: str | None = row["checkpoint_sha256"]
+            return previous
 
         return self._write(run)
 
@@ -640,9 +693,11 @@ class JobStore:
         display_name: str = "",
         request_id: str | None = None,
         owner: str | None = None,
+        creator: str = "",
+        quota: CreatorQuota | None = None,
     ) -> tuple[StudyRecord, bool]:
         """Create a RUNNING study, driven by replica ``owner`` (None: by whichever runner claims it first).
-        Idempotent on ``request_id`` exactly like create_job."""
+        Idempotent on ``request_id`` exactly like create_job; `quota` caps the creator's running studies."""
         return self._insert_idempotent(
             STUDIES,
             study_id,
@@ -652,8 +707,10 @@ class JobStore:
                 "spec_json": spec_json,
                 "display_name": display_name,
                 "owner": owner,
+                "creator": creator,
             },
             study_from_row,
+            None if quota is None else (creator, quota, [StudyState.RUNNING.value]),
         )
 
     def get_study(self, study_id: str) -> StudyRecord:

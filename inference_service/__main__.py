@@ -126,7 +126,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     triton.add_argument(
         "--triton-address",
         default=os.environ.get("VISIONTUNE_TRITON_ADDRESS", "127.0.0.1"),
-        help="address Triton's endpoints listen on [VISIONTUNE_TRITON_ADDRESS]",
+        help="loopback address Triton's gRPC and HTTP endpoints (its model-control API) listen on; any other "
+        "address is refused [VISIONTUNE_TRITON_ADDRESS]",
+    )
+    triton.add_argument(
+        "--triton-metrics-address",
+        default=os.environ.get("VISIONTUNE_TRITON_METRICS_ADDRESS", "127.0.0.1"),
+        help="address Triton's Prometheus metrics listen on: 0.0.0.0 lets Prometheus scrape them too "
+        "[VISIONTUNE_TRITON_METRICS_ADDRESS]",
     )
     triton.add_argument("--triton-grpc-port", type=int, default=_env_int("TRITON_GRPC_PORT", grpc_port))
     triton.add_argument("--triton-http-port", type=int, default=_env_int("TRITON_HTTP_PORT", http_port))
@@ -172,12 +179,17 @@ def build(
     # Deployments come back from their records in the bucket; a model repository left by an earlier run
     # would only be stale.
     shutil.rmtree(workdir / "triton" / "models", ignore_errors=True)
-    ports = TritonPorts(
-        grpc=args.triton_grpc_port,
-        http=args.triton_http_port,
-        metrics=args.triton_metrics_port,
-        address=args.triton_address,
-    )
+    try:
+        ports = TritonPorts(
+            grpc=args.triton_grpc_port,
+            http=args.triton_http_port,
+            metrics=args.triton_metrics_port,
+            address=args.triton_address,
+            metrics_address=args.triton_metrics_address,
+        )
+    except ValueError as err:
+        predictions.close()
+        raise StartupError(f"{err} (--triton-address)") from err
     try:
         triton = TritonServer(
             find_triton(args.triton_binary), ports, workdir / "triton", startup_timeout=args.triton_startup_timeout

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import ipaddress
 import logging
 import os
 import shutil
@@ -102,12 +103,34 @@ def _distribution_at(binary: Path) -> TritonDistribution | None:
     return TritonDistribution(binary=binary, library_dirs=libs, python_backend=backend, python_stub=stub)
 
 
+def is_loopback(address: str) -> bool:
+    """Whether `address` (an IP or `localhost`) can only be reached from this host (this pod)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class TritonPorts:
+    """Triton's endpoints. gRPC and HTTP carry its model-control API (load, unload, any model repository path):
+    they stay on loopback, where only the inference service in the same pod reaches them. Its metrics may be
+    published (`metrics_address`) for Prometheus."""
+
     grpc: int
     http: int
     metrics: int
     address: str = "127.0.0.1"
+    metrics_address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.address):
+            raise ValueError(
+                f"Triton's gRPC and HTTP endpoints must listen on loopback, not {self.address!r}: they carry its "
+                "model-control API, which would let anyone who reaches them load and unload models"
+            )
 
     @property
     def grpc_url(self) -> str:
@@ -119,7 +142,9 @@ class TritonPorts:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.address}:{self.metrics}/metrics"
+        # Scraped from inside the pod: a wildcard bind is reached over loopback too.
+        host = self.address if self.metrics_address in ("0.0.0.0", "::") else self.metrics_address
+        return f"http://{host}:{self.metrics}/metrics"
 
 
 def _die_with_parent() -> None:
@@ -187,7 +212,7 @@ class TritonServer:
             f"--grpc-port={p.grpc}",
             f"--http-address={p.address}",
             f"--http-port={p.http}",
-            f"--metrics-address={p.address}",
+            f"--metrics-address={p.metrics_address}",
             f"--metrics-port={p.metrics}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=true",

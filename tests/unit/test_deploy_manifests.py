@@ -605,3 +605,55 @@ def test_promtool_accepts_the_prometheus_rules_groups(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout
+
+
+# --- Triton stays inside the pod ------------------------------------------------------------------------------
+
+
+def _triton_ports(target: str) -> set[int]:
+    """Triton's ports in this rendering: its defaults, or what the settings ConfigMap moves them to."""
+    from inference_service.__main__ import DEFAULT_TRITON_PORTS
+
+    settings = _settings(target)
+    names = ("VISIONTUNE_TRITON_GRPC_PORT", "VISIONTUNE_TRITON_HTTP_PORT", "VISIONTUNE_TRITON_METRICS_PORT")
+    return {int(settings.get(name) or default) for name, default in zip(names, DEFAULT_TRITON_PORTS, strict=True)}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_triton_port_is_exposed_outside_the_inference_pod(target: str) -> None:
+    triton = _triton_ports(target)
+    inference = _one(target, "Deployment", "visiontune-inference")["spec"]["template"]["spec"]
+    # The pod's own network namespace: with the node's, "loopback" would be every process on the node.
+    assert not inference.get("hostNetwork", False)
+    for where, container, _pod in _containers(target):
+        ports = {p["containerPort"] for p in container.get("ports", [])}
+        assert not ports & triton, f"{where} declares Triton's port(s) {sorted(ports & triton)}"
+        assert not any("hostPort" in p for p in container.get("ports", [])), where
+        env = {**_settings(target), **{k: v or "" for k, v in _env(container).items()}}
+        address = env.get("VISIONTUNE_TRITON_ADDRESS", "127.0.0.1")
+        assert address in ("127.0.0.1", "::1", "localhost"), f"{where}: Triton's API on {address}"
+        args = container.get("args", []) + container.get("command", [])
+        assert not any(a.startswith("--triton-address") and not a.endswith("127.0.0.1") for a in args), where
+    (service_container,) = inference["containers"]
+    assert {p["containerPort"] for p in service_container["ports"]} == {50052, 9464}
+    for service in _docs(target, "Service"):
+        for port in service["spec"]["ports"]:
+            assert port.get("targetPort", port["port"]) not in triton, f"Service {service['metadata']['name']}"
+            assert port["port"] not in triton, f"Service {service['metadata']['name']}"
+    for policy in _docs(target, "NetworkPolicy"):
+        selects = policy["spec"]["podSelector"].get("matchLabels", {})
+        for rule in policy["spec"].get("ingress", []):
+            allowed = {p["port"] for p in rule.get("ports", [])}
+            assert rule.get("ports"), f"NetworkPolicy {policy['metadata']['name']} opens every port"
+            assert not allowed & triton, f"NetworkPolicy {policy['metadata']['name']} opens Triton's port(s)"
+            if selects.get("app.kubernetes.io/name") == "visiontune-inference":
+                assert allowed <= {50052, 9464}, policy["metadata"]["name"]
+
+
+def test_the_inference_service_refuses_to_put_tritons_api_off_loopback() -> None:
+    from inference_service.triton.server import TritonPorts
+
+    with pytest.raises(ValueError, match="model-control API"):
+        TritonPorts(grpc=8001, http=8000, metrics=8002, address="0.0.0.0")
+    published = TritonPorts(grpc=8001, http=8000, metrics=8002, metrics_address="0.0.0.0")
+    assert published.metrics_url == "http://127.0.0.1:8002/metrics"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from visiontune.settings import DATABASE_URL_ENV, DEFAULT_TRAINER_PORT, ServerSe
 from visiontune.store import ArtifactStore
 from visiontune.v1 import training_service_pb2, training_service_pb2_grpc
 
+from trainer_service import policy
 from trainer_service.jobs.executor import JobExecutor
 from trainer_service.jobs.kubernetes import settings as k8s_settings
 from trainer_service.jobs.local_workers import LocalWorkers
@@ -49,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "[VISIONTUNE_JOB_SLOTS]",
     )
     k8s_settings.add_arguments(parser)
+    policy.add_arguments(parser)
     state = parser.add_argument_group("shared state (several trainer replicas)")
     state.add_argument(
         "--database-url",
@@ -78,10 +81,16 @@ def job_slots(requested: int) -> int:
 
 
 def worker_runtime(
-    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace, jobs: JobStore
+    settings: ServerSettings,
+    store: ArtifactStore,
+    args: argparse.Namespace,
+    jobs: JobStore,
+    limits: policy.DatasetLimits | None = None,
 ) -> tuple[WorkerRuntime, int]:
     """The runtime of --executor and the executor's slots on this replica: the local slots, or the cluster cap (the
-    Kubernetes executor's bound is the cap on Jobs in the cluster, which the claims enforce across replicas)."""
+    Kubernetes executor's bound is the cap on Jobs in the cluster, which the claims enforce across replicas).
+    Every worker gets `limits` in its environment: it enforces them once it has listed the data."""
+    worker_env = (limits or policy.DatasetLimits()).to_env()
     if args.executor == "kubernetes":
         # Imported here: the local stack never loads the Kubernetes client.
         from trainer_service.jobs.kubernetes.workers import KubernetesWorkers, api_client
@@ -93,8 +102,10 @@ def worker_runtime(
             raise StartupError(f"the Kubernetes executor: {err}") from err
         except Exception as err:  # the client's config loader raises its own ConfigException and YAML errors
             raise StartupError(f"the Kubernetes executor cannot reach a cluster: {err}") from err
+        kube = dataclasses.replace(kube, worker_env=tuple(worker_env.items()))
         return KubernetesWorkers(kube, client, default_bucket=store.bucket), kube.max_jobs
-    return LocalWorkers(settings.s3, settings.data_dir, database_url=jobs.url), job_slots(args.job_slots)
+    local = LocalWorkers(settings.s3, settings.data_dir, database_url=jobs.url, extra_env=worker_env)
+    return local, job_slots(args.job_slots)
 
 
 def open_job_store(settings: ServerSettings, args: argparse.Namespace) -> JobStore:
@@ -131,9 +142,13 @@ def build(
 ) -> tuple[list[ServiceBinding], Callable[[], None]]:
     if jobs is None:
         jobs = open_job_store(settings, args)
+    try:
+        limits = policy.policy_from_args(args, artifact_bucket=store.bucket)
+    except ValueError as err:
+        raise StartupError(str(err)) from err
     lease = ReplicaLease(jobs, ReplicaSettings(args.replica_id or default_replica_id(settings.port), args.lease_ttl_s))
     lease.register()
-    workers, slots = worker_runtime(settings, store, args, jobs)
+    workers, slots = worker_runtime(settings, store, args, jobs, limits.dataset)
     executor = JobExecutor(jobs, workers, replica_id=lease.replica_id, default_bucket=store.bucket, slots=slots)
     runner = StudyRunner(
         jobs,
@@ -148,14 +163,16 @@ def build(
     executor.start()
     runner.start()
     lease.start()
-    studies = Studies(jobs, runner, default_bucket=store.bucket, wake_executor=executor.wake)
+    studies = Studies(jobs, runner, default_bucket=store.bucket, wake_executor=executor.wake, inputs=limits.inputs)
     # The servicer reads S3 inside requests (FindLearningRate, RecommendSpec): with S3 down they fail now, with
     # the store's one-line error, rather than hold the call for the outage window. The study runner, in the
     # background, waits through an outage as the job workers (their own processes) do.
     request_store = store.with_outage(NO_WAIT)
     # A client waits on each request: a database blip is ridden out, an outage answers UNAVAILABLE in seconds.
     request_jobs = jobs.with_outage(BRIEF_WAIT)
-    servicer = TrainingServicer(request_jobs, executor, request_store, settings.data_dir / "trainer" / "cache", studies)
+    servicer = TrainingServicer(
+        request_jobs, executor, request_store, settings.data_dir / "trainer" / "cache", studies, policy=limits
+    )
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
     )

@@ -9,7 +9,7 @@ worker processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from visiontune import names, pagination
 from visiontune.errors import FailedPrecondition, FieldViolation, InvalidArgument, parse_field, reraise_as
 from visiontune.store import ArtifactStore, StoreError
+from visiontune.uris import parse_location
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
 
 from trainer_service import resources
@@ -25,7 +26,8 @@ from trainer_service.advice.recommend import recommend_for_dataset
 from trainer_service.datasets.listing import dataset_fingerprint
 from trainer_service.jobs import events
 from trainer_service.jobs.executor import JobExecutor
-from trainer_service.jobs.store import JobState, JobStore
+from trainer_service.jobs.store import CreatorQuota, JobState, JobStore
+from trainer_service.policy import TrainerPolicy
 from trainer_service.spec.convert import config_to_spec
 from trainer_service.spec.lr_sweep import validate_lr_request
 from trainer_service.spec.validate import SpecInvalid, validate_spec
@@ -40,7 +42,15 @@ WATCH_FINAL_GRACE_S = 0.5
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def __init__(
-        self, jobs: JobStore, executor: JobExecutor, store: ArtifactStore, cache_dir: Path, studies: Studies
+        self,
+        jobs: JobStore,
+        executor: JobExecutor,
+        store: ArtifactStore,
+        cache_dir: Path,
+        studies: Studies,
+        *,
+        policy: TrainerPolicy | None = None,
+        caller_of: Callable[[grpc.ServicerContext], str] | None = None,
     ) -> None:
         self._jobs = jobs
         self._studies = studies
@@ -48,6 +58,14 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         self._store = store
         self._cache_dir = cache_dir
         self._default_bucket = store.bucket
+        self._policy = policy or TrainerPolicy.default(store.bucket)
+        # Where a client's spec may read from (datasets/ of the artifact bucket unless configured).
+        self._inputs = self._policy.inputs
+        # Who is calling (the authenticated principal's name, '' without authentication): quotas count by it.
+        self._caller_of = caller_of or (lambda _context: "")
+        quotas = self._policy.quotas
+        self._job_quota = CreatorQuota(quotas.max_queued_jobs, "--max-queued-jobs-per-caller")
+        self._study_quota = CreatorQuota(quotas.max_active_studies, "--max-active-studies-per-caller")
 
     # --- jobs -------------------------------------------------------------------------------------
 
@@ -100,7 +118,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             violations.append(FieldViolation("job.spec", "required"))
         else:
             try:
-                config = validate_spec(request.job.spec, default_bucket=self._default_bucket)
+                config = validate_spec(request.job.spec, default_bucket=self._default_bucket, inputs=self._inputs)
             except SpecInvalid as err:
                 violations += [FieldViolation(f"job.spec.{v.field}", v.description) for v in err.violations]
         if violations:
@@ -120,6 +138,8 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             display_name=request.job.display_name,
             request_id=request.request_id or None,
             labels=dict(request.job.labels),
+            creator=self._caller_of(context),
+            quota=self._job_quota,
         )
         if created:
             events.record_state(self._jobs, record.job_id, JobState.QUEUED, "queued")
@@ -161,7 +181,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         self, request: training_service_pb2.FindLearningRateRequest, context: grpc.ServicerContext
     ) -> training_service_pb2.FindLearningRateResponse:
         try:
-            config, sweep = validate_lr_request(request, default_bucket=self._default_bucket)
+            config, sweep = validate_lr_request(request, default_bucket=self._default_bucket, inputs=self._inputs)
         except SpecInvalid as err:
             raise InvalidArgument(err.violations) from err
         # The dataset and the weights are the caller's to fix, whatever S3 said (DatasetError and
@@ -184,6 +204,12 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     ) -> training_service_pb2.RecommendSpecResponse:
         if not request.dataset_uri:
             raise InvalidArgument([FieldViolation("dataset_uri", "required")])
+        try:
+            problem = self._inputs.problem(parse_location(request.dataset_uri, default_bucket=self._default_bucket))
+        except ValueError as err:
+            problem = str(err)
+        if problem is not None:
+            raise InvalidArgument([FieldViolation("dataset_uri", problem)])
         # As in FindLearningRate; a ValueError is a dataset the rules cannot recommend for.
         with reraise_as(FailedPrecondition, StoreError, ValueError):
             recommendation, listing = recommend_for_dataset(
@@ -239,6 +265,8 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             study_id=request.study_id or names.new_id("study"),
             request_id=request.request_id,
             validate_only=request.validate_only,
+            creator=self._caller_of(context),
+            quota=self._study_quota,
         )
 
     def CancelStudy(

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from torch import Tensor
-from visiontune.store import ArtifactStore, StoreError
+from visiontune.store import ArtifactStore, StoreError, sha256_file
 from visiontune.uris import parse_location
 
 from trainer_service.engine.models import WeightsUnavailable, imagenet_state_dict, load_state_dict_file
@@ -32,10 +32,10 @@ def load_base_weights(cfg: ModelConfig, store: ArtifactStore | None) -> dict[str
         raise ValueError("model.weights_uri is required when model.weights is 'uri'")
     if store is None:
         raise ValueError("loading model weights from a URI needs an artifact store")
-    return _load_from_store(cfg.weights_uri, store)
+    return _load_from_store(cfg.weights_uri, store, cfg.weights_sha256)
 
 
-def _load_from_store(uri: str, store: ArtifactStore) -> dict[str, Tensor]:
+def _load_from_store(uri: str, store: ArtifactStore, sha256: str | None) -> dict[str, Tensor]:
     try:
         location = parse_location(uri, default_bucket=store.bucket, folder=False)
     except ValueError as err:
@@ -49,4 +49,12 @@ def _load_from_store(uri: str, store: ArtifactStore) -> dict[str, Tensor]:
             source.download_file(location.prefix, path)
         except StoreError as err:
             raise WeightsUnavailable(f"model weights {location} could not be downloaded: {err}") from err
+        if sha256 is not None:
+            # Before the file is opened at all: torch.load's weights-only unpickler is the second line, not the first.
+            actual = sha256_file(path)
+            if actual != sha256:
+                raise WeightsUnavailable(
+                    f"model weights {location} have sha256 {actual}, but model.weights_sha256 is {sha256}: the "
+                    "object is not the file the spec pinned; refusing to load it"
+                )
         return load_state_dict_file(path, f"model weights {location}")

@@ -176,7 +176,7 @@ def test_a_failed_job_exits_1_with_its_error(trainer: Trainer, spec_file: Path) 
         "--set",
         "model.weights=uri",
         "--set",
-        "model.weights_uri=weights/missing.pt",
+        "model.weights_uri=datasets/weights/missing.pt",
     )
     assert failed.exit_code == 1, failed.output
     assert re.search(r"^state: failed \(.*missing\.pt", failed.stdout, re.MULTILINE), failed.stdout

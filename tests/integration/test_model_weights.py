@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import io
 import secrets
@@ -58,6 +59,18 @@ def test_a_state_dict_in_the_artifact_bucket_loads_into_the_backbone(store: Arti
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.base(x), reference(x), rtol=0, atol=0)
+
+
+def test_pinned_weights_load_only_when_the_object_has_the_pinned_digest(store: ArtifactStore) -> None:
+    data = _saved(_reference().state_dict())
+    store.put_bytes("weights/pinned.pth", data)
+    pinned = dataclasses.replace(_cfg("weights/pinned.pth"), weights_sha256=hashlib.sha256(data).hexdigest())
+    assert load_base_weights(pinned, store) is not None
+
+    # Swapped in the bucket after the spec pinned it: a valid state_dict still, but not the pinned file.
+    store.put_bytes("weights/pinned.pth", _saved(nn.Linear(2, 2).state_dict()))
+    with pytest.raises(WeightsUnavailable, match="not the file the spec pinned; refusing to load it"):
+        load_base_weights(pinned, store)
 
 
 def test_a_state_dict_in_another_bucket_of_the_same_server(store: ArtifactStore, s3_server: S3ServerProcess) -> None:

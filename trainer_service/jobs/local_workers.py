@@ -77,9 +77,16 @@ class LocalWorkers:
     workers_outlive_trainer = False
 
     def __init__(
-        self, s3: S3Settings, data_dir: Path, *, database_url: str | None = None, python: str = sys.executable
+        self,
+        s3: S3Settings,
+        data_dir: Path,
+        *,
+        database_url: str | None = None,
+        python: str = sys.executable,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self._s3 = s3
+        self._extra_env = dict(extra_env or {})  # the trainer's limits, which the worker enforces
         self._data_dir = data_dir
         self._database_url = database_url
         self._python = python
@@ -103,7 +110,7 @@ class LocalWorkers:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=worker_environment(self._s3, database_url=self._database_url),
+                env={**worker_environment(self._s3, database_url=self._database_url), **self._extra_env},
             )
         log.info(
             "job started",

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -95,6 +95,7 @@ from trainer_service.jobs.store import (
     database_url_for,
     default_database_path,
 )
+from trainer_service.policy import DatasetLimits
 from trainer_service.spec.config import TrainingConfig
 from trainer_service.spec.convert import load_stored_spec
 from trainer_service.weights import load_base_weights
@@ -128,8 +129,11 @@ class LoadedData:
 class JobWorker:
     """One attempt at one job. Implements the engine's Callbacks."""
 
-    def __init__(self, jobs: JobStore, store: ArtifactStore, job_id: str, data_dir: Path) -> None:
+    def __init__(
+        self, jobs: JobStore, store: ArtifactStore, job_id: str, data_dir: Path, limits: DatasetLimits | None = None
+    ) -> None:
         self.jobs = jobs
+        self.limits = limits or DatasetLimits()
         # Set by CancelJob's SIGTERM: it also ends a wait for S3, which would otherwise hold the cancel for minutes.
         self._stop = threading.Event()
         self.store = store.with_outage(listener=events.OutageEvents(jobs, job_id), stop=self._stop)
@@ -160,16 +164,19 @@ class JobWorker:
             self._check_fence()
         return self._stop_requested
 
+    def _superseded(self, now: int) -> NoReturn:
+        log.warning(
+            "the job was taken over by another attempt; stopping without writing",
+            extra={"job": self.job_id, "attempt": self.record.attempt, "now": now},
+        )
+        os._exit(EXIT_SUPERSEDED)
+
     def _check_fence(self) -> None:
         """Read the job's record: stop if it is being cancelled, exit if another attempt has taken it over."""
         self._fence_checked_at = time.monotonic()
         current = self.jobs.get_job(self.job_id)
         if current.attempt != self.record.attempt or current.state not in ACTIVE_JOB_STATES:
-            log.warning(
-                "the job was taken over by another attempt; stopping without writing",
-                extra={"job": self.job_id, "attempt": self.record.attempt, "now": current.attempt},
-            )
-            os._exit(EXIT_SUPERSEDED)
+            self._superseded(current.attempt)
         if current.state == JobState.CANCELLING:
             self._stop_requested = True
 
@@ -217,8 +224,15 @@ class JobWorker:
             )
 
     def checkpoint(self, state: dict[str, Any]) -> None:
-        self._check_fence()  # a superseded attempt must not overwrite the checkpoint the new one resumes from
-        artifacts.save_checkpoint(self.store, self.job_id, state)
+        self._check_fence()  # a superseded attempt must not replace the checkpoint the new one resumes from
+        digest = artifacts.save_checkpoint(self.store, self.job_id, state)
+        try:
+            # The commit point: the job store names the checkpoint a resume may load, by its digest.
+            previous = self.jobs.commit_checkpoint(self.job_id, self.record.attempt, digest)
+        except Conflict:
+            self._superseded(self.jobs.get_job(self.job_id).attempt)
+        if previous is not None and previous != digest:
+            artifacts.delete_checkpoint(self.store, self.job_id, previous)
 
     # -- the job
 
@@ -303,6 +317,12 @@ class JobWorker:
             os._exit(EXIT_SUPERSEDED)
 
     def _clean_up(self) -> None:
+        # The store forgets the checkpoint first: an attempt that still ran after this would start afresh rather
+        # than look for a deleted object.
+        try:
+            self.jobs.commit_checkpoint(self.job_id, self.record.attempt, None)
+        except Conflict:
+            self._superseded(self.jobs.get_job(self.job_id).attempt)
         try:
             artifacts.delete_checkpoints(self.store, self.job_id)
         except StoreError as err:
@@ -330,7 +350,7 @@ class JobWorker:
             def make_model(seed: int) -> Any:
                 return build_classifier(config.model, len(labels), base_state)
 
-            resume = artifacts.load_checkpoint(self.store, self.job_id)
+            resume = artifacts.load_checkpoint(self.store, self.job_id, self.record.checkpoint_sha256)
             if resume is not None:
                 events.record_warning(
                     self.jobs,
@@ -386,13 +406,15 @@ class JobWorker:
             )
             train_items = [listing.items[i] for i in train_rows]
             val_items = [listing.items[i] for i in val_rows]
+        test_listing = list_image_folder(self.store, cfg.test_uri) if cfg.test_uri else None
+        unknown_listing = list_image_folder(self.store, cfg.unknown_uri, min_labels=1) if cfg.unknown_uri else None
+        # Every listing before any download: a job over the platform's limits fails before it costs anything.
+        self._check_limits([x for x in (listing, val_listing, test_listing, unknown_listing) if x is not None])
         train_set, val_set = decode(listing, train_items), decode(val_listing, val_items)
         test_set = unknown_set = None
-        if cfg.test_uri:
-            test_listing = list_image_folder(self.store, cfg.test_uri)
+        if test_listing is not None:
             test_set = decode(test_listing, self._relabel(test_listing, labels, "test"))
-        if cfg.unknown_uri:
-            unknown_listing = list_image_folder(self.store, cfg.unknown_uri, min_labels=1)
+        if unknown_listing is not None:
             unknown_set = decode(unknown_listing, [item._replace(label=0) for item in unknown_listing.items])
 
         corrupt = [key for d in handles for key in d.corrupt]
@@ -440,6 +462,15 @@ class JobWorker:
         if test_set is not None:
             keys["test"] = list(test_set.keys)
         return LoadedData(prepared=prepared, summary=summary, keys=keys, handles=handles)
+
+    def _check_limits(self, listings: Sequence[ImageFolderListing]) -> None:
+        # validation_split's val listing is the training listing itself: count each dataset once.
+        unique = {x.uri: x for x in listings}.values()
+        problems = [self.limits.bytes_problem(x.uri, sum(item.size for item in x.items)) for x in unique]
+        problems.append(self.limits.images_problem(sum(len(x.items) for x in unique)))
+        found = [p for p in problems if p is not None]
+        if found:
+            raise DatasetError("; ".join(found))
 
     def _relabel(self, listing: ImageFolderListing, labels: list[str], what: str) -> list[ImageItem]:
         """Items of a separate validation/test set, indexed by the training labels; others are skipped."""
@@ -552,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with JobStore(url, outage_listener=outages) as jobs:
             outages.bind(jobs)
-            return JobWorker(jobs, store, args.job, args.data_dir).run()
+            return JobWorker(jobs, store, args.job, args.data_dir, DatasetLimits.from_env()).run()
     except DatabaseError as err:
         write_termination_message(str(err))
         # Past the outage window (or the database refused us): nothing can be recorded, not even FAILED. One line, no

@@ -194,6 +194,7 @@ class ModelConfig:
     architecture: Architecture = field(default=enum_default("model.architecture", ARCHITECTURES))
     weights: WeightsSource = field(default=enum_default("model.weights", WEIGHTS_SOURCES))
     weights_uri: str | None = None
+    weights_sha256: str | None = None  # lower-case hex; the weights file must match it when set
     classifier_dim: int = _default("model.classifier_dim")
     dropout: float = _default("model.dropout")
     activation: Activation = field(default=enum_default("model.activation", ACTIVATIONS))

@@ -84,6 +84,7 @@ def config_to_spec(config: TrainingConfig) -> pb.TrainingSpec:
             architecture=ARCHITECTURES.to_proto(m.architecture),
             weights=WEIGHTS_SOURCES.to_proto(m.weights),
             weights_uri=m.weights_uri or "",
+            weights_sha256=m.weights_sha256 or "",
             classifier_dim=m.classifier_dim,
             dropout=m.dropout,
             activation=ACTIVATIONS.to_proto(m.activation),

@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from visiontune import protoreflect
 from visiontune.errors import FieldViolation
+from visiontune.uris import InputLocations
 from visiontune.v1 import training_service_pb2
 
 from trainer_service.spec.checker import Checker, SpecInvalid
@@ -39,7 +40,7 @@ class LrSweep:
 
 
 def validate_lr_request(
-    request: training_service_pb2.FindLearningRateRequest, *, default_bucket: str
+    request: training_service_pb2.FindLearningRateRequest, *, default_bucket: str, inputs: InputLocations | None = None
 ) -> tuple[TrainingConfig, LrSweep]:
     """The request's spec as a config and its sweep; `SpecInvalid` lists every bad field."""
     c = Checker(_REQUEST)
@@ -62,7 +63,7 @@ def validate_lr_request(
     config: TrainingConfig | None = None
     spec_violations: list[FieldViolation] = []
     try:
-        config = validate_spec(request.spec, default_bucket=default_bucket)
+        config = validate_spec(request.spec, default_bucket=default_bucket, inputs=inputs)
     except SpecInvalid as err:
         spec_violations = [FieldViolation(f"spec.{v.field}", v.description) for v in err.violations]
     if c.violations or config is None:

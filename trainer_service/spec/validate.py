@@ -14,7 +14,7 @@ import re
 from visiontune import float32, protoreflect
 from visiontune.names import InvalidName, check_id
 from visiontune.settings import DEFAULT_BUCKET
-from visiontune.uris import parse_location
+from visiontune.uris import InputLocations, parse_location
 from visiontune.v1 import training_spec_pb2 as pb
 
 from trainer_service.spec.checker import Checker, SpecInvalid
@@ -59,6 +59,8 @@ __all__ = [
     "validate_spec",
 ]
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
 # The output model when the dataset's name has nothing usable in it (e.g. `s3://b/2024/`).
 DEFAULT_OUTPUT_MODEL = "model"
 
@@ -69,8 +71,11 @@ _FLOAT32_SLACK = 1e-6
 _LONG_FINE_TUNING = protoreflect.field_rules(pb.StageSpec.DESCRIPTOR, "epochs").range
 
 
-def _location(c: Checker, default_bucket: str, path: str, uri: str, *, folder: bool = True) -> bool:
-    """Whether `uri` is `s3://bucket/prefix` or a bare key prefix naming something below the bucket's root."""
+def _location(
+    c: Checker, default_bucket: str, inputs: InputLocations | None, path: str, uri: str, *, folder: bool = True
+) -> bool:
+    """Whether `uri` is `s3://bucket/prefix` or a bare key prefix naming something below the bucket's root, and,
+    when `inputs` is given, lies under one of its allowed locations."""
     try:
         where = parse_location(uri, default_bucket=default_bucket, folder=folder)
     except ValueError as exc:
@@ -81,21 +86,29 @@ def _location(c: Checker, default_bucket: str, path: str, uri: str, *, folder: b
         what = "an object key" if not folder else "a key prefix"
         c.fail(path, f"must name {what}: s3://BUCKET/KEY or a key in the artifact bucket, got {uri!r}")
         return False
+    problem = None if inputs is None else inputs.problem(where)
+    if problem is not None:
+        c.fail(path, problem)
+        return False
     return True
 
 
 # -- validate_spec: proto in, config out ------------------------------------------------------------------------
 
 
-def validate_spec(spec: pb.TrainingSpec, *, default_bucket: str = DEFAULT_BUCKET) -> TrainingConfig:
+def validate_spec(
+    spec: pb.TrainingSpec, *, default_bucket: str = DEFAULT_BUCKET, inputs: InputLocations | None = None
+) -> TrainingConfig:
     """The spec as a `TrainingConfig` with every default resolved; `SpecInvalid` lists every bad field.
 
     `default_bucket` is where bare key prefixes (`datasets/flowers`) live: the service's artifact bucket.
+    `inputs` confines the dataset and weights URIs; the edge (the servicer) passes it for every spec a client
+    sends. A stored spec read back by a worker was confined when it was accepted, so it is checked without.
     """
     c = Checker(pb.TrainingSpec.DESCRIPTOR)
-    dataset = _dataset(c, default_bucket, spec.dataset)
+    dataset = _dataset(c, default_bucket, inputs, spec.dataset)
     augmentation = _augmentation(c, spec.augmentation)
-    model = _model(c, default_bucket, spec.model)
+    model = _model(c, default_bucket, inputs, spec.model)
     classifier = _stage(c, "classifier", spec.classifier, StageConfig.learning_rate)
     architecture = None if c.failed("model.architecture") else model.architecture
     fine_tuning = _fine_tuning(c, spec.fine_tuning, classifier, architecture)
@@ -119,9 +132,9 @@ def validate_spec(spec: pb.TrainingSpec, *, default_bucket: str = DEFAULT_BUCKET
     )
 
 
-def _dataset(c: Checker, default_bucket: str, msg: pb.DatasetSpec) -> DatasetConfig:
+def _dataset(c: Checker, default_bucket: str, inputs: InputLocations | None, msg: pb.DatasetSpec) -> DatasetConfig:
     if msg.uri.strip("/"):
-        _location(c, default_bucket, "dataset.uri", msg.uri)
+        _location(c, default_bucket, inputs, "dataset.uri", msg.uri)
     else:  # the field is REQUIRED (field_behavior)
         c.fail("dataset.uri", f"is required: s3://BUCKET/PREFIX or a key prefix (datasets/NAME), got {msg.uri!r}")
     for name, uri in (
@@ -130,7 +143,7 @@ def _dataset(c: Checker, default_bucket: str, msg: pb.DatasetSpec) -> DatasetCon
         ("unknown_uri", msg.unknown_uri),
     ):
         if uri:
-            _location(c, default_bucket, f"dataset.{name}", uri)
+            _location(c, default_bucket, inputs, f"dataset.{name}", uri)
     split = c.number(msg, "dataset.validation_split")
     image_size = c.number(msg, "dataset.image_size")
     cache_max_mb = c.number(msg, "dataset.cache_max_mb")
@@ -172,7 +185,7 @@ def _augmentation(c: Checker, msg: pb.AugmentationSpec) -> AugmentationConfig:
     )
 
 
-def _model(c: Checker, default_bucket: str, msg: pb.ModelSpec) -> ModelConfig:
+def _model(c: Checker, default_bucket: str, inputs: InputLocations | None, msg: pb.ModelSpec) -> ModelConfig:
     weights = c.enum(msg, "model.weights", WEIGHTS_SOURCES)
     # weights_uri is required iff weights is URI; skipped when weights itself is bad (already reported).
     uri_path, uri = "model.weights_uri", msg.weights_uri
@@ -180,15 +193,20 @@ def _model(c: Checker, default_bucket: str, msg: pb.ModelSpec) -> ModelConfig:
         if weights is WeightsSource.URI and not uri:
             c.fail(uri_path, "is required when model.weights is WEIGHTS_SOURCE_URI: s3://BUCKET/KEY or a key")
         elif weights is WeightsSource.URI:
-            _location(c, default_bucket, uri_path, uri, folder=False)
+            _location(c, default_bucket, inputs, uri_path, uri, folder=False)
         elif uri:
             c.fail(uri_path, f"must be empty unless model.weights is WEIGHTS_SOURCE_URI, got {uri!r}")
+        if msg.weights_sha256 and weights is not WeightsSource.URI:
+            c.fail("model.weights_sha256", "must be empty unless model.weights is WEIGHTS_SOURCE_URI")
+        elif msg.weights_sha256 and not _SHA256.fullmatch(msg.weights_sha256.lower()):
+            c.fail("model.weights_sha256", f"must be 64 hex digits (a sha256), got {msg.weights_sha256!r}")
     classifier_dim = c.number(msg, "model.classifier_dim")
     dropout = c.number(msg, "model.dropout")
     return ModelConfig(
         architecture=c.enum(msg, "model.architecture", ARCHITECTURES),
         weights=weights,
         weights_uri=msg.weights_uri or None,
+        weights_sha256=msg.weights_sha256.lower() or None,
         classifier_dim=classifier_dim,
         dropout=dropout,
         activation=c.enum(msg, "model.activation", ACTIVATIONS),

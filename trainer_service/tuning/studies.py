@@ -12,10 +12,11 @@ from typing import Final
 from google.protobuf import json_format
 from visiontune import names
 from visiontune.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from visiontune.uris import InputLocations
 from visiontune.v1 import study_pb2
 
 from trainer_service.jobs import events
-from trainer_service.jobs.store import JobRecord, JobState, JobStore, StudyState
+from trainer_service.jobs.store import CreatorQuota, JobRecord, JobState, JobStore, StudyState
 from trainer_service.resources import study_to_proto
 from trainer_service.spec.convert import config_to_spec
 from trainer_service.spec.validate import SpecInvalid, validate_spec
@@ -35,19 +36,39 @@ class StudyPreconditionFailed(FailedPrecondition):
 
 class Studies:
     def __init__(
-        self, jobs: JobStore, runner: StudyRunner, *, default_bucket: str, wake_executor: Callable[[], None]
+        self,
+        jobs: JobStore,
+        runner: StudyRunner,
+        *,
+        default_bucket: str,
+        wake_executor: Callable[[], None],
+        inputs: InputLocations | None = None,
     ) -> None:
         self._jobs = jobs
         self._runner = runner
         self._default_bucket = default_bucket
         self._wake_executor = wake_executor
+        self._inputs = inputs or InputLocations.default(default_bucket)
 
-    def _config(self, spec: study_pb2.StudySpec) -> StudyConfig:
-        return validate_study(spec, default_bucket=self._default_bucket)
+    def _config(self, spec: study_pb2.StudySpec, *, from_client: bool = False) -> StudyConfig:
+        """The spec's config. A client's spec is confined to the allowed input locations; a stored one was when it
+        was accepted (a later change of the setting must not break reading it)."""
+        inputs = self._inputs if from_client else None
+        return validate_study(spec, default_bucket=self._default_bucket, inputs=inputs)
 
-    def create(self, study: study_pb2.Study, *, study_id: str, request_id: str, validate_only: bool) -> study_pb2.Study:
-        """Validate and start a study. Raises InvalidArgument naming every bad field (`study_id`, and the
-        spec's fields prefixed `study.`), or the job store's AlreadyExists."""
+    def create(
+        self,
+        study: study_pb2.Study,
+        *,
+        study_id: str,
+        request_id: str,
+        validate_only: bool,
+        creator: str = "",
+        quota: CreatorQuota | None = None,
+    ) -> study_pb2.Study:
+        """Validate and start a study for `creator`. Raises InvalidArgument naming every bad field (`study_id`, and
+        the spec's fields prefixed `study.`), or the job store's AlreadyExists, or QuotaExceeded when the creator
+        already runs `quota`'s limit of studies."""
         violations: list[FieldViolation] = []
         try:
             names.check_id("study_id", study_id)
@@ -58,7 +79,7 @@ class Studies:
             violations.append(FieldViolation("study.spec", "required"))
         else:
             try:
-                config = self._config(study.spec)
+                config = self._config(study.spec, from_client=True)
             except SpecInvalid as err:
                 violations += [FieldViolation(f"study.{v.field}", v.description) for v in err.violations]
         if violations or config is None:
@@ -76,6 +97,8 @@ class Studies:
             display_name=study.display_name,
             request_id=request_id or None,
             owner=self._runner.replica_id,
+            creator=creator,
+            quota=quota,
         )
         if created:
             self._runner.create(record.study_id, config)

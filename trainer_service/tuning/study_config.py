@@ -23,6 +23,7 @@ from typing import Final
 from google.protobuf.descriptor import EnumValueDescriptor
 from visiontune import protoreflect
 from visiontune.protoreflect import EnumMap
+from visiontune.uris import InputLocations
 from visiontune.v1 import study_pb2
 from visiontune.v1 import training_spec_pb2 as pb
 
@@ -117,16 +118,20 @@ class StudyConfig:
 # -- validate_study ------------------------------------------------------------------------------------------------
 
 
-def validate_study(spec: study_pb2.StudySpec, *, default_bucket: str) -> StudyConfig:
-    """The study spec as a `StudyConfig` with every default resolved; `SpecInvalid` lists every bad field."""
+def validate_study(
+    spec: study_pb2.StudySpec, *, default_bucket: str, inputs: InputLocations | None = None
+) -> StudyConfig:
+    """The study spec as a `StudyConfig` with every default resolved; `SpecInvalid` lists every bad field.
+
+    `inputs` confines the base spec's URIs and every value a search may give them (see `validate_spec`)."""
     v = Checker(study_pb2.Study.DESCRIPTOR)  # paths as clients see them: `spec.parallelism`
     base: TrainingConfig | None = None
     try:
-        base = validate_spec(spec.base_spec, default_bucket=default_bucket)
+        base = validate_spec(spec.base_spec, default_bucket=default_bucket, inputs=inputs)
     except SpecInvalid as exc:
         for violation in exc.violations:
             v.fail(f"spec.base_spec.{violation.field}", violation.description)
-    parameters = _parameters(v, spec, default_bucket, base_ok=base is not None)
+    parameters = _parameters(v, spec, default_bucket, inputs, base_ok=base is not None)
     metric, direction = _objective(v, spec.objective)
     max_trials, max_duration_s = _budget(v, spec.budget)
     parallelism = v.number(spec, "spec.parallelism")
@@ -169,7 +174,7 @@ def validate_study(spec: study_pb2.StudySpec, *, default_bucket: str) -> StudyCo
 
 
 def _parameters(
-    v: Checker, spec: study_pb2.StudySpec, default_bucket: str, *, base_ok: bool
+    v: Checker, spec: study_pb2.StudySpec, default_bucket: str, inputs: InputLocations | None, *, base_ok: bool
 ) -> list[ParameterConfig | None]:
     """One entry per spec parameter: its config, or None where anything about it is invalid (reported)."""
     if not spec.parameters:
@@ -189,7 +194,7 @@ def _parameters(
         config = _domain(v, prefix, param)
         if fits and config is not None and base_ok:
             # The field's own range needs a valid base: against a bad one every bound would inherit its faults.
-            _check_bounds(v, prefix, param, config, spec.base_spec, default_bucket, searched)
+            _check_bounds(v, prefix, param, config, spec.base_spec, default_bucket, inputs, searched)
         result.append(config if len(v.violations) == before else None)
     return result
 
@@ -294,6 +299,7 @@ def _check_bounds(
     config: ParameterConfig,
     base_spec: pb.TrainingSpec,
     default_bucket: str,
+    inputs: InputLocations | None,
     searched: set[str],
 ) -> None:
     """Apply each bound (each categorical value) to the base spec and validate it: the field's own range and the
@@ -307,13 +313,18 @@ def _check_bounds(
     else:
         probes = [(f"{prefix}.{which}.min", config.low), (f"{prefix}.{which}.max", config.high)]
     for where, value in probes:
-        problem = _probe(config.path, value, base_spec, default_bucket, searched)
+        problem = _probe(config.path, value, base_spec, default_bucket, inputs, searched)
         if problem is not None:
             v.fail(where, problem)
 
 
 def _probe(
-    path: str, value: str | int | float, base_spec: pb.TrainingSpec, default_bucket: str, searched: set[str]
+    path: str,
+    value: str | int | float,
+    base_spec: pb.TrainingSpec,
+    default_bucket: str,
+    inputs: InputLocations | None,
+    searched: set[str],
 ) -> str | None:
     """What is wrong with the base spec with `path` set to `value`, or None."""
     enum_type = field_at(path).enum_type
@@ -326,7 +337,7 @@ def _probe(
     except (KeyError, TypeError, ValueError) as exc:
         return str(exc.args[0])
     try:
-        validate_spec(trial_spec, default_bucket=default_bucket)
+        validate_spec(trial_spec, default_bucket=default_bucket, inputs=inputs)
     except SpecInvalid as exc:
         own = [x for x in exc.violations if x.field == path]
         if own:

@@ -143,6 +143,7 @@ COMMENTS: dict[str, str] = {
     'visiontune.v1.ModelSpec.classifier_dim': "Width of the head's hidden layer.",
     'visiontune.v1.ModelSpec.dropout': 'Dropout probability in the head.',
     'visiontune.v1.ModelSpec.weights': "Where the base's initial weights come from.",
+    'visiontune.v1.ModelSpec.weights_sha256': "Hex sha256 of the object at weights_uri (64 hex digits), empty unless weights is WEIGHTS_SOURCE_URI.\nWhen set, the worker refuses a file with another digest before loading it: the weights cannot be\nswapped in the bucket between submission and training, or between a job's attempts.",
     'visiontune.v1.ModelSpec.weights_uri': 'Required when weights is WEIGHTS_SOURCE_URI, empty otherwise: `s3://bucket/key` or a key in the\nartifact bucket.',
     'visiontune.v1.NestedFieldRules.field': 'The nested field\'s path relative to this field\'s message, e.g. "epochs" or "optimizer.momentum".',
     'visiontune.v1.NestedFieldRules.rules': 'Its rules here; an empty default or range keeps the one the field declares.',

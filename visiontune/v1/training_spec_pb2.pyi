@@ -514,6 +514,7 @@ class ModelSpec(_message.Message):
     CLASSIFIER_DIM_FIELD_NUMBER: _builtins.int
     DROPOUT_FIELD_NUMBER: _builtins.int
     ACTIVATION_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     architecture: Global___Architecture.ValueType
     """The base; the default is the smallest with offline ImageNet weights."""
     weights: Global___WeightsSource.ValueType
@@ -528,6 +529,11 @@ class ModelSpec(_message.Message):
     """Dropout probability in the head."""
     activation: Global___Activation.ValueType
     """The head's hidden activation."""
+    weights_sha256: _builtins.str
+    """Hex sha256 of the object at weights_uri (64 hex digits), empty unless weights is WEIGHTS_SOURCE_URI.
+    When set, the worker refuses a file with another digest before loading it: the weights cannot be
+    swapped in the bucket between submission and training, or between a job's attempts.
+    """
     def __init__(
         self,
         *,
@@ -537,10 +543,11 @@ class ModelSpec(_message.Message):
         classifier_dim: _builtins.int | None = ...,
         dropout: _builtins.float | None = ...,
         activation: Global___Activation.ValueType = ...,
+        weights_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_classifier_dim", b"_classifier_dim", "_dropout", b"_dropout", "classifier_dim", b"classifier_dim", "dropout", b"dropout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_classifier_dim", b"_classifier_dim", "_dropout", b"_dropout", "activation", b"activation", "architecture", b"architecture", "classifier_dim", b"classifier_dim", "dropout", b"dropout", "weights", b"weights", "weights_uri", b"weights_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_classifier_dim", b"_classifier_dim", "_dropout", b"_dropout", "activation", b"activation", "architecture", b"architecture", "classifier_dim", b"classifier_dim", "dropout", b"dropout", "weights", b"weights", "weights_sha256", b"weights_sha256", "weights_uri", b"weights_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__classifier_dim: _TypeAlias = _typing.Literal["classifier_dim"]  # noqa: Y015
     _WhichOneofArgType__classifier_dim: _TypeAlias = _typing.Literal["_classifier_dim", b"_classifier_dim"]  # noqa: Y015

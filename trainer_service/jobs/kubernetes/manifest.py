@@ -95,6 +95,7 @@ def job_manifest(record: JobRecord, device: DeviceKind, settings: KubernetesSett
         "env": [
             {"name": TERMINATION_MESSAGE_ENV, "value": TERMINATION_MESSAGE_PATH},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *({"name": name, "value": value} for name, value in settings.worker_env),
         ],
         "envFrom": [source.to_dict() for source in settings.worker_env_from],
         "resources": resources,

@@ -50,6 +50,7 @@ class KubernetesSettings:
     kubeconfig: str = ""  # empty: the in-cluster service account, else ~/.kube/config
     worker_service_account: str = "visiontune-worker"
     worker_env_from: tuple[EnvSource, ...] = ()
+    worker_env: tuple[tuple[str, str], ...] = ()  # plain variables every job pod gets (the trainer's limits)
     max_jobs: int = 8  # Jobs in the namespace at once, all trainer replicas together
     gpu_resource: str = "nvidia.com/gpu"
     auto_device_gpu: bool = False  # jobs whose spec says device AUTO get a GPU too

@@ -97,6 +97,10 @@ EXTERNAL: dict[str, list[str]] = {
         "tests/integration/test_model_weights.py::test_a_state_dict_in_the_artifact_bucket_loads_into_the_backbone",
         "tests/integration/test_model_weights.py::test_a_state_dict_in_another_bucket_of_the_same_server",
     ],
+    "model.weights_sha256": [
+        "tests/integration/test_model_weights.py::test_pinned_weights_load_only_when_the_object_has_the_pinned_digest",
+        "tests/unit/test_input_locations.py::test_weights_sha256_is_checked_for_shape_and_only_goes_with_uri_weights",
+    ],
     "output_model": [_SEPARATE_SETS],  # the published model_version is models/{output_model}/versions/{job}
     **{f"augmentation.{name}": [_SWITCH_TEST] for name in SWITCHES},
 }

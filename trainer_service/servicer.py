@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 from visiontune import names, pagination
+from visiontune.auth import TokenRegistry
 from visiontune.errors import FailedPrecondition, FieldViolation, InvalidArgument, parse_field, reraise_as
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
@@ -40,9 +41,18 @@ WATCH_FINAL_GRACE_S = 0.5
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def __init__(
-        self, jobs: JobStore, executor: JobExecutor, store: ArtifactStore, cache_dir: Path, studies: Studies
+        self,
+        jobs: JobStore,
+        executor: JobExecutor,
+        store: ArtifactStore,
+        cache_dir: Path,
+        studies: Studies,
+        *,
+        registry: TokenRegistry | None = None,
     ) -> None:
         self._jobs = jobs
+        # Who calls (`caller_name(context, self._registry)`); None: authentication is off, every caller anonymous.
+        self._registry = registry
         self._studies = studies
         self._executor = executor
         self._store = store

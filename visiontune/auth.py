@@ -132,17 +132,17 @@ def token_digest(token: str) -> bytes:
 def _parse_principal(entry: object, where: str) -> tuple[Principal, bytes]:
     if not isinstance(entry, dict):
         raise TokenFileError(f"{where}: must be an object with name, scopes and sha256 (or token)")
-    unknown = set(entry) - {"name", "scopes", "sha256", "token"}
-    if unknown:
-        raise TokenFileError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
         raise TokenFileError(f"{where}: 'name' must be a non-empty string")
     where = f"{where} ({name})"
+    unknown = set(entry) - {"name", "scopes", "sha256", "token"}
+    if unknown:
+        raise TokenFileError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     scopes = entry.get("scopes")
     if not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes):
         raise TokenFileError(f"{where}: 'scopes' must be a non-empty list of scope names")
-    known = {s.value for s in Scope}
+    known = [s.value for s in Scope]
     bad = [s for s in scopes if s not in known]
     if bad:
         raise TokenFileError(f"{where}: unknown scope(s) {', '.join(bad)}; known: {', '.join(known)}")
@@ -299,7 +299,9 @@ class TokenRegistry:
 
     def principal(self, source: grpc.ServicerContext | Sequence[tuple[str, str | bytes]] | None) -> Principal | None:
         """Who makes a call: from a servicer's context or a call's invocation metadata; None when no known token."""
-        metadata = source.invocation_metadata() if isinstance(source, grpc.ServicerContext) else source
+        # Duck-typed: any context with invocation_metadata() (grpc's own, a test's) will do.
+        reader = getattr(source, "invocation_metadata", None)
+        metadata: Sequence[tuple[str, str | bytes]] | None = reader() if callable(reader) else source  # type: ignore[assignment]
         for token in _bearer_tokens(metadata):
             found = self.authenticate(token)
             if found is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +87,22 @@ def test_the_stack_with_mutual_tls_and_scoped_tokens(tmp_path: Path) -> None:
                 inference_service_pb2_grpc.InferenceServiceStub(channel).Classify(classify, timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
-        client = {"tls_ca": certs.ca, "tls_client_cert": certs.client_cert, "tls_client_key": certs.client_key}
+        def client_channel(address: str) -> grpc.Channel:
+            return make_channel(
+                address,
+                tls_ca=certs.ca,
+                token=KIOSK_TOKEN,
+                tls_client_cert=certs.client_cert,
+                tls_client_key=certs.client_key,
+            )
+
         with (
-            make_channel(inference.address, token=KIOSK_TOKEN, **client) as inference_channel,
-            make_channel(trainer.address, token=KIOSK_TOKEN, **client) as trainer_channel,
+            client_channel(inference.address) as inference_channel,
+            client_channel(trainer.address) as trainer_channel,
         ):
             serving = inference_service_pb2_grpc.InferenceServiceStub(inference_channel)
             training = training_service_pb2_grpc.TrainingServiceStub(trainer_channel)
-            refused = {
+            refused: dict[str, Callable[[], object]] = {
                 "/visiontune.v1.InferenceService/DeployModel": lambda: serving.DeployModel(
                     inference_service_pb2.DeployModelRequest(model_version="models/m/versions/1"), timeout=10
                 ),

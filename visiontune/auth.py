@@ -256,9 +256,11 @@ class TokenRegistry:
     def _load(self, key: _FileKey) -> None:
         assert self._path is not None
         try:
-            text = self._path.read_text()
+            text = self._path.read_text(encoding="utf-8")
         except OSError as err:
             raise TokenFileError(f"{self._path}: cannot read the token file: {err.strerror or err}") from err
+        except UnicodeDecodeError as err:
+            raise TokenFileError(f"{self._path}: not UTF-8 text: {err.reason} at byte {err.start}") from err
         entries = parse_token_file(text, str(self._path))
         self._entries = [*self._fixed, *entries]
         self._key = key
@@ -272,7 +274,10 @@ class TokenRegistry:
             self._checked = self._clock()
             key = self._file_key()
             if key is None:
-                log.error("token file is gone; keeping the principals loaded before", extra={"path": str(self._path)})
+                if self._key is not None:  # said once; the file coming back is a change like any other
+                    gone = "token file is gone; keeping the principals loaded before"
+                    log.error(gone, extra={"path": str(self._path)})
+                self._key = None
                 return
             if key == self._key:
                 return

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from prometheus_client import start_http_server
+from visiontune.auth import TokenRegistry
 from visiontune.bootstrap import StartupError, run_service
 from visiontune.database import DatabaseError
 from visiontune.preprocessing import MAX_IMAGE_PIXELS
@@ -170,7 +171,7 @@ def open_predictions(settings: ServerSettings, args: argparse.Namespace) -> SqlP
 
 
 def build(
-    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
+    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace, registry: TokenRegistry | None = None
 ) -> tuple[list[ServiceBinding], Callable[[], None]]:
     gpu = use_gpu(args.device)
     # First: a database it cannot use stops the service before Triton starts.
@@ -226,7 +227,7 @@ def build(
     supervisor = TritonSupervisor(triton, engine)
     supervisor.start()
 
-    servicer = InferenceServicer(engine)
+    servicer = InferenceServicer(engine, registry=registry)
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     )

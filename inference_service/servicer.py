@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from visiontune import pagination
+from visiontune.auth import TokenRegistry
 from visiontune.errors import FieldViolation, parse_field
 from visiontune.names import InvalidName, ModelVersionName, parse_model_name, parse_model_version_name
 from visiontune.v1 import inference_service_pb2 as pb
@@ -91,8 +92,10 @@ def deployment_proto(d: Deployment) -> pb.Deployment:
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: InferenceEngine) -> None:
+    def __init__(self, engine: InferenceEngine, *, registry: TokenRegistry | None = None) -> None:
         self._engine = engine
+        # Who calls (`caller_name(context, self._registry)`); None: authentication is off, every caller anonymous.
+        self._registry = registry
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         model, version = _parse_target(request.model)

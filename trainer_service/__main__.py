@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from visiontune.auth import TokenRegistry
 from visiontune.bootstrap import StartupError, run_service
 from visiontune.database import DatabaseError
 from visiontune.outages import BRIEF_WAIT, NO_WAIT
@@ -131,14 +132,19 @@ class _Opened:
         self.jobs = open_job_store(settings, args)
 
     def build(
-        self, settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace
+        self, settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace, registry: TokenRegistry | None
     ) -> tuple[list[ServiceBinding], Callable[[], None]]:
         jobs, self.jobs = self.jobs, None
-        return build(settings, store, args, jobs)
+        return build(settings, store, args, jobs, registry=registry)
 
 
 def build(
-    settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace, jobs: JobStore | None = None
+    settings: ServerSettings,
+    store: ArtifactStore,
+    args: argparse.Namespace,
+    jobs: JobStore | None = None,
+    *,
+    registry: TokenRegistry | None = None,
 ) -> tuple[list[ServiceBinding], Callable[[], None]]:
     if jobs is None:
         jobs = open_job_store(settings, args)
@@ -171,7 +177,13 @@ def build(
     # A client waits on each request: a database blip is ridden out, an outage answers UNAVAILABLE in seconds.
     request_jobs = jobs.with_outage(BRIEF_WAIT)
     servicer = TrainingServicer(
-        request_jobs, executor, request_store, settings.data_dir / "trainer" / "cache", studies, policy=limits
+        request_jobs,
+        executor,
+        request_store,
+        settings.data_dir / "trainer" / "cache",
+        studies,
+        policy=limits,
+        registry=registry,
     )
     binding = ServiceBinding(
         SERVICE_NAME, lambda server: training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)

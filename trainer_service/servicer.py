@@ -9,12 +9,13 @@ worker processes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 from visiontune import names, pagination
+from visiontune.auth import TokenRegistry, caller_name
 from visiontune.errors import FailedPrecondition, FieldViolation, InvalidArgument, parse_field, reraise_as
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.uris import parse_location
@@ -50,9 +51,11 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         studies: Studies,
         *,
         policy: TrainerPolicy | None = None,
-        caller_of: Callable[[grpc.ServicerContext], str] | None = None,
+        registry: TokenRegistry | None = None,
     ) -> None:
         self._jobs = jobs
+        # Who calls (`caller_name`): quotas count by it. None: authentication is off, every caller is anonymous.
+        self._registry = registry
         self._studies = studies
         self._executor = executor
         self._store = store
@@ -61,8 +64,6 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         self._policy = policy or TrainerPolicy.default(store.bucket)
         # Where a client's spec may read from (datasets/ of the artifact bucket unless configured).
         self._inputs = self._policy.inputs
-        # Who is calling (the authenticated principal's name, '' without authentication): quotas count by it.
-        self._caller_of = caller_of or (lambda _context: "")
         quotas = self._policy.quotas
         self._job_quota = CreatorQuota(quotas.max_queued_jobs, "--max-queued-jobs-per-caller")
         self._study_quota = CreatorQuota(quotas.max_active_studies, "--max-active-studies-per-caller")
@@ -138,7 +139,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             display_name=request.job.display_name,
             request_id=request.request_id or None,
             labels=dict(request.job.labels),
-            creator=self._caller_of(context),
+            creator=caller_name(context, self._registry),
             quota=self._job_quota,
         )
         if created:
@@ -265,7 +266,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             study_id=request.study_id or names.new_id("study"),
             request_id=request.request_id,
             validate_only=request.validate_only,
-            creator=self._caller_of(context),
+            creator=caller_name(context, self._registry),
             quota=self._study_quota,
         )
 

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from visiontune.auth import TokenFileError, TokenRegistry
 from visiontune.logs import configure_logging
 from visiontune.server import GrpcServer, ServiceBinding
 from visiontune.settings import ServerSettings, add_server_arguments, server_settings_from_args
@@ -25,10 +26,11 @@ class StartupError(Exception):
     """A service's own start-up failed (e.g. its Triton server would not start); the message is one line."""
 
 
-# Builds a service's bindings from its settings, a checked store and its own parsed flags; returns them
-# and a close hook.
+# Builds a service's bindings from its settings, a checked store, its own parsed flags and the token registry
+# (None: authentication off; the servicers ask it who calls); returns them and a close hook.
 ServiceFactory = Callable[
-    [ServerSettings, ArtifactStore, argparse.Namespace], tuple[list[ServiceBinding], Callable[[], None]]
+    [ServerSettings, ArtifactStore, argparse.Namespace, TokenRegistry | None],
+    tuple[list[ServiceBinding], Callable[[], None]],
 ]
 
 
@@ -75,6 +77,12 @@ def run_service(
     settings = server_settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format, service=service)
     log = logging.getLogger(service)
+    try:
+        # Before anything else: a token file that does not parse must not leave a server up that nobody can use.
+        registry = TokenRegistry.from_settings(settings.auth_token_file, settings.auth_token)
+    except TokenFileError as err:
+        print(f"{service}: cannot start: {err} (--auth-token-file)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
     if before_store is not None:
         try:
@@ -91,11 +99,11 @@ def run_service(
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        bindings, close = factory(settings, store, args)
+        bindings, close = factory(settings, store, args, registry)
     except StartupError as err:
         print(f"{service}: cannot start: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    server = GrpcServer(settings, bindings, service_label=service, on_stop=close)
+    server = GrpcServer(settings, bindings, service_label=service, on_stop=close, registry=registry)
     try:
         server.run_forever()
     except OSError as err:  # the port is taken or cannot be bound

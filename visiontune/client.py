@@ -161,22 +161,30 @@ def make_channel(
     tls: bool = False,
     token: str | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls_client_cert: Path | None = None,
+    tls_client_key: Path | None = None,
 ) -> grpc.Channel:
     """A channel to a VisionTune server.
 
-    TLS when `tls_ca` is given (trusting that PEM bundle) or `tls` is true (trusting the system roots).
-    `token` is sent as `authorization: Bearer <token>` on every call. A target listing several replicas
-    (`replicas_target`) gets the round-robin policy: each call goes to the next replica that is up.
+    TLS when `tls_ca` is given (trusting that PEM bundle) or `tls` is true (trusting the system roots);
+    `tls_client_cert` and `tls_client_key` (PEM, both or neither) present a client certificate, for a server
+    that requires one (mutual TLS) and imply TLS. `token` is sent as `authorization: Bearer <token>` on every
+    call. A target listing several replicas (`replicas_target`) gets the round-robin policy: each call goes to
+    the next replica that is up.
     """
+    if (tls_client_cert is None) != (tls_client_key is None):
+        raise ValueError("a client certificate needs its private key: give both or neither")
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
     if round_robin(target):
         options.append(("grpc.lb_policy_name", "round_robin"))
-    if tls_ca is not None or tls:
+    if tls_ca is not None or tls or tls_client_cert is not None:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None
+            root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None,
+            private_key=Path(tls_client_key).read_bytes() if tls_client_key is not None else None,
+            certificate_chain=Path(tls_client_cert).read_bytes() if tls_client_cert is not None else None,
         )
         if token:
             credentials = grpc.composite_channel_credentials(
@@ -200,13 +208,21 @@ def wait_for_serving(
     *,
     tls_ca: Path | None = None,
     tls: bool = False,
+    tls_client_cert: Path | None = None,
+    tls_client_key: Path | None = None,
 ) -> None:
     """Poll `grpc.health.v1.Health/Check` until `service` ("" = the whole server) is SERVING.
 
-    `target` is an address (a channel is made and closed here) or an existing channel. Raises TimeoutError
-    with the last answer seen, or grpc.RpcError when the server answers with a final error.
+    `target` is an address (a channel is made and closed here, with the TLS arguments of `make_channel`) or an
+    existing channel. Raises TimeoutError with the last answer seen, or grpc.RpcError when the server answers
+    with a final error.
     """
-    channel = make_channel(target, tls_ca=tls_ca, tls=tls) if isinstance(target, str) else target
+    if isinstance(target, str):
+        channel = make_channel(
+            target, tls_ca=tls_ca, tls=tls, tls_client_cert=tls_client_cert, tls_client_key=tls_client_key
+        )
+    else:
+        channel = target
     try:
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=service)
@@ -235,10 +251,20 @@ def wait_for_serving(
             channel.close()
 
 
-def is_serving(target: str, service: str = "", timeout: float = 2.0) -> bool:
+def is_serving(
+    target: str,
+    service: str = "",
+    timeout: float = 2.0,
+    *,
+    tls_ca: Path | None = None,
+    tls_client_cert: Path | None = None,
+    tls_client_key: Path | None = None,
+) -> bool:
     """True when `service` at `target` answers SERVING within `timeout`; never raises for a down server."""
     try:
-        wait_for_serving(target, service, timeout)
+        wait_for_serving(
+            target, service, timeout, tls_ca=tls_ca, tls_client_cert=tls_client_cert, tls_client_key=tls_client_key
+        )
     except (TimeoutError, grpc.RpcError):
         return False
     return True

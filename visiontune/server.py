@@ -2,14 +2,15 @@
 
 What every VisionTune server gets (docs/architecture.md §3): `grpc.health.v1` health, server reflection, graceful
 shutdown on SIGTERM (health flips to NOT_SERVING, in-flight calls drain, new calls are refused), message
-size limits, optional TLS and bearer-token authentication, and one error mapping: a `VisionTuneError` raised
+size limits, optional TLS (mutual with a client CA), scoped bearer tokens and an audit log (`visiontune.auth`,
+docs/security.md), and one error mapping: a `VisionTuneError` raised
 by any servicer method, unary or streaming, ends the call with its status (`ErrorStatusInterceptor`). A
 service plugs in through `ServiceBinding`s; this module knows nothing about the services' own protobuf modules.
 """
 
 from __future__ import annotations
 
-import hmac
+import functools
 import logging
 import signal
 import socket
@@ -27,12 +28,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from visiontune import status
+from visiontune.auth import AuditInterceptor, ScopeInterceptor, TokenFileError, TokenRegistry
+from visiontune.calls import behavior, handler_like, observed
 from visiontune.errors import VisionTuneError
 from visiontune.settings import ServerSettings
 
 __all__ = [
     "AUTH_EXEMPT_PREFIXES",
-    "BearerTokenInterceptor",
     "CallLoggingInterceptor",
     "ErrorStatusInterceptor",
     "GrpcServer",
@@ -77,65 +79,6 @@ class ServiceBinding:
 # --------------------------------------------------------------------------------------------- interceptors
 
 
-def _method_handler_like(handler: _Handler, behavior: Callable[..., Any], *, keep_serializers: bool) -> _Handler:
-    """A handler of the same kind (unary/streaming on each side) as `handler`, running `behavior`."""
-    req = handler.request_deserializer if keep_serializers else None
-    resp = handler.response_serializer if keep_serializers else None
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(behavior, req, resp)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(behavior, req, resp)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(behavior, req, resp)
-    return grpc.unary_unary_rpc_method_handler(behavior, req, resp)
-
-
-def _behavior(handler: _Handler) -> Callable[..., Any]:
-    fn = handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
-    assert fn is not None, "a method handler always has one behaviour"
-    return fn
-
-
-class BearerTokenInterceptor(_ServerInterceptor):
-    """Rejects every call without `authorization: Bearer <token>` with UNAUTHENTICATED.
-
-    Health and reflection (`exempt_prefixes`) stay open. The rejection is a handler of the same kind as the
-    real one, so unary and streaming methods fail the same clean way.
-    """
-
-    def __init__(self, token: str, *, exempt_prefixes: Sequence[str] = AUTH_EXEMPT_PREFIXES) -> None:
-        if not token:
-            raise ValueError("the bearer token must not be empty")
-        self._token = token.encode()
-        self._exempt = tuple(exempt_prefixes)
-
-    def _authorized(self, metadata: grpc.Metadata | None) -> bool:
-        for key, value in metadata or ():
-            if key != "authorization":  # gRPC lower-cases metadata keys on the wire
-                continue
-            text = value.decode("latin-1") if isinstance(value, bytes) else value
-            scheme, _, presented = text.strip().partition(" ")
-            # compare_digest: the time taken must not tell an attacker how many leading bytes were right.
-            if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._token):
-                return True
-        return False
-
-    def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> _Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._exempt):
-            return handler  # an unknown method stays UNIMPLEMENTED
-        if self._authorized(handler_call_details.invocation_metadata):
-            return handler
-
-        def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-        # No deserializers: a rejected request is never parsed.
-        return _method_handler_like(handler, deny, keep_serializers=False)
-
-
 class CallLoggingInterceptor(_ServerInterceptor):
     """Logs every call at DEBUG with method, code and duration_ms; costs one level check when DEBUG is off."""
 
@@ -149,59 +92,15 @@ class CallLoggingInterceptor(_ServerInterceptor):
         if handler is None or not self._log.isEnabledFor(logging.DEBUG):
             return handler
         method = handler_call_details.method
-        behavior = _behavior(handler)
+        fn = behavior(handler)
         # Health probes would flood the log; the non-blocking Watch must keep its grpc-specific attributes.
-        if method.startswith(f"/{HEALTH_SERVICE_NAME}/") or getattr(behavior, "experimental_non_blocking", False):
+        if method.startswith(f"/{HEALTH_SERVICE_NAME}/") or getattr(fn, "experimental_non_blocking", False):
             return handler
-        wrapped = self._wrap(method, behavior, handler.response_streaming)
-        return _method_handler_like(handler, wrapped, keep_serializers=True)
+        wrapped = observed(fn, handler.response_streaming, functools.partial(self._done, method))
+        return handler_like(handler, wrapped, keep_serializers=True)
 
-    def _done(self, method: str, context: grpc.ServicerContext, started: float, error: BaseException | None) -> None:
-        code: grpc.StatusCode | None = getattr(context, "code", lambda: None)()
-        if code is None:
-            if error is None:
-                code = grpc.StatusCode.OK
-            elif isinstance(error, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
-            else:
-                code = grpc.StatusCode.UNKNOWN
-        self._log.debug(
-            "rpc",
-            extra={
-                "method": method,
-                "code": code.name,
-                "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
-            },
-        )
-
-    def _wrap(self, method: str, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
-        if streaming:
-
-            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                started = time.perf_counter()
-                error: BaseException | None = None
-                try:
-                    yield from behavior(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._done(method, context, started, error)
-
-            return stream
-
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
-            error: BaseException | None = None
-            try:
-                return behavior(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._done(method, context, started, error)
-
-        return unary
+    def _done(self, method: str, _context: grpc.ServicerContext, code: grpc.StatusCode, duration_ms: float) -> None:
+        self._log.debug("rpc", extra={"method": method, "code": code.name, "duration_ms": duration_ms})
 
 
 class ErrorStatusInterceptor(_ServerInterceptor):
@@ -218,19 +117,19 @@ class ErrorStatusInterceptor(_ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return handler
-        behavior = _behavior(handler)
+        fn = behavior(handler)
         # The health service's non-blocking Watch must keep its grpc-specific attributes; it raises nothing of ours.
-        if getattr(behavior, "experimental_non_blocking", False):
+        if getattr(fn, "experimental_non_blocking", False):
             return handler
-        return _method_handler_like(handler, self._wrap(behavior, handler.response_streaming), keep_serializers=True)
+        return handler_like(handler, self._wrap(fn, handler.response_streaming), keep_serializers=True)
 
     @staticmethod
-    def _wrap(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    def _wrap(fn: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
         if streaming:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
-                    yield from behavior(request, context)
+                    yield from fn(request, context)
                 except VisionTuneError as err:
                     status.abort(context, err)
 
@@ -238,7 +137,7 @@ class ErrorStatusInterceptor(_ServerInterceptor):
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                return behavior(request, context)
+                return fn(request, context)
             except VisionTuneError as err:
                 status.abort(context, err)
 
@@ -279,8 +178,17 @@ class GrpcServer:
         service_label: str,
         max_workers: int | None = None,
         on_stop: Callable[[], None] | None = None,
+        registry: TokenRegistry | None = None,
     ) -> None:
+        """`registry`: who may call what; None builds one from settings.auth_token_file / auth_token (none when
+        both are unset: authentication off). The service passes the one its servicers ask who calls."""
         self._settings = settings
+        if registry is None:
+            try:
+                registry = TokenRegistry.from_settings(settings.auth_token_file, settings.auth_token)
+            except TokenFileError as err:
+                raise ServerStartError(str(err)) from err
+        self._registry = registry
         self._bindings = list(bindings)
         self._label = service_label
         self._max_workers = max_workers or settings.rpc_threads
@@ -315,22 +223,31 @@ class GrpcServer:
         return self._settings.tls_cert is not None
 
     @property
+    def registry(self) -> TokenRegistry | None:
+        """The principals this server accepts; None when authentication is off."""
+        return self._registry
+
+    @property
     def service_names(self) -> list[str]:
         return [b.name for b in self._bindings]
 
     # -- lifecycle
 
     def _credentials(self) -> grpc.ServerCredentials | None:
-        cert, key = self._settings.tls_cert, self._settings.tls_key
+        cert, key, client_ca = self._settings.tls_cert, self._settings.tls_key, self._settings.tls_client_ca
         if cert is None and key is None:
+            if client_ca is not None:
+                raise ServerStartError("mutual TLS (--tls-client-ca) needs TLS: give --tls-cert and --tls-key too")
             return None
         if cert is None or key is None:
             raise ServerStartError("TLS needs both a certificate and a private key (--tls-cert, --tls-key)")
         try:
             pair = (Path(key).read_bytes(), Path(cert).read_bytes())
+            roots = Path(client_ca).read_bytes() if client_ca is not None else None
         except OSError as exc:
             raise ServerStartError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
-        return grpc.ssl_server_credentials([pair])
+        # Mutual TLS: the handshake itself refuses a client without a certificate signed by the client CA.
+        return grpc.ssl_server_credentials([pair], root_certificates=roots, require_client_auth=roots is not None)
 
     def start(self) -> None:
         """Build, bind and start the server; returns once it accepts calls. Raises ServerStartError."""
@@ -346,9 +263,13 @@ class GrpcServer:
                 # silently share it. A port in use must be an error.
                 ("grpc.so_reuseport", 0),
             ]
-            interceptors: list[_ServerInterceptor] = [CallLoggingInterceptor()]
-            if s.auth_token:
-                interceptors.append(BearerTokenInterceptor(s.auth_token))
+            # The audit log wraps the scope check, so a denied call is audited with its final code.
+            interceptors: list[_ServerInterceptor] = [
+                CallLoggingInterceptor(),
+                AuditInterceptor(self._registry, exempt_prefixes=AUTH_EXEMPT_PREFIXES),
+            ]
+            if self._registry is not None:
+                interceptors.append(ScopeInterceptor(self._registry, exempt_prefixes=AUTH_EXEMPT_PREFIXES))
             # Innermost, next to the servicers: the logging interceptor then sees the mapped status code.
             interceptors.append(ErrorStatusInterceptor())
             rpc_pool = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix=f"{self._label}-rpc")
@@ -495,7 +416,8 @@ class GrpcServer:
                     "address": self.address,
                     "port": self.port,
                     "tls": self.tls,
-                    "auth": bool(self._settings.auth_token),
+                    "mtls": self._settings.tls_client_ca is not None,
+                    "auth": self._registry is not None,
                     "services": self.service_names,
                     "label": self._label,
                 },

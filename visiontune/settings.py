@@ -97,7 +97,9 @@ class ServerSettings:
     s3: S3Settings
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    auth_token: str | None = None  # bearer token; None disables authentication
+    tls_client_ca: Path | None = None  # PEM bundle of the CA that signs client certificates: mutual TLS
+    auth_token: str | None = None  # bearer token of the `default` admin principal
+    auth_token_file: Path | None = None  # principals with scopes (docs/security.md); with auth_token: both count
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 10.0  # how long SIGTERM waits for in-flight calls
     log_level: str = "INFO"
@@ -144,9 +146,22 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, 
     )
     parser.add_argument("--tls-key", type=Path, default=_env("TLS_KEY"), help="PEM private key [VISIONTUNE_TLS_KEY]")
     parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=_env("TLS_CLIENT_CA"),
+        help="PEM CA bundle; requires client certificates it signed (mutual TLS) [VISIONTUNE_TLS_CLIENT_CA]",
+    )
+    parser.add_argument(
         "--auth-token",
         default=_env("AUTH_TOKEN"),
-        help="require 'authorization: Bearer TOKEN' on every call [VISIONTUNE_AUTH_TOKEN]",
+        help="require 'authorization: Bearer TOKEN' on every call; an admin principal [VISIONTUNE_AUTH_TOKEN]",
+    )
+    parser.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=_env("AUTH_TOKEN_FILE"),
+        help="JSON file of principals, their scopes and token digests; re-read when it changes "
+        "[VISIONTUNE_AUTH_TOKEN_FILE]",
     )
     default_mb = DEFAULT_MAX_MESSAGE_BYTES // (1024 * 1024)
     parser.add_argument(
@@ -189,6 +204,8 @@ def s3_settings_from_args(ns: argparse.Namespace) -> S3Settings:
 def server_settings_from_args(ns: argparse.Namespace) -> ServerSettings:
     if (ns.tls_cert is None) != (ns.tls_key is None):
         raise SystemExit("error: --tls-cert and --tls-key must be given together")
+    if ns.tls_client_ca is not None and ns.tls_cert is None:
+        raise SystemExit("error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     return ServerSettings(
         host=ns.host,
         port=ns.port,
@@ -196,7 +213,9 @@ def server_settings_from_args(ns: argparse.Namespace) -> ServerSettings:
         s3=s3_settings_from_args(ns),
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
+        tls_client_ca=ns.tls_client_ca,
         auth_token=ns.auth_token,
+        auth_token_file=ns.auth_token_file,
         max_message_bytes=ns.max_message_mb * 1024 * 1024,
         grace_seconds=ns.grace_seconds,
         log_level=ns.log_level.upper(),

@@ -24,6 +24,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from visiontune.auth import Scope, parse_token_file
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -202,7 +203,11 @@ def test_no_secret_values_outside_the_dev_overlay(target: str) -> None:
     assert not _docs(target, "Secret")
     for _, c, _ in _containers(target):
         for e in c.get("env", []):
-            assert not re.search(r"KEY|SECRET|TOKEN|PASSWORD|DATABASE_URL", e["name"]) or "value" not in e, e["name"]
+            # A *_FILE setting holds where a secret is mounted (VISIONTUNE_AUTH_TOKEN_FILE), not the secret.
+            secret_name = re.search(r"KEY|SECRET|TOKEN|PASSWORD|DATABASE_URL", e["name"]) and not e["name"].endswith(
+                "_FILE"
+            )
+            assert not secret_name or "value" not in e, e["name"]
 
 
 def test_the_dev_overlay_generates_the_expected_secrets_with_dev_values() -> None:
@@ -222,7 +227,8 @@ def test_the_dev_overlay_generates_the_expected_secrets_with_dev_values() -> Non
 @pytest.mark.parametrize("target", TARGETS)
 def test_referenced_secrets_are_the_documented_ones(target: str) -> None:
     referenced = set()
-    for _, c, _ in _containers(target):
+    for _, c, pod in _containers(target):
+        referenced |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
         referenced |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
         referenced |= {
             e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})
@@ -234,6 +240,38 @@ def test_referenced_secrets_are_the_documented_ones(target: str) -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for name in documented:
         assert f"kubectl -n visiontune create secret generic {name}" in readme
+
+
+AUTH_DIR = "/etc/visiontune/auth"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_both_services_read_the_token_file_from_a_read_only_secret_mount(target: str) -> None:
+    for deployment, container in (("visiontune-trainer", "trainer"), ("visiontune-inference", "inference")):
+        pod = _one(target, "Deployment", deployment)["spec"]["template"]["spec"]
+        (c,) = [c for c in pod["containers"] if c["name"] == container]
+        assert _env(c)["VISIONTUNE_AUTH_TOKEN_FILE"] == f"{AUTH_DIR}/tokens.json", deployment
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == AUTH_DIR]
+        assert mount["readOnly"] is True, deployment
+        assert "subPath" not in mount, "a subPath mount is never updated when the Secret changes"
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        secret = volume["secret"]
+        assert secret["secretName"] == "visiontune-auth"
+        assert not secret.get("optional"), "a missing token file must stop the pod, not open the API"
+        assert secret["items"] == [{"key": "tokens.json", "path": "tokens.json"}]
+        # Readable by the service's group (fsGroup), writable by nobody, not world-readable.
+        assert secret["defaultMode"] in (0o400, 0o440), oct(secret["defaultMode"])
+        assert pod["securityContext"]["fsGroup"] == 10001
+        # The token file replaces tokens in the environment: no container gets the Secret as variables.
+        assert all(ref.get("secretRef", {}).get("name") != "visiontune-auth" for ref in c.get("envFrom", []))
+
+
+def test_the_dev_overlay_token_file_has_an_admin_principal_and_no_plain_token() -> None:
+    secret = _one("overlays/dev", "Secret", "visiontune-auth")
+    tokens = json.loads(base64.b64decode(secret["data"]["tokens.json"]))
+    principals = [p for p, _ in parse_token_file(json.dumps(tokens), "dev tokens.json")]
+    assert any(Scope.ADMIN in p.scopes for p in principals)
+    assert all("token" not in entry for entry in tokens["principals"]), "the dev file holds digests only"
 
 
 # --- containers -----------------------------------------------------------------------------------------------

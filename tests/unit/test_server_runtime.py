@@ -25,12 +25,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tests.tls_certs import make_mutual_tls
+from visiontune.auth import METHOD_SCOPES, MUTATING_METHODS, Scope, token_sha256
 from visiontune.client import make_channel, wait_for_serving
 from visiontune.errors import FieldViolation
 from visiontune.logs import configure_logging
 from visiontune.server import GrpcServer, ServerStartError, ServiceBinding
 from visiontune.settings import S3Settings, ServerSettings
 from visiontune.status import field_violations, invalid_argument
+from visiontune.v1 import inference_service_pb2, training_service_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "visiontune.test.Echo"
@@ -80,6 +83,51 @@ class EchoService:
         return ServiceBinding(SERVICE, lambda server: server.add_generic_rpc_handlers((generic,)))
 
 
+class FakeApi:
+    """Every RPC of both real services, bytes in and bytes out (b"ok"): what the scope checks guard, without the
+    servicers behind them."""
+
+    SERVICES = (
+        training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
+        inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+    )
+
+    @staticmethod
+    def _unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"ok"
+
+    @staticmethod
+    def _stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield b"ok"
+
+    def bindings(self) -> list[ServiceBinding]:
+        bindings = []
+        for service in self.SERVICES:
+            handlers = {
+                m.name: grpc.unary_stream_rpc_method_handler(self._stream)
+                if m.server_streaming
+                else grpc.unary_unary_rpc_method_handler(self._unary)
+                for m in service.methods
+            }
+            bindings.append(ServiceBinding(service.full_name, self._register(service.full_name, handlers)))
+        return bindings
+
+    @staticmethod
+    def _register(name: str, handlers: dict[str, Any]) -> Callable[[grpc.Server], None]:
+        generic = grpc.method_handlers_generic_handler(name, handlers)
+        return lambda server: server.add_generic_rpc_handlers((generic,))
+
+    @staticmethod
+    def call(channel: grpc.Channel, method: str, token: str | None) -> bytes:
+        """One call of `method` with `token`; raises grpc.RpcError as the server answers."""
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        streaming = method.rsplit("/", 1)[1].startswith("Watch")
+        if streaming:
+            return b"".join(channel.unary_stream(method, None, None)(b"", timeout=5, metadata=metadata))
+        result: bytes = channel.unary_unary(method, None, None)(b"", timeout=5, metadata=metadata)
+        return result
+
+
 def unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
     return channel.unary_unary(f"/{SERVICE}/{method}", None, None)
 
@@ -99,9 +147,10 @@ def start_server(settings: ServerSettings) -> Iterator[Callable[..., tuple[GrpcS
     """Starts servers with per-test setting overrides; stops every one of them at teardown."""
     started: list[GrpcServer] = []
 
-    def start(**overrides: Any) -> tuple[GrpcServer, EchoService]:
+    def start(*, fake_api: bool = False, **overrides: Any) -> tuple[GrpcServer, EchoService]:
         service = EchoService()
-        server = GrpcServer(replace(settings, **overrides), [service.binding()], service_label="test")
+        bindings = [service.binding(), *(FakeApi().bindings() if fake_api else [])]
+        server = GrpcServer(replace(settings, **overrides), bindings, service_label="test")
         server.start()
         started.append(server)
         return server, service
@@ -202,6 +251,150 @@ def test_bearer_token_guards_unary_and_streaming_calls_but_not_health(start_serv
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+PRINCIPAL_TOKENS = {scope: f"{scope}-token" for scope in Scope}
+
+
+def write_token_file(path: Path, principals: dict[str, tuple[list[str], str]]) -> Path:
+    """{name: (scopes, token)} as a token file holding the tokens' sha256, swapped in as Kubernetes does."""
+    entries = [{"name": n, "scopes": scopes, "sha256": token_sha256(t)} for n, (scopes, t) in principals.items()]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"principals": entries}))
+    tmp.replace(path)
+    return path
+
+
+@pytest.fixture
+def one_principal_per_scope(tmp_path: Path) -> Path:
+    return write_token_file(
+        tmp_path / "tokens.json", {f"only-{s}": ([str(s)], token) for s, token in PRINCIPAL_TOKENS.items()}
+    )
+
+
+def test_each_scope_opens_exactly_its_methods_and_admin_opens_all(
+    start_server: Any, one_principal_per_scope: Path
+) -> None:
+    server, _ = start_server(fake_api=True, auth_token_file=one_principal_per_scope)
+    with make_channel(server.address) as channel:
+        for scope, token in PRINCIPAL_TOKENS.items():
+            for method, needed in METHOD_SCOPES.items():
+                if scope in (needed, Scope.ADMIN):
+                    assert FakeApi.call(channel, method, token) == b"ok", (scope, method)
+                    continue
+                with pytest.raises(grpc.RpcError) as err:
+                    FakeApi.call(channel, method, token)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (scope, method)
+                assert err.value.details() == f"principal 'only-{scope}' lacks the {needed} scope that {method} needs"
+            with pytest.raises(grpc.RpcError) as err:
+                FakeApi.call(channel, method, "not-a-known-token")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # A method missing from the table (the echo service here) is closed to everyone but admins: fail closed.
+        echo = f"/{SERVICE}/Echo"
+        assert FakeApi.call(channel, echo, PRINCIPAL_TOKENS[Scope.ADMIN]) == b""
+        with pytest.raises(grpc.RpcError) as err:
+            FakeApi.call(channel, echo, PRINCIPAL_TOKENS[Scope.READ])
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.details() == f"{echo} is open to admin tokens only ('only-read')"
+        assert health_status(channel, SERVICE) == SERVING
+
+
+def test_the_legacy_auth_token_is_an_admin_beside_the_token_file(start_server: Any, tmp_path: Path) -> None:
+    tokens = write_token_file(tmp_path / "tokens.json", {"kiosk": (["classify"], "kiosk-token")})
+    server, _ = start_server(fake_api=True, auth_token="s3cret", auth_token_file=tokens)
+    assert server.registry is not None
+    assert {p.name for p in server.registry.principals} == {"default", "kiosk"}
+    with make_channel(server.address, token="s3cret") as admin, make_channel(server.address) as plain:
+        for method in METHOD_SCOPES:
+            assert FakeApi.call(admin, method, None) == b"ok"
+        assert FakeApi.call(plain, "/visiontune.v1.InferenceService/Classify", "kiosk-token") == b"ok"
+
+
+def test_a_changed_token_file_is_used_without_a_restart(start_server: Any, tmp_path: Path) -> None:
+    path = write_token_file(tmp_path / "tokens.json", {"ci": (["train"], "old-token")})
+    server, _ = start_server(fake_api=True, auth_token_file=path)
+    create = "/visiontune.v1.TrainingService/CreateJob"
+    with make_channel(server.address) as channel:
+        assert FakeApi.call(channel, create, "old-token") == b"ok"
+        write_token_file(path, {"ci": (["read"], "new-token")})
+        deadline = time.monotonic() + 5
+        refused: grpc.StatusCode | None = None
+        while refused is None:  # the server looks at the file at most once a second
+            try:
+                FakeApi.call(channel, create, "old-token")
+            except grpc.RpcError as exc:
+                refused = exc.code()
+            assert time.monotonic() < deadline, "the new token file was not picked up"
+            time.sleep(0.1)
+        assert refused == grpc.StatusCode.UNAUTHENTICATED
+        assert FakeApi.call(channel, "/visiontune.v1.TrainingService/GetJob", "new-token") == b"ok"
+        with pytest.raises(grpc.RpcError) as err:
+            FakeApi.call(channel, create, "new-token")
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        path.write_text("{ not json")  # a broken update never opens anything and keeps the last good file
+        time.sleep(1.2)
+        assert FakeApi.call(channel, "/visiontune.v1.TrainingService/GetJob", "new-token") == b"ok"
+        with pytest.raises(grpc.RpcError) as err:
+            FakeApi.call(channel, create, "old-token")
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_broken_token_file_is_a_start_error(settings: ServerSettings, tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text('{"principals": [{"name": "ci", "scopes": ["write"], "token": "t"}]}')
+    with pytest.raises(ServerStartError, match=r"tokens.json: principals\[0\] \(ci\): unknown scope\(s\) write"):
+        GrpcServer(replace(settings, auth_token_file=path), [], service_label="test")
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_mutating_and_denied_calls_write_one_audit_line_each(
+    start_server: Any, one_principal_per_scope: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", "json", service="inference")
+    server, _ = start_server(fake_api=True, auth_token_file=one_principal_per_scope)
+    classify_token, train_token = PRINCIPAL_TOKENS[Scope.CLASSIFY], PRINCIPAL_TOKENS[Scope.TRAIN]
+    deploy, create = "/visiontune.v1.InferenceService/DeployModel", "/visiontune.v1.TrainingService/CreateJob"
+    with make_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError):
+            FakeApi.call(channel, deploy, classify_token)
+        FakeApi.call(channel, create, train_token)
+        FakeApi.call(channel, "/visiontune.v1.TrainingService/GetJob", PRINCIPAL_TOKENS[Scope.READ])  # not audited
+        FakeApi.call(channel, "/visiontune.v1.TrainingService/WatchJob", PRINCIPAL_TOKENS[Scope.READ])
+        with pytest.raises(grpc.RpcError):
+            FakeApi.call(channel, "/visiontune.v1.TrainingService/WatchJob", None)
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    audit = [r for r in records if r["logger"] == "visiontune.audit"]
+    assert [(r["principal"], r["method"], r["outcome"]) for r in audit] == [
+        ("only-classify", deploy, "PERMISSION_DENIED"),
+        ("only-train", create, "OK"),
+        ("", "/visiontune.v1.TrainingService/WatchJob", "UNAUTHENTICATED"),
+    ]
+    for record in audit:
+        assert record["msg"] == "audit"
+        assert record["service"] == "inference"
+        assert record["duration_ms"] >= 0
+        assert record["peer"].startswith("ipv4:127.0.0.1:")
+        assert record["time"].endswith("Z")
+        assert record["resources"] == {}  # the fake API's requests are raw bytes
+        assert not any(token in json.dumps(record) for token in PRINCIPAL_TOKENS.values())
+    assert {deploy, create} <= MUTATING_METHODS
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_without_auth_mutating_calls_are_still_audited(start_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "json", service="trainer")
+    server, _ = start_server(fake_api=True)
+    assert server.registry is None
+    with make_channel(server.address) as channel:
+        FakeApi.call(channel, "/visiontune.v1.TrainingService/CancelJob", None)
+        FakeApi.call(channel, "/visiontune.v1.TrainingService/ListJobs", None)
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    audit = [r for r in records if r["logger"] == "visiontune.audit"]
+    assert [(r["principal"], r["method"], r["outcome"]) for r in audit] == [
+        ("", "/visiontune.v1.TrainingService/CancelJob", "OK")
+    ]
+
+
 # ------------------------------------------------------------------------------------------------------- TLS
 
 
@@ -223,6 +416,33 @@ def test_tls_with_token_works_with_the_ca_and_refuses_plaintext(
         with pytest.raises(grpc.RpcError) as err:
             unary(plaintext, "Echo")(b"x", timeout=2)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_of_the_client_ca(start_server: Any, tmp_path: Path) -> None:
+    certs = make_mutual_tls(tmp_path / "tls")
+    server, _ = start_server(tls_cert=certs.server_cert, tls_key=certs.server_key, tls_client_ca=certs.ca)
+    wait_for_serving(
+        server.address, SERVICE, timeout=5, tls_ca=certs.ca, tls_client_cert=certs.client_cert,
+        tls_client_key=certs.client_key,
+    )  # fmt: skip
+    with make_channel(
+        server.address, tls_ca=certs.ca, tls_client_cert=certs.client_cert, tls_client_key=certs.client_key
+    ) as channel:
+        assert unary(channel, "Echo")(b"mutual", timeout=5) == b"mutual"
+    # No client certificate, or one another CA signed: the handshake fails, no call reaches a handler.
+    for cert, key in ((None, None), (certs.stranger_cert, certs.stranger_key)):
+        with make_channel(server.address, tls_ca=certs.ca, tls_client_cert=cert, tls_client_key=key) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                unary(channel, "Echo")(b"x", timeout=3)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, cert
+    with pytest.raises(ValueError, match="needs its private key"):
+        make_channel(server.address, tls_client_cert=certs.client_cert)
+
+
+def test_a_client_ca_without_a_server_certificate_is_a_start_error(settings: ServerSettings, tmp_path: Path) -> None:
+    server = GrpcServer(replace(settings, tls_client_ca=tmp_path / "ca.pem"), [], service_label="test")
+    with pytest.raises(ServerStartError, match="mutual TLS"):
+        server.start()
 
 
 def test_missing_tls_file_is_a_clear_start_error(settings: ServerSettings, tmp_path: Path) -> None:

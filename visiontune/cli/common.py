@@ -91,11 +91,35 @@ def inference_target(data_dir: Path) -> str:
     return _channel_target(inference_targets(data_dir), _INFERENCE_ENV)
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def channel_to(target: str) -> grpc.Channel:
+    """A channel to a service as the environment says: $VISIONTUNE_AUTH_TOKEN, TLS trusting $VISIONTUNE_TLS_CA,
+    and the client certificate $VISIONTUNE_TLS_CLIENT_CERT / $VISIONTUNE_TLS_CLIENT_KEY for mutual TLS."""
+    cert, key = _env_path("VISIONTUNE_TLS_CLIENT_CERT"), _env_path("VISIONTUNE_TLS_CLIENT_KEY")
+    if (cert is None) != (key is None):
+        raise click.ClickException("VISIONTUNE_TLS_CLIENT_CERT and VISIONTUNE_TLS_CLIENT_KEY must be set together")
+    try:
+        return make_channel(
+            target,
+            tls_ca=_env_path("VISIONTUNE_TLS_CA"),
+            token=os.environ.get("VISIONTUNE_AUTH_TOKEN") or None,
+            tls_client_cert=cert,
+            tls_client_key=key,
+        )
+    except OSError as err:
+        raise click.ClickException(f"cannot read TLS file {err.filename}: {err.strerror}") from err
+
+
 @contextmanager
 def trainer(data_dir: Path) -> Iterator[tuple[str, training_service_pb2_grpc.TrainingServiceStub]]:
-    """The trainer's target and a stub on a channel to it (closed on exit), with $VISIONTUNE_AUTH_TOKEN."""
+    """The trainer's target and a stub on a channel to it (closed on exit), with the token and TLS files of the
+    environment (`channel_to`)."""
     target = trainer_target(data_dir)
-    with make_channel(target, token=os.environ.get("VISIONTUNE_AUTH_TOKEN")) as channel:
+    with channel_to(target) as channel:
         yield target, training_service_pb2_grpc.TrainingServiceStub(channel)
 
 
@@ -106,7 +130,7 @@ def inference(
     """The inference service's target (`target`, else `inference_target`) and a stub on a channel to it, as
     `trainer` does."""
     target = target or inference_target(data_dir)
-    with make_channel(target, token=os.environ.get("VISIONTUNE_AUTH_TOKEN")) as channel:
+    with channel_to(target) as channel:
         yield target, inference_service_pb2_grpc.InferenceServiceStub(channel)
 
 

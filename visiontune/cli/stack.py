@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from visiontune.cli.common import cli, data_dir_option, s3_settings
-from visiontune.client import list_services
+from visiontune.client import list_services, make_channel
 from visiontune.devstack import stack
 from visiontune.settings import DEFAULT_INFERENCE_PORT, DEFAULT_TRAINER_PORT
 
@@ -84,6 +84,19 @@ def _triton_ports_default() -> str:
     show_default=True,
     help="Training jobs (and study trials) each trainer runs at once; 0 = one per GPU, 1 on a CPU.",
 )
+@click.option(
+    "--tls-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Run the trainers and inference replicas with mutual TLS: ca.pem, server.pem, server.key, client.pem and "
+    "client.key in this directory (docs/security.md). [default: plaintext on loopback]",
+)
+@click.option(
+    "--auth-token-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="The services' token file of principals and scopes (docs/security.md); needs --tls-dir.",
+)
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each part.")
 def up(
     data_dir: Path,
@@ -98,6 +111,8 @@ def up(
     trainer_replicas: int | None,
     inference_replicas: int | None,
     job_slots: int,
+    tls_dir: Path | None,
+    auth_token_file: Path | None,
     timeout: float,
 ) -> None:
     """Start the local stack: S3 server, trainer, and inference service with its Triton server (and PostgreSQL
@@ -109,7 +124,11 @@ def up(
     if any_ports:
         s3_port = trainer_port = inference_port = metrics_port = grpc_port = http_port = triton_metrics_port = 0
         postgres_port = 0
+    if auth_token_file is not None and tls_dir is None:
+        # A token sent in plaintext can be read off the wire; the stack only runs tokens over TLS.
+        raise click.BadParameter("needs --tls-dir: tokens travel over TLS only", param_hint="--auth-token-file")
     try:
+        security = stack.StackSecurity.from_dir(tls_dir, auth_token_file) if tls_dir is not None else None
         state = stack.up(
             data_dir,
             s3_port=s3_port,
@@ -122,6 +141,7 @@ def up(
             trainer_replicas=trainer_replicas,
             inference_replicas=inference_replicas,
             job_slots=job_slots,
+            security=security,
             timeout=timeout,
             echo=click.echo,
         )
@@ -141,14 +161,29 @@ def _print_status(data_dir: Path) -> bool:
     for row in rows:
         word = "serving" if row.healthy else ("unhealthy" if row.running else "stopped")
         click.echo(f"{row.name:<{width}} {row.endpoint:<22} {word:<10} {row.log}")
+    security = state.stack_security
     for comp in state.components:
         if comp.grpc_service and stack.is_alive(comp):
-            services = list_services(comp.address, timeout=5.0)
+            if security is None:
+                services = list_services(comp.address, timeout=5.0)
+            else:
+                with make_channel(
+                    comp.address,
+                    tls_ca=security.ca,
+                    tls_client_cert=security.client_cert,
+                    tls_client_key=security.client_key,
+                ) as channel:
+                    services = list_services(channel, timeout=5.0)
             click.echo(f"{comp.name} services (reflection): {', '.join(services)}")
         for what, endpoint in comp.endpoints.items():
             click.echo(f"{comp.name} {what}: {endpoint}")
     click.echo(f"bucket: s3://{state.s3_settings.bucket} at {state.s3_settings.url}")
     click.echo(f"database: {state.database}")
+    if security is not None:
+        click.echo(
+            f"mutual TLS: export VISIONTUNE_TLS_CA={security.ca} VISIONTUNE_TLS_CLIENT_CERT={security.client_cert} "
+            f"VISIONTUNE_TLS_CLIENT_KEY={security.client_key}"
+        )
     return all(row.healthy for row in rows)
 
 

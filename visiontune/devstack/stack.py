@@ -19,6 +19,11 @@ once. Each further inference replica has a data directory of its own (its Triton
 start) under `{data_dir}/replicas/`. The first replica of each takes the given ports, the others free ones, all
 recorded. Several replicas need PostgreSQL: they share the job database and the prediction store.
 
+Security: none by default (loopback only). `security=StackSecurity(...)` (`visiontune up --tls-dir DIR
+--auth-token-file FILE`) starts the trainers and inference replicas with mutual TLS and scoped tokens
+(docs/security.md): the services present `server.pem`, require client certificates signed by `ca.pem`, and the
+stack's own health checks present `client.pem`. The file paths (never a token) are kept in the state file.
+
 The S3 component's pid is its wrapper (`python -m visiontune.devstack.s3server`); the real server (`weed`,
 `minio`) dies with the wrapper, and `down` also stops any S3 server still running on the stack's data directory,
 which `up` reports, with its pid, instead of failing on the server's lock. PostgreSQL's wrapper and server behave
@@ -111,12 +116,84 @@ class Shape:
         )
 
 
+@dataclass(frozen=True)
+class StackSecurity:
+    """Mutual TLS (and optionally a token file) for the stack's gRPC services. One CA signs the services'
+    certificate and the clients': what a developer's stack needs, not a PKI."""
+
+    ca: Path  # clients trust it for the services; the services require client certificates it signed
+    cert: Path  # the services' certificate, valid for 127.0.0.1
+    key: Path
+    client_cert: Path  # what the stack presents for its own health checks
+    client_key: Path
+    token_file: Path | None = None  # VISIONTUNE_AUTH_TOKEN_FILE of the services; None: TLS only
+
+    @classmethod
+    def from_dir(cls, directory: Path, token_file: Path | None = None) -> StackSecurity:
+        """ca.pem, server.pem, server.key, client.pem and client.key in `directory` (docs/security.md makes
+        them with openssl); StackError naming a missing one."""
+        files = {name: directory / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+        missing = [name for name, path in files.items() if not path.is_file()]
+        if missing:
+            raise StackError(f"{directory}: missing {', '.join(missing)} (docs/security.md says how to make them)")
+        if token_file is not None and not token_file.is_file():
+            raise StackError(f"token file {token_file} does not exist")
+        return cls(
+            files["ca.pem"].resolve(),
+            files["server.pem"].resolve(),
+            files["server.key"].resolve(),
+            files["client.pem"].resolve(),
+            files["client.key"].resolve(),
+            token_file.resolve() if token_file is not None else None,
+        )
+
+    def service_env(self) -> dict[str, str]:
+        """The variables that turn a service's mutual TLS (and token file) on."""
+        env = {
+            "VISIONTUNE_TLS_CERT": str(self.cert),
+            "VISIONTUNE_TLS_KEY": str(self.key),
+            "VISIONTUNE_TLS_CLIENT_CA": str(self.ca),
+        }
+        if self.token_file is not None:
+            env["VISIONTUNE_AUTH_TOKEN_FILE"] = str(self.token_file)
+        return env
+
+    def to_json(self) -> dict[str, str | None]:
+        return {k: None if v is None else str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, str | None]) -> StackSecurity:
+        token_file = raw.get("token_file")
+        paths = {k: Path(v) for k, v in raw.items() if k != "token_file" and v is not None}
+        return cls(**paths, token_file=Path(token_file) if token_file else None)
+
+
 @dataclass
 class StackState:
     data_dir: str
     s3: dict[str, object]
     components: list[Component] = field(default_factory=list)
     database: str = DEFAULT_DATABASE
+    security: dict[str, str | None] | None = None  # StackSecurity.to_json(); None: plaintext, no tokens
+
+    @property
+    def stack_security(self) -> StackSecurity | None:
+        return StackSecurity.from_json(self.security) if self.security is not None else None
+
+    def serving(self, component: Component, timeout: float) -> bool:
+        """Whether a gRPC component answers SERVING, over mutual TLS when the stack runs it."""
+        assert component.grpc_service is not None
+        sec = self.stack_security
+        if sec is None:
+            return is_serving(component.address, component.grpc_service, timeout)
+        return is_serving(
+            component.address,
+            component.grpc_service,
+            timeout,
+            tls_ca=sec.ca,
+            tls_client_cert=sec.client_cert,
+            tls_client_key=sec.client_key,
+        )
 
     @property
     def s3_settings(self) -> S3Settings:
@@ -254,6 +331,7 @@ def load_state(data_dir: Path) -> StackState | None:
         s3=raw["s3"],
         components=[Component(**c) for c in raw["components"]],
         database=raw.get("database", DEFAULT_DATABASE),
+        security=raw.get("security"),
     )
 
 
@@ -378,6 +456,7 @@ def up(
     trainer_replicas: int | None = None,
     inference_replicas: int | None = None,
     job_slots: int = 0,
+    security: StackSecurity | None = None,
     timeout: float = 90.0,
     echo: Callable[[str], None] = print,
 ) -> StackState:
@@ -387,7 +466,8 @@ def up(
     HTTP and metrics ports (the first inference replica's; others get free ports, as do further trainers);
     `job_slots` each trainer's jobs at once (0: one per GPU, or 1 on a CPU). `database` (None: the one the stack
     last ran on, else sqlite; postgresql when several replicas are asked for) and the replica counts (None: 1, or
-    the running stack's) are checked by `plan_shape`."""
+    the running stack's) are checked by `plan_shape`. `security` runs the gRPC services with mutual TLS and its
+    token file (None: plaintext on loopback, no tokens)."""
     data_dir = data_dir.resolve()
     existing = load_state(data_dir)
     if existing and all(is_alive(c) for c in existing.components):
@@ -453,7 +533,12 @@ def up(
         secret_key=secrets.token_urlsafe(24),
         bucket="visiontune",
     )
-    state = StackState(data_dir=str(data_dir), s3=asdict(s3), database=shape.database)
+    state = StackState(
+        data_dir=str(data_dir),
+        s3=asdict(s3),
+        database=shape.database,
+        security=security.to_json() if security is not None else None,
+    )
     logs = data_dir / "stack" / "logs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     py = sys.executable
@@ -498,13 +583,13 @@ def up(
         url = _start_postgres(state, ports["postgres"], logs, env, timeout, echo) if "postgres" in ports else None
 
         trainers: list[tuple[Component, subprocess.Popen[bytes]]] = []
-        trainer_env = _service_env(s3, data_dir, DATABASE_URL_ENV, url)
+        trainer_env = _service_env(s3, data_dir, DATABASE_URL_ENV, url, security)
         for index, name in enumerate(replica_names(TRAINER, shape.trainer_replicas), start=1):
             port = replica_port("trainer", index)
             args = ["--port", str(port), "--job-slots", str(job_slots), "--replica-id", name]
             trainers.append(_start_service(state, name, TRAINER, "trainer_service", args, port, logs, trainer_env))
             echo(f"starting {name} on {HOST}:{port} ...")
-        _wait_serving(trainers, TRAINING_SERVICE, timeout)
+        _wait_serving(state, trainers, timeout)
 
         inferences: list[tuple[Component, subprocess.Popen[bytes]]] = []
         for index, name in enumerate(replica_names(INFERENCE, shape.inference_replicas), start=1):
@@ -512,7 +597,9 @@ def up(
                 replica_port(what, index)
                 for what in ("inference", "metrics", "triton gRPC", "triton HTTP", "triton metrics")
             )
-            replica_env = _service_env(s3, replica_data_dir(data_dir, INFERENCE, index), FEEDBACK_DATABASE_URL_ENV, url)
+            replica_env = _service_env(
+                s3, replica_data_dir(data_dir, INFERENCE, index), FEEDBACK_DATABASE_URL_ENV, url, security
+            )
             args = [
                 "--port",
                 str(port),
@@ -535,21 +622,36 @@ def up(
             _save_state(state)
             inferences.append(started)
             echo(f"starting {name} on {HOST}:{port} ...")
-        _wait_serving(inferences, INFERENCE_SERVICE, timeout)
+        _wait_serving(state, inferences, timeout)
     except BaseException:
         down(data_dir, echo=lambda _msg: None)
         raise
     return state
 
 
-def _service_env(s3: S3Settings, data_dir: Path, url_env: str, url: str | None) -> dict[str, str]:
-    """A service's environment: S3, its data directory, and the stack's database in `url_env` when it runs
-    PostgreSQL. Database URLs the caller's shell exports are dropped: the stack's choice is what its services use."""
+# What the caller's shell may export that would change the services' security behind the stack's back.
+_SECURITY_ENV = (
+    "VISIONTUNE_TLS_CERT",
+    "VISIONTUNE_TLS_KEY",
+    "VISIONTUNE_TLS_CLIENT_CA",
+    "VISIONTUNE_AUTH_TOKEN",
+    "VISIONTUNE_AUTH_TOKEN_FILE",
+)
+
+
+def _service_env(
+    s3: S3Settings, data_dir: Path, url_env: str, url: str | None, security: StackSecurity | None = None
+) -> dict[str, str]:
+    """A service's environment: S3, its data directory, the stack's database in `url_env` when it runs
+    PostgreSQL, and `security`'s TLS files and token file. Database URLs and TLS or token settings the caller's
+    shell exports are dropped: the stack's choice is what its services use."""
     env = {**service_environment(s3, data_dir), "PYTHONUNBUFFERED": "1", "VISIONTUNE_HOST": HOST}
-    for name in (DATABASE_URL_ENV, FEEDBACK_DATABASE_URL_ENV):
+    for name in (DATABASE_URL_ENV, FEEDBACK_DATABASE_URL_ENV, *_SECURITY_ENV):
         env.pop(name, None)
     if url is not None:
         env[url_env] = url
+    if security is not None:
+        env.update(security.service_env())
     return env
 
 
@@ -614,10 +716,12 @@ def _start_service(
     return comp, proc
 
 
-def _wait_serving(started: Sequence[tuple[Component, subprocess.Popen[bytes]]], service: str, timeout: float) -> None:
+def _wait_serving(
+    state: StackState, started: Sequence[tuple[Component, subprocess.Popen[bytes]]], timeout: float
+) -> None:
     """Replicas start together (each waits on its own imports and Triton); wait for every one to serve."""
     for comp, proc in started:
-        _wait_until(functools.partial(is_serving, comp.address, service, 1.0), comp, proc, timeout)
+        _wait_until(functools.partial(state.serving, comp, 1.0), comp, proc, timeout)
 
 
 def stop_components(components: Sequence[Component], grace: float = 15.0, sig: int = signal.SIGTERM) -> list[Component]:
@@ -709,7 +813,7 @@ def status(data_dir: Path) -> tuple[StackState, list[ComponentStatus]]:
         running = is_alive(comp)
         healthy = False
         if running and comp.grpc_service:
-            healthy = is_serving(comp.address, service=comp.grpc_service, timeout=2.0)
+            healthy = state.serving(comp, timeout=2.0)
         elif running and comp.role == "postgres":
             healthy = _postgres_ready(data_dir, comp.port)
         elif running:

@@ -6,16 +6,18 @@ is covered where tokens are (the job store's quota counts by the creator it is g
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from tests.integration.trainer_helpers import Trainer, create_job, start_trainer, tiny_spec, watch_job
+from visiontune.client import make_channel
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.status import field_violations
 from visiontune.store import ArtifactStore
-from visiontune.v1 import job_pb2, training_service_pb2, training_spec_pb2
+from visiontune.v1 import job_pb2, training_service_pb2, training_service_pb2_grpc, training_spec_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -105,3 +107,60 @@ def test_a_caller_with_its_queue_full_gets_resource_exhausted(limited: Trainer) 
     assert len(queued) <= 2
     for name in created:
         limited.stub.CancelJob(training_service_pb2.CancelJobRequest(name=name), timeout=30)
+
+
+def test_queue_quotas_count_per_authenticated_caller(
+    shapes: ArtifactStore, s3_server: S3ServerProcess, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(
+        json.dumps(
+            {
+                "principals": [
+                    {"name": "alice", "scopes": ["train", "read"], "token": "alice-token-0123456789"},
+                    {"name": "bob", "scopes": ["train", "read"], "token": "bob-token-0123456789"},
+                ]
+            }
+        )
+    )
+    (tmp_path / "state").mkdir()
+    trainer = start_trainer(
+        shapes,
+        s3_server,
+        tmp_path / "state",
+        "--job-slots",
+        "1",
+        "--auth-token-file",
+        str(tokens),
+        "--max-queued-jobs-per-caller",
+        "1",
+    )
+    spec = tiny_spec(epochs=50)
+    try:
+        stubs = {
+            name: training_service_pb2_grpc.TrainingServiceStub(
+                make_channel(trainer.target, token=f"{name}-token-0123456789")
+            )
+            for name in ("alice", "bob")
+        }
+
+        def create(who: str, job_id: str) -> job_pb2.Job:
+            request = training_service_pb2.CreateJobRequest(job=job_pb2.Job(spec=spec), job_id=job_id)
+            return stubs[who].CreateJob(request, timeout=30)
+
+        created = [create("alice", "a0").name]
+        refused = None
+        for i in range(1, 5):  # the first may start at once; then one more fits in alice's queue
+            try:
+                created.append(create("alice", f"a{i}").name)
+            except grpc.RpcError as err:
+                refused = err
+                break
+        assert refused is not None
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "caller 'alice' already has 1 job queued" in (refused.details() or "")
+        created.append(create("bob", "b0").name)  # bob's queue is his own
+        for name in created:
+            stubs["alice"].CancelJob(training_service_pb2.CancelJobRequest(name=name), timeout=30)
+    finally:
+        trainer.stop()

@@ -321,9 +321,9 @@ class JobStore:
         ).scalar_one()
         if held >= quota.limit:
             who = f"caller {creator!r}" if creator else "all callers together (no authentication)"
+            noun, nouns, doing = ("job", "jobs", "queued") if resource is JOBS else ("study", "studies", "running")
             raise QuotaExceeded(
-                f"{who} already has {held} {resource.noun}s {'queued' if resource is JOBS else 'running'}, "
-                f"the limit is {quota.limit}"
+                f"{who} already has {held} {noun if held == 1 else nouns} {doing}, the limit is {quota.limit}"
                 + (f" ({quota.setting})" if quota.setting else "")
                 + "; wait for some to finish or cancel them"
             )

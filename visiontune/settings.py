@@ -119,7 +119,11 @@ def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("S3 artifact store")
     group.add_argument("--s3-endpoint", default=env.endpoint, help=f"S3 endpoint host:port [{name('endpoint')}]")
     group.add_argument("--s3-access-key", default=env.access_key, help=f"S3 access key [{name('access_key')}]")
-    group.add_argument("--s3-secret-key", default=env.secret_key, help=f"S3 secret key [{name('secret_key')}]")
+    group.add_argument(
+        "--s3-secret-key",
+        default=env.secret_key,
+        help=f"S3 secret key [{name('secret_key')}]; prefer the variable: `ps` shows a flag's value to every user",
+    )
     group.add_argument("--s3-bucket", default=env.bucket, help=f"artifact bucket [{name('bucket')}]")
     group.add_argument(
         "--s3-secure", action=argparse.BooleanOptionalAction, default=env.secure, help=f"use https [{name('secure')}]"
@@ -154,7 +158,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, 
     parser.add_argument(
         "--auth-token",
         default=_env("AUTH_TOKEN"),
-        help="require 'authorization: Bearer TOKEN' on every call; an admin principal [VISIONTUNE_AUTH_TOKEN]",
+        help="require 'authorization: Bearer TOKEN' on every call; an admin principal [VISIONTUNE_AUTH_TOKEN]; "
+        "prefer the variable: `ps` shows a flag's value to every user",
     )
     parser.add_argument(
         "--auth-token-file",

@@ -146,6 +146,15 @@ def test_parse_field_and_reraise_as() -> None:
 
 # ------------------------------------------------------------------------------------------------ on the wire
 
+# Errors quoting what a client sent, far past what a client takes in trailers (8 KiB): a 30 KB ID, a hundred bad
+# fields each quoting a long value.
+HUGE_ID = "é" * 15_000
+HUGE: dict[bytes, VisionTuneError] = {
+    b"huge-id": errors.InvalidArgument([FieldViolation("job_id", f"invalid job ID {HUGE_ID!r}")]),
+    b"many": errors.InvalidArgument([FieldViolation(f"f{i}", "must be a name, got " + "x" * 900) for i in range(100)]),
+    b"huge-message": errors.NotFound(f"jobs/{HUGE_ID} does not exist"),
+}
+
 SERVICE = "visiontune.test.Raiser"
 
 
@@ -155,6 +164,8 @@ class Raiser:
 
     @staticmethod
     def _error(request: bytes) -> Exception:
+        if request in HUGE:
+            return HUGE[request]
         return ERRORS[int(request)] if request != b"bug" else RuntimeError("a bug")
 
     def unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -218,3 +229,34 @@ def test_a_raised_error_reaches_the_client_as_its_status(channel: grpc.Channel, 
 def test_any_other_exception_is_a_bug_and_stays_unknown(channel: grpc.Channel, method: str) -> None:
     failed, _ = _call(channel, method, b"bug")
     assert failed.code() == grpc.StatusCode.UNKNOWN
+
+
+@pytest.mark.parametrize("method", ["Unary", "Stream"])
+@pytest.mark.parametrize("request_bytes", sorted(HUGE))
+def test_an_error_quoting_a_huge_value_still_reaches_the_client_as_its_status(
+    channel: grpc.Channel, method: str, request_bytes: bytes
+) -> None:
+    # Unbounded, the trailers exceed the client's limit and it sees RESOURCE_EXHAUSTED instead.
+    error = HUGE[request_bytes]
+    failed, _ = _call(channel, method, request_bytes)
+    assert failed.code() == status.status_code(error)
+    details = failed.details() or ""
+    assert len(details.encode()) <= status.MESSAGE_MAX_BYTES
+    assert details.startswith(error.message[:20])
+    violations = status.field_violations(failed)
+    if not isinstance(error, errors.InvalidArgument):
+        assert violations == []
+        return
+    assert violations, "the violations must still arrive"
+    assert sum(len(v.field.encode()) + len(v.description.encode()) for v in violations) <= status.VIOLATIONS_MAX_BYTES
+    assert [v.field for v in violations] == [v.field for v in error.violations[: len(violations)]]
+    left_out = len(error.violations) - len(violations)
+    if left_out:
+        assert details.endswith(f"({left_out} more violations not sent)")
+
+
+def test_clip_keeps_short_text_and_never_breaks_a_character() -> None:
+    assert status.clip("short", 10) == "short"
+    clipped = status.clip("é" * 10, 8)
+    assert clipped == "éé…"
+    assert len(clipped.encode()) <= 8

@@ -38,6 +38,7 @@ from trainer_service.tuning.space import (
     field_at,
     grid_search_space,
     param_string,
+    step_divides,
     suggest,
 )
 from trainer_service.tuning.study_config import (
@@ -748,3 +749,31 @@ def test_plain_grid_sampler_fails_the_last_tell() -> None:
         else:
             with pytest.raises(RuntimeError, match=r"Study\.stop"):
                 study.tell(trial, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "step"),
+    [
+        (0.0, 1e27, 0.1),  # a quotient past 10^28: the default decimal context raised DivisionImpossible
+        (5e-324, 1.7e308, 5e-324),  # the widest span of floats
+        (1e-300, 1e300, 3e-7),
+    ],
+)
+def test_a_float_step_over_a_huge_range_is_a_violation_not_a_crash(lo: float, hi: float, step: float) -> None:
+    # The path's field is a float with a range, so the range is refused, after the step is checked exactly.
+    found = _violations(_study(LR, _float("augmentation.rotation_degrees", lo, hi, step=step)))
+    assert "spec.parameters[1].float_range.max" in found
+    found = _violations(_study(LR, _float("dataset.uri", lo, hi, step=step)))  # not a number at all
+    assert "spec.parameters[1].path" in found
+
+
+def test_step_divides_exactly_far_past_28_digits() -> None:
+    assert step_divides(0.1, 0.0, 1e27)  # 10^28 steps
+    assert not step_divides(0.3, 0.0, 1e27)
+
+
+def test_a_grid_of_a_huge_float_range_is_refused_by_its_size() -> None:
+    huge = [_float(f"augmentation.{name}", 0.0, 1.0, step=5e-324) for name in ("hue", "saturation")]
+    found = _violations(_study(*huge, sampler=st.SAMPLER_GRID))
+    assert "points, at most" in found["spec.sampler"]
+    assert "about 10^" in found["spec.sampler"]

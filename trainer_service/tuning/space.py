@@ -233,7 +233,8 @@ def grid_size(p: ParameterConfig) -> int:
         return (int(p.high) - int(p.low)) // _int_step(p) + 1
     if p.step is None or p.step <= 0:
         raise ValueError(f"{p.path}: a continuous float range has no grid; give it a step")
-    return int((_exact(p.high) - _exact(p.low)) // _exact(p.step)) + 1
+    with decimal.localcontext(_EXACT):
+        return int((_exact(p.high) - _exact(p.low)) // _exact(p.step)) + 1
 
 
 def grid_search_space(config: StudyConfig) -> dict[str, list[str | int | float]]:
@@ -249,8 +250,15 @@ def grid_search_space(config: StudyConfig) -> dict[str, list[str | int | float]]
         else:
             assert p.step is not None  # grid_size refused a continuous range
             low, step = _exact(p.low), _exact(p.step)
-            space[p.path] = [float(low + i * step) for i in range(n)]
+            with decimal.localcontext(_EXACT):
+                space[p.path] = [float(low + i * step) for i in range(n)]
     return space
+
+
+# Decimal arithmetic on any two floats without rounding: a float's repr has at most 17 digits, between 1e-324 and
+# 1e309, so a difference, a remainder or a quotient of two needs at most about 650 digits. The default context's 28
+# would round `max - min` and raise DivisionImpossible for a quotient past 10^28 (max 1e27, step 0.1).
+_EXACT: Final = decimal.Context(prec=700)
 
 
 def _exact(value: float) -> decimal.Decimal:
@@ -261,7 +269,8 @@ def _exact(value: float) -> decimal.Decimal:
 def step_divides(step: float, low: float, high: float) -> bool:
     """Whether `step` divides `high - low` exactly, in decimal as optuna's FloatDistribution checks it (so 0.1
     divides 0.5 - 0.1)."""
-    return (_exact(high) - _exact(low)) % _exact(step) == 0
+    with decimal.localcontext(_EXACT):
+        return (_exact(high) - _exact(low)) % _exact(step) == 0
 
 
 def is_stepped(p: ParameterConfig) -> bool:

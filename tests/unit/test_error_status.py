@@ -67,6 +67,7 @@ EXPECTED: list[tuple[Callable[[], VisionTuneError], Code]] = [
     (lambda: records.NotFound("jobs/x does not exist"), Code.NOT_FOUND),
     (lambda: records.AlreadyExists("job 'x' already exists"), Code.ALREADY_EXISTS),
     (lambda: records.Conflict("job 'x' is RUNNING, expected one of ['QUEUED']"), Code.ABORTED),
+    (lambda: records.QuotaExceeded("caller 'a' already has 2 jobs queued, the limit is 2"), Code.RESOURCE_EXHAUSTED),
     (lambda: records.SchemaError("x has job store schema version 9"), Code.FAILED_PRECONDITION),
     # the trainer's domain
     (lambda: StudyPreconditionFailed("studies/s has no completed trial yet"), Code.FAILED_PRECONDITION),

@@ -602,6 +602,7 @@ NON_DEFAULT_CONFIG = TrainingConfig(
         architecture=Architecture.RESNET50,
         weights=WeightsSource.URI,
         weights_uri="s3://weights/resnet50.pt",
+        weights_sha256="0123456789abcdef" * 4,
         classifier_dim=512,
         dropout=0.25,
         activation=Activation.GELU,

@@ -127,7 +127,7 @@ def test_setting_a_oneof_member_replaces_its_sibling() -> None:
         (
             "model: {zzz: 1}\n",
             "spec.yaml: unknown key 'model.zzz' (ModelSpec has architecture, weights, weights_uri, "
-            "classifier_dim, dropout, activation)",
+            "classifier_dim, dropout, activation, weights_sha256)",
         ),
         (
             "model: {architecture: vgg16}\n",

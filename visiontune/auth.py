@@ -21,13 +21,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from visiontune.calls import behavior, handler_like, observed
+from visiontune.calls import Continuation, Handler, ServerInterceptor, behavior, handler_like, observed
 
 __all__ = [
     "DEFAULT_PRINCIPAL",
@@ -47,13 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("visiontune.audit")
-
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
-    _Handler = grpc.RpcMethodHandler[Any, Any]
-    _Continuation = Callable[[grpc.HandlerCallDetails], "grpc.RpcMethodHandler[Any, Any] | None"]
-else:
-    _ServerInterceptor = grpc.ServerInterceptor
 
 
 class Scope(enum.StrEnum):
@@ -329,7 +322,7 @@ def _exempt(method: str, prefixes: Sequence[str]) -> bool:
     return method.startswith(tuple(prefixes))
 
 
-class ScopeInterceptor(_ServerInterceptor):
+class ScopeInterceptor(ServerInterceptor):
     """No or an unknown token: UNAUTHENTICATED. A known token without the method's scope: PERMISSION_DENIED
     naming the scope and the principal. A method missing from METHOD_SCOPES is closed to all but admins.
 
@@ -362,8 +355,8 @@ class ScopeInterceptor(_ServerInterceptor):
         return grpc.StatusCode.PERMISSION_DENIED, needs
 
     def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> _Handler | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or _exempt(method, self._exempt):
@@ -397,7 +390,7 @@ def _resources(request: object) -> dict[str, str]:
     return found
 
 
-class AuditInterceptor(_ServerInterceptor):
+class AuditInterceptor(ServerInterceptor):
     """One `visiontune.audit` line per mutating call and per denied call, written when the call ends so the
     outcome is the final status code: principal, method, outcome, time, duration_ms, peer, resources."""
 
@@ -415,8 +408,8 @@ class AuditInterceptor(_ServerInterceptor):
         self._log = logger
 
     def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> _Handler | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or _exempt(method, self._exempt) or not self._log.isEnabledFor(logging.INFO):

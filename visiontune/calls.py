@@ -13,19 +13,25 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-__all__ = ["behavior", "final_code", "handler_like", "observed"]
+__all__ = ["Continuation", "Handler", "ServerInterceptor", "behavior", "final_code", "handler_like", "observed"]
 
-# grpc's classes are generic only in grpc-stubs; subscripting them at runtime raises.
+# grpc's classes are generic only in grpc-stubs; subscripting them at runtime raises. The interceptors of
+# `visiontune.server` and `visiontune.auth` use these names.
 if TYPE_CHECKING:
-    _Handler = grpc.RpcMethodHandler[Any, Any]
+    ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], "grpc.RpcMethodHandler[Any, Any] | None"]
 else:
-    _Handler = Any
+    ServerInterceptor = grpc.ServerInterceptor
+    Handler = Any
+    Continuation = Any
+
 
 # Called when a call ends: its context, the final status code and how long the behaviour ran in ms.
 OnDone = Callable[[grpc.ServicerContext, grpc.StatusCode, float], None]
 
 
-def handler_like(handler: _Handler, behavior: Callable[..., Any], *, keep_serializers: bool) -> _Handler:
+def handler_like(handler: Handler, behavior: Callable[..., Any], *, keep_serializers: bool) -> Handler:
     """A handler of the same kind (unary/streaming on each side) as `handler`, running `behavior`.
 
     Without serializers (`keep_serializers=False`) the request reaches `behavior` as raw bytes: never parsed."""
@@ -40,7 +46,7 @@ def handler_like(handler: _Handler, behavior: Callable[..., Any], *, keep_serial
     return grpc.unary_unary_rpc_method_handler(behavior, req, resp)
 
 
-def behavior(handler: _Handler) -> Callable[..., Any]:
+def behavior(handler: Handler) -> Callable[..., Any]:
     fn = handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
     assert fn is not None, "a method handler always has one behaviour"
     return fn

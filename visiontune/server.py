@@ -21,7 +21,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from visiontune import status
 from visiontune.auth import AuditInterceptor, ScopeInterceptor, TokenFileError, TokenRegistry
-from visiontune.calls import behavior, handler_like, observed
+from visiontune.calls import Continuation, Handler, ServerInterceptor, behavior, handler_like, observed
 from visiontune.errors import VisionTuneError
 from visiontune.settings import ServerSettings
 
@@ -55,14 +55,6 @@ AUTH_EXEMPT_PREFIXES: tuple[str, ...] = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
-# grpc's classes are generic only in grpc-stubs; subscripting them at runtime raises.
-if TYPE_CHECKING:
-    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
-    _Handler = grpc.RpcMethodHandler[Any, Any]
-    _Continuation = Callable[[grpc.HandlerCallDetails], "grpc.RpcMethodHandler[Any, Any] | None"]
-else:
-    _ServerInterceptor = grpc.ServerInterceptor
-
 
 class ServerStartError(RuntimeError):
     """The server could not start (port in use, unreadable TLS files); the message is one line for the CLI."""
@@ -79,15 +71,15 @@ class ServiceBinding:
 # --------------------------------------------------------------------------------------------- interceptors
 
 
-class CallLoggingInterceptor(_ServerInterceptor):
+class CallLoggingInterceptor(ServerInterceptor):
     """Logs every call at DEBUG with method, code and duration_ms; costs one level check when DEBUG is off."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._log = logger or logging.getLogger("visiontune.rpc")
 
     def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> _Handler | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None or not self._log.isEnabledFor(logging.DEBUG):
             return handler
@@ -103,7 +95,7 @@ class CallLoggingInterceptor(_ServerInterceptor):
         self._log.debug("rpc", extra={"method": method, "code": code.name, "duration_ms": duration_ms})
 
 
-class ErrorStatusInterceptor(_ServerInterceptor):
+class ErrorStatusInterceptor(ServerInterceptor):
     """Ends a call whose servicer method raised a `VisionTuneError` with that error's status
     (`visiontune.status.abort`): the one place both services map errors to status codes.
 
@@ -112,8 +104,8 @@ class ErrorStatusInterceptor(_ServerInterceptor):
     """
 
     def intercept_service(
-        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> _Handler | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return handler
@@ -264,7 +256,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
             # The audit log wraps the scope check, so a denied call is audited with its final code.
-            interceptors: list[_ServerInterceptor] = [
+            interceptors: list[ServerInterceptor] = [
                 CallLoggingInterceptor(),
                 AuditInterceptor(self._registry, exempt_prefixes=AUTH_EXEMPT_PREFIXES),
             ]

@@ -9,13 +9,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.integration.stack_cli import run_cli
 from tests.integration.trainer_helpers import tiny_spec
 from visiontune.devstack import postgres, s3server, stack
 from visiontune.devstack.s3server import S3ServerProcess
@@ -28,19 +28,7 @@ pytestmark = pytest.mark.integration
 def _cli(
     *args: str, data_dir: Path | None, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VISIONTUNE_")}, **(env or {})}
-    where = [] if data_dir is None else ["--data-dir", str(data_dir)]
-    result = subprocess.run(
-        [sys.executable, "-m", "visiontune.cli", *args, *where],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-        check=False,
-    )
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    return run_cli(*args, data_dir=data_dir, check=check, env=env, timeout=180)
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -8,7 +8,6 @@ no command line and in no file but the private (0600) files that exist to hold t
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.integration.stack_cli import cli_environment, run_cli
 from tests.integration.trainer_helpers import tiny_spec
 from visiontune.devstack import stack
 from visiontune.specfile import dump_spec_yaml
@@ -27,23 +27,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 WORKER_MARKER = b"trainer_service.jobs.worker"
 
 
-def _cli_env(token: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISIONTUNE_")}
-    return {**env, "VISIONTUNE_AUTH_TOKEN": token}
-
-
 def _cli(env: dict[str, str], data_dir: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
-    where = [] if data_dir is None else ["--data-dir", str(data_dir)]
-    result = subprocess.run(
-        [sys.executable, "-m", "visiontune.cli", *args, *where],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    return run_cli(*args, data_dir=data_dir, env=env)
 
 
 def _parents() -> dict[int, int]:
@@ -87,7 +72,7 @@ def test_no_secret_on_a_command_line_or_in_a_log(tmp_path: Path) -> None:
     root.chmod(0o755)
     data_dir = root / "state"
     token = "tok-" + secrets.token_urlsafe(24)
-    env = _cli_env(token)
+    env = cli_environment({"VISIONTUNE_AUTH_TOKEN": token})
     state = None
     try:
         _cli(env, data_dir, "up", "--any-ports", "--database", "postgresql")

@@ -1,5 +1,9 @@
 """Tests of the trainer's job store on both of its databases: real SQLite files and a real PostgreSQL server
-(the `database_url` fixture runs each test once per backend; no mocks)."""
+(the `database_url` fixture runs each test once per backend; no mocks).
+
+One module for the store's one contract, in the order of store.py's sections (opening, jobs, studies, events,
+replicas), sharing its clock and store fixtures; the newer creator quotas and checkpoint commit are in
+test_store_creators.py, the worker rows in test_worker_rows.py."""
 
 from __future__ import annotations
 

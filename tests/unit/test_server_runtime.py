@@ -1,6 +1,9 @@
 """The shared gRPC server runtime over real loopback gRPC: health, reflection, auth, TLS, limits, shutdown,
 rich errors and structured logs. No mocks; a tiny generic bytes-in/bytes-out service stands in for the
-real servicers."""
+real servicers.
+
+One module because every test runs the same `GrpcServer` through the same fixture and stub; sections follow
+server.py (lifecycle, interceptors, auth, TLS, errors, logs)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ on loopback.
 `up` starts them detached (they outlive the CLI), waits until each is healthy and records pids, ports,
 credentials and log paths in `{data_dir}/stack/stack.json` (mode 0600). `status` and `down` read it.
 Other CLI commands read it too, so `visiontune dataset push` talks to the stack with no flags.
+One module because up, status and down share the state file and the component records; the pieces that stand
+alone (ports, launch environment, the S3 and PostgreSQL processes) are modules of their own beside it.
 
 The databases: SQLite files by default (the trainer's job store and the inference service's prediction store, one
 replica each). `database="postgresql"` adds a private PostgreSQL cluster under `{data_dir}/postgres` (the

@@ -22,6 +22,8 @@ from typing import Final
 
 from visiontune.uris import InputLocations
 
+from trainer_service.jobs.records import CreatorQuota
+
 # Defaults generous enough for real fine-tuning sets, small enough that one typo cannot fill a disk or a queue.
 DEFAULT_MAX_IMAGES_PER_JOB: Final = 2_000_000
 DEFAULT_MAX_DATASET_MB: Final = 200 * 1024  # 200 GiB
@@ -29,6 +31,9 @@ DEFAULT_MAX_QUEUED_JOBS_PER_CALLER: Final = 100
 DEFAULT_MAX_ACTIVE_STUDIES_PER_CALLER: Final = 10
 
 INPUT_LOCATIONS_ENV: Final = "VISIONTUNE_INPUT_LOCATIONS"
+# The flags of the per-caller quotas: declared here, and named by the quota errors.
+QUEUED_JOBS_FLAG: Final = "--max-queued-jobs-per-caller"
+ACTIVE_STUDIES_FLAG: Final = "--max-active-studies-per-caller"
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,12 @@ class CallerQuotas:
     max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS_PER_CALLER
     max_active_studies: int = DEFAULT_MAX_ACTIVE_STUDIES_PER_CALLER
 
+    def job_quota(self) -> CreatorQuota:
+        return CreatorQuota(self.max_queued_jobs, QUEUED_JOBS_FLAG)
+
+    def study_quota(self) -> CreatorQuota:
+        return CreatorQuota(self.max_active_studies, ACTIVE_STUDIES_FLAG)
+
 
 @dataclass(frozen=True)
 class TrainerPolicy:
@@ -121,13 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"MiB of images one dataset URI may hold; 0 = no limit [{DatasetLimits.env_name('max_dataset_mb')}]",
     )
     group.add_argument(
-        "--max-queued-jobs-per-caller",
+        QUEUED_JOBS_FLAG,
         type=int,
         default=int(os.environ.get("VISIONTUNE_MAX_QUEUED_JOBS_PER_CALLER") or DEFAULT_MAX_QUEUED_JOBS_PER_CALLER),
         help="jobs one caller may have queued at once; 0 = no limit [VISIONTUNE_MAX_QUEUED_JOBS_PER_CALLER]",
     )
     group.add_argument(
-        "--max-active-studies-per-caller",
+        ACTIVE_STUDIES_FLAG,
         type=int,
         default=int(
             os.environ.get("VISIONTUNE_MAX_ACTIVE_STUDIES_PER_CALLER") or DEFAULT_MAX_ACTIVE_STUDIES_PER_CALLER
@@ -145,8 +156,8 @@ def policy_from_args(args: argparse.Namespace, *, artifact_bucket: str) -> Train
     counts = {
         "--max-images-per-job": args.max_images_per_job,
         "--max-dataset-mb": args.max_dataset_mb,
-        "--max-queued-jobs-per-caller": args.max_queued_jobs_per_caller,
-        "--max-active-studies-per-caller": args.max_active_studies_per_caller,
+        QUEUED_JOBS_FLAG: args.max_queued_jobs_per_caller,
+        ACTIVE_STUDIES_FLAG: args.max_active_studies_per_caller,
     }
     for flag, value in counts.items():
         if value < 0:

@@ -27,7 +27,7 @@ from trainer_service.advice.recommend import recommend_for_dataset
 from trainer_service.datasets.listing import dataset_fingerprint
 from trainer_service.jobs import events
 from trainer_service.jobs.executor import JobExecutor
-from trainer_service.jobs.store import CreatorQuota, JobState, JobStore
+from trainer_service.jobs.store import JobState, JobStore
 from trainer_service.policy import TrainerPolicy
 from trainer_service.spec.convert import config_to_spec
 from trainer_service.spec.lr_sweep import validate_lr_request
@@ -64,9 +64,8 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         self._policy = policy or TrainerPolicy.default(store.bucket)
         # Where a client's spec may read from (datasets/ of the artifact bucket unless configured).
         self._inputs = self._policy.inputs
-        quotas = self._policy.quotas
-        self._job_quota = CreatorQuota(quotas.max_queued_jobs, "--max-queued-jobs-per-caller")
-        self._study_quota = CreatorQuota(quotas.max_active_studies, "--max-active-studies-per-caller")
+        self._job_quota = self._policy.quotas.job_quota()
+        self._study_quota = self._policy.quotas.study_quota()
 
     # --- jobs -------------------------------------------------------------------------------------
 

@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 import torch
-from tests.integration.trainer_helpers import Trainer, create_job, tiny_spec, watch_job, worker_pid
+from tests.integration.trainer_helpers import (
+    Trainer,
+    create_job,
+    tiny_spec,
+    watch_job,
+    watch_job_until,
+    worker_pid,
+)
 from trainer_service.engine.recipe import ResumeState
 from trainer_service.jobs import artifacts
 from visiontune.store import ArtifactStore
@@ -72,9 +79,7 @@ def test_a_resumed_job_whose_checkpoint_was_replaced_fails_with_an_integrity_err
     trainer: Trainer, shapes: ArtifactStore, tmp_path: Path
 ) -> None:
     job = create_job(trainer, tiny_spec(epochs=6, seed=1), "tampered")
-    for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
-        if event.HasField("epoch_ended") and event.epoch_ended.epoch == 2:
-            break
+    watch_job_until(trainer, job.name, lambda e: e.HasField("epoch_ended") and e.epoch_ended.epoch == 2)
     pid = worker_pid("tampered")
     assert pid is not None
     # Frozen, the worker writes nothing more while every checkpoint object is replaced under it.

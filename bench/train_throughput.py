@@ -48,6 +48,7 @@ from trainer_service.engine import loop
 from trainer_service.engine.augment import build_train_transform
 from trainer_service.engine.batches import ImageArrayDataset, Split
 from trainer_service.engine.context import RunContext, resolve_device
+from trainer_service.engine.hardware import probe
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks, StageData, run_stage
 from trainer_service.engine.models import Classifier, WeightsUnavailable, build_classifier, normalization
 from trainer_service.spec.config import (
@@ -182,7 +183,7 @@ def training_config(settings: Settings) -> TrainingConfig:
 def run_context(settings: Settings) -> RunContext:
     mean, std = normalization(ModelConfig(architecture=Architecture(settings.arch)))
     return RunContext(
-        device=resolve_device(DeviceKind(settings.device)),
+        device=resolve_device(DeviceKind(settings.device), probe()),
         autocast_dtype=None,
         workers=settings.workers,
         mean=mean,

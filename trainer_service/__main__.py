@@ -20,6 +20,7 @@ from visiontune.v1 import training_service_pb2, training_service_pb2_grpc
 
 from trainer_service import policy
 from trainer_service.jobs.executor import JobExecutor
+from trainer_service.jobs.gpus import gpu_pool
 from trainer_service.jobs.kubernetes import settings as k8s_settings
 from trainer_service.jobs.local_workers import LocalWorkers
 from trainer_service.jobs.replica import DEFAULT_LEASE_TTL_S, ReplicaLease, ReplicaSettings, default_replica_id
@@ -75,10 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def job_slots(requested: int) -> int:
+def job_slots(requested: int, gpus: tuple[str, ...]) -> int:
+    """--job-slots, or by default one slot per GPU of the pool (one on a CPU-only machine)."""
     if requested > 0:
         return requested
-    return max(1, torch.cuda.device_count())
+    return max(1, len(gpus))
 
 
 def worker_runtime(
@@ -105,8 +107,9 @@ def worker_runtime(
             raise StartupError(f"the Kubernetes executor cannot reach a cluster: {err}") from err
         kube = dataclasses.replace(kube, worker_env=tuple(worker_env.items()))
         return KubernetesWorkers(kube, client, default_bucket=store.bucket), kube.max_jobs
-    local = LocalWorkers(settings.s3, settings.data_dir, database_url=jobs.url, extra_env=worker_env)
-    return local, job_slots(args.job_slots)
+    gpus = gpu_pool(os.environ, torch.cuda.device_count())
+    local = LocalWorkers(settings.s3, settings.data_dir, database_url=jobs.url, extra_env=worker_env, gpus=gpus)
+    return local, job_slots(args.job_slots, gpus)
 
 
 def open_job_store(settings: ServerSettings, args: argparse.Namespace) -> JobStore:
@@ -169,7 +172,14 @@ def build(
     executor.start()
     runner.start()
     lease.start()
-    studies = Studies(jobs, runner, default_bucket=store.bucket, wake_executor=executor.wake, inputs=limits.inputs)
+    studies = Studies(
+        jobs,
+        runner,
+        default_bucket=store.bucket,
+        wake_executor=executor.wake,
+        inputs=limits.inputs,
+        offers_gpus=executor.offers_gpus,
+    )
     # The servicer reads S3 inside requests (FindLearningRate, RecommendSpec): with S3 down they fail now, with
     # the store's one-line error, rather than hold the call for the outage window. The study runner, in the
     # background, waits through an outage as the job workers (their own processes) do.

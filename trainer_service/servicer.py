@@ -27,6 +27,7 @@ from trainer_service.advice.recommend import recommend_for_dataset
 from trainer_service.datasets.listing import dataset_fingerprint
 from trainer_service.jobs import events
 from trainer_service.jobs.executor import JobExecutor
+from trainer_service.jobs.gpus import device_violations
 from trainer_service.jobs.store import JobState, JobStore
 from trainer_service.policy import TrainerPolicy
 from trainer_service.spec.convert import config_to_spec
@@ -121,6 +122,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
                 config = validate_spec(request.job.spec, default_bucket=self._default_bucket, inputs=self._inputs)
             except SpecInvalid as err:
                 violations += [FieldViolation(f"job.spec.{v.field}", v.description) for v in err.violations]
+            violations += device_violations(request.job.spec, "job.spec", offers_gpus=self._executor.offers_gpus)
         if violations:
             raise InvalidArgument(violations)
         resolved = config_to_spec(config)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from google.protobuf import json_format
 from tests.integration.trainer_helpers import Trainer, tiny_spec, worker_pid
 from visiontune.devstack.dataset_upload import plan_upload, upload
@@ -65,6 +66,11 @@ def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(
     assert any(w.code == "few_images" for w in warnings)  # 12 train images per label < 20
     assert kinds[-2:] == ["result", "state_changed"]
     assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+    # Where it trained, as the worker found it: this machine has no GPU, so AUTO is the CPU in fp32.
+    (device,) = [e.device_selected for e in events if e.HasField("device_selected")]
+    assert kinds.index("device_selected") < kinds.index("stage_started")
+    assert (device.type, device.gpu_count, device.precision) == ("cpu", 0, training_spec_pb2.PRECISION_FP32)
+    assert device.cuda_build == (torch.version.cuda or "")
 
     done = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=job.name), timeout=10)
     assert done.state == job_pb2.JOB_STATE_SUCCEEDED
@@ -77,11 +83,13 @@ def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(
     # file may fall on either side.
     assert [(c.train_images, c.validation_images) for c in result.dataset.labels[1:]] == [(12, 4), (12, 4)]
     assert {"val_accuracy", "val_loss", "open_set_threshold"} <= set(result.metrics)
+    assert result.device == device
 
     assert shapes.list_model_versions("shapes") == ["shapes-1"]
     manifest = json_format.Parse(shapes.get_manifest("shapes", "shapes-1"), manifest_pb2.ModelManifest())
     assert list(manifest.labels) == ["circle", "square", "triangle"]
     assert manifest.weights.format == manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT
+    assert manifest.training_device == device
     keys = {o.key for o in shapes.list("models/shapes/versions/shapes-1/")}
     assert {f"models/shapes/versions/shapes-1/{f}" for f in manifest.files} <= keys
     assert not list(shapes.list("jobs/shapes-1/checkpoints/"))
@@ -125,6 +133,18 @@ def test_ten_bad_fields_are_one_invalid_argument_naming_all_ten(trainer: Trainer
     with pytest.raises(grpc.RpcError) as missing:
         trainer.stub.GetJob(training_service_pb2.GetJobRequest(name="jobs/bad-spec"), timeout=10)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was created
+
+
+def test_cuda_is_refused_at_create_where_no_job_slot_has_a_gpu(trainer: Trainer) -> None:
+    spec = tiny_spec()
+    spec.run.device = training_spec_pb2.DEVICE_CUDA
+    spec.classifier.batch_size = 0
+    with pytest.raises(grpc.RpcError) as err:
+        _create(trainer, spec, "wants-a-gpu")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = {v.field: v.description for v in field_violations(err.value)}
+    assert set(violations) == {"job.spec.run.device", "job.spec.classifier.batch_size"}  # every bad field at once
+    assert "no GPU" in violations["job.spec.run.device"]
 
 
 def test_cancel_stops_a_running_job_within_seconds_and_leaves_no_artifacts(

@@ -44,7 +44,8 @@ from trainer_service.datasets.splits import stratified_split
 from trainer_service.engine import loop
 from trainer_service.engine.augment import build_eval_transform
 from trainer_service.engine.batches import Split
-from trainer_service.engine.context import resolve_autocast, run_context
+from trainer_service.engine.context import resolve_autocast, resolve_device, run_context
+from trainer_service.engine.hardware import Gpu, Hardware, device_warnings
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks, StageData
 from trainer_service.engine.models import Classifier, build_classifier, normalization
 from trainer_service.engine.recipe import PreparedData, RepeatResult, train
@@ -53,6 +54,7 @@ from trainer_service.jobs.executor import max_retries_of
 from trainer_service.jobs.store import JobStore
 from trainer_service.spec.config import (
     Architecture,
+    DeviceKind,
     Metric,
     ModelConfig,
     OpenSetScore,
@@ -1091,9 +1093,21 @@ def test_precision_picks_the_autocast_dtype() -> None:
     for run in (bf16, fp16):
         assert _losses(run) == pytest.approx(_losses(default), rel=0.05)
         assert _losses(run) != pytest.approx(_losses(default), rel=1e-6)
-    if torch.cuda.is_available():
-        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        assert resolve_autocast(validate_spec(_spec()).run.precision, torch.device("cuda")) == expected
+    # AUTO on a GPU: bf16 only where it is native (Ampere, 8.0+), fp16 with a GradScaler on older ones. The GPUs
+    # here are described, not present (this machine has none): the choice is a pure function of what was probed.
+    auto = validate_spec(_spec()).run.precision
+    cuda = torch.device("cuda")
+    v100 = Hardware(gpus=(Gpu("Tesla V100-SXM2-32GB", (7, 0), 32 << 30),))
+    a100 = Hardware(gpus=(Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 80 << 30),))
+    assert resolve_autocast(auto, cuda, v100) == torch.float16
+    assert resolve_autocast(auto, cuda, a100) == torch.bfloat16
+    assert resolve_autocast(auto, torch.device("cpu"), a100) is None
+    bf16 = validate_spec(_spec({"run.precision": pb.PRECISION_AMP_BF16})).run.precision
+    assert resolve_autocast(bf16, cuda, v100) == torch.bfloat16  # asked for explicitly: kept, with a warning
+    (warning,) = device_warnings(v100, DeviceKind.CUDA, cuda, torch.bfloat16)
+    assert warning[0] == "emulated_bf16"
+    assert "compute capability 7.0" in warning[1]
+    assert device_warnings(a100, DeviceKind.CUDA, cuda, torch.bfloat16) == []
 
 
 @covers("run.device")
@@ -1102,6 +1116,15 @@ def test_device() -> None:
         return run_context(validate_spec(_spec({"run.device": value}))).device.type
 
     assert device(pb.DEVICE_CPU) == "cpu"
+    # A driver torch cannot use (older than the CUDA it was built for): AUTO trains on the CPU, and says why.
+    stale = Hardware(driver_version="470.82.01", driver_cuda_version="11.4", cuda_build="13.0")
+    assert resolve_device(DeviceKind.AUTO, stale).type == "cpu"
+    ((code, message),) = device_warnings(stale, DeviceKind.AUTO, torch.device("cpu"), None)
+    assert code == "gpu_unusable"
+    for said in ("470.82.01", "supports CUDA 11.4", "needs CUDA 13.0"):
+        assert said in message
+    assert device_warnings(Hardware(), DeviceKind.AUTO, torch.device("cpu"), None) == []  # no driver: nothing to say
+    assert resolve_device(DeviceKind.AUTO, Hardware(gpus=(Gpu("NVIDIA L4", (8, 9), 24 << 30),))).type == "cuda"
     if torch.cuda.is_available():
         assert device(pb.DEVICE_UNSPECIFIED) == device(pb.DEVICE_AUTO) == device(pb.DEVICE_CUDA) == "cuda"
     else:

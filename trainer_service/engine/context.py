@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from trainer_service.engine.hardware import Hardware, autocast_dtype, probe
 from trainer_service.engine.models import normalization
 from trainer_service.spec.config import DeviceKind, Precision, TrainingConfig
 
@@ -36,36 +37,31 @@ class RunContext:
 # -- device and precision -----------------------------------------------------------------------------
 
 
-def resolve_device(kind: DeviceKind) -> torch.device:
+def resolve_device(kind: DeviceKind, hardware: Hardware) -> torch.device:
     if kind == DeviceKind.CUDA:
-        if not torch.cuda.is_available():
+        if not hardware.gpus:
             raise RuntimeError("the spec asks for device CUDA, but no GPU is available to this trainer")
         return torch.device("cuda")
-    if kind == DeviceKind.AUTO and torch.cuda.is_available():
+    if kind == DeviceKind.AUTO and hardware.gpus:
         return torch.device("cuda")
     return torch.device("cpu")
 
 
-def resolve_autocast(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. AUTO: bf16 on GPUs that support it, fp16 on older ones."""
-    if precision == Precision.FP32:
-        return None
-    if precision == Precision.AMP_BF16:
-        return torch.bfloat16
-    if precision == Precision.AMP_FP16:
-        return torch.float16
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def resolve_autocast(precision: Precision, device: torch.device, hardware: Hardware) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32 (`hardware.autocast_dtype`: AUTO is bf16 only where it is native)."""
+    gpu = hardware.gpu(device)
+    return autocast_dtype(precision, device, gpu.capability if gpu is not None else None)
 
 
-def run_context(config: TrainingConfig) -> RunContext:
-    """The RunContext a job's spec asks for: its device, precision and data-loader workers (run.*)."""
-    device = resolve_device(config.run.device)
+def run_context(config: TrainingConfig, hardware: Hardware | None = None) -> RunContext:
+    """The RunContext a job's spec asks for on `hardware` (probed when not given): its device, precision and
+    data-loader workers (run.*)."""
+    hardware = hardware if hardware is not None else probe()
+    device = resolve_device(config.run.device, hardware)
     mean, std = normalization(config.model)
     return RunContext(
         device=device,
-        autocast_dtype=resolve_autocast(config.run.precision, device),
+        autocast_dtype=resolve_autocast(config.run.precision, device, hardware),
         workers=config.run.data_loader_workers,
         mean=mean,
         std=std,

@@ -189,6 +189,7 @@ def publish_model_version(
     labels: Sequence[str],
     dataset: job_pb2.DatasetSummary,
     keys_by_split: Mapping[str, Sequence[str]],
+    device: job_pb2.ComputeDevice | None = None,
 ) -> job_pb2.JobResult:
     """Write `models/{output_model}/versions/{job}/`: the TorchScript weights, the plots, and the manifest last.
 
@@ -214,6 +215,7 @@ def publish_model_version(
                 dataset=dataset,
                 plots=plot_uris,
                 keys_by_split=keys_by_split,
+                device=device,
             )
             size = config.dataset.image_size
             mean, std = normalization(config.model)
@@ -230,6 +232,7 @@ def publish_model_version(
                 spec=spec,
                 dataset=dataset,
                 files=[results.MODEL_FILE, *pngs],
+                device=device,
             )
             writer.commit(json_format.MessageToJson(manifest).encode())
     return job_result

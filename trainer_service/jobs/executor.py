@@ -220,6 +220,11 @@ class JobExecutor:
         """Look for queued work now (CreateJob calls it)."""
         self._wake.set()
 
+    @property
+    def offers_gpus(self) -> bool:
+        """Whether a job's worker can get a GPU here (`WorkerRuntime.offers_gpus`)."""
+        return self._workers.offers_gpus
+
     def running_jobs(self) -> list[str]:
         """Jobs whose worker this replica looks after and whose end is not handled yet."""
         with self._lock:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from visiontune.settings import DATABASE_URL_ENV, S3Settings
 
+from trainer_service.jobs.gpus import CUDA_VISIBLE_DEVICES, GpuSlots
 from trainer_service.jobs.records import JobRecord, WorkerRecord
 from trainer_service.jobs.runtime import WorkerExit, last_words
 
@@ -71,7 +72,8 @@ class LocalWorker:
 
 
 class LocalWorkers:
-    """The default runtime: worker subprocesses, bounded by the executor's slots."""
+    """The default runtime: worker subprocesses, bounded by the executor's slots. Each worker gets a GPU of `gpus`
+    (`CUDA_VISIBLE_DEVICES` entries, `gpus.gpu_pool`) to itself while there are as many as running workers."""
 
     cluster_cap = None
     workers_outlive_trainer = False
@@ -84,12 +86,18 @@ class LocalWorkers:
         database_url: str | None = None,
         python: str = sys.executable,
         extra_env: Mapping[str, str] | None = None,
+        gpus: tuple[str, ...] = (),
     ) -> None:
         self._s3 = s3
+        self._gpus = GpuSlots(gpus)
         self._extra_env = dict(extra_env or {})  # the trainer's limits, which the worker enforces
         self._data_dir = data_dir
         self._database_url = database_url
         self._python = python
+
+    @property
+    def offers_gpus(self) -> bool:
+        return bool(self._gpus.pool)
 
     def worker_name(self, job_id: str, attempt: int) -> str:
         return f"{job_id}-{attempt}"
@@ -104,17 +112,29 @@ class LocalWorkers:
         log_dir = self._data_dir / "trainer" / "jobs" / record.job_id
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"worker-{record.attempt}.log"
+        env = {**worker_environment(self._s3, database_url=self._database_url), **self._extra_env}
+        gpu = self._gpus.pick()
+        if gpu is not None:
+            env[CUDA_VISIBLE_DEVICES] = gpu
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [self._python, "-m", WORKER_MODULE, "--job", record.job_id, "--data-dir", str(self._data_dir)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**worker_environment(self._s3, database_url=self._database_url), **self._extra_env},
+                env=env,
             )
+        if gpu is not None:
+            self._gpus.hold(gpu, lambda: proc.poll() is None)
         log.info(
             "job started",
-            extra={"job": record.job_id, "attempt": record.attempt, "pid": proc.pid, "log": str(log_path)},
+            extra={
+                "job": record.job_id,
+                "attempt": record.attempt,
+                "pid": proc.pid,
+                "log": str(log_path),
+                "gpu": gpu if gpu is not None else "none",
+            },
         )
         return LocalWorker(record.job_id, record.attempt, proc, log_path)
 

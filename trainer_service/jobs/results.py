@@ -17,6 +17,7 @@ from visiontune.store import sha256_file
 from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
 
 from trainer_service.engine.evaluation import ClassificationReport, OpenSetReport
+from trainer_service.engine.hardware import Hardware
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
 from trainer_service.engine.recipe import TrainingResult
 from trainer_service.spec.config import OPEN_SET_SCORES, OpenSetScore
@@ -25,6 +26,33 @@ MANIFEST_SCHEMA_VERSION = 1
 
 # The engine's stage names are the short names of job.proto's Stage values: `fine_tuning` is STAGE_FINE_TUNING.
 STAGES: Final = {name: protoreflect.enum_value(job_pb2.Stage, name) for name in (CLASSIFIER, FINE_TUNING)}
+
+
+PRECISIONS: Final[dict[torch.dtype | None, training_spec_pb2.Precision.ValueType]] = {
+    None: training_spec_pb2.PRECISION_FP32,
+    torch.bfloat16: training_spec_pb2.PRECISION_AMP_BF16,
+    torch.float16: training_spec_pb2.PRECISION_AMP_FP16,
+}
+
+
+def compute_device(hardware: Hardware, device: torch.device, dtype: torch.dtype | None) -> job_pb2.ComputeDevice:
+    """Where a job trains: its `device_selected` event, its result's and its model manifest's record."""
+    record = job_pb2.ComputeDevice(
+        type=device.type,
+        gpu_count=len(hardware.gpus) if device.type == "cuda" else 0,
+        driver_version=hardware.driver_version,
+        driver_cuda_version=hardware.driver_cuda_version,
+        cuda_build=hardware.cuda_build,
+        cudnn_version=hardware.cudnn_version,
+        precision=PRECISIONS[dtype],
+        visible_devices=hardware.visible_devices or "",
+    )
+    gpu = hardware.gpu(device)
+    if gpu is not None:
+        record.gpu_name = gpu.name
+        record.compute_capability = f"{gpu.capability[0]}.{gpu.capability[1]}"
+        record.gpu_memory_bytes = gpu.memory_bytes
+    return record
 
 
 def duration(seconds: float) -> Duration:
@@ -82,6 +110,7 @@ def job_result(
     dataset: job_pb2.DatasetSummary,
     plots: Sequence[str],
     keys_by_split: Mapping[str, Sequence[str]],
+    device: job_pb2.ComputeDevice | None = None,
 ) -> job_pb2.JobResult:
     best = result.best
     report: ClassificationReport = best.test if best.test is not None else best.validation
@@ -96,7 +125,7 @@ def job_result(
         )
         for m in report.misclassified
     ]
-    return job_pb2.JobResult(
+    out = job_pb2.JobResult(
         model_version=model_version,
         metrics=metric_summaries(result),
         history=[epoch_metrics(best.repeat, r) for r in best.history],
@@ -117,6 +146,9 @@ def job_result(
         dataset=dataset,
         plots=list(plots),
     )
+    if device is not None:
+        out.device.CopyFrom(device)
+    return out
 
 
 def library_versions() -> dict[str, str]:
@@ -174,6 +206,7 @@ def manifest(
     spec: training_spec_pb2.TrainingSpec,
     dataset: job_pb2.DatasetSummary,
     files: Sequence[str],
+    device: job_pb2.ComputeDevice | None = None,
 ) -> manifest_pb2.ModelManifest:
     out = manifest_pb2.ModelManifest(
         schema_version=MANIFEST_SCHEMA_VERSION,
@@ -190,5 +223,7 @@ def manifest(
         library_versions=library_versions(),
         files=list(files),
     )
+    if device is not None:
+        out.training_device.CopyFrom(device)
     out.create_time.FromDatetime(created)
     return out

@@ -74,8 +74,9 @@ from trainer_service.datasets.listing import (
 )
 from trainer_service.datasets.splits import label_warnings, stratified_split
 from trainer_service.engine.batches import Split
-from trainer_service.engine.context import run_context
+from trainer_service.engine.context import RunContext, run_context
 from trainer_service.engine.epoch import Cancelled
+from trainer_service.engine.hardware import Hardware, device_warnings, out_of_memory_message, probe
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
 from trainer_service.engine.models import WeightsUnavailable, build_classifier
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
@@ -153,6 +154,12 @@ class JobWorker:
         self._classifier_epochs = 0
         self._dataset: job_pb2.DatasetSummary | None = None
         self._labels: list[str] = []
+        # Where this attempt trains (set once the device is chosen) and the stage it is in, for the result and
+        # for an out-of-memory error that says what to change.
+        self._hardware = Hardware()
+        self._ctx: RunContext | None = None
+        self._device: job_pb2.ComputeDevice | None = None
+        self._stage: str | None = None
 
     # -- Callbacks
 
@@ -182,6 +189,7 @@ class JobWorker:
 
     def stage_started(self, repeat: int, stage: str, epochs: int, cached_features: bool) -> None:
         self._stage_started_at = time.monotonic()
+        self._stage = stage
         events.record(
             self.jobs,
             self.job_id,
@@ -268,6 +276,12 @@ class JobWorker:
             write_termination_message(str(err))
             self._end(JobState.FAILED, str(err), error=str(err))
             return 0
+        except torch.OutOfMemoryError as err:
+            log.exception("job failed: out of GPU memory", extra={"job": self.job_id})
+            message = self._out_of_memory()
+            write_termination_message(message)
+            self._end(JobState.FAILED, message, error=f"{message} (CUDA: {str(err).splitlines()[0]})")
+            return 0
         except (DatasetError, WeightsUnavailable, RuntimeError, ValueError) as err:
             log.exception("job failed", extra={"job": self.job_id})
             write_termination_message(f"{type(err).__name__}: {err}")
@@ -275,6 +289,16 @@ class JobWorker:
             return 0
         self._end(JobState.SUCCEEDED, "succeeded", result=outcome)
         return 0
+
+    def _out_of_memory(self) -> str:
+        ctx, stage = self._ctx, self._stage
+        field, batch = None, 0
+        if stage == CLASSIFIER:
+            field, batch = "classifier.batch_size", self.config.classifier.batch_size
+        elif stage == FINE_TUNING:
+            field, batch = "fine_tuning.stage.batch_size", self.config.fine_tuning.stage.batch_size
+        device = ctx.device if ctx is not None else torch.device("cuda")
+        return out_of_memory_message(self._hardware, device, ctx.autocast_dtype if ctx else None, field, batch)
 
     def _stopped(self) -> int:
         """The job was asked to stop. By CancelJob (the job is CANCELLING: seen here, or sent as SIGTERM) it ends
@@ -331,7 +355,7 @@ class JobWorker:
 
     def _run(self) -> job_pb2.JobResult:
         config = self.config
-        ctx = run_context(config)
+        ctx = self._choose_device()
         if self.record.study_id is not None and self.record.trial_number is not None:
             # Before the data: a trial whose study is gone fails at once. Imported here so that ordinary
             # jobs do not load Optuna.
@@ -374,6 +398,22 @@ class JobWorker:
         finally:
             for handle in loaded.handles:
                 handle.close()
+
+    def _choose_device(self) -> RunContext:
+        """The run's device and precision on the hardware found here, recorded as the attempt's `device_selected`
+        event (with a warning where the choice would otherwise go unnoticed: a GPU torch cannot use, emulated bf16)."""
+        self._hardware = probe()
+        ctx = run_context(self.config, self._hardware)
+        self._ctx = ctx
+        self._device = results.compute_device(self._hardware, ctx.device, ctx.autocast_dtype)
+        events.record(self.jobs, self.job_id, "device_selected", self._device)
+        log.info(
+            "device chosen",
+            extra={"job": self.job_id, **json_format.MessageToDict(self._device, preserving_proto_field_name=True)},
+        )
+        for code, message in device_warnings(self._hardware, self.config.run.device, ctx.device, ctx.autocast_dtype):
+            events.record_warning(self.jobs, self.job_id, code, message)
+        return ctx
 
     def stage_started_data(self) -> None:
         events.record(self.jobs, self.job_id, "stage_started", job_pb2.StageStarted(stage=job_pb2.STAGE_DATA))
@@ -507,6 +547,7 @@ class JobWorker:
             dataset=loaded.summary,
             plots=[],
             keys_by_split=loaded.keys,
+            device=self._device,
         )
         self._clean_up()
         return job_result
@@ -546,6 +587,7 @@ class JobWorker:
             labels=loaded.prepared.labels,
             dataset=loaded.summary,
             keys_by_split=loaded.keys,
+            device=self._device,
         )
         self._clean_up()
         return job_result

@@ -16,6 +16,7 @@ from visiontune.uris import InputLocations
 from visiontune.v1 import study_pb2
 
 from trainer_service.jobs import events
+from trainer_service.jobs.gpus import device_violations
 from trainer_service.jobs.store import CreatorQuota, JobRecord, JobState, JobStore, StudyState
 from trainer_service.resources import study_to_proto
 from trainer_service.spec.convert import config_to_spec
@@ -43,8 +44,10 @@ class Studies:
         default_bucket: str,
         wake_executor: Callable[[], None],
         inputs: InputLocations | None = None,
+        offers_gpus: bool = True,
     ) -> None:
         self._jobs = jobs
+        self._offers_gpus = offers_gpus  # False: trials cannot get a GPU, so a CUDA base spec is refused
         self._runner = runner
         self._default_bucket = default_bucket
         self._wake_executor = wake_executor
@@ -82,6 +85,7 @@ class Studies:
                 config = self._config(study.spec, from_client=True)
             except SpecInvalid as err:
                 violations += [FieldViolation(f"study.{v.field}", v.description) for v in err.violations]
+            violations += device_violations(study.spec.base_spec, "study.spec.base_spec", offers_gpus=self._offers_gpus)
         if violations or config is None:
             raise InvalidArgument(violations)
         if validate_only:

@@ -145,6 +145,8 @@ class _JobFollower:
             self._bar.update(1)
         elif kind == "warning":
             line = f"warning [{event.warning.code}]: {event.warning.message}"
+        elif kind == "device_selected":
+            line = f"device: {device_words(event.device_selected)}"
         if line is not None:
             # Above the bar, and flushed at once (tqdm.write does not flush: a pipe would hold lines back).
             with self._bar.external_write_mode():
@@ -152,6 +154,18 @@ class _JobFollower:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def device_words(device: job_pb2.ComputeDevice) -> str:
+    """ "cuda NVIDIA A100-SXM4-80GB (8.0, 80 GiB), amp_bf16, CUDA 13.0 (driver 550.54.15 supports 12.4)"."""
+    precision = training_spec_pb2.Precision.Name(device.precision).removeprefix("PRECISION_").lower()
+    if device.type != "cuda":
+        return f"cpu, {precision}"
+    gpus = f"{device.gpu_count} x " if device.gpu_count > 1 else ""
+    memory = f", {device.gpu_memory_bytes / 2**30:.0f} GiB" if device.gpu_memory_bytes else ""
+    driver = f" (driver {device.driver_version} supports {device.driver_cuda_version})" if device.driver_version else ""
+    gpu = f"{gpus}{device.gpu_name} ({device.compute_capability}{memory})"
+    return f"cuda {gpu}, {precision}, CUDA {device.cuda_build}{driver}"
 
 
 def _follow(stub: training_service_pb2_grpc.TrainingServiceStub, target: str, job: job_pb2.Job) -> int:

@@ -450,6 +450,7 @@ class JobResult(_message.Message):
     MISCLASSIFIED_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
     PLOTS_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """`models/{model}/versions/{version}`: deployable with InferenceService.DeployModel."""
     @_builtins.property
@@ -478,6 +479,10 @@ class JobResult(_message.Message):
     def plots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """s3:// URIs of the PNG plots (curves, LR, confusion matrix, weight histograms)."""
 
+    @_builtins.property
+    def device(self) -> Global___ComputeDevice:
+        """Where the model was trained (the last attempt's device, precision and versions)."""
+
     def __init__(
         self,
         *,
@@ -491,10 +496,11 @@ class JobResult(_message.Message):
         misclassified: _abc.Iterable[Global___Misclassified] | None = ...,
         dataset: Global___DatasetSummary | None = ...,
         plots: _abc.Iterable[_builtins.str] | None = ...,
+        device: Global___ComputeDevice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "open_set", b"open_set"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "device", b"device", "open_set", b"open_set"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confusion_matrix", b"confusion_matrix", "dataset", b"dataset", "history", b"history", "labels", b"labels", "metrics", b"metrics", "misclassified", b"misclassified", "model_version", b"model_version", "open_set", b"open_set", "per_class", b"per_class", "plots", b"plots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confusion_matrix", b"confusion_matrix", "dataset", b"dataset", "device", b"device", "history", b"history", "labels", b"labels", "metrics", b"metrics", "misclassified", b"misclassified", "model_version", b"model_version", "open_set", b"open_set", "per_class", b"per_class", "plots", b"plots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,6 +587,7 @@ class JobEvent(_message.Message):
     EPOCH_ENDED_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    DEVICE_SELECTED_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     sequence: _builtins.int
     """1, 2, 3… per job; pass the last one seen as WatchJobRequest.after_sequence to resume a stream."""
@@ -598,6 +605,10 @@ class JobEvent(_message.Message):
     def warning(self) -> Global___JobWarning: ...
     @_builtins.property
     def result(self) -> Global___JobResult: ...
+    @_builtins.property
+    def device_selected(self) -> Global___ComputeDevice:
+        """Where the attempt trains, as its worker found it: the first event of every attempt."""
+
     def __init__(
         self,
         *,
@@ -610,16 +621,79 @@ class JobEvent(_message.Message):
         epoch_ended: Global___EpochMetrics | None = ...,
         warning: Global___JobWarning | None = ...,
         result: Global___JobResult | None = ...,
+        device_selected: Global___ComputeDevice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["epoch_ended", b"epoch_ended", "event", b"event", "result", b"result", "stage_ended", b"stage_ended", "stage_started", b"stage_started", "state_changed", b"state_changed", "time", b"time", "warning", b"warning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device_selected", b"device_selected", "epoch_ended", b"epoch_ended", "event", b"event", "result", b"result", "stage_ended", b"stage_ended", "stage_started", b"stage_started", "state_changed", b"state_changed", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch_ended", b"epoch_ended", "event", b"event", "job", b"job", "result", b"result", "sequence", b"sequence", "stage_ended", b"stage_ended", "stage_started", b"stage_started", "state_changed", b"state_changed", "time", b"time", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_selected", b"device_selected", "epoch_ended", b"epoch_ended", "event", b"event", "job", b"job", "result", b"result", "sequence", b"sequence", "stage_ended", b"stage_ended", "stage_started", b"stage_started", "state_changed", b"state_changed", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["state_changed", "stage_started", "stage_ended", "epoch_ended", "warning", "result"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["state_changed", "stage_started", "stage_ended", "epoch_ended", "warning", "result", "device_selected"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class ComputeDevice(_message.Message):
+    """What a job really trained on: not what its spec asked for, but what the worker found and chose."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    GPU_NAME_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    DRIVER_VERSION_FIELD_NUMBER: _builtins.int
+    DRIVER_CUDA_VERSION_FIELD_NUMBER: _builtins.int
+    CUDA_BUILD_FIELD_NUMBER: _builtins.int
+    CUDNN_VERSION_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    VISIBLE_DEVICES_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """"cuda" or "cpu"."""
+    gpu_name: _builtins.str
+    """The GPU's name as CUDA reports it (e.g. "NVIDIA H100 80GB HBM3"); empty on the CPU."""
+    gpu_count: _builtins.int
+    """GPUs the worker could see (its slot's; several for a multi-device job)."""
+    compute_capability: _builtins.str
+    """The GPU's compute capability, "major.minor" (bf16 is native from 8.0)."""
+    gpu_memory_bytes: _builtins.int
+    """Memory of the GPU in bytes."""
+    driver_version: _builtins.str
+    """The NVIDIA kernel driver's version (e.g. "550.54.15"); empty where no driver is loaded."""
+    driver_cuda_version: _builtins.str
+    """The newest CUDA the driver supports (e.g. "12.4"): below `cuda_build`, torch cannot use the GPU."""
+    cuda_build: _builtins.str
+    """The CUDA version torch was built for; empty for a CPU-only build."""
+    cudnn_version: _builtins.int
+    """cuDNN's version as torch reports it (e.g. 92400); 0 without cuDNN."""
+    precision: _training_spec_pb2.Precision.ValueType
+    """The precision training ran in: AMP_BF16, AMP_FP16 or FP32 (AUTO resolved)."""
+    visible_devices: _builtins.str
+    """The worker's CUDA_VISIBLE_DEVICES (its slot's GPU), when set."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        gpu_name: _builtins.str = ...,
+        gpu_count: _builtins.int = ...,
+        compute_capability: _builtins.str = ...,
+        gpu_memory_bytes: _builtins.int = ...,
+        driver_version: _builtins.str = ...,
+        driver_cuda_version: _builtins.str = ...,
+        cuda_build: _builtins.str = ...,
+        cudnn_version: _builtins.int = ...,
+        precision: _training_spec_pb2.Precision.ValueType = ...,
+        visible_devices: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_capability", b"compute_capability", "cuda_build", b"cuda_build", "cudnn_version", b"cudnn_version", "driver_cuda_version", b"driver_cuda_version", "driver_version", b"driver_version", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_name", b"gpu_name", "precision", b"precision", "type", b"type", "visible_devices", b"visible_devices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeDevice: _TypeAlias = ComputeDevice  # noqa: Y015
 
 @_typing.final
 class StateChanged(_message.Message):

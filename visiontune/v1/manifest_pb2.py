@@ -29,7 +29,7 @@ from visiontune.v1 import job_pb2 as visiontune_dot_v1_dot_job__pb2
 from visiontune.v1 import training_spec_pb2 as visiontune_dot_v1_dot_training__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvisiontune/v1/manifest.proto\x12\rvisiontune.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17visiontune/v1/job.proto\x1a!visiontune/v1/training_spec.proto\"\x88\x07\n\rModelManifest\x12\x1c\n\x0eschema_version\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x08\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\'\n\x03job\x18\x04 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\x12\x14\n\x06labels\x18\x05 \x03(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x0c\x61rchitecture\x18\x06 \x01(\x0e\x32\x1b.visiontune.v1.ArchitectureB\x04\xe2\x41\x01\x02\x12\x39\n\rpreprocessing\x18\x07 \x01(\x0b\x32\x1c.visiontune.v1.PreprocessingB\x04\xe2\x41\x01\x02\x12-\n\x07weights\x18\x08 \x01(\x0b\x32\x16.visiontune.v1.WeightsB\x04\xe2\x41\x01\x02\x12\x34\n\x08open_set\x18\t \x01(\x0b\x32\x1c.visiontune.v1.OpenSetResultB\x04\xe2\x41\x01\x02\x12@\n\x07metrics\x18\n \x03(\x0b\x32).visiontune.v1.ModelManifest.MetricsEntryB\x04\xe2\x41\x01\x02\x12/\n\x04spec\x18\x0b \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x02\x12\x34\n\x07\x64\x61taset\x18\x0c \x01(\x0b\x32\x1d.visiontune.v1.DatasetSummaryB\x04\xe2\x41\x01\x02\x12Q\n\x10library_versions\x18\r \x03(\x0b\x32\x31.visiontune.v1.ModelManifest.LibraryVersionsEntryB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x66iles\x18\x0e \x03(\tB\x04\xe2\x41\x01\x02\x1aL\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.visiontune.v1.MetricSummary:\x02\x38\x01\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:_\xea\x41\\\n\x1avisiontune.io/ModelVersion\x12!models/{model}/versions/{version}*\rmodelVersions2\x0cmodelVersion\"\xd9\x01\n\rPreprocessing\x12\x19\n\x0bresize_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x17\n\tcrop_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x39\n\rinterpolation\x18\x03 \x01(\x0e\x32\x1c.visiontune.v1.InterpolationB\x04\xe2\x41\x01\x02\x12\x12\n\x04mean\x18\x04 \x03(\x02\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03std\x18\x05 \x03(\x02\x42\x04\xe2\x41\x01\x02\x12\x32\n\ncolor_mode\x18\x06 \x01(\x0e\x32\x18.visiontune.v1.ColorModeB\x04\xe2\x41\x01\x02\"\xed\x01\n\x07Weights\x12\x12\n\x04path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x32\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1c.visiontune.v1.WeightsFormatB\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x18\n\ninput_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0binput_shape\x18\x06 \x03(\x03\x42\x04\xe2\x41\x01\x02\x12\x19\n\x0boutput_name\x18\x07 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0coutput_shape\x18\x08 \x03(\x03\x42\x04\xe2\x41\x01\x02*\x80\x01\n\rInterpolation\x12\x1d\n\x19INTERPOLATION_UNSPECIFIED\x10\x00\x12\x1a\n\x16INTERPOLATION_BILINEAR\x10\x01\x12\x19\n\x15INTERPOLATION_BICUBIC\x10\x02\x12\x19\n\x15INTERPOLATION_NEAREST\x10\x03*;\n\tColorMode\x12\x1a\n\x16\x43OLOR_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43OLOR_MODE_RGB\x10\x01*h\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_TORCHSCRIPT\x10\x01\x12\x17\n\x13WEIGHTS_FORMAT_ONNX\x10\x02\x42\x37\xea\x41\x34\n\x13visiontune.io/Model\x12\x0emodels/{model}*\x06models2\x05modelb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvisiontune/v1/manifest.proto\x12\rvisiontune.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17visiontune/v1/job.proto\x1a!visiontune/v1/training_spec.proto\"\xc5\x07\n\rModelManifest\x12\x1c\n\x0eschema_version\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x08\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\'\n\x03job\x18\x04 \x01(\tB\x1a\xe2\x41\x01\x02\xfa\x41\x13\n\x11visiontune.io/Job\x12\x14\n\x06labels\x18\x05 \x03(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x0c\x61rchitecture\x18\x06 \x01(\x0e\x32\x1b.visiontune.v1.ArchitectureB\x04\xe2\x41\x01\x02\x12\x39\n\rpreprocessing\x18\x07 \x01(\x0b\x32\x1c.visiontune.v1.PreprocessingB\x04\xe2\x41\x01\x02\x12-\n\x07weights\x18\x08 \x01(\x0b\x32\x16.visiontune.v1.WeightsB\x04\xe2\x41\x01\x02\x12\x34\n\x08open_set\x18\t \x01(\x0b\x32\x1c.visiontune.v1.OpenSetResultB\x04\xe2\x41\x01\x02\x12@\n\x07metrics\x18\n \x03(\x0b\x32).visiontune.v1.ModelManifest.MetricsEntryB\x04\xe2\x41\x01\x02\x12/\n\x04spec\x18\x0b \x01(\x0b\x32\x1b.visiontune.v1.TrainingSpecB\x04\xe2\x41\x01\x02\x12\x34\n\x07\x64\x61taset\x18\x0c \x01(\x0b\x32\x1d.visiontune.v1.DatasetSummaryB\x04\xe2\x41\x01\x02\x12Q\n\x10library_versions\x18\r \x03(\x0b\x32\x31.visiontune.v1.ModelManifest.LibraryVersionsEntryB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x66iles\x18\x0e \x03(\tB\x04\xe2\x41\x01\x02\x12;\n\x0ftraining_device\x18\x0f \x01(\x0b\x32\x1c.visiontune.v1.ComputeDeviceB\x04\xe2\x41\x01\x01\x1aL\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.visiontune.v1.MetricSummary:\x02\x38\x01\x1a\x36\n\x14LibraryVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:_\xea\x41\\\n\x1avisiontune.io/ModelVersion\x12!models/{model}/versions/{version}*\rmodelVersions2\x0cmodelVersion\"\xd9\x01\n\rPreprocessing\x12\x19\n\x0bresize_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x17\n\tcrop_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x39\n\rinterpolation\x18\x03 \x01(\x0e\x32\x1c.visiontune.v1.InterpolationB\x04\xe2\x41\x01\x02\x12\x12\n\x04mean\x18\x04 \x03(\x02\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03std\x18\x05 \x03(\x02\x42\x04\xe2\x41\x01\x02\x12\x32\n\ncolor_mode\x18\x06 \x01(\x0e\x32\x18.visiontune.v1.ColorModeB\x04\xe2\x41\x01\x02\"\xed\x01\n\x07Weights\x12\x12\n\x04path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x32\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1c.visiontune.v1.WeightsFormatB\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x18\n\ninput_name\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0binput_shape\x18\x06 \x03(\x03\x42\x04\xe2\x41\x01\x02\x12\x19\n\x0boutput_name\x18\x07 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0coutput_shape\x18\x08 \x03(\x03\x42\x04\xe2\x41\x01\x02*\x80\x01\n\rInterpolation\x12\x1d\n\x19INTERPOLATION_UNSPECIFIED\x10\x00\x12\x1a\n\x16INTERPOLATION_BILINEAR\x10\x01\x12\x19\n\x15INTERPOLATION_BICUBIC\x10\x02\x12\x19\n\x15INTERPOLATION_NEAREST\x10\x03*;\n\tColorMode\x12\x1a\n\x16\x43OLOR_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43OLOR_MODE_RGB\x10\x01*h\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWEIGHTS_FORMAT_TORCHSCRIPT\x10\x01\x12\x17\n\x13WEIGHTS_FORMAT_ONNX\x10\x02\x42\x37\xea\x41\x34\n\x13visiontune.io/Model\x12\x0emodels/{model}*\x06models2\x05modelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -69,6 +69,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELMANIFEST'].fields_by_name['library_versions']._serialized_options = b'\342A\001\002'
   _globals['_MODELMANIFEST'].fields_by_name['files']._loaded_options = None
   _globals['_MODELMANIFEST'].fields_by_name['files']._serialized_options = b'\342A\001\002'
+  _globals['_MODELMANIFEST'].fields_by_name['training_device']._loaded_options = None
+  _globals['_MODELMANIFEST'].fields_by_name['training_device']._serialized_options = b'\342A\001\001'
   _globals['_MODELMANIFEST']._loaded_options = None
   _globals['_MODELMANIFEST']._serialized_options = b'\352A\\\n\032visiontune.io/ModelVersion\022!models/{model}/versions/{version}*\rmodelVersions2\014modelVersion'
   _globals['_PREPROCESSING'].fields_by_name['resize_size']._loaded_options = None
@@ -99,20 +101,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEIGHTS'].fields_by_name['output_name']._serialized_options = b'\342A\001\002'
   _globals['_WEIGHTS'].fields_by_name['output_shape']._loaded_options = None
   _globals['_WEIGHTS'].fields_by_name['output_shape']._serialized_options = b'\342A\001\002'
-  _globals['_INTERPOLATION']._serialized_start=1568
-  _globals['_INTERPOLATION']._serialized_end=1696
-  _globals['_COLORMODE']._serialized_start=1698
-  _globals['_COLORMODE']._serialized_end=1757
-  _globals['_WEIGHTSFORMAT']._serialized_start=1759
-  _globals['_WEIGHTSFORMAT']._serialized_end=1863
+  _globals['_INTERPOLATION']._serialized_start=1629
+  _globals['_INTERPOLATION']._serialized_end=1757
+  _globals['_COLORMODE']._serialized_start=1759
+  _globals['_COLORMODE']._serialized_end=1818
+  _globals['_WEIGHTSFORMAT']._serialized_start=1820
+  _globals['_WEIGHTSFORMAT']._serialized_end=1924
   _globals['_MODELMANIFEST']._serialized_start=201
-  _globals['_MODELMANIFEST']._serialized_end=1105
-  _globals['_MODELMANIFEST_METRICSENTRY']._serialized_start=876
-  _globals['_MODELMANIFEST_METRICSENTRY']._serialized_end=952
-  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_start=954
-  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_end=1008
-  _globals['_PREPROCESSING']._serialized_start=1108
-  _globals['_PREPROCESSING']._serialized_end=1325
-  _globals['_WEIGHTS']._serialized_start=1328
-  _globals['_WEIGHTS']._serialized_end=1565
+  _globals['_MODELMANIFEST']._serialized_end=1166
+  _globals['_MODELMANIFEST_METRICSENTRY']._serialized_start=937
+  _globals['_MODELMANIFEST_METRICSENTRY']._serialized_end=1013
+  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_start=1015
+  _globals['_MODELMANIFEST_LIBRARYVERSIONSENTRY']._serialized_end=1069
+  _globals['_PREPROCESSING']._serialized_start=1169
+  _globals['_PREPROCESSING']._serialized_end=1386
+  _globals['_WEIGHTS']._serialized_start=1389
+  _globals['_WEIGHTS']._serialized_end=1626
 # @@protoc_insertion_point(module_scope)

@@ -145,6 +145,7 @@ class ModelManifest(_message.Message):
     DATASET_FIELD_NUMBER: _builtins.int
     LIBRARY_VERSIONS_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    TRAINING_DEVICE_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     """Incremented on incompatible changes; readers reject versions they do not know. Currently 1."""
     name: _builtins.str
@@ -182,6 +183,12 @@ class ModelManifest(_message.Message):
     def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other files of the version, relative to its prefix (plots/loss.png…)."""
 
+    @_builtins.property
+    def training_device(self) -> _job_pb2.ComputeDevice:
+        """Where the version was trained: device, GPU, driver and CUDA versions, precision (absent in versions
+        written before it was recorded).
+        """
+
     def __init__(
         self,
         *,
@@ -199,10 +206,11 @@ class ModelManifest(_message.Message):
         dataset: _job_pb2.DatasetSummary | None = ...,
         library_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         files: _abc.Iterable[_builtins.str] | None = ...,
+        training_device: _job_pb2.ComputeDevice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dataset", b"dataset", "open_set", b"open_set", "preprocessing", b"preprocessing", "spec", b"spec", "weights", b"weights"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dataset", b"dataset", "open_set", b"open_set", "preprocessing", b"preprocessing", "spec", b"spec", "training_device", b"training_device", "weights", b"weights"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "create_time", b"create_time", "dataset", b"dataset", "files", b"files", "job", b"job", "labels", b"labels", "library_versions", b"library_versions", "metrics", b"metrics", "name", b"name", "open_set", b"open_set", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "spec", b"spec", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "create_time", b"create_time", "dataset", b"dataset", "files", b"files", "job", b"job", "labels", b"labels", "library_versions", b"library_versions", "metrics", b"metrics", "name", b"name", "open_set", b"open_set", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "spec", b"spec", "training_device", b"training_device", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -261,7 +261,7 @@ class _Precision:
 class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precision.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     PRECISION_UNSPECIFIED: _Precision.ValueType  # 0
-    """FP32 on CPU, AMP_BF16 on CUDA where supported (else AMP_FP16)"""
+    """FP32 on CPU; on CUDA AMP_BF16 where bf16 is native (compute capability 8.0+), else AMP_FP16"""
     PRECISION_FP32: _Precision.ValueType  # 1
     PRECISION_AMP_BF16: _Precision.ValueType  # 2
     PRECISION_AMP_FP16: _Precision.ValueType  # 3
@@ -270,7 +270,7 @@ class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper):
     """Numeric precision of training."""
 
 PRECISION_UNSPECIFIED: Precision.ValueType  # 0
-"""FP32 on CPU, AMP_BF16 on CUDA where supported (else AMP_FP16)"""
+"""FP32 on CPU; on CUDA AMP_BF16 where bf16 is native (compute capability 8.0+), else AMP_FP16"""
 PRECISION_FP32: Precision.ValueType  # 1
 PRECISION_AMP_BF16: Precision.ValueType  # 2
 PRECISION_AMP_FP16: Precision.ValueType  # 3
@@ -288,7 +288,7 @@ class _DeviceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Device.ValueTy
     """CUDA when present, else CPU"""
     DEVICE_CPU: _Device.ValueType  # 2
     DEVICE_CUDA: _Device.ValueType  # 3
-    """fails the job if no GPU is present"""
+    """refused by CreateJob where no job slot has a GPU; fails the job if none is present"""
 
 class Device(_Device, metaclass=_DeviceEnumTypeWrapper):
     """Where training runs."""
@@ -299,7 +299,7 @@ DEVICE_AUTO: Device.ValueType  # 1
 """CUDA when present, else CPU"""
 DEVICE_CPU: Device.ValueType  # 2
 DEVICE_CUDA: Device.ValueType  # 3
-"""fails the job if no GPU is present"""
+"""refused by CreateJob where no job slot has a GPU; fails the job if none is present"""
 Global___Device: _TypeAlias = Device  # noqa: Y015
 
 @_typing.final

@@ -194,6 +194,7 @@ class KubernetesWorkers:
     """The Kubernetes runtime (`--executor kubernetes`)."""
 
     workers_outlive_trainer = True
+    offers_gpus = True  # a CUDA job's pod requests a GPU; the scheduler finds it a GPU node
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ from visiontune.store import ArtifactStore
 from visiontune.v1 import training_service_pb2, training_service_pb2_grpc
 
 from trainer_service import policy
+from trainer_service.advice.lr_worker import LrFinderProcess
 from trainer_service.jobs.executor import JobExecutor
 from trainer_service.jobs.gpus import gpu_pool
 from trainer_service.jobs.kubernetes import settings as k8s_settings
@@ -190,7 +191,7 @@ def build(
         request_jobs,
         executor,
         request_store,
-        settings.data_dir / "trainer" / "cache",
+        LrFinderProcess(settings.s3, settings.data_dir / "trainer" / "cache"),
         studies,
         policy=limits,
         registry=registry,

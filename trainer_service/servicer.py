@@ -9,8 +9,8 @@ worker processes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -22,7 +22,7 @@ from visiontune.uris import parse_location
 from visiontune.v1 import job_pb2, study_pb2, training_service_pb2, training_service_pb2_grpc
 
 from trainer_service import resources
-from trainer_service.advice.lr_range_test import run_lr_finder
+from trainer_service.advice.lr_worker import LrFinderProcess
 from trainer_service.advice.recommend import recommend_for_dataset
 from trainer_service.datasets.listing import dataset_fingerprint
 from trainer_service.jobs import events
@@ -40,6 +40,8 @@ MAX_EVENTS_READ = 10_000
 # How long one WatchJob wait lasts before it re-checks that the client is still there.
 WATCH_POLL_S = 1.0
 WATCH_FINAL_GRACE_S = 0.5
+# The longest a FindLearningRate call waits for a job slot and its sweep together, whatever its own deadline.
+LR_FINDER_TIMEOUT_S = 600.0
 
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
@@ -48,7 +50,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         jobs: JobStore,
         executor: JobExecutor,
         store: ArtifactStore,
-        cache_dir: Path,
+        lr_finder: LrFinderProcess,
         studies: Studies,
         *,
         policy: TrainerPolicy | None = None,
@@ -60,7 +62,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         self._studies = studies
         self._executor = executor
         self._store = store
-        self._cache_dir = cache_dir
+        self._lr_finder = lr_finder
         self._default_bucket = store.bucket
         self._policy = policy or TrainerPolicy.default(store.bucket)
         # Where a client's spec may read from (datasets/ of the artifact bucket unless configured).
@@ -182,24 +184,21 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     def FindLearningRate(
         self, request: training_service_pb2.FindLearningRateRequest, context: grpc.ServicerContext
     ) -> training_service_pb2.FindLearningRateResponse:
+        violations = []
         try:
-            config, sweep = validate_lr_request(request, default_bucket=self._default_bucket, inputs=self._inputs)
+            validate_lr_request(request, default_bucket=self._default_bucket, inputs=self._inputs)
         except SpecInvalid as err:
-            raise InvalidArgument(err.violations) from err
-        # The dataset and the weights are the caller's to fix, whatever S3 said (DatasetError and
-        # WeightsUnavailable are FailedPrecondition already).
-        with reraise_as(FailedPrecondition, StoreError):
-            outcome = run_lr_finder(config, sweep, self._store, self._cache_dir)
-        result = outcome.result
-        return training_service_pb2.FindLearningRateResponse(
-            points=[
-                training_service_pb2.LearningRatePoint(learning_rate=p.lr, loss=p.loss, smoothed_loss=p.smoothed_loss)
-                for p in result.points
-            ],
-            suggested_learning_rate=result.suggested_lr,
-            rule=result.rule,
-            plot_uri=outcome.plot_uri,
-        )
+            violations += err.violations
+        violations += device_violations(request.spec, "spec", offers_gpus=self._executor.offers_gpus)
+        if violations:
+            raise InvalidArgument(violations)
+        # In a job slot and a process of its own (`lr_worker`): the slot's GPU, no CUDA context or RNG state left in
+        # the server. Waits for a slot as long as the caller waits, at most LR_FINDER_TIMEOUT_S.
+        remaining = context.time_remaining()
+        timeout_s = LR_FINDER_TIMEOUT_S if remaining is None else min(LR_FINDER_TIMEOUT_S, remaining)
+        started = time.monotonic()
+        with self._executor.borrow_slot(timeout_s) as gpu:
+            return self._lr_finder.run(request, gpu, max(1.0, timeout_s - (time.monotonic() - started)))
 
     def RecommendSpec(
         self, request: training_service_pb2.RecommendSpecRequest, context: grpc.ServicerContext

@@ -215,6 +215,18 @@ def test_lr_find_prints_the_suggestion_the_rule_and_the_curve(trainer: Trainer, 
     assert crossed.exit_code == 2
     assert "  min_learning_rate: need 0 < min < max <= 100, got min 1, max 0.1" in crossed.stderr
 
+    # The sweep runs in a process of its own (in a job slot); its failure still reaches the caller as one line
+    # with the status the same failure has in a job.
+    nothing = _invoke(trainer.target, "lr-find", str(spec_file), "--set", "dataset.uri=datasets/nothing-here")
+    assert nothing.exit_code == 1
+    assert nothing.stderr.startswith(f"Error: {trainer.target}: FAILED_PRECONDITION: "), nothing.stderr
+    assert "datasets/nothing-here" in nothing.stderr
+    assert nothing.stderr.count("\n") == 1
+    # CUDA on a trainer with no GPU: refused before anything is read.
+    cuda = _invoke(trainer.target, "lr-find", str(spec_file), "--set", "run.device=CUDA")
+    assert cuda.exit_code == 2
+    assert "  run.device: CUDA was asked for, but this trainer's job slots have no GPU" in cuda.stderr
+
 
 def test_a_trainer_that_is_not_there_is_one_line(spec_file: Path) -> None:
     nowhere = f"127.0.0.1:{free_port()}"

@@ -4,14 +4,17 @@ and handing workers that outlive their trainer over to another replica."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from google.protobuf import json_format
 from tests.integration.trainer_helpers import tiny_spec
-from trainer_service.jobs.executor import JobExecutor
+from trainer_service.jobs.executor import JobExecutor, SlotsBusy
 from trainer_service.jobs.records import JobRecord, WorkerRecord
 from trainer_service.jobs.runtime import WorkerExit
 from trainer_service.jobs.store import JobState, JobStore
@@ -48,6 +51,9 @@ class PlainRuntime:
 
     def worker_name(self, job_id: str, attempt: int) -> str:
         return f"vt-{job_id}-{attempt}"
+
+    def borrow_gpu(self) -> contextlib.AbstractContextManager[str | None]:
+        return contextlib.nullcontext(None)
 
     def start(self) -> None:
         pass
@@ -152,3 +158,39 @@ def test_a_stopped_replica_s_workers_are_adopted_by_another_never_relaunched(tmp
             assert jobs.get_job("long").attempt == 1
         finally:
             other.stop()
+
+
+def test_a_borrowed_slot_waits_for_a_free_one_and_holds_claims_back(tmp_path: Path) -> None:
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        runtime = PlainRuntime()
+        executor = _executor(jobs, runtime, slots=1)
+        try:
+            jobs.create_job("running", SPEC)
+            _until(lambda: len(runtime.launched) == 1)
+            # The one slot runs a job: the LR range test waits as long as its caller does, then says why not.
+            started = time.monotonic()
+            with (
+                pytest.raises(SlotsBusy, match="all 1 job slot of this trainer stayed busy for 0 s"),
+                executor.borrow_slot(0.3),
+            ):
+                pass
+            assert time.monotonic() - started >= 0.3
+            # The job ends while the test waits: the test gets the slot, and no queued job is claimed meanwhile.
+            jobs.create_job("queued", SPEC)
+            running = runtime.launched[0]
+
+            def end_running() -> None:
+                time.sleep(0.3)
+                jobs.update_state("running", JobState.SUCCEEDED)
+                running.ended, running.gone = WorkerExit(0, "exit code 0", ""), True
+
+            threading.Thread(target=end_running).start()
+            with executor.borrow_slot(10) as gpu:
+                assert gpu is None  # PlainRuntime has no GPUs
+                time.sleep(0.5)
+                assert len(runtime.launched) == 1
+                assert jobs.get_job("queued").state == JobState.QUEUED
+            _until(lambda: len(runtime.launched) == 2)  # given back: the queued job runs
+            assert runtime.launched[1].job_id == "queued"
+        finally:
+            executor.stop()

@@ -109,6 +109,30 @@ def test_local_workers_run_each_on_their_own_gpu(tmp_path: Path) -> None:
                 _stop(worker, tmp_path)
 
 
+def test_the_lr_range_test_borrows_a_gpu_no_worker_holds(tmp_path: Path) -> None:
+    python = _stand_in_worker(tmp_path)
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        runtime = LocalWorkers(
+            S3Settings(), tmp_path, database_url=jobs.url, python=str(python), gpus=("GPU-aa", "GPU-bb")
+        )
+        jobs.create_job("one", "{}")
+        record = jobs.claim_next_queued("r1", start_attempt=True)
+        assert record is not None
+        worker = runtime.launch(record)
+        try:
+            assert _reported_gpu(worker) == "GPU-aa"
+            with runtime.borrow_gpu() as gpu:
+                assert gpu == "GPU-bb"
+                with runtime.borrow_gpu() as shared:
+                    assert shared == "GPU-aa"  # more borrowers than GPUs: spread evenly
+            with runtime.borrow_gpu() as again:
+                assert again == "GPU-bb"  # given back when the block ended
+        finally:
+            _stop(worker, tmp_path)
+    with LocalWorkers(S3Settings(), tmp_path).borrow_gpu() as none:
+        assert none is None
+
+
 def test_without_gpus_a_worker_keeps_the_trainers_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     python = _stand_in_worker(tmp_path)

@@ -1,7 +1,8 @@
 """The two RPCs that help a user choose: the LR range test on real data, and a recommended starting spec.
 
-Both read the dataset from S3 like a job does; neither creates a job. The LR range test runs in the
-trainer process on the stage-1 setting (cached bottleneck features of a sample), which takes seconds.
+Both read the dataset from S3 like a job does; neither creates a job. The LR range test runs on the stage-1
+setting (cached bottleneck features of a sample), which takes seconds, in a process of its own in one of the
+trainer's job slots (`lr_worker`); RecommendSpec only lists the dataset, in the trainer.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class LrFinderOutcome:
 
 def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, cache_dir: Path) -> LrFinderOutcome:
     """The LR range test on the spec's model and the training part of its data; the plot goes to the bucket."""
+    # The device first: a spec asking for a GPU that is not here fails before anything is downloaded. No
+    # DataLoader worker processes for a sweep over a small sample.
+    ctx = dataclasses.replace(run_context(config), workers=0)
     listing = list_image_folder(store, config.dataset.uri)
     train_rows, _ = stratified_split(
         [item.label for item in listing.items], config.dataset.validation_split, config.run.seed
@@ -51,8 +55,6 @@ def run_lr_finder(config: TrainingConfig, sweep: LrSweep, store: ArtifactStore, 
     ) as decoded:
         train = Split(images=decoded.images, targets=np.asarray(decoded.labels, dtype=np.int64))
         model = build_classifier(config.model, len(listing.labels), load_base_weights(config.model, store))
-        # In the server process: no DataLoader worker processes for a sweep over a small sample.
-        ctx = dataclasses.replace(run_context(config), workers=0)
         weight = None
         if config.dataset.class_balancing == ClassBalancing.WEIGHTED_LOSS:
             weight = class_weights(train.targets, len(listing.labels))

@@ -30,14 +30,16 @@ ends FAILED with the database's one line once its retries are spent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import sqlalchemy.exc
 from google.protobuf import json_format
-from visiontune.errors import VisionTuneError
+from visiontune.errors import ResourceExhausted, VisionTuneError
 from visiontune.settings import DEFAULT_BUCKET
 
 from trainer_service.jobs import events
@@ -96,6 +98,16 @@ def max_retries_of(record: JobRecord, default_bucket: str = DEFAULT_BUCKET) -> i
         return 0
 
 
+class SlotsBusy(ResourceExhausted):
+    """Every job slot of this replica stayed busy for as long as the caller would wait."""
+
+    def __init__(self, slots: int, waited_s: float) -> None:
+        super().__init__(
+            f"all {slots} job slot{'s' if slots != 1 else ''} of this trainer stayed busy for {waited_s:.0f} s; "
+            "retry when a job has ended (or raise --job-slots)"
+        )
+
+
 class JobExecutor:
     """Claims QUEUED jobs and runs each in a worker of `workers`, `slots` at a time on this replica."""
 
@@ -116,7 +128,10 @@ class JobExecutor:
         self._slots = slots
         self._poll_interval_s = poll_interval_s
         self._running: dict[str, _Running] = {}  # by worker name
+        self._borrowed = 0  # slots lent to work that is not a job (`borrow_slot`)
+        self._borrowers_waiting = 0  # their callers wait; the next free slot is theirs, not a queued job's
         self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -225,6 +240,32 @@ class JobExecutor:
         """Whether a job's worker can get a GPU here (`WorkerRuntime.offers_gpus`)."""
         return self._workers.offers_gpus
 
+    @contextlib.contextmanager
+    def borrow_slot(self, timeout_s: float) -> Iterator[str | None]:
+        """One of this replica's slots, and its GPU (a `CUDA_VISIBLE_DEVICES` entry; None on the CPU), for work that
+        is not a job (the LR range test) while the block runs. It goes before queued jobs: no claim is made while the
+        slot is lent. Raises SlotsBusy when no slot frees up within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._borrowers_waiting += 1
+            try:
+                while len(self._running) + self._borrowed >= self._slots:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise SlotsBusy(self._slots, timeout_s)
+                    self._slot_freed.wait(min(remaining, self._poll_interval_s))
+            finally:
+                self._borrowers_waiting -= 1
+            self._borrowed += 1
+        try:
+            with self._workers.borrow_gpu() as gpu:
+                yield gpu
+        finally:
+            with self._lock:
+                self._borrowed -= 1
+                self._slot_freed.notify_all()
+            self.wake()
+
     def running_jobs(self) -> list[str]:
         """Jobs whose worker this replica looks after and whose end is not handled yet."""
         with self._lock:
@@ -289,7 +330,7 @@ class JobExecutor:
         claim = None if cap is None else WorkerClaim(self._workers.worker_name, cap)
         while not self._stop.is_set():
             with self._lock:
-                if len(self._running) >= self._slots:
+                if len(self._running) + self._borrowed + self._borrowers_waiting >= self._slots:
                     return
             # The claim counts the attempt in its own transaction: no job is left RUNNING on its previous attempt.
             record = self._jobs.claim_next_queued(owner=self.replica_id, start_attempt=True, worker=claim)
@@ -330,6 +371,7 @@ class JobExecutor:
             with self._lock:
                 if self._running.get(run.key) is run:
                     del self._running[run.key]
+                    self._slot_freed.notify_all()
             self._wake.set()  # a place is free
 
     def _after_exit(self, run: _Running, ended: WorkerExit) -> None:

@@ -3,13 +3,15 @@ its output in DATA_DIR/trainer/jobs/ID/worker-ATTEMPT.log (the last line of whic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from visiontune.settings import DATABASE_URL_ENV, S3Settings
@@ -98,6 +100,19 @@ class LocalWorkers:
     @property
     def offers_gpus(self) -> bool:
         return bool(self._gpus.pool)
+
+    @contextlib.contextmanager
+    def borrow_gpu(self) -> Iterator[str | None]:
+        gpu = self._gpus.pick()
+        if gpu is None:
+            yield None
+            return
+        returned = threading.Event()
+        self._gpus.hold(gpu, lambda: not returned.is_set())
+        try:
+            yield gpu
+        finally:
+            returned.set()
 
     def worker_name(self, job_id: str, attempt: int) -> str:
         return f"{job_id}-{attempt}"

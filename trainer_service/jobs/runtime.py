@@ -10,6 +10,7 @@ The exit codes the worker itself uses (`python -m trainer_service.jobs.worker`) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -84,6 +85,12 @@ class WorkerRuntime(Protocol):
     def offers_gpus(self) -> bool:
         """False when a worker can only train on the CPU (local slots on a machine without a GPU): CreateJob then
         refuses `run.device: CUDA` instead of queueing a job that would fail."""
+        ...
+
+    def borrow_gpu(self) -> contextlib.AbstractContextManager[str | None]:
+        """A GPU for a helper process of the trainer's (the LR range test) while the block runs: a
+        `CUDA_VISIBLE_DEVICES` entry, or None where the trainer's own processes have none (the CPU; on Kubernetes the
+        trainer's pod, whose GPUs are the device plugin's to give, has none)."""
         ...
 
     def worker_name(self, job_id: str, attempt: int) -> str: ...

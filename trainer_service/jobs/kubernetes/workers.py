@@ -13,6 +13,7 @@ node with the GPU it asks for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -218,6 +219,9 @@ class KubernetesWorkers:
     @property
     def cluster_cap(self) -> int:
         return self.settings.max_jobs
+
+    def borrow_gpu(self) -> contextlib.AbstractContextManager[str | None]:
+        return contextlib.nullcontext(None)  # the trainer's pod has no GPU of its own to lend
 
     def worker_name(self, job_id: str, attempt: int) -> str:
         return manifest.job_name(job_id, attempt)

@@ -25,6 +25,7 @@ from typing import Final
 
 from visiontune import errors
 from visiontune.logs import configure_logging
+from visiontune.outages import NO_WAIT
 from visiontune.settings import S3Settings, add_s3_arguments, s3_settings_from_args
 from visiontune.store import ArtifactStore, StoreError
 from visiontune.v1 import training_service_pb2
@@ -113,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     request = training_service_pb2.FindLearningRateRequest.FromString((args.dir / REQUEST_FILE).read_bytes())
     failure: errors.VisionTuneError | None = None
     try:
-        response = sweep(request, ArtifactStore.connect(s3_settings_from_args(args)), args.cache_dir)
+        # A caller waits on the sweep: S3 down fails it now, as every request path does, rather than at the window.
+        store = ArtifactStore.connect(s3_settings_from_args(args)).with_outage(NO_WAIT)
+        response = sweep(request, store, args.cache_dir)
     except StoreError as err:
         failure = errors.FailedPrecondition(err.message)  # the dataset's or weights' location is the caller's to fix
     except errors.VisionTuneError as err:

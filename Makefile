@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus postgresql kube-control-plane bench-train bench-transfer bench-tuning bench-serve
+.PHONY: setup demo test test-slow lint protos check-protos clean fashion-mnist prometheus postgresql kube-control-plane bench-train bench-transfer bench-tuning bench-serve gpu-check
 
 # A virtualenv with the project and its test/dev extras; redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -69,6 +69,10 @@ bench-tuning: setup fashion-mnist
 # Serving: Classify vs Triton direct vs the model in-process (starts S3, the service and Triton).
 bench-serve: setup
 	$(BIN)/python -m bench.serve
+
+# On a GPU box: the GPU training path with AMP, Triton on the GPU and the benches, into bench/results/gpu.md.
+gpu-check: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" PYTHON="$(CURDIR)/$(BIN)/python" bash scripts/gpu-check.sh
 
 # What ruff checks and formats (the generated stubs under visiontune/v1 are excluded in pyproject.toml).
 PY_SOURCES := visiontune trainer_service inference_service tests scripts bench

@@ -78,6 +78,15 @@ def _reported_gpu(worker: LocalWorker) -> str:
     raise AssertionError(f"the stand-in worker of {worker.job_id} reported nothing")
 
 
+def _launch(jobs: JobStore, runtime: LocalWorkers, job_id: str) -> LocalWorker:
+    """A new job, claimed, and its (stand-in) worker started."""
+    jobs.create_job(job_id, "{}")
+    record = jobs.claim_next_queued("r1", start_attempt=True)
+    assert record is not None
+    assert record.job_id == job_id
+    return runtime.launch(record)
+
+
 def _stop(worker: LocalWorker, tmp_path: Path) -> None:
     (tmp_path / f"STOP-{worker.job_id}").touch()
     worker.proc.wait(timeout=10)
@@ -90,19 +99,12 @@ def test_local_workers_run_each_on_their_own_gpu(tmp_path: Path) -> None:
             S3Settings(), tmp_path, database_url=jobs.url, python=str(python), gpus=("GPU-aa", "GPU-bb")
         )
         assert runtime.offers_gpus
-        for job_id in ("one", "two", "three"):
-            jobs.create_job(job_id, "{}")
-        records = [jobs.claim_next_queued("r1", start_attempt=True) for _ in range(3)]
         workers: list[LocalWorker] = []
         try:
-            one, two, three = records
-            assert one is not None
-            assert two is not None
-            assert three is not None
-            workers += [runtime.launch(one), runtime.launch(two)]
+            workers += [_launch(jobs, runtime, "one"), _launch(jobs, runtime, "two")]
             assert [_reported_gpu(w) for w in workers] == ["GPU-aa", "GPU-bb"]
             _stop(workers[0], tmp_path)  # job one ends: its GPU is the free one
-            workers.append(runtime.launch(three))
+            workers.append(_launch(jobs, runtime, "three"))
             assert _reported_gpu(workers[2]) == "GPU-aa"
         finally:
             for worker in workers:
@@ -115,10 +117,7 @@ def test_the_lr_range_test_borrows_a_gpu_no_worker_holds(tmp_path: Path) -> None
         runtime = LocalWorkers(
             S3Settings(), tmp_path, database_url=jobs.url, python=str(python), gpus=("GPU-aa", "GPU-bb")
         )
-        jobs.create_job("one", "{}")
-        record = jobs.claim_next_queued("r1", start_attempt=True)
-        assert record is not None
-        worker = runtime.launch(record)
+        worker = _launch(jobs, runtime, "one")
         try:
             assert _reported_gpu(worker) == "GPU-aa"
             with runtime.borrow_gpu() as gpu:
@@ -139,10 +138,7 @@ def test_without_gpus_a_worker_keeps_the_trainers_environment(tmp_path: Path, mo
     with JobStore(tmp_path / "jobs.sqlite3") as jobs:
         runtime = LocalWorkers(S3Settings(), tmp_path, database_url=jobs.url, python=str(python))
         assert not runtime.offers_gpus
-        jobs.create_job("cpu", "{}")
-        record = jobs.claim_next_queued("r1", start_attempt=True)
-        assert record is not None
-        worker = runtime.launch(record)
+        worker = _launch(jobs, runtime, "cpu")
         try:
             assert _reported_gpu(worker) == "unset"
         finally:

@@ -1,25 +1,27 @@
 """Benchmark: serving one classifier through our Classify API, through Triton directly, and in-process.
 
-    python -m bench.serve                       # defaults: about 3 minutes on a 2-core CPU
+    python -m bench.serve                       # defaults: about 4-6 minutes on a 2-core CPU
     python -m bench.serve --quick               # 1 s per point, concurrency 1 and 8 (the smoke test)
     python -m bench.serve --concurrency 1,4,16 --seconds 20 --queue-delay-ms 5
 
 One run starts a real S3 server and a real inference service (`python -m inference_service`, so a real Triton
 server with its Python backend), on free loopback ports. It publishes a real classifier to the bucket, made
 and exported the way the trainer makes it: `build_classifier` for MobileNetV2 (ImageNet base weights from the
-offline package when available, else random), a fresh 10-label head, `export_torchscript` at --size px, and a
-manifest with the trainer's preprocessing. DeployModel loads it into Triton with --max-batch-size and a
-dynamic-batching queue delay of --queue-delay-ms. The same model file is then measured three ways:
+offline package when available, else random), a fresh 10-label head, `export_torchscript` at --size px (uint8
+input, normalisation inside the graph), and a manifest with the trainer's preprocessing. The same network is
+also published as versions exported before the uint8 input were: a float32 graph, the manifest's input_format
+unset, which the service normalises for. DeployModel loads both into Triton with --max-batch-size and a
+dynamic-batching queue delay of --queue-delay-ms. The trainer's export is then measured three ways:
 
-  Classify        our API: one encoded JPEG per ClassifyRequest (default top_k, no request_id), so each
-                  request pays for decode, resize and normalise in the service, a Triton call, softmax,
+  Classify        our API: one encoded JPEG per ClassifyRequest (default top_k, no request_id), pinned to the
+                  trainer's export, so each request pays for decode and resize in the service, a Triton call, softmax,
                   top-k and the open-set verdict, the prediction record (one INSERT into the prediction
                   store, a SQLite file by default) and the metrics.
   Triton direct   tritonclient.grpc against the Triton that the service runs, on the deployed model: the
-                  same images already decoded and normalised (visiontune.preprocessing, as the service
-                  does), one float32 [1, 3, S, S] tensor per request, as the service sends for one image.
+                  same images already decoded and resized (visiontune.preprocessing, as the service
+                  does), one uint8 [1, 3, S, S] tensor per request, as the service sends for one image.
   in-process      the same TorchScript file with torch.jit.load in this process, on the preprocessed
-                  tensors, at batch sizes 1, 8, 32 and 64 under torch.inference_mode (what the Triton model
+                  pixels, at batch sizes 1, 8, 32 and 64 under torch.inference_mode (what the Triton model
                   runs); the best images/s at the median batch time is the ceiling (the median keeps other
                   processes' bursts out of it; the throughput over all batches is shown beside it). Torch
                   threads: the number the service gives a Triton model instance on CPU (cpu_count //
@@ -32,8 +34,9 @@ InferenceServerClient (Triton direct; tritonclient clients are not thread-safe),
 The client threads run in this process, on the same machine as the servers: on a small CPU they take cores
 from the servers, so the report gives the CPU each side used (client, service, Triton) per image.
 
-Before the load, every image goes once through each path and the answers are compared with the in-process
-model's: Triton's logits and Classify's top-1 probability must agree with it to 1e-3.
+Before the load, every image goes once through each path of both versions and the answers are compared with
+the in-process float32 graph's: Triton's logits and Classify's top-1 probability must agree with it to 1e-3.
+The report gives the input bytes per image each version's requests carry to Triton (float32 vs uint8: 4x).
 
 Exits 0 when every request succeeded, 1 when any failed or the answers disagree (the report names them), 2 on
 bad arguments. Results go to bench/results/serve.md (--output), which the README links.
@@ -67,19 +70,28 @@ from visiontune.devstack.launch import InferenceProcess, launch_inference
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2 as pb
-from visiontune.v1 import inference_service_pb2_grpc
+from visiontune.v1 import inference_service_pb2_grpc, manifest_pb2
 
 from bench.console import progress, write_report
 from bench.machine import cpu_model, load_average
-from bench.serve_load import CHANNEL_OPTIONS, CLASSIFY, TRITON, classify_client, run_point, triton_client
+from bench.serve_load import (
+    CHANNEL_OPTIONS,
+    CLASSIFY,
+    TRITON,
+    classify_client,
+    payload_bytes_per_image,
+    run_point,
+    triton_client,
+    triton_input,
+)
 from bench.serve_model import (
-    INPUT_NAME,
-    MODEL_ID,
+    FLOAT_VERSION_ID,
     OUTPUT_NAME,
     PHOTO_SIDE,
     export_model,
     load_torchscript,
     make_jpegs,
+    normalized,
     preprocess,
     publish,
 )
@@ -206,8 +218,7 @@ def agreement(
     try:
         triton_logits = []
         for i in range(len(tensors)):
-            tensor = triton_grpc.InferInput(INPUT_NAME, [1, *tensors.shape[1:]], "FP32")
-            tensor.set_data_from_numpy(tensors[i : i + 1])
+            tensor = triton_input(tensors[i : i + 1])
             before = time.perf_counter()
             triton_logits.append(client.infer(triton_model, [tensor]).as_numpy(OUTPUT_NAME))
             if i < FIRST_CALLS:
@@ -302,40 +313,69 @@ def benchmark(settings: Settings) -> dict[str, Any]:
     jpegs = make_jpegs(settings.images, PHOTO_SIDE, settings.seed)
     with tempfile.TemporaryDirectory(prefix="vt-bench-serve-") as tmp:
         workdir = Path(tmp)
-        weights_path = workdir / "model.pt"
+        weights_path, float_path = workdir / "model.pt", workdir / "model-float.pt"
         progress("building and exporting the model ...")
         described, mean, std = export_model(
-            weights_path, settings.size, settings.classes, settings.weights, settings.seed
+            weights_path, float_path, settings.size, settings.classes, settings.weights, settings.seed
         )
-        tensors = preprocess(jpegs, settings.size, mean, std)
-        model = load_torchscript(weights_path)
+        pixels = preprocess(jpegs, settings.size)
+        tensors = normalized(pixels, mean, std)
+        model, float_model = load_torchscript(weights_path), load_torchscript(float_path)
         with torch.inference_mode():
-            reference = model(torch.from_numpy(tensors)).float()
+            reference = float_model(torch.from_numpy(tensors)).float()
+            uint8_graph_diff = float((model(torch.from_numpy(pixels)).float() - reference).abs().max())
         decode_start = time.perf_counter()
-        preprocess(jpegs, settings.size, mean, std)
+        preprocess(jpegs, settings.size)
         preprocess_ms = (time.perf_counter() - decode_start) * 1e3 / len(jpegs)
+        normalise_start = time.perf_counter()
+        normalized(pixels, mean, std)
+        normalise_ms = (time.perf_counter() - normalise_start) * 1e3 / len(jpegs)
 
         progress("in-process ceiling ...")
-        ceiling_points = ceiling(model, tensors, settings, QUICK_CEILING_BATCHES if settings.quick else CEILING_BATCHES)
+        ceiling_points = ceiling(model, pixels, settings, QUICK_CEILING_BATCHES if settings.quick else CEILING_BATCHES)
+        # The float32 graph at the uint8 graph's best batch size: the two graphs' speed on the same machine.
+        best_batch = max(ceiling_points, key=lambda c: c.images_per_second).batch_size
+        float_ceiling = ceiling(float_model, tensors, settings, (best_batch,))[0]
 
         progress("starting S3 and the inference service (Triton) ...")
         with running_stack(workdir) as (store, service):
             name = publish(store, weights_path, labels, settings.size, mean, std)
+            float_name = publish(
+                store,
+                float_path,
+                labels,
+                settings.size,
+                mean,
+                std,
+                version=FLOAT_VERSION_ID,
+                input_format=manifest_pb2.INPUT_FORMAT_UNSPECIFIED,
+            )
             deploy_start = time.perf_counter()
             deployment = service.deploy(name, settings.max_batch_size, settings.queue_delay_ms)
             deploy_seconds = time.perf_counter() - deploy_start
-            if deployment.state != pb.DEPLOYMENT_STATE_READY:
-                raise RuntimeError(f"{name} is {pb.DeploymentState.Name(deployment.state)} after DeployModel")
+            float_deployment = service.deploy(float_name, settings.max_batch_size, settings.queue_delay_ms)
+            for d in (deployment, float_deployment):
+                if d.state != pb.DEPLOYMENT_STATE_READY:
+                    raise RuntimeError(f"{d.model_version} is {pb.DeploymentState.Name(d.state)} after DeployModel")
             progress(f"{name} deployed as Triton model {deployment.triton_model} in {deploy_seconds:.1f} s")
             checked = QUICK_AGREEMENT_IMAGES if settings.quick else len(jpegs)
             agree = agreement(
-                service, name, deployment.triton_model, tensors[:checked], jpegs[:checked], reference[:checked]
+                service, name, deployment.triton_model, pixels[:checked], jpegs[:checked], reference[:checked]
             )
             progress(f"agreement: {agree}")
+            float_agree = agreement(
+                service,
+                float_name,
+                float_deployment.triton_model,
+                tensors[:checked],
+                jpegs[:checked],
+                reference[:checked],
+            )
+            progress(f"agreement of the float32 version: {float_agree}")
 
             connectors = {
-                CLASSIFY: classify_client(service.process.target, f"models/{MODEL_ID}", jpegs),
-                TRITON: triton_client(service.process.triton_grpc, deployment.triton_model, tensors),
+                CLASSIFY: classify_client(service.process.target, name, jpegs),
+                TRITON: triton_client(service.process.triton_grpc, deployment.triton_model, pixels),
             }
             points = []
             for round_index, concurrency in enumerate(settings.concurrency):
@@ -381,8 +421,16 @@ def benchmark(settings: Settings) -> dict[str, Any]:
         },
         "deploy_seconds": deploy_seconds,
         "preprocess_ms_per_image": preprocess_ms,
+        "normalise_ms_per_image": normalise_ms,
+        "uint8_graph_max_logit_diff": uint8_graph_diff,
+        "payload_bytes_per_image": {
+            "float32": payload_bytes_per_image(tensors),
+            "uint8": payload_bytes_per_image(pixels),
+        },
         "agreement": agree,
+        "agreement_float": float_agree,
         "ceiling": [asdict(c) for c in ceiling_points],
+        "float_ceiling": asdict(float_ceiling),
         "points": [{**asdict(p), "images_per_second": p.images_per_second} for p in points],
         "wall_seconds": time.perf_counter() - started,
     }

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import tritonclient.grpc as triton_grpc
+from inference_service.triton.server import TRITON_DATATYPES
 from visiontune.v1 import inference_service_pb2 as pb
 from visiontune.v1 import inference_service_pb2_grpc
 
@@ -31,6 +32,19 @@ CHANNEL_OPTIONS = [
 ]
 
 Call = Callable[[int], None]  # one request for image i; raises on failure
+
+
+def triton_input(batch: np.ndarray[Any, Any]) -> triton_grpc.InferInput:
+    """`batch` as the model's input tensor, in its own dtype (uint8 pixels or float32), as the service sends it."""
+    tensor = triton_grpc.InferInput(INPUT_NAME, list(batch.shape), TRITON_DATATYPES[batch.dtype])
+    tensor.set_data_from_numpy(batch)
+    return tensor
+
+
+def payload_bytes_per_image(batch: np.ndarray[Any, Any]) -> int:
+    """The input bytes one image puts in a KServe request (raw_input_contents: the tensor's bytes, as
+    `set_data_from_numpy` serialises them)."""
+    return len(batch[:1].tobytes())
 
 
 @dataclass
@@ -173,8 +187,7 @@ def triton_client(
         output = [triton_grpc.InferRequestedOutput(OUTPUT_NAME)]
 
         def call(i: int) -> None:
-            tensor = triton_grpc.InferInput(INPUT_NAME, [1, *tensors.shape[1:]], "FP32")
-            tensor.set_data_from_numpy(tensors[i : i + 1])
+            tensor = triton_input(tensors[i : i + 1])
             result = client.infer(triton_model, [tensor], outputs=output, client_timeout=60)
             logits = result.as_numpy(OUTPUT_NAME)
             if logits is None or logits.shape[0] != 1:

@@ -23,15 +23,33 @@ def problems(result: dict[str, Any]) -> list[str]:
             )
         if not p["completed"]:
             out.append(f"{p['path']} at concurrency {p['concurrency']}: no request completed in the window")
-    a = result["agreement"]
-    if a["triton_max_logit_diff"] > AGREEMENT_TOLERANCE:
-        out.append(f"Triton's logits differ from the in-process model's by {a['triton_max_logit_diff']:.3g}")
-    if a["classify_max_top1_prob_diff"] > AGREEMENT_TOLERANCE:
+    for version, a in (("uint8", result["agreement"]), ("float32", result["agreement_float"])):
+        if a["triton_max_logit_diff"] > AGREEMENT_TOLERANCE:
+            out.append(
+                f"Triton's logits ({version} version) differ from the in-process model's by "
+                f"{a['triton_max_logit_diff']:.3g}"
+            )
+        if a["classify_max_top1_prob_diff"] > AGREEMENT_TOLERANCE:
+            out.append(
+                f"Classify's top-1 probabilities ({version} version) differ from the in-process model's by "
+                f"{a['classify_max_top1_prob_diff']:.3g}"
+            )
+    if result["uint8_graph_max_logit_diff"] > AGREEMENT_TOLERANCE:
         out.append(
-            f"Classify's top-1 probabilities differ from the in-process model's by "
-            f"{a['classify_max_top1_prob_diff']:.3g}"
+            f"the uint8 graph's logits differ from the float32 graph's by {result['uint8_graph_max_logit_diff']:.3g}"
         )
     return out
+
+
+def payload_rows(result: dict[str, Any]) -> list[str]:
+    """The payload table's rows: input bytes per image to Triton, float32 (versions before) vs uint8."""
+    payload = result["payload_bytes_per_image"]
+    ratio = payload["float32"] / payload["uint8"]
+    return [
+        f"| float32, normalised by the service (versions exported before; input_format unset) "
+        f"| {payload['float32']} | {ratio:.2f} |",
+        f"| uint8 pixels, normalised in the graph (the trainer's export now) | {payload['uint8']} | 1.00 |",
+    ]
 
 
 def ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,7 +95,8 @@ def _inside_row(p: dict[str, Any]) -> str:
 
 
 def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> str:
-    s, m, a = result["settings"], result["machine"], result["agreement"]
+    s, m, a, af = result["settings"], result["machine"], result["agreement"], result["agreement_float"]
+    fc = result["float_ceiling"]
     load_start, load_end = m["load_average"]
     best = max(result["ceiling"], key=lambda c: c["images_per_second"])
     failed = sum(p["failed"] for p in result["points"])
@@ -97,10 +116,11 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         f"| 1-min load average, start / end | {format_load(load_start)} / {format_load(load_end)} |",
         "",
         f"Model: MobileNetV2 ({result['weights']}), {s['classes']} labels, {s['size']}x{s['size']} input, "
-        f"exported with `export_torchscript`, deployed with max_batch_size {s['max_batch_size']}, queue delay "
+        f"exported with `export_torchscript` (uint8 input, normalisation in the graph), deployed with max_batch_size "
+        f"{s['max_batch_size']}, queue delay "
         f"{s['queue_delay_ms']:g} ms, 1 instance (DeployModel took {result['deploy_seconds']:.1f} s). Inputs: "
         f"{s['images']} synthetic photo-like JPEGs {PHOTO_SIDE}x{PHOTO_SIDE} (quality 90), one per request; "
-        f"Triton direct gets them decoded and normalised. Each point: {s['warmup']:g} s warm-up, then "
+        f"Triton direct gets them decoded and resized, as uint8. Each point: {s['warmup']:g} s warm-up, then "
         f"{s['seconds']:g} s measured.",
         "",
         "## Results",
@@ -117,7 +137,7 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         )
     lines += [
         "",
-        "In-process ceiling (`torch.jit.load` of the same file, preprocessed tensors, `torch.inference_mode`):",
+        "In-process ceiling (`torch.jit.load` of the same file, preprocessed uint8 pixels, `torch.inference_mode`):",
         "",
         "| batch size | images/s (median batch) | images/s (all batches) | ms per batch (p50) | batches "
         "| CPU ms/image |",
@@ -131,8 +151,26 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         )
     lines += [
         "",
-        f"Decode + resize + normalise of one {PHOTO_SIDE}x{PHOTO_SIDE} JPEG to {s['size']} px in this process "
-        f"(what Classify adds before Triton): {result['preprocess_ms_per_image']:.2f} ms.",
+        f"The float32 graph (versions exported before) in-process at batch size {fc['batch_size']}: "
+        f"{fc['images_per_second']:.1f} images/s at the median batch ({fc['images_per_second_overall']:.1f} overall).",
+        "",
+        f"Decode + resize of one {PHOTO_SIDE}x{PHOTO_SIDE} JPEG to {s['size']} px in this process "
+        f"(what Classify adds before Triton): {result['preprocess_ms_per_image']:.2f} ms; the float32 path's "
+        f"normalisation adds {result['normalise_ms_per_image']:.3f} ms.",
+        "",
+        "## Payload to Triton",
+        "",
+        "Input bytes one image puts in a KServe request to Triton (the tensor's raw bytes, as tritonclient "
+        "serialises them; what the service sends per image of a Classify request):",
+        "",
+        "| version's input | bytes per image | x uint8 |",
+        "|---|---:|---:|",
+        *payload_rows(result),
+        "",
+        f"The same network as both graphs, on the same images: in-process logits max |diff| "
+        f"{result['uint8_graph_max_logit_diff']:.2e}; through Triton, the float32 version's logits max |diff| "
+        f"{af['triton_max_logit_diff']:.2e} and Classify's top-1 probability {af['classify_max_top1_prob_diff']:.2e} "
+        f"from the in-process float32 graph (top-1 label equal on {af['classify_top1_agree']}/{af['images']}).",
         "",
         "Inside the servers, from their own metrics over each window (means per request; Triton charges each "
         'request its whole batch\'s execution, so "execution" is the mean batch time):',
@@ -158,9 +196,10 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         "",
         f"Ceiling: {best['images_per_second']:.1f} images/s in-process at batch size {best['batch_size']}.",
         "",
-        f"Failed requests: {failed}. Agreement with the in-process model over {a['images']} images: Triton "
-        f"logits max |diff| {a['triton_max_logit_diff']:.2e}; Classify top-1 probability max |diff| "
-        f"{a['classify_max_top1_prob_diff']:.2e}, top-1 label equal on {a['classify_top1_agree']}/{a['images']}.",
+        f"Failed requests: {failed}. Agreement of the uint8 version with the in-process float32 graph over "
+        f"{a['images']} images: Triton logits max |diff| {a['triton_max_logit_diff']:.2e}; Classify top-1 "
+        f"probability max |diff| {a['classify_max_top1_prob_diff']:.2e}, top-1 label equal on "
+        f"{a['classify_top1_agree']}/{a['images']}.",
         "",
         f"The first requests after DeployModel, one at a time (ms): Triton direct "
         f"{', '.join(f'{x:.0f}' for x in a['first_triton_ms'])}; then Classify "

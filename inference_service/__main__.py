@@ -30,6 +30,7 @@ from visiontune.v1 import inference_service_pb2, inference_service_pb2_grpc
 
 from inference_service.engine import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGES, InferenceEngine, Limits
 from inference_service.metrics import DEFAULT_RATE_WINDOW, InferenceMetrics
+from inference_service.placement import ALL_GPUS, DEFAULT_PRECISION, Placement, Precision, placement_for
 from inference_service.predictions.schema import SchemaError
 from inference_service.predictions.store import (
     DEFAULT_CAPACITY,
@@ -71,6 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "cuda"],
         default=os.environ.get("VISIONTUNE_DEVICE", "auto"),
         help="where Triton runs models: auto = cuda when a GPU is visible [VISIONTUNE_DEVICE]",
+    )
+    serving.add_argument(
+        "--gpus",
+        default=os.environ.get("VISIONTUNE_GPUS", ALL_GPUS),
+        help="on cuda: the GPUs every deployment's instances go to, comma-separated indices (each gets "
+        f"instance_count instances); default {ALL_GPUS!r}, every GPU Triton sees [VISIONTUNE_GPUS]",
+    )
+    serving.add_argument(
+        "--gpu-precision",
+        choices=[p.value for p in Precision],
+        default=os.environ.get("VISIONTUNE_GPU_PRECISION", DEFAULT_PRECISION.value),
+        help=f"on cuda: the dtype models run in, with channels_last inputs below fp32 (default "
+        f"{DEFAULT_PRECISION}); the CPU always runs fp32 [VISIONTUNE_GPU_PRECISION]",
     )
     serving.add_argument(
         "--max-images",
@@ -142,10 +156,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     triton.add_argument("--triton-startup-timeout", type=float, default=120.0, help="seconds (default 120)")
 
 
-def use_gpu(device: str) -> bool:
-    if device == "cuda" and not torch.cuda.is_available():
+def placement(args: argparse.Namespace) -> Placement:
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise StartupError("--device cuda, but torch sees no CUDA device")
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        return placement_for(args.device, args.gpus, args.gpu_precision, visible)
+    except ValueError as err:
+        raise StartupError(str(err)) from err
 
 
 def open_predictions(settings: ServerSettings, args: argparse.Namespace) -> SqlPredictionStore:
@@ -173,7 +191,7 @@ def open_predictions(settings: ServerSettings, args: argparse.Namespace) -> SqlP
 def build(
     settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace, registry: TokenRegistry | None = None
 ) -> tuple[list[ServiceBinding], Callable[[], None]]:
-    gpu = use_gpu(args.device)
+    where = placement(args)
     # First: a database it cannot use stops the service before Triton starts.
     predictions = open_predictions(settings, args)
     workdir = settings.data_dir / "inference"
@@ -216,7 +234,7 @@ def build(
         workdir,
         metrics,
         predictions,
-        gpu=gpu,
+        placement=where,
         limits=Limits(
             max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels
         ),

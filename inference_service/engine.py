@@ -6,8 +6,9 @@ fields), each with the status code the client sees. One Classify request:
 
 1. route: a ready version of the model, chosen by traffic weight (or the pinned version), leased so it
    cannot be unloaded mid-request;
-2. preprocess: decode, resize and normalise every image exactly as the trainer did (the manifest's
-   preprocessing, `visiontune.preprocessing`); any bad image fails the request with every bad image named;
+2. preprocess: decode and resize every image exactly as the trainer did (the manifest's preprocessing,
+   `visiontune.preprocessing`), as uint8 for a version whose network normalises (its input_format), else
+   normalised float32 (versions exported before); any bad image fails the request with every bad image named;
 3. infer: one Triton call per `max_batch_size` images; Triton's dynamic batcher merges concurrent requests;
 4. decide: softmax, top-k, the open-set score against the manifest's threshold (or the request's);
 5. record the predictions for feedback (one INSERT into the prediction store every replica shares), and the
@@ -60,9 +61,10 @@ from inference_service.feedback import (
     RequestRecord,
 )
 from inference_service.metrics import VERDICT_KNOWN, VERDICT_UNKNOWN, InferenceMetrics
+from inference_service.placement import Placement
 from inference_service.served_model import ManifestInvalid, ServedModel, from_manifest, parse_manifest
 from inference_service.triton.repository import TritonModelConfig, remove_model, triton_model_name, write_model
-from inference_service.triton.server import TritonError, TritonModels
+from inference_service.triton.server import TRITON_DATATYPES, TritonError, TritonModels
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class InferenceEngine:
         metrics: InferenceMetrics,
         predictions: PredictionStore,
         *,
-        gpu: bool = False,
+        placement: Placement | None = None,  # None: the CPU
         limits: Limits = Limits(),
         registry: DeploymentRegistry | None = None,
         decode_threads: int | None = None,
@@ -131,7 +133,7 @@ class InferenceEngine:
         self._records_store = store
         self.triton = triton
         self.metrics = metrics
-        self.gpu = gpu
+        self.placement = placement or Placement()
         self.limits = limits
         self.repository = workdir / "triton" / "models"
         self.weights_dir = workdir / "weights"
@@ -173,7 +175,7 @@ class InferenceEngine:
                         name=name,
                         settings=settings,
                         triton_model=triton_model_name(name),
-                        device="cuda" if self.gpu else "cpu",
+                        device=self.placement.device,
                         deploy_time=deploy_time,
                     )
                 )
@@ -216,8 +218,10 @@ class InferenceEngine:
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=round(settings.max_queue_delay_s * 1e6),
             instance_count=settings.instance_count,
-            gpu=self.gpu,
-            torch_threads=0 if self.gpu else max(1, (os.cpu_count() or 1) // settings.instance_count),
+            gpus=self.placement.gpus,
+            torch_threads=0 if self.placement.gpu else max(1, (os.cpu_count() or 1) // settings.instance_count),
+            input_datatype=TRITON_DATATYPES[input_dtype(served)],
+            precision=self.placement.precision.value,
         )
         write_model(self.repository, config, weights)
         try:
@@ -302,7 +306,7 @@ class InferenceEngine:
                     name=record.name,
                     settings=record.settings,
                     triton_model=triton_model_name(record.name),
-                    device="cuda" if self.gpu else "cpu",
+                    device=self.placement.device,
                     deploy_time=record.deploy_time,
                 )
             )
@@ -455,7 +459,7 @@ class InferenceEngine:
         if violations:
             raise InvalidRequest(violations)
         chw = torch.from_numpy(np.stack([d for d in decoded if not isinstance(d, str)])).permute(0, 3, 1, 2)
-        batch = normalize(center_crop(chw, served.crop_size).contiguous(), served.mean, served.std).numpy()
+        batch = network_input(center_crop(chw, served.crop_size).contiguous(), served)
         self.metrics.preprocess_seconds.labels(labels["model"], labels["version"]).observe(
             time.perf_counter() - started
         )
@@ -497,6 +501,19 @@ class InferenceEngine:
         if true_label is None:
             self.metrics.record_unknown_feedback(*mv, accepted=result.outcome == Outcome.FALSE_POSITIVE)
         return result
+
+
+def input_dtype(served: ServedModel) -> np.dtype[np.generic]:
+    """What `served`'s network takes: uint8 pixels, or float32 the service normalised."""
+    return np.dtype(np.uint8) if served.uint8_input else np.dtype(np.float32)
+
+
+def network_input(crops: torch.Tensor, served: ServedModel) -> np.ndarray:
+    """uint8 [N, 3, S, S] crops -> what `served`'s network takes (`input_dtype`): the crops themselves for a
+    network that normalises inside, else float32 normalised with the manifest's mean and std."""
+    if served.uint8_input:
+        return crops.numpy()
+    return normalize(crops, served.mean, served.std).numpy()
 
 
 def _decide(

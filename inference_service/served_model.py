@@ -17,6 +17,14 @@ from visiontune.v1 import manifest_pb2, training_spec_pb2
 
 SCHEMA_VERSION: Final = 1
 
+# What the network's input holds -> what the service sends Triton: True for uint8 pixels (the network normalises),
+# False for float32 it normalised itself (every version exported before the manifest said).
+_UINT8_INPUT: Final = {
+    manifest_pb2.INPUT_FORMAT_UNSPECIFIED: False,
+    manifest_pb2.INPUT_FORMAT_FLOAT32_NORMALIZED: False,
+    manifest_pb2.INPUT_FORMAT_UINT8_RGB: True,
+}
+
 _SCORES: Final = {
     training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX: OpenSetScore.MAX_SOFTMAX,
     training_spec_pb2.OPEN_SET_SCORE_UNSPECIFIED: OpenSetScore.MAX_SOFTMAX,
@@ -43,6 +51,7 @@ class ServedModel:
     weights_size: int
     input_name: str
     output_name: str
+    uint8_input: bool = False  # the manifest's input_format: uint8 pixels in, normalisation inside the network
 
     @property
     def weights_key(self) -> str:
@@ -88,6 +97,9 @@ def from_manifest(manifest: manifest_pb2.ModelManifest, name: ModelVersionName) 
         problems.append(f"weights format {manifest_pb2.WeightsFormat.Name(weights.format)} (only TorchScript)")
     if not weights.path or len(weights.sha256) != 64:
         problems.append("weights need a path and a sha256")
+    uint8_input = _UINT8_INPUT.get(weights.input_format)
+    if uint8_input is None:
+        problems.append(f"unknown weights input format {weights.input_format}")
     score = _SCORES.get(manifest.open_set.score)
     if score is None:
         problems.append(f"unknown open-set score {manifest.open_set.score}")
@@ -96,6 +108,7 @@ def from_manifest(manifest: manifest_pb2.ModelManifest, name: ModelVersionName) 
     if problems:
         raise ManifestInvalid(f"{name} cannot be served: " + "; ".join(problems))
     assert score is not None
+    assert uint8_input is not None
     return ServedModel(
         name=name,
         labels=labels,
@@ -110,4 +123,5 @@ def from_manifest(manifest: manifest_pb2.ModelManifest, name: ModelVersionName) 
         weights_size=weights.size_bytes,
         input_name=weights.input_name or "images",
         output_name=weights.output_name or "logits",
+        uint8_input=uint8_input,
     )

@@ -38,27 +38,39 @@ class TritonModelConfig:
     output_dims: tuple[int, ...]
     max_batch_size: int
     max_queue_delay_us: int
-    instance_count: int
-    gpu: bool
+    instance_count: int  # per GPU on GPUs
+    gpus: tuple[int, ...] = ()  # KIND_GPU on these CUDA devices; empty: KIND_CPU
     torch_threads: int = 0  # 0 = torch's default
+    input_datatype: str = "FP32"  # a KServe v2 datatype name (triton.server.TRITON_DATATYPES)
+    precision: str = "fp32"  # model.py's dtype for the module (placement.Precision)
 
     def pbtxt(self) -> str:
-        kind = "KIND_GPU" if self.gpu else "KIND_CPU"
+        if self.gpus:
+            group = f"count: {self.instance_count} kind: KIND_GPU gpus: [{_dims(self.gpus)}]"
+        else:
+            group = f"count: {self.instance_count} kind: KIND_CPU"
+        input_type = f"TYPE_{self.input_datatype}"
+        # TorchScript optimises a graph on its first calls (the profiling executor), per input shape: run them
+        # during the load at batch 1 and at the largest batch the dynamic batcher makes, so READY means warm and
+        # neither a lone request nor a full batch is 5-10x slower than the rest.
+        warmups = ", ".join(
+            f'{{ name: "zeros_{batch}" batch_size: {batch} count: {WARMUP_CALLS} '
+            f'inputs {{ key: "{self.input_name}" '
+            f"value: {{ data_type: {input_type} dims: [{_dims(self.input_dims)}] zero_data: true }} }} }}"
+            for batch in sorted({1, self.max_batch_size})
+        )
         return "\n".join(
             [
                 f'name: "{self.name}"',
                 'backend: "python"',
                 f"max_batch_size: {self.max_batch_size}",
-                f'input [{{ name: "{self.input_name}" data_type: TYPE_FP32 dims: [{_dims(self.input_dims)}] }}]',
+                f'input [{{ name: "{self.input_name}" data_type: {input_type} dims: [{_dims(self.input_dims)}] }}]',
                 f'output [{{ name: "{self.output_name}" data_type: TYPE_FP32 dims: [{_dims(self.output_dims)}] }}]',
                 f"dynamic_batching {{ max_queue_delay_microseconds: {self.max_queue_delay_us} }}",
-                f"instance_group [{{ count: {self.instance_count} kind: {kind} }}]",
+                f"instance_group [{{ {group} }}]",
                 f'parameters {{ key: "torch_threads" value: {{ string_value: "{self.torch_threads}" }} }}',
-                # TorchScript optimises a graph on its first calls (the profiling executor): run them during
-                # the load, so READY means warm and the first requests are not 5-10x slower than the rest.
-                f'model_warmup [{{ name: "zeros" batch_size: 1 count: {WARMUP_CALLS} '
-                f'inputs {{ key: "{self.input_name}" '
-                f"value: {{ data_type: TYPE_FP32 dims: [{_dims(self.input_dims)}] zero_data: true }} }} }}]",
+                f'parameters {{ key: "precision" value: {{ string_value: "{self.precision}" }} }}',
+                f"model_warmup [{warmups}]",
                 "",
             ]
         )

@@ -40,6 +40,10 @@ _PR_SET_PDEATHSIG: Final = 1
 _LOG_TAIL_LINES: Final = 20
 
 
+# The input dtypes the service sends, by their KServe v2 datatype names (config.pbtxt's are "TYPE_" + these).
+TRITON_DATATYPES: Final = {np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}
+
+
 class TritonError(Exception):
     """Triton could not be found, started, or asked to do something; the message says which and why."""
 
@@ -343,9 +347,9 @@ class TritonModels:
             return False
 
     def infer(self, name: str, input_name: str, output_name: str, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """Run `batch` (float32 [N, ...]) through model `name`; returns its output [N, ...]."""
-        tensor = triton_grpc.InferInput(input_name, list(batch.shape), "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        """Run `batch` ([N, ...], float32 or uint8 as TRITON_DATATYPES) through model `name`; returns its output."""
+        tensor = triton_grpc.InferInput(input_name, list(batch.shape), TRITON_DATATYPES[batch.dtype])
+        tensor.set_data_from_numpy(np.ascontiguousarray(batch))
         try:
             result = self._client().infer(name, [tensor], outputs=[triton_grpc.InferRequestedOutput(output_name)])
         except InferenceServerException as err:

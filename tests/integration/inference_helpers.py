@@ -64,9 +64,11 @@ def publish_model(
     std: Sequence[float],
     threshold: float,
     score: training_spec_pb2.OpenSetScore.ValueType = training_spec_pb2.OPEN_SET_SCORE_MAX_SOFTMAX,
+    input_format: manifest_pb2.InputFormat.ValueType = manifest_pb2.INPUT_FORMAT_UNSPECIFIED,
 ) -> str:
     """Write `network` as TorchScript (or the TorchScript file `network`) plus its manifest as
-    `models/{model}/versions/{version}`; returns the version's name."""
+    `models/{model}/versions/{version}`; returns the version's name. A module is traced on float32 input, as
+    versions exported before the uint8 input were (`input_format` unset); a file says its own `input_format`."""
     name = f"models/{model}/versions/{version}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / results.MODEL_FILE
@@ -85,6 +87,7 @@ def publish_model(
             weights=results.torchscript_weights(path, size=size, num_labels=len(labels)),
             open_set=job_pb2.OpenSetResult(score=score, threshold=threshold, target_true_positive_rate=0.95),
         )
+        manifest.weights.input_format = input_format
         with store.begin_model_version(model, version) as writer:
             writer.put_file(results.MODEL_FILE, path)
             writer.commit(json_format.MessageToJson(manifest).encode())

@@ -1,11 +1,13 @@
 """Parity: an image gets the same probabilities from Classify (through Triton) as from the trainer's evaluation.
 
 The model is what the trainer ships: a MobileNetV2 `Classifier` with ImageNet weights (shipped offline) and
-a fresh head, exported by the trainer's `export_torchscript`, with the trainer's normalisation in its
-manifest. The trainer's side decodes with its dataset pipeline and runs `loop.predict` (the evaluation
-path); the inference side is a real service with a real Triton. The images vary what preprocessing must
-get right: JPEG with EXIF rotation, a palette PNG with alpha, greyscale, 16-bit, a large image that is
-shrunk while decoding, and a non-square one.
+a fresh head, exported by the trainer's `export_torchscript` (uint8 input, normalisation inside the graph), with
+the trainer's normalisation in its manifest. The same classifier is also published as versions exported before
+that change were (a float32 graph, the manifest's input_format unset, the service normalising): both versions,
+live side by side, give the trainer's probabilities. The trainer's side decodes with its dataset pipeline and
+runs `loop.predict` (the evaluation path); the inference side is a real service with a real Triton. The images
+vary what preprocessing must get right: JPEG with EXIF rotation, a palette PNG with alpha, greyscale, 16-bit, a
+large image that is shrunk while decoding, and a non-square one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.preprocessing import decode_image
 from visiontune.store import ArtifactStore
 from visiontune.v1 import inference_service_pb2 as pb
+from visiontune.v1 import manifest_pb2
 from visiontune.weights_cache import seed_weights_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -85,19 +88,40 @@ def test_classify_matches_the_trainers_evaluation(
 
     # The inference side: the trainer's export, a real service and Triton.
     weights = tmp_path / "model.pt"
-    export_torchscript(model, SIZE, weights)
-    name = publish_model(store, "parity", "v1", weights, labels=LABELS, size=SIZE, mean=mean, std=std, threshold=0.5)
+    export_torchscript(model, SIZE, weights, mean=mean, std=std)
+    uint8 = publish_model(
+        store,
+        "parity",
+        "uint8",
+        weights,
+        labels=LABELS,
+        size=SIZE,
+        mean=mean,
+        std=std,
+        threshold=0.5,
+        input_format=manifest_pb2.INPUT_FORMAT_UINT8_RGB,
+    )
+    legacy = publish_model(store, "parity", "float", model, labels=LABELS, size=SIZE, mean=mean, std=std, threshold=0.5)
     service = start_inference(store, s3_server, tmp_path / "inference")
     try:
-        service.deploy(name)
-        response = service.classify("models/parity", *images.values(), top_k=len(LABELS))
+        service.deploy(uint8)
+        service.deploy(legacy, max_batch_size=8)  # warmed at batch 1 and 8
+        config = service.process.data_dir / "inference" / "triton" / "models" / "parity__uint8" / "config.pbtxt"
+        assert "data_type: TYPE_UINT8" in config.read_text()
+        responses = {name: service.classify(name, *images.values(), top_k=len(LABELS)) for name in (uint8, legacy)}
     finally:
         service.stop()
 
-    served = np.zeros_like(trainer_probs)
-    for c in response.classifications:
-        for entry in c.top_k:
-            served[c.index, LABELS.index(entry.label)] = entry.score
-        assert c.unknown_score == pytest.approx(float(trainer_probs[c.index].max()), abs=1e-5)
-    np.testing.assert_allclose(served, trainer_probs, atol=1e-5, err_msg=f"images: {list(images)}")
-    assert isinstance(response, pb.ClassifyResponse)
+    served = {}
+    for name, response in responses.items():
+        assert isinstance(response, pb.ClassifyResponse)
+        assert response.model_version == name
+        probs = np.zeros_like(trainer_probs)
+        for c in response.classifications:
+            for entry in c.top_k:
+                probs[c.index, LABELS.index(entry.label)] = entry.score
+            assert c.unknown_score == pytest.approx(float(trainer_probs[c.index].max()), abs=1e-5)
+        np.testing.assert_allclose(probs, trainer_probs, atol=1e-5, err_msg=f"{name}, images: {list(images)}")
+        served[name] = probs
+    # The uint8-input served graph against today's float path, through the same Triton.
+    np.testing.assert_allclose(served[uint8], served[legacy], atol=1e-5)

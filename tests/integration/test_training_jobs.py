@@ -90,6 +90,7 @@ def test_a_job_trains_streams_its_progress_and_publishes_a_model_version(
     assert list(manifest.labels) == ["circle", "square", "triangle"]
     assert manifest.weights.format == manifest_pb2.WEIGHTS_FORMAT_TORCHSCRIPT
     assert manifest.training_device == device
+    assert manifest.weights.input_format == manifest_pb2.INPUT_FORMAT_UINT8_RGB  # the export normalises inside
     keys = {o.key for o in shapes.list("models/shapes/versions/shapes-1/")}
     assert {f"models/shapes/versions/shapes-1/{f}" for f in manifest.files} <= keys
     assert not list(shapes.list("jobs/shapes-1/checkpoints/"))

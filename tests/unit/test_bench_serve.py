@@ -46,6 +46,10 @@ def test_quick_run_writes_every_path_concurrency_and_ratio(bench: ModuleType, tm
     assert "(**ceiling**)" in report
     assert "Failed requests: 0." in report
     assert "**Errors:**" not in report
+    payload = report.split("## Payload to Triton")[1]
+    pixels = 3 * 96 * 96  # the default --size
+    assert f"(the trainer's export now) | {pixels} | 1.00 |" in payload
+    assert f"input_format unset) | {4 * pixels} | 4.00 |" in payload
 
 
 def test_bad_arguments_are_refused(bench: ModuleType) -> None:

@@ -1,20 +1,26 @@
 """The inference service's plain parts, without Triton: feedback outcomes, routing by traffic weight and draining,
-the manifest check, Triton model configs, and the metrics' rolling rate (the prediction store has its own suite,
-test_prediction_store.py)."""
+the manifest check and its input format, Triton model configs, GPU placement, and the metrics' rolling rate (the
+prediction store has its own suite, test_prediction_store.py)."""
 
 from __future__ import annotations
 
 import random
+import re
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from inference_service.deployments import Deployment, DeploymentRegistry, DeploymentState, DeploySettings, NoLiveVersion
+from inference_service.engine import input_dtype, network_input
 from inference_service.feedback import Outcome, outcome
 from inference_service.metrics import InferenceMetrics
+from inference_service.placement import ALL_GPUS, Placement, Precision, placement_for
 from inference_service.served_model import ManifestInvalid, from_manifest
 from inference_service.triton.repository import TritonModelConfig, triton_model_name, write_model
+from inference_service.triton.server import TRITON_DATATYPES
 from visiontune.names import ModelVersionName
 from visiontune.openset import OpenSetScore
 from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
@@ -128,6 +134,29 @@ def test_a_servable_manifest_becomes_a_typed_model() -> None:
     assert served.threshold == 2.5
     assert served.weights_key == "models/m/versions/v1/model.pt"
     assert (served.input_name, served.output_name) == ("images", "logits")
+    assert not served.uint8_input  # input_format unset: a version exported before it, float32 normalised
+    assert input_dtype(served) == np.float32
+
+
+def test_the_input_format_chooses_what_the_service_sends() -> None:
+    name = ModelVersionName("m", "v1")
+    manifest = _manifest()
+    manifest.weights.input_format = manifest_pb2.INPUT_FORMAT_UINT8_RGB
+    uint8 = from_manifest(manifest, name)
+    manifest.weights.input_format = manifest_pb2.INPUT_FORMAT_FLOAT32_NORMALIZED
+    float32 = from_manifest(manifest, name)
+    crops = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sent = network_input(crops, uint8)
+    assert sent.dtype == np.uint8
+    assert input_dtype(uint8) == np.uint8
+    np.testing.assert_array_equal(sent, crops.numpy())
+    normalised = network_input(crops, float32)
+    assert normalised.dtype == np.float32
+    np.testing.assert_allclose(normalised, (crops.numpy() / 255 - 0.5) / 0.25, atol=1e-6)
+    assert sent.nbytes * 4 == normalised.nbytes  # a quarter of the bytes to Triton
+    manifest.weights.input_format = 7  # type: ignore[assignment]  # a format from a newer trainer
+    with pytest.raises(ManifestInvalid, match="input format 7"):
+        from_manifest(manifest, name)
 
 
 def test_an_unservable_manifest_is_refused_with_every_problem() -> None:
@@ -150,7 +179,6 @@ def test_triton_model_config_and_atomic_write(tmp_path: Path) -> None:
         max_batch_size=16,
         max_queue_delay_us=2000,
         instance_count=2,
-        gpu=False,
         torch_threads=1,
     )
     text = config.pbtxt()
@@ -161,6 +189,10 @@ def test_triton_model_config_and_atomic_write(tmp_path: Path) -> None:
         "dims: [5]",
         "max_queue_delay_microseconds: 2000",
         "count: 2 kind: KIND_CPU",
+        "data_type: TYPE_FP32 dims: [3, 32, 32]",
+        'name: "zeros_1" batch_size: 1',
+        'name: "zeros_16" batch_size: 16',  # warmed at the largest batch too
+        'key: "precision" value: { string_value: "fp32" }',
     ):
         assert line in text
     weights = tmp_path / "w.pt"
@@ -172,6 +204,58 @@ def test_triton_model_config_and_atomic_write(tmp_path: Path) -> None:
     write_model(tmp_path / "repo", config, weights)  # a redeploy replaces it whole
     assert (written / "1" / "model.pt").read_bytes() == b"new weights"
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["m__v1"]  # no staging leftovers
+
+
+def test_gpu_triton_config_names_its_gpus_and_takes_uint8() -> None:
+    config = TritonModelConfig(
+        name="m__v1",
+        input_name="images",
+        input_dims=(3, 32, 32),
+        output_name="logits",
+        output_dims=(5,),
+        max_batch_size=1,
+        max_queue_delay_us=0,
+        instance_count=2,
+        gpus=(0, 2),
+        input_datatype=TRITON_DATATYPES[np.dtype(np.uint8)],
+        precision=Precision.FP16.value,
+    )
+    text = config.pbtxt()
+    assert "instance_group [{ count: 2 kind: KIND_GPU gpus: [0, 2] }]" in text
+    assert 'input [{ name: "images" data_type: TYPE_UINT8 dims: [3, 32, 32] }]' in text
+    assert "data_type: TYPE_UINT8 dims: [3, 32, 32] zero_data: true" in text
+    assert text.count("batch_size: 1 count:") == 1  # max batch 1: one warm-up, not two of the same
+    assert 'string_value: "fp16"' in text
+
+
+# -- placement: --device, --gpus, --gpu-precision -----------------------------------------------------------
+
+
+def test_placement_defaults_to_every_visible_gpu_in_fp32() -> None:
+    assert placement_for("auto", ALL_GPUS, "fp32", visible=0) == Placement()
+    assert placement_for("auto", ALL_GPUS, "fp32", visible=3) == Placement(gpus=(0, 1, 2))
+    assert placement_for("cpu", ALL_GPUS, "fp32", visible=3).device == "cpu"
+    chosen = placement_for("cuda", "2,0", "bf16", visible=3)
+    assert (chosen.gpus, chosen.precision, chosen.device) == ((2, 0), Precision.BF16, "cuda")
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "precision", "visible", "message"),
+    [
+        ("cuda", "0,3", "fp32", 2, "GPU(s) [3] do not exist: 2 visible"),
+        ("cuda", "1,1", "fp32", 2, "repeat"),
+        ("cuda", "one", "fp32", 2, "comma-separated GPU indices"),
+        ("cuda", ALL_GPUS, "fp32", 0, "no CUDA device"),
+        ("cpu", ALL_GPUS, "fp16", 2, "needs a GPU"),
+        ("auto", ALL_GPUS, "fp16", 0, "needs a GPU"),
+        ("cuda", ALL_GPUS, "int8", 1, "--gpu-precision 'int8'"),
+    ],
+)
+def test_placement_refuses_what_triton_could_not_honour(
+    device: str, gpus: str, precision: str, visible: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        placement_for(device, gpus, precision, visible)
 
 
 # -- metrics -----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from trainer_service.engine.models import (
 )
 from trainer_service.spec.config import BLOCK_COUNTS, Activation, Architecture, ModelConfig, WeightsSource
 from trainer_service.weights import load_base_weights
+from visiontune.preprocessing import normalize
 from visiontune.weights_cache import seed_weights_cache
 
 torch.set_num_threads(2)
@@ -350,6 +351,10 @@ def test_imagenet_weights_and_normalization(architecture: Architecture) -> None:
 # -- TorchScript export ---------------------------------------------------------------------------------------
 
 
+def _pixels(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
 @pytest.mark.filterwarnings(TORCHSCRIPT_WARNINGS)
 @pytest.mark.parametrize("architecture", [Architecture.RESNET18, Architecture.MOBILENET_V3_SMALL])
 def test_torchscript_export_round_trip(architecture: Architecture, tmp_path: Path) -> None:
@@ -357,7 +362,8 @@ def test_torchscript_export_round_trip(architecture: Architecture, tmp_path: Pat
     freeze_base(model)
     model.train()
     path = tmp_path / "out" / "model.pt"
-    export_torchscript(model, 32, path)
+    mean, std = normalization(ModelConfig(architecture=architecture))
+    export_torchscript(model, 32, path, mean=mean, std=std)
     assert model.training  # the caller's model keeps its mode
     assert sorted(os.listdir(path.parent)) == ["model.pt"]
 
@@ -365,20 +371,44 @@ def test_torchscript_export_round_trip(architecture: Architecture, tmp_path: Pat
     model.eval()
     with torch.no_grad():
         for n in (1, 3):  # the trace's example was one image; other batch sizes must work too
-            x = _images(n, seed=n)
-            torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+            pixels = _pixels(n, seed=n)
+            torch.testing.assert_close(loaded(pixels), model(normalize(pixels, mean, std)), rtol=1e-5, atol=1e-5)
+    conv = next(p for p in loaded.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # exported channels_last
+
+
+@pytest.mark.filterwarnings(TORCHSCRIPT_WARNINGS)
+def test_uint8_graph_gives_the_float_graphs_probabilities(tmp_path: Path) -> None:
+    """Parity at the module level: today's graph (float32 input the caller normalised, traced as versions exported
+    before the uint8 input were) and the exported uint8 graph give the same probabilities on the same pixels."""
+    config = _cfg(Architecture.RESNET18)
+    torch.manual_seed(0)
+    model = build_classifier(config, num_classes=4, base_state=None).eval()
+    mean, std = normalization(config)
+    with torch.no_grad():
+        old = torch.jit.trace(model, torch.zeros(1, 3, 48, 48))  # type: ignore[no-untyped-call]
+    path = tmp_path / "model.pt"
+    export_torchscript(model, 48, path, mean=mean, std=std)
+    new = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
+    pixels = _pixels(8, size=48, seed=7)
+    with torch.no_grad():
+        old_logits = old(normalize(pixels, mean, std))
+        new_logits = new(pixels)
+    assert old_logits.std(dim=0).max() > 1e-3  # the images really get different answers
+    torch.testing.assert_close(new_logits, old_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new_logits.softmax(dim=1), old_logits.softmax(dim=1), rtol=0, atol=1e-6)
 
 
 @pytest.mark.filterwarnings(TORCHSCRIPT_WARNINGS)
 def test_torchscript_export_loads_without_trainer_code(tmp_path: Path) -> None:
     model = build_classifier(_cfg(Architecture.MOBILENET_V3_SMALL), num_classes=2, base_state=None)
     path = tmp_path / "model.pt"
-    export_torchscript(model, 32, path)
+    export_torchscript(model, 32, path, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     script = (
         "import sys, warnings, torch\n"
         "warnings.simplefilter('ignore')\n"
         f"m = torch.jit.load({str(path)!r})\n"
-        "print(tuple(m(torch.rand(2, 3, 32, 32)).shape))\n"
+        "print(tuple(m(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)).shape))\n"
         "assert not any(name.startswith(('trainer_service', 'visiontune')) for name in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)

@@ -354,23 +354,50 @@ def normalization(cfg: ModelConfig) -> tuple[tuple[float, float, float], tuple[f
     return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
 
 
-def export_torchscript(model: Classifier, image_size: int, path: Path) -> None:
-    """Write `model` in eval mode as a TorchScript file (`torch.jit.load`, no trainer code needed).
+class Uint8Input(nn.Module):
+    """The exported graph: uint8 RGB [N, 3, S, S] -> float, / 255, (x - mean) / std, channels_last -> `classifier`.
+
+    The arithmetic is `visiontune.preprocessing.normalize`'s, so the network sees the same input as when the
+    caller normalises. `type_as(mean)`: a module converted to fp16/bf16 for serving normalises in that dtype.
+    """
+
+    def __init__(self, classifier: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        scaled = images.type_as(mean).mul(1.0 / 255)
+        logits: Tensor = self.classifier(scaled.sub(mean).div(std).contiguous(memory_format=torch.channels_last))
+        return logits
+
+
+def export_torchscript(
+    model: Classifier, image_size: int, path: Path, *, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    """Write `model` in eval mode as a TorchScript file (`torch.jit.load`, no trainer code needed) that takes
+    uint8 RGB [N, 3, image_size, image_size] and normalises with `mean`/`std` itself (`Uint8Input`); its weights
+    are channels_last, the layout convolutions run fastest in on GPUs.
 
     Traced on a CPU copy, so the training model keeps its mode and device and the file loads anywhere.
-    The traced module is checked against the eager one on a batch of 2 (another batch size than the trace's
-    example); a mismatch raises RuntimeError. Written atomically.
+    The traced module is checked against the eager one fed the caller-normalised float input on a batch of 2
+    (another batch size than the trace's example); a mismatch raises RuntimeError. Written atomically.
     """
     eager = copy.deepcopy(model).cpu().eval()
+    wrapped = Uint8Input(copy.deepcopy(eager).to(memory_format=torch.channels_last), mean, std).eval()
     generator = torch.Generator().manual_seed(0)
-    example = torch.rand(1, 3, image_size, image_size, generator=generator)
-    batch = torch.rand(2, 3, image_size, image_size, generator=generator)
+    example = torch.randint(0, 256, (1, 3, image_size, image_size), generator=generator, dtype=torch.uint8)
+    batch = torch.randint(0, 256, (2, 3, image_size, image_size), generator=generator, dtype=torch.uint8)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     with torch.no_grad(), warnings.catch_warnings():
         # This torch (2.14) marks TorchScript deprecated in favour of torch.export; it is still the format the
         # inference side loads with a bare `torch.jit.load`, so the per-call FutureWarnings are only noise.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated", category=FutureWarning)
-        traced = torch.jit.trace(eager, example)  # type: ignore[no-untyped-call]
-        expected = eager(batch)
+        traced = torch.jit.trace(wrapped, example)  # type: ignore[no-untyped-call]
+        expected = eager((batch.float() / 255 - mean_t) / std_t)
         got = traced(batch)
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=_EXPORT_ATOL, rtol=_EXPORT_ATOL):
         raise RuntimeError(

@@ -27,7 +27,7 @@ from google.protobuf import json_format
 from visiontune import names
 from visiontune.store import ArtifactStore, ObjectNotFound
 from visiontune.uris import S3Location
-from visiontune.v1 import job_pb2, training_spec_pb2
+from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
 
 from trainer_service.engine import plots
 from trainer_service.engine.loop import CLASSIFIER
@@ -200,7 +200,8 @@ def publish_model_version(
     pngs = training_plots(result, config, labels)
     with tempfile.TemporaryDirectory(prefix=f"vt-{job_id}-") as tmp:
         weights_path = Path(tmp) / results.MODEL_FILE
-        export_torchscript(result.model.cpu(), config.dataset.image_size, weights_path)
+        mean, std = normalization(config.model)
+        export_torchscript(result.model.cpu(), config.dataset.image_size, weights_path, mean=mean, std=std)
         with store.begin_model_version(config.output_model, version) as writer:
             writer.put_file(results.MODEL_FILE, weights_path)
             plot_uris = []
@@ -218,7 +219,8 @@ def publish_model_version(
                 device=device,
             )
             size = config.dataset.image_size
-            mean, std = normalization(config.model)
+            weights = results.torchscript_weights(weights_path, size=size, num_labels=len(labels))
+            weights.input_format = manifest_pb2.INPUT_FORMAT_UINT8_RGB  # export_torchscript normalises inside
             manifest = results.manifest(
                 name=str(model_version),
                 job=names.job_name(job_id),
@@ -226,7 +228,7 @@ def publish_model_version(
                 labels=labels,
                 architecture=spec.model.architecture,
                 preprocessing=results.preprocessing(size, mean, std),
-                weights=results.torchscript_weights(weights_path, size=size, num_labels=len(labels)),
+                weights=weights,
                 open_set=job_result.open_set,
                 metrics=job_result.metrics,
                 spec=spec,

@@ -67,6 +67,34 @@ COLOR_MODE_UNSPECIFIED: ColorMode.ValueType  # 0
 COLOR_MODE_RGB: ColorMode.ValueType  # 1
 Global___ColorMode: _TypeAlias = ColorMode  # noqa: Y015
 
+class _InputFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InputFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INPUT_FORMAT_UNSPECIFIED: _InputFormat.ValueType  # 0
+    """Treated as FLOAT32_NORMALIZED: what every version exported before INPUT_FORMAT existed takes."""
+    INPUT_FORMAT_FLOAT32_NORMALIZED: _InputFormat.ValueType  # 1
+    """float32 ((x / 255) - mean) / std per channel: the caller normalises."""
+    INPUT_FORMAT_UINT8_RGB: _InputFormat.ValueType  # 2
+    """uint8 0-255 pixels: the network converts, divides by 255 and normalises with the preprocessing's mean and
+    std itself (a quarter of the bytes on the wire).
+    """
+
+class InputFormat(_InputFormat, metaclass=_InputFormatEnumTypeWrapper):
+    """The network's input tensor, [N, 3, crop_size, crop_size] RGB either way."""
+
+INPUT_FORMAT_UNSPECIFIED: InputFormat.ValueType  # 0
+"""Treated as FLOAT32_NORMALIZED: what every version exported before INPUT_FORMAT existed takes."""
+INPUT_FORMAT_FLOAT32_NORMALIZED: InputFormat.ValueType  # 1
+"""float32 ((x / 255) - mean) / std per channel: the caller normalises."""
+INPUT_FORMAT_UINT8_RGB: InputFormat.ValueType  # 2
+"""uint8 0-255 pixels: the network converts, divides by 255 and normalises with the preprocessing's mean and
+std itself (a quarter of the bytes on the wire).
+"""
+Global___InputFormat: _TypeAlias = InputFormat  # noqa: Y015
+
 class _WeightsFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -275,6 +303,7 @@ class Weights(_message.Message):
     INPUT_SHAPE_FIELD_NUMBER: _builtins.int
     OUTPUT_NAME_FIELD_NUMBER: _builtins.int
     OUTPUT_SHAPE_FIELD_NUMBER: _builtins.int
+    INPUT_FORMAT_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Relative to the version's prefix, e.g. `model.pt`."""
     format: Global___WeightsFormat.ValueType
@@ -284,6 +313,11 @@ class Weights(_message.Message):
     input_name: _builtins.str
     """Network input and output tensor names and shapes (-1 = dynamic batch)."""
     output_name: _builtins.str
+    input_format: Global___InputFormat.ValueType
+    """What the input tensor holds; the trainer always writes it. Unset on versions exported before the trainer
+    folded the normalisation into the network: those take float32 images already normalised with the
+    preprocessing's mean and std, and inference still serves them so.
+    """
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -299,10 +333,11 @@ class Weights(_message.Message):
         input_shape: _abc.Iterable[_builtins.int] | None = ...,
         output_name: _builtins.str = ...,
         output_shape: _abc.Iterable[_builtins.int] | None = ...,
+        input_format: Global___InputFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "input_name", b"input_name", "input_shape", b"input_shape", "output_name", b"output_name", "output_shape", b"output_shape", "path", b"path", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "input_format", b"input_format", "input_name", b"input_name", "input_shape", b"input_shape", "output_name", b"output_name", "output_shape", b"output_shape", "path", b"path", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

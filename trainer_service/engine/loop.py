@@ -40,7 +40,7 @@ from trainer_service.engine.batches import (
     class_weights,
     tensor_batches,
 )
-from trainer_service.engine.context import RunContext, autocast, derive_seed, seeded_generator
+from trainer_service.engine.context import RunContext, derive_seed, seeded_generator
 from trainer_service.engine.epoch import Batches, build_optimizer, compute_features, evaluate, train_one_epoch
 from trainer_service.engine.models import Classifier, freeze_base, unfreeze
 from trainer_service.engine.plots import weight_histogram
@@ -128,6 +128,9 @@ class StageState:
     plateau: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
     stopped_early: bool = False
+    # fp16's GradScaler (scale, growth tracker): a resume that started again at the initial scale would
+    # skip steps to overflow until the scale is back where it was. None without a scaler.
+    scaler: dict[str, Any] | None = None
 
 
 @dataclass
@@ -297,6 +300,7 @@ def _end_epoch(
     stage: StageConfig,
     model: Classifier,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
     plateau: PlateauReducer,
     histograms: dict[str, list[tuple[int, list[float], list[float]]]],
 ) -> bool:
@@ -322,8 +326,19 @@ def _end_epoch(
     stop_now = stage.early_stopping.enabled and state.epochs_without_improvement >= stage.early_stopping.patience
     state.stopped_early = stop_now and record.epoch < stage.epochs
     state.optimizer = optimizer.state_dict()
+    state.scaler = scaler.state_dict() if scaler is not None else None
     state.plateau = plateau.state_dict()
     return stop_now
+
+
+def grad_scaler(ctx: RunContext, saved: dict[str, Any] | None) -> torch.amp.GradScaler | None:
+    """fp16's loss scaler when the context needs one, carrying on from a checkpoint's state when given."""
+    if not ctx.use_scaler:
+        return None
+    scaler = torch.amp.GradScaler(ctx.device.type)
+    if saved:
+        scaler.load_state_dict(saved)
+    return scaler
 
 
 def run_stage(
@@ -359,7 +374,6 @@ def run_stage(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, stage)
     criterion = _criterion(config, stage, data.train, data.num_classes, ctx.device)
-    scaler = torch.amp.GradScaler("cuda") if ctx.use_scaler else None
     image_size = int(data.train.images.shape[-1])
     eval_tf = build_eval_transform(image_size, ctx.mean, ctx.std)
     train_tf = build_train_transform(aug, image_size, ctx.mean, ctx.std)
@@ -367,6 +381,7 @@ def run_stage(
     state = resume if resume is not None else StageState(stage=stage_name)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
+    scaler = grad_scaler(ctx, state.scaler)
     if state.plateau is not None:
         plateau.load_state_dict(state.plateau)
 
@@ -445,7 +460,7 @@ def run_stage(
             images_per_second=epoch.count / max(train_seconds, 1e-9),
             epoch_seconds=time.perf_counter() - started,
         )
-        stop_now = _end_epoch(state, record, stage, model, optimizer, plateau, histograms)
+        stop_now = _end_epoch(state, record, stage, model, optimizer, scaler, plateau, histograms)
         callbacks.epoch_ended(repeat, record)
         extra = checkpoint_extra(state) if checkpoint_extra is not None else {}
         callbacks.checkpoint({**extra, "stage_state": state, "model": model.state_dict()})
@@ -460,7 +475,11 @@ def run_stage(
 
 @torch.no_grad()
 def predict(model: Classifier, split: Split, ctx: RunContext) -> Tensor:
-    """Logits of every image of a split (eval transform, eval mode), on the CPU in fp32."""
+    """Logits of every image of a split (eval transform, eval mode), on the CPU in fp32.
+
+    Never under autocast, whatever precision the run trained in: the final reports and the open-set threshold
+    are computed here, and they must hold for the exported model, which is served in fp32.
+    """
     model.eval()
     model.to(ctx.device)
     tf = build_eval_transform(int(split.images.shape[-1]), ctx.mean, ctx.std)
@@ -468,6 +487,5 @@ def predict(model: Classifier, split: Split, ctx: RunContext) -> Tensor:
     outputs: list[Tensor] = []
     for inputs, _ in loader:
         inputs = inputs.to(ctx.device, non_blocking=True)
-        with autocast(ctx):
-            outputs.append(model(inputs).float().cpu())
+        outputs.append(model(inputs).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)

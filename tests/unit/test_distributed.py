@@ -8,6 +8,7 @@ float rounding. Each run starts a real follower process over a real rendezvous o
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,27 @@ def test_a_cancel_on_rank_0_stops_every_rank_at_the_same_step() -> None:
         _run(2, recorder)  # returns at all: the follower did not wait for a step rank 0 never took
     assert len(recorder.epochs) == 1
     assert len(recorder.checkpoints) == 1
+
+
+def _unpickle_fails() -> None:
+    raise RuntimeError("this object does not load in another process")
+
+
+class _Unloadable:
+    """A model factory that cannot reach a follower: the follower dies before it joins the group."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _unpickle_fails, ()
+
+    def __call__(self, seed: int) -> Any:
+        raise AssertionError("never called: rank 0 fails before it trains")
+
+
+def test_a_follower_that_dies_before_joining_fails_the_run_at_once() -> None:
+    config = dataclasses.replace(CONFIG, run=dataclasses.replace(CONFIG.run, devices=2))
+    mean, std = normalization(config.model)
+    ctx = RunContext(device=CPU, autocast_dtype=None, workers=0, mean=mean, std=std)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="training process 1 exited before it joined"):
+        train_on_devices(config, DATA, _Unloadable(), ctx, Recorder())
+    assert time.monotonic() - started < 60  # not the rendezvous' timeout (30 minutes)

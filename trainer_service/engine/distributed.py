@@ -14,7 +14,8 @@ Only the collectives live here; starting the processes is `engine/parallel.py`.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator, Sized
+import time
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,7 @@ def join(rank: int, world_size: int, port: int, device: torch.device, store: TCP
     """Join the job's process group (rank 0 passes the store it listens on; the others reach it on `port`)."""
     if store is None:
         store = TCPStore(RENDEZVOUS_HOST, port, world_size, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+        store.set(_ready_key(rank), "1")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
@@ -118,6 +120,23 @@ def join(rank: int, world_size: int, port: int, device: torch.device, store: TCP
 def rendezvous_store(world_size: int) -> TCPStore:
     """Rank 0's store on a free loopback port (the OS picks it: no race with other jobs on the machine)."""
     return TCPStore(RENDEZVOUS_HOST, 0, world_size, is_master=True, timeout=COLLECTIVE_TIMEOUT, wait_for_workers=False)
+
+
+def _ready_key(rank: int) -> str:
+    return f"ready/{rank}"
+
+
+def await_ranks(store: TCPStore, world_size: int, alive: Callable[[int], bool]) -> None:
+    """Rank 0 waits until every other rank has reached the store, and raises RuntimeError as soon as one has died
+    before it did (`alive(rank)`): the process group's own rendezvous would wait for it the whole timeout."""
+    deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
+    for rank in range(1, world_size):
+        while not store.check([_ready_key(rank)]):
+            if not alive(rank):
+                raise RuntimeError(f"training process {rank} exited before it joined the job's other processes")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"training process {rank} did not join within {COLLECTIVE_TIMEOUT}")
+            time.sleep(0.1)
 
 
 def leave() -> None:

@@ -9,7 +9,7 @@ unwrapped model as with one process, so a checkpoint resumes with any number of 
 When rank 0 leaves `train` (done, failed, cancelled, pruned) it stops the followers: one waiting in a
 collective would otherwise wait for a rank that is not coming, and what they have left (the final evaluation)
 is rank 0's alone to report. A follower whose rank 0 died (kill -9) fails its next collective, or sees its parent
-gone at its next step, and exits.
+gone at its next step, and exits; a follower that dies before it joins fails rank 0 at once (`await_ranks`).
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def train_on_devices(
     try:
         device = _rank_device(ctx.device, 0)
         _share_cores(device, devices)
+        distributed.await_ranks(store, devices, lambda rank: followers[rank - 1].is_alive())
         shard = distributed.join(0, devices, store.port, device, store)
         return train(config, data, make_model, dataclasses.replace(ctx, device=device), callbacks, resume, shard)
     finally:

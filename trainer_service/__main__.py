@@ -179,7 +179,7 @@ def build(
         default_bucket=store.bucket,
         wake_executor=executor.wake,
         inputs=limits.inputs,
-        offers_gpus=executor.offers_gpus,
+        gpus=executor.gpu_count,
     )
     # The servicer reads S3 inside requests (FindLearningRate, RecommendSpec): with S3 down they fail now, with
     # the store's one-line error, rather than hold the call for the outage window. The study runner, in the

@@ -124,7 +124,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
                 config = validate_spec(request.job.spec, default_bucket=self._default_bucket, inputs=self._inputs)
             except SpecInvalid as err:
                 violations += [FieldViolation(f"job.spec.{v.field}", v.description) for v in err.violations]
-            violations += device_violations(request.job.spec, "job.spec", offers_gpus=self._executor.offers_gpus)
+            violations += device_violations(request.job.spec, "job.spec", gpus=self._executor.gpu_count)
         if violations:
             raise InvalidArgument(violations)
         resolved = config_to_spec(config)
@@ -189,7 +189,7 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
             validate_lr_request(request, default_bucket=self._default_bucket, inputs=self._inputs)
         except SpecInvalid as err:
             violations += err.violations
-        violations += device_violations(request.spec, "spec", offers_gpus=self._executor.offers_gpus)
+        violations += device_violations(request.spec, "spec", gpus=self._executor.gpu_count)
         if violations:
             raise InvalidArgument(violations)
         # In a job slot and a process of its own (`lr_worker`): the slot's GPU, no CUDA context or RNG state left in

@@ -195,6 +195,48 @@ def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: 
     assert sorted(shapes.list_model_versions("shapes")) == ["killed", "reference"]
 
 
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def test_a_job_on_two_processes_trains_once_and_resumes_after_kill_9_of_its_rank_0(
+    trainer: Trainer, shapes: ArtifactStore
+) -> None:
+    """run.devices 2 on the CPU (gloo): the worker starts its follower, records each epoch once, and a kill -9 of the
+    worker takes the follower with it; the retry resumes both ranks from the checkpoint to the uninterrupted numbers."""
+    spec = tiny_spec(epochs=4, fine_tuning_epochs=1, seed=3)
+    spec.run.devices = 2
+    reference = _create(trainer, spec, "ddp-reference")
+    events = _watch(trainer, reference.name)
+    assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+    epochs = [(e.epoch_ended.stage, e.epoch_ended.epoch) for e in events if e.HasField("epoch_ended")]
+    assert epochs == [(job_pb2.STAGE_CLASSIFIER, i) for i in range(1, 5)] + [(job_pb2.STAGE_FINE_TUNING, 1)]
+
+    job = _create(trainer, spec, "ddp-killed")
+    for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
+        if event.HasField("epoch_ended") and event.epoch_ended.epoch == 2:
+            break
+    pid = worker_pid("ddp-killed")
+    assert pid is not None
+    followers = _children(pid)
+    assert followers  # rank 1 (and multiprocessing's helpers)
+    os.kill(pid, signal.SIGKILL)
+    events = _watch(trainer, job.name)
+
+    assert events[-1].state_changed.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert any(e.HasField("state_changed") and "resuming" in e.state_changed.message for e in events)
+    assert all(not Path(f"/proc/{child}").exists() for child in followers)  # none outlived its rank 0
+    done = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=job.name), timeout=10)
+    ref = trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=reference.name), timeout=10)
+    assert done.attempt == 2
+    for key in ("val_accuracy", "val_loss", "train_loss", "open_set_threshold"):
+        assert done.result.metrics[key].mean == pytest.approx(ref.result.metrics[key].mean, rel=1e-4, abs=1e-5), key
+    assert sorted(shapes.list_model_versions("shapes")) == ["ddp-killed", "ddp-reference"]
+
+
 def test_separate_validation_test_and_unknown_sets_reach_the_job_result(
     trainer: Trainer, shapes: ArtifactStore, tmp_path: Path
 ) -> None:

@@ -45,7 +45,7 @@ class PlainWorker:
 class PlainRuntime:
     cluster_cap: int | None = None
     workers_outlive_trainer: bool = False
-    offers_gpus: bool = False
+    gpu_count: int | None = 0
     launched: list[PlainWorker] = field(default_factory=list)
     adopted: list[PlainWorker] = field(default_factory=list)
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 from trainer_service.jobs.gpus import NO_GPU, GpuSlots, device_violations, gpu_pool
 from trainer_service.jobs.local_workers import LocalWorker, LocalWorkers
 from trainer_service.jobs.store import JobStore
@@ -35,25 +36,27 @@ def test_the_pool_is_the_trainers_own_visible_gpus(environ: dict[str, str], coun
 
 
 def test_each_worker_gets_the_least_used_gpu_and_frees_it_when_it_ends() -> None:
-    slots = GpuSlots(("0", "1"))
-    alive = {"a": True, "b": True, "c": True}
-    first = slots.pick()
+    slots = GpuSlots(("0", "1", "2"))
+    alive = {"a": True, "b": True}
+    (first,) = slots.pick()
     assert first == "0"
     slots.hold(first, lambda: alive["a"])
-    second = slots.pick()
+    (second,) = slots.pick()
     assert second == "1"
     slots.hold(second, lambda: alive["b"])
-    assert slots.in_use() == {"0": 1, "1": 1}
+    assert slots.in_use() == {"0": 1, "1": 1, "2": 0}
     alive["a"] = False  # the first worker exited
-    third = slots.pick()
-    assert third == "0"
-    slots.hold(third, lambda: alive["c"])
-    # More workers than GPUs (--job-slots above the GPU count): they are spread, not piled onto GPU 0.
-    fourth = slots.pick()
-    assert fourth == "0"  # a tie (one each): the first of the pool
-    slots.hold(fourth, lambda: True)
-    assert slots.pick() == "1"
-    assert GpuSlots(()).pick() is None
+    assert slots.pick() == ("0",)  # the free ones, first of the pool first
+    # A job on two devices gets the two least-used GPUs.
+    pair = slots.pick(2)
+    assert pair == ("0", "2")
+    for gpu in pair:
+        slots.hold(gpu, lambda: True)
+    # More workers than GPUs (--job-slots above the GPU count): spread, not piled onto GPU 0.
+    assert slots.in_use() == {"0": 1, "1": 1, "2": 1}
+    assert slots.pick() == ("0",)
+    assert slots.pick(5) == ("0", "1", "2")  # never more than the pool
+    assert GpuSlots(()).pick() == ()
 
 
 def _stand_in_worker(tmp_path: Path) -> Path:
@@ -98,7 +101,7 @@ def test_local_workers_run_each_on_their_own_gpu(tmp_path: Path) -> None:
         runtime = LocalWorkers(
             S3Settings(), tmp_path, database_url=jobs.url, python=str(python), gpus=("GPU-aa", "GPU-bb")
         )
-        assert runtime.offers_gpus
+        assert runtime.gpu_count == 2
         workers: list[LocalWorker] = []
         try:
             workers += [_launch(jobs, runtime, "one"), _launch(jobs, runtime, "two")]
@@ -137,7 +140,7 @@ def test_without_gpus_a_worker_keeps_the_trainers_environment(tmp_path: Path, mo
     python = _stand_in_worker(tmp_path)
     with JobStore(tmp_path / "jobs.sqlite3") as jobs:
         runtime = LocalWorkers(S3Settings(), tmp_path, database_url=jobs.url, python=str(python))
-        assert not runtime.offers_gpus
+        assert runtime.gpu_count == 0
         worker = _launch(jobs, runtime, "cpu")
         try:
             assert _reported_gpu(worker) == "unset"
@@ -146,10 +149,42 @@ def test_without_gpus_a_worker_keeps_the_trainers_environment(tmp_path: Path, mo
     assert os.environ.get("CUDA_VISIBLE_DEVICES") is None
 
 
-def test_cuda_is_refused_only_where_no_worker_can_get_a_gpu() -> None:
-    cuda = training_spec_pb2.TrainingSpec(run=training_spec_pb2.RunSpec(device=training_spec_pb2.DEVICE_CUDA))
-    auto = training_spec_pb2.TrainingSpec(run=training_spec_pb2.RunSpec(device=training_spec_pb2.DEVICE_AUTO))
-    (violation,) = device_violations(cuda, "job.spec", offers_gpus=False)
+def test_what_no_slot_could_give_is_refused_at_create() -> None:
+    def spec(device: int, devices: int | None = None) -> training_spec_pb2.TrainingSpec:
+        run = training_spec_pb2.RunSpec(device=device)
+        if devices is not None:
+            run.devices = devices
+        return training_spec_pb2.TrainingSpec(run=run)
+
+    cuda, auto, cpu = training_spec_pb2.DEVICE_CUDA, training_spec_pb2.DEVICE_AUTO, training_spec_pb2.DEVICE_CPU
+    (violation,) = device_violations(spec(cuda), "job.spec", gpus=0)
     assert (violation.field, violation.description) == ("job.spec.run.device", NO_GPU)
-    assert device_violations(cuda, "job.spec", offers_gpus=True) == []
-    assert device_violations(auto, "job.spec", offers_gpus=False) == []
+    assert device_violations(spec(cuda), "job.spec", gpus=1) == []
+    assert device_violations(spec(auto), "job.spec", gpus=0) == []  # AUTO trains on the CPU here
+    assert device_violations(spec(cuda), "job.spec", gpus=None) == []  # a cluster: its scheduler finds GPU nodes
+    # Several devices: one GPU each, so not more than the trainer has; on the CPU (no GPUs, or CPU asked) any number.
+    (too_many,) = device_violations(spec(auto, 4), "study.spec.base_spec", gpus=2)
+    assert too_many.field == "study.spec.base_spec.run.devices"
+    assert "4 processes, one per GPU, but this trainer's job slots have 2 GPUs" in too_many.description
+    assert device_violations(spec(auto, 2), "job.spec", gpus=2) == []
+    assert device_violations(spec(auto, 4), "job.spec", gpus=0) == []
+    assert device_violations(spec(cpu, 4), "job.spec", gpus=2) == []
+
+
+def test_a_job_on_two_devices_gets_two_gpus(tmp_path: Path) -> None:
+    python = _stand_in_worker(tmp_path)
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        runtime = LocalWorkers(
+            S3Settings(), tmp_path, database_url=jobs.url, python=str(python), gpus=("GPU-aa", "GPU-bb", "GPU-cc")
+        )
+        single = _launch(jobs, runtime, "single")
+        jobs.create_job("pair", json_format.MessageToJson(training_spec_pb2.TrainingSpec(run={"devices": 2})))
+        record = jobs.claim_next_queued("r1", start_attempt=True)
+        assert record is not None
+        pair = runtime.launch(record)
+        try:
+            assert _reported_gpu(single) == "GPU-aa"
+            assert _reported_gpu(pair) == "GPU-bb,GPU-cc"
+        finally:
+            _stop(single, tmp_path)
+            _stop(pair, tmp_path)

@@ -115,3 +115,14 @@ def test_every_bad_setting_is_reported_at_once() -> None:
     message = str(caught.value)
     for part in ("--k8s-worker-image is required", "--k8s-max-jobs", "--k8s-gpu-tolerations", "--k8s-worker-env-from"):
         assert part in message
+
+
+@pytest.mark.parametrize(("device", "gpus"), [("cuda", "4"), ("cpu", None)])
+def test_a_job_on_several_devices_asks_its_one_pod_for_that_many_gpus(device: str, gpus: str | None) -> None:
+    job = manifest.job_manifest(_record(), DeviceKind(device), _settings(*GPU_FLAGS), devices=4)
+    kubernetes_validate.validate(json.loads(json.dumps(job)), "1.32.0", strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # One pod for the job's processes: rank 0 (the worker) starts the others on the same node.
+    assert container["resources"]["limits"].get("nvidia.com/gpu") == gpus
+    assert "parallelism" not in job["spec"]  # Kubernetes' default: one pod

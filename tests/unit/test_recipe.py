@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from trainer_service.engine.augment import build_eval_transform
 from trainer_service.engine.batches import Split
 from trainer_service.engine.context import RunContext
 from trainer_service.engine.epoch import Cancelled
-from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks
+from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks, predict
 from trainer_service.engine.models import build_classifier, normalization
 from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, checkpoint_bytes, train
 from trainer_service.spec.config import (
@@ -207,3 +208,60 @@ def test_resuming_from_any_checkpoint_reaches_the_uninterrupted_result(
         assert resumed.summary[key][1] == pytest.approx(std, rel=1e-4, abs=1e-6), key
     for a, b in zip(uninterrupted.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+@dataclasses.dataclass
+class _ScaledContext(RunContext):
+    """Stands in for fp16 on a GPU (none here): the loop gets a loss scaler, which torch runs on the CPU too."""
+
+    @property
+    def use_scaler(self) -> bool:
+        return True
+
+
+def test_the_loss_scaler_state_goes_into_the_checkpoint_and_comes_back_on_resume() -> None:
+    config = _config(classifier=StageConfig(epochs=2, batch_size=16, learning_rate=0.01))
+    mean, std = normalization(config.model)
+    ctx = _ScaledContext(device=torch.device("cpu"), autocast_dtype=None, workers=0, mean=mean, std=std)
+
+    def run(recorder: Recorder, resume: ResumeState | None = None) -> TrainingResult:
+        return train(config, DATA, lambda seed: build_classifier(config.model, 3, None), ctx, recorder, resume)
+
+    whole = Recorder()
+    run(whole)
+    saved = [ResumeState.from_bytes(raw).stage_state.scaler for raw in whole.checkpoints]  # weights-only load
+    assert saved[0] is not None
+    assert saved[0]["scale"] == 65536.0  # torch's initial scale: no overflow here
+    assert saved[1] is not None
+    assert saved[1]["_growth_tracker"] == 2 * 3  # steps since the scale last changed: 48 / 16 per epoch
+
+    # A scale the run would never reach by itself in 3 steps: the resumed epoch must carry it on.
+    resume = ResumeState.from_bytes(whole.checkpoints[0])
+    assert resume.stage_state.scaler is not None
+    resume.stage_state.scaler["scale"] = 1024.0
+    resumed = Recorder()
+    run(resumed, resume)
+    after = ResumeState.from_bytes(resumed.checkpoints[-1]).stage_state.scaler
+    assert after is not None
+    assert after["scale"] == 1024.0
+    assert after["_growth_tracker"] == 2 * 3
+
+
+def test_the_final_reports_predict_in_fp32_whatever_the_training_precision() -> None:
+    config = _config(classifier=StageConfig(epochs=1, batch_size=16, learning_rate=0.01))
+    model = _run(config, Recorder()).model  # trained: an untrained head gives every image the same logits
+    fp32 = _ctx(config)
+    bf16 = dataclasses.replace(fp32, autocast_dtype=torch.bfloat16)
+
+    logits = predict(model, DATA.val, bf16)
+
+    tf = build_eval_transform(SIZE, fp32.mean, fp32.std)
+    inputs = torch.stack([tf(torch.from_numpy(image)) for image in DATA.val.images])
+    with torch.no_grad():
+        plain = model(inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(inputs).float()
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, plain, rtol=0, atol=1e-6)
+    assert torch.equal(logits, predict(model, DATA.val, fp32))
+    assert not torch.allclose(autocast, plain, rtol=0, atol=1e-4)  # bf16 would have shown

@@ -103,7 +103,11 @@ EXTERNAL: dict[str, list[str]] = {
         "tests/integration/test_model_weights.py::test_pinned_weights_load_only_when_the_object_has_the_pinned_digest",
         "tests/unit/test_input_locations.py::test_weights_sha256_is_checked_for_shape_and_only_goes_with_uri_weights",
     ],
-    "output_model": [_SEPARATE_SETS],  # the published model_version is models/{output_model}/versions/{job}
+    "output_model": [_SEPARATE_SETS],
+    "run.devices": [
+        "tests/unit/test_distributed.py::test_two_processes_reach_the_metrics_of_one",
+        "tests/unit/test_kube_manifest.py::test_a_job_on_several_devices_asks_its_one_pod_for_that_many_gpus",
+    ],  # the published model_version is models/{output_model}/versions/{job}
     **{f"augmentation.{name}": [_SWITCH_TEST] for name in SWITCHES},
 }
 

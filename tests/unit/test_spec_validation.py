@@ -155,13 +155,14 @@ def test_defaults_resolve_to_the_documented_values() -> None:
         assert (stage.label_smoothing, stage.gradient_clip_norm) == (0.0, 0.0)
     assert (config.fine_tuning.enabled, config.fine_tuning.last_n_blocks) == (False, None)
     assert (o.score, o.target_true_positive_rate) == (OpenSetScore.MAX_SOFTMAX, 0.95)
-    assert (r.seed, r.repeats, r.precision, r.device, r.data_loader_workers, r.max_retries) == (
+    assert (r.seed, r.repeats, r.precision, r.device, r.data_loader_workers, r.max_retries, r.devices) == (
         0,
         1,
         Precision.AUTO,
         DeviceKind.AUTO,
         2,
         2,
+        1,
     )
     assert config.output_model == "flowers"
 
@@ -297,6 +298,7 @@ RANGE_CASES: list[RangeCase] = [
     ("run.repeats", [1, 20], [0, 21], {}),
     ("run.data_loader_workers", [0, 64], [-1, 65], {}),
     ("run.max_retries", [0, 10], [-1, 11], {}),
+    ("run.devices", [1, 8], [0, 9, -1], {}),
 ]
 
 
@@ -663,7 +665,13 @@ NON_DEFAULT_CONFIG = TrainingConfig(
     ),
     open_set=OpenSetConfig(score=OpenSetScore.ENERGY, target_true_positive_rate=0.9),
     run=RunConfig(
-        seed=42, repeats=3, precision=Precision.AMP_BF16, device=DeviceKind.CUDA, data_loader_workers=4, max_retries=5
+        seed=42,
+        repeats=3,
+        precision=Precision.AMP_BF16,
+        device=DeviceKind.CUDA,
+        data_loader_workers=4,
+        max_retries=5,
+        devices=2,
     ),
 )
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from trainer_service.engine.context import RunContext, autocast
+from trainer_service.engine.distributed import Shard
 from trainer_service.engine.models import Classifier
 from trainer_service.engine.schedules import lr_at
 from trainer_service.spec.config import OptimizerType, StageConfig
@@ -90,17 +91,25 @@ def train_one_epoch(
     ctx: RunContext,
     scaler: torch.amp.GradScaler | None,
     should_stop: Callable[[], bool],
+    shard: Shard | None = None,
 ) -> tuple[EpochTotals, float, list[float]]:
     """One epoch of optimizer steps; returns the totals, the last learning rate and the rate of every step.
 
     The learning rate follows the stage's schedule per step (times `lr_scale`, the plateau reducer's factor).
     Raises Cancelled before the next step once `should_stop()` says so.
+
+    `shard`: `batches` are this rank's rows of each global batch and `forward` is under DDP (which averages the
+    gradients over ranks); the totals are this rank's, summed across ranks by the caller.
     """
     totals = EpochTotals()
     lrs: list[float] = []
     lr = stage.learning_rate
     for step, (inputs, targets) in enumerate(batches):
-        if should_stop():
+        global_rows = local_rows = int(targets.shape[0])
+        stop = should_stop()
+        if shard is not None:
+            global_rows, stop = shard.step(local_rows, stop)
+        if stop:
             raise Cancelled()
         lr = lr_at(stage, epoch_index + step / max(1, steps), steps_per_epoch=max(1, steps)) * lr_scale
         set_lr(optimizer, lr)
@@ -112,16 +121,19 @@ def train_one_epoch(
         with autocast(ctx):
             logits = forward(inputs)
             loss = criterion(logits.float(), targets)
+        # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of the global batch
+        # makes that average the gradient of the global batch's mean loss (equal shares weigh 1).
+        objective = loss if shard is None else loss * (shard.world_size * local_rows / global_rows)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             if stage.gradient_clip_norm > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(trainable, stage.gradient_clip_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            objective.backward()
             if stage.gradient_clip_norm > 0:
                 nn.utils.clip_grad_norm_(trainable, stage.gradient_clip_norm)
             optimizer.step()

@@ -22,13 +22,21 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
 from trainer_service.engine.augment import build_eval_transform, build_train_transform, epoch_index_plan
 from trainer_service.engine.batches import (
@@ -40,8 +48,16 @@ from trainer_service.engine.batches import (
     class_weights,
     tensor_batches,
 )
-from trainer_service.engine.context import RunContext, autocast, derive_seed, seeded_generator
-from trainer_service.engine.epoch import Batches, build_optimizer, compute_features, evaluate, train_one_epoch
+from trainer_service.engine.context import RunContext, derive_seed, seeded_generator
+from trainer_service.engine.distributed import Shard, ShardedBatchSampler, reduce_totals, shard_tensor_batches
+from trainer_service.engine.epoch import (
+    Batches,
+    EpochTotals,
+    build_optimizer,
+    compute_features,
+    evaluate,
+    train_one_epoch,
+)
 from trainer_service.engine.models import Classifier, freeze_base, unfreeze
 from trainer_service.engine.plots import weight_histogram
 from trainer_service.engine.schedules import PlateauReducer
@@ -128,6 +144,9 @@ class StageState:
     plateau: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
     stopped_early: bool = False
+    # fp16's GradScaler (scale, growth tracker): a resume that started again at the initial scale would
+    # skip steps to overflow until the scale is back where it was. None without a scaler.
+    scaler: dict[str, Any] | None = None
 
 
 @dataclass
@@ -160,13 +179,22 @@ def make_loader(
     shuffle: bool = False,
     sampler: WeightedRandomSampler | None = None,
     generator: torch.Generator | None = None,
+    shard: Shard | None = None,
 ) -> DataLoader[Any]:
+    """`shard`: the loader yields only this rank's rows of each global batch of `batch_size`."""
     workers = ctx.workers
+    batching: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler}
+    if shard is not None:
+        assert isinstance(dataset, Sized)  # the engine's datasets all are
+        order: Sampler[int] = (
+            sampler
+            if sampler is not None
+            else (RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset))
+        )
+        batching = {"batch_sampler": ShardedBatchSampler(BatchSampler(order, batch_size, drop_last=False), shard)}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
+        **batching,
         generator=generator,
         num_workers=workers,
         pin_memory=ctx.device.type == "cuda",
@@ -218,14 +246,19 @@ def feature_epoch(
     num_classes: int,
     batch_size: int,
     shuffle_seed: int,
+    shard: Shard | None = None,
 ) -> EpochBatches:
-    """The cached-feature path's epoch: the cached features in an order drawn from `shuffle_seed`."""
+    """The cached-feature path's epoch: the cached features in an order drawn from `shuffle_seed` (this rank's
+    rows of each batch under `shard`)."""
     count = int(train_x.shape[0])
     if balancing == ClassBalancing.WEIGHTED_SAMPLER:
         order = torch.tensor(list(balanced_sampler(train_y.numpy(), num_classes, count, shuffle_seed)))
     else:
         order = torch.randperm(count, generator=seeded_generator(shuffle_seed))
-    return EpochBatches(tensor_batches(train_x, train_y, batch_size, order), math.ceil(count / batch_size), count)
+    batches = tensor_batches(train_x, train_y, batch_size, order)
+    if shard is not None:
+        batches = shard_tensor_batches(batches, shard)
+    return EpochBatches(batches, math.ceil(count / batch_size), count)
 
 
 def image_epoch(
@@ -238,6 +271,7 @@ def image_epoch(
     ctx: RunContext,
     batch_size: int,
     shuffle_seed: int,
+    shard: Shard | None = None,
 ) -> EpochBatches:
     """The image path's epoch: a DataLoader over the images (and this epoch's augmented copies), shuffled or
     class-balanced from `shuffle_seed`; the transforms draw from torch's RNG, seeded by the caller."""
@@ -253,9 +287,10 @@ def image_epoch(
     if balancing == ClassBalancing.WEIGHTED_SAMPLER:
         sampler = balanced_sampler(train.targets[rows], num_classes, len(dataset), shuffle_seed)
     loader = make_loader(
-        dataset, ctx, batch_size, shuffle=True, sampler=sampler, generator=seeded_generator(shuffle_seed)
+        dataset, ctx, batch_size, shuffle=True, sampler=sampler, generator=seeded_generator(shuffle_seed), shard=shard
     )
-    return EpochBatches(loader, len(loader), len(dataset))
+    # Steps of the global batches: the schedule advances as one process's would.
+    return EpochBatches(loader, math.ceil(len(dataset) / batch_size), len(dataset))
 
 
 # -- a stage --------------------------------------------------------------------------------------------
@@ -297,6 +332,7 @@ def _end_epoch(
     stage: StageConfig,
     model: Classifier,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
     plateau: PlateauReducer,
     histograms: dict[str, list[tuple[int, list[float], list[float]]]],
 ) -> bool:
@@ -322,8 +358,19 @@ def _end_epoch(
     stop_now = stage.early_stopping.enabled and state.epochs_without_improvement >= stage.early_stopping.patience
     state.stopped_early = stop_now and record.epoch < stage.epochs
     state.optimizer = optimizer.state_dict()
+    state.scaler = scaler.state_dict() if scaler is not None else None
     state.plateau = plateau.state_dict()
     return stop_now
+
+
+def grad_scaler(ctx: RunContext, saved: dict[str, Any] | None) -> torch.amp.GradScaler | None:
+    """fp16's loss scaler when the context needs one, carrying on from a checkpoint's state when given."""
+    if not ctx.use_scaler:
+        return None
+    scaler = torch.amp.GradScaler(ctx.device.type)
+    if saved:
+        scaler.load_state_dict(saved)
+    return scaler
 
 
 def run_stage(
@@ -339,12 +386,16 @@ def run_stage(
     resume: StageState | None = None,
     checkpoint_extra: Callable[[StageState], dict[str, Any]] | None = None,
     cache_features: bool | None = None,
+    shard: Shard | None = None,
 ) -> StageOutcome:
     """Train one stage; returns its history. Resumes after `resume.completed_epochs` when given.
 
     `cache_features`: None (the default) caches stage 1's bottleneck features whenever that is exact (see
     below); False never caches (the base runs over every image every epoch, e.g. to measure what the cache
     saves); True insists on caching and raises ValueError where it would not be exact.
+
+    `shard`: this process is one rank of several training the stage together (engine/distributed.py); None is
+    one process alone.
     """
     stage = config.classifier if stage_name == CLASSIFIER else config.fine_tuning.stage
     aug = config.augmentation
@@ -359,7 +410,6 @@ def run_stage(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, stage)
     criterion = _criterion(config, stage, data.train, data.num_classes, ctx.device)
-    scaler = torch.amp.GradScaler("cuda") if ctx.use_scaler else None
     image_size = int(data.train.images.shape[-1])
     eval_tf = build_eval_transform(image_size, ctx.mean, ctx.std)
     train_tf = build_train_transform(aug, image_size, ctx.mean, ctx.std)
@@ -367,6 +417,7 @@ def run_stage(
     state = resume if resume is not None else StageState(stage=stage_name)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
+    scaler = grad_scaler(ctx, state.scaler)
     if state.plateau is not None:
         plateau.load_state_dict(state.plateau)
 
@@ -376,8 +427,12 @@ def run_stage(
     if cache_features and not can_cache:
         raise ValueError(f"cannot cache features in stage {stage_name!r} with random augmentation before the base")
     cache_features = can_cache if cache_features is None else cache_features
+    if shard is not None and len(data.val) < shard.world_size:
+        raise ValueError(f"{shard.world_size} devices need at least as many validation images, got {len(data.val)}")
     callbacks.stage_started(repeat, stage_name, stage.epochs, cache_features)
-    val_loader = make_loader(ImageArrayDataset(data.val, range(len(data.val)), eval_tf), ctx, ctx.eval_batch_size)
+    # Under a shard each rank validates its rows of the validation set; the totals are summed across ranks.
+    val_rows = range(len(data.val)) if shard is None else range(shard.rank, len(data.val), shard.world_size)
+    val_loader = make_loader(ImageArrayDataset(data.val, val_rows, eval_tf), ctx, ctx.eval_batch_size)
     # Stage 1 validates the head on the validation set's features, computed once: the base is frozen.
     val_features = compute_features(model, val_loader, ctx) if stage_name == CLASSIFIER else None
 
@@ -389,23 +444,32 @@ def run_stage(
         )
 
         def epoch_batches(shuffle_seed: int) -> EpochBatches:
-            return feature_epoch(train_x, train_y, balancing, data.num_classes, stage.batch_size, shuffle_seed)
+            return feature_epoch(train_x, train_y, balancing, data.num_classes, stage.batch_size, shuffle_seed, shard)
 
-        forward = model.head
+        forward = model.head if shard is None else shard.wrap(model.head)
     else:
 
         def epoch_batches(shuffle_seed: int) -> EpochBatches:
             return image_epoch(
-                data.train, aug, balancing, data.num_classes, eval_tf, train_tf, ctx, stage.batch_size, shuffle_seed
+                data.train,
+                aug,
+                balancing,
+                data.num_classes,
+                eval_tf,
+                train_tf,
+                ctx,
+                stage.batch_size,
+                shuffle_seed,
+                shard,
             )
 
-        forward = model
+        forward = model if shard is None else shard.wrap(model)
 
     lrs: list[float] = []
     histograms: dict[str, list[tuple[int, list[float], list[float]]]] = {"early": [], "late": [], "head": []}
     for epoch_index in range(state.completed_epochs, stage.epochs):
         started = time.perf_counter()
-        torch.manual_seed(derive_seed(seed, stage_name, epoch_index, "torch"))
+        torch.manual_seed(derive_seed(seed, stage_name, epoch_index, "torch", *(shard.seed_parts if shard else ())))
         shuffle_seed = derive_seed(seed, stage_name, epoch_index, "order")
         model.train()  # a frozen base keeps its BatchNorm in eval mode (Classifier.train)
         epoch = epoch_batches(shuffle_seed)
@@ -422,6 +486,7 @@ def run_stage(
             ctx,
             scaler,
             callbacks.should_stop,
+            shard,
         )
         lrs.extend(epoch_lrs)
         train_seconds = time.perf_counter() - started
@@ -433,6 +498,8 @@ def run_stage(
             )
         else:
             val_totals, _ = evaluate(model, val_loader, criterion, ctx)
+        if shard is not None:
+            totals, val_totals = _summed(totals, shard), _summed(val_totals, shard)
         record = EpochRecord(
             stage=stage_name,
             epoch=epoch_index + 1,
@@ -445,7 +512,7 @@ def run_stage(
             images_per_second=epoch.count / max(train_seconds, 1e-9),
             epoch_seconds=time.perf_counter() - started,
         )
-        stop_now = _end_epoch(state, record, stage, model, optimizer, plateau, histograms)
+        stop_now = _end_epoch(state, record, stage, model, optimizer, scaler, plateau, histograms)
         callbacks.epoch_ended(repeat, record)
         extra = checkpoint_extra(state) if checkpoint_extra is not None else {}
         callbacks.checkpoint({**extra, "stage_state": state, "model": model.state_dict()})
@@ -458,9 +525,17 @@ def run_stage(
     return StageOutcome(state=state, lrs=lrs, histograms=histograms)
 
 
+def _summed(totals: EpochTotals, shard: Shard) -> EpochTotals:
+    return EpochTotals(*reduce_totals(totals.loss, totals.correct, totals.seen, shard))
+
+
 @torch.no_grad()
 def predict(model: Classifier, split: Split, ctx: RunContext) -> Tensor:
-    """Logits of every image of a split (eval transform, eval mode), on the CPU in fp32."""
+    """Logits of every image of a split (eval transform, eval mode), on the CPU in fp32.
+
+    Never under autocast, whatever precision the run trained in: the final reports and the open-set threshold
+    are computed here, and they must hold for the exported model, which is served in fp32.
+    """
     model.eval()
     model.to(ctx.device)
     tf = build_eval_transform(int(split.images.shape[-1]), ctx.mean, ctx.std)
@@ -468,6 +543,5 @@ def predict(model: Classifier, split: Split, ctx: RunContext) -> Tensor:
     outputs: list[Tensor] = []
     for inputs, _ in loader:
         inputs = inputs.to(ctx.device, non_blocking=True)
-        with autocast(ctx):
-            outputs.append(model(inputs).float().cpu())
+        outputs.append(model(inputs).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)

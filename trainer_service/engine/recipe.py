@@ -19,6 +19,7 @@ from torch import Tensor
 
 from trainer_service.engine.batches import Split
 from trainer_service.engine.context import RunContext
+from trainer_service.engine.distributed import Shard
 from trainer_service.engine.evaluation import (
     ClassificationReport,
     MisclassifiedExample,
@@ -195,7 +196,10 @@ def train(
     ctx: RunContext,
     callbacks: Callbacks,
     resume: ResumeState | None = None,
+    shard: Shard | None = None,
 ) -> TrainingResult:
+    """`shard`: this process is one rank of several training together (`engine/parallel.py` starts them); every
+    rank runs this whole function, and only rank 0's callbacks record anything."""
     progress = _Progress(
         finished=list(resume.finished) if resume else [], best_model=resume.best_model if resume else None
     )
@@ -240,6 +244,7 @@ def train(
                 repeat=repeat,
                 seed=seed,
                 resume=stage1_resume,
+                shard=shard,
                 checkpoint_extra=functools.partial(
                     _checkpoint_extra,
                     progress,
@@ -267,6 +272,7 @@ def train(
                 repeat=repeat,
                 seed=seed,
                 resume=stage2_resume,
+                shard=shard,
                 checkpoint_extra=functools.partial(
                     _checkpoint_extra,
                     progress,

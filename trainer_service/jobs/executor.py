@@ -236,9 +236,9 @@ class JobExecutor:
         self._wake.set()
 
     @property
-    def offers_gpus(self) -> bool:
-        """Whether a job's worker can get a GPU here (`WorkerRuntime.offers_gpus`)."""
-        return self._workers.offers_gpus
+    def gpu_count(self) -> int | None:
+        """The GPUs a job's worker can get here (`WorkerRuntime.gpu_count`)."""
+        return self._workers.gpu_count
 
     @contextlib.contextmanager
     def borrow_slot(self, timeout_s: float) -> Iterator[str | None]:

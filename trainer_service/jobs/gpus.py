@@ -8,6 +8,7 @@ A Kubernetes worker needs none of this: the device plugin gives its pod only the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -20,11 +21,30 @@ CUDA_VISIBLE_DEVICES: Final = "CUDA_VISIBLE_DEVICES"
 NO_GPU: Final = "CUDA was asked for, but this trainer's job slots have no GPU (run.device AUTO or CPU trains here)"
 
 
-def device_violations(spec: training_spec_pb2.TrainingSpec, field: str, *, offers_gpus: bool) -> list[FieldViolation]:
-    """`run.device: CUDA` where no worker can get a GPU, as a violation of `field` + ".run.device"."""
-    if offers_gpus or spec.run.device != training_spec_pb2.DEVICE_CUDA:
+def device_violations(spec: training_spec_pb2.TrainingSpec, field: str, *, gpus: int | None) -> list[FieldViolation]:
+    """What a job could not get where `gpus` GPUs are to be had (None: no fixed number, a cluster's scheduler finds
+    them): `run.device: CUDA` with none, or more `run.devices` on GPUs than there are. Violations of `field` + ".run.*".
+    """
+    if gpus is None:
         return []
-    return [FieldViolation(f"{field}.run.device", NO_GPU)]
+    device, devices = spec.run.device, spec.run.devices if spec.run.HasField("devices") else 1
+    if device == training_spec_pb2.DEVICE_CUDA and gpus == 0:
+        return [FieldViolation(f"{field}.run.device", NO_GPU)]
+    if device != training_spec_pb2.DEVICE_CPU and 0 < gpus < devices:
+        return [
+            FieldViolation(
+                f"{field}.run.devices",
+                f"{devices} processes, one per GPU, but this trainer's job slots have {gpus} GPU"
+                f"{'s' if gpus != 1 else ''} (run.device CPU runs them on the CPU)",
+            )
+        ]
+    return []
+
+
+def devices_of(spec_json: str) -> int:
+    """`run.devices` of a stored spec (resolved at CreateJob, so present; 1 for a spec stored before the field)."""
+    run = json.loads(spec_json).get("run", {}) if spec_json else {}
+    return int(run.get("devices", 1))
 
 
 def gpu_pool(environ: Mapping[str, str], device_count: int) -> tuple[str, ...]:
@@ -50,14 +70,13 @@ class GpuSlots:
         self.pool = pool
         self._holders: dict[str, list[Callable[[], bool]]] = {gpu: [] for gpu in pool}
 
-    def pick(self) -> str | None:
-        """The GPU the next worker gets; None when the pool is empty (the worker trains on the CPU and inherits the
-        trainer's environment). The caller `hold`s it once the worker has started."""
-        if not self.pool:
-            return None
+    def pick(self, count: int = 1) -> tuple[str, ...]:
+        """The GPUs the next worker gets: the `count` least-used of the pool (all of it when `count` is larger);
+        () when the pool is empty (the worker trains on the CPU and inherits the trainer's environment). The caller
+        `hold`s each once the worker has started."""
         for holders in self._holders.values():
             holders[:] = [alive for alive in holders if alive()]
-        return min(self.pool, key=lambda gpu: len(self._holders[gpu]))
+        return tuple(sorted(self.pool, key=lambda gpu: len(self._holders[gpu]))[:count])
 
     def hold(self, gpu: str, running: Callable[[], bool]) -> None:
         """`gpu` is taken for as long as `running()` says so."""

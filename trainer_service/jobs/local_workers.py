@@ -16,7 +16,7 @@ from pathlib import Path
 
 from visiontune.settings import DATABASE_URL_ENV, S3Settings
 
-from trainer_service.jobs.gpus import CUDA_VISIBLE_DEVICES, GpuSlots
+from trainer_service.jobs.gpus import CUDA_VISIBLE_DEVICES, GpuSlots, devices_of
 from trainer_service.jobs.records import JobRecord, WorkerRecord
 from trainer_service.jobs.runtime import WorkerExit, last_words
 
@@ -75,7 +75,9 @@ class LocalWorker:
 
 class LocalWorkers:
     """The default runtime: worker subprocesses, bounded by the executor's slots. Each worker gets a GPU of `gpus`
-    (`CUDA_VISIBLE_DEVICES` entries, `gpus.gpu_pool`) to itself while there are as many as running workers."""
+    (`CUDA_VISIBLE_DEVICES` entries, `gpus.gpu_pool`) to itself while there are as many as running workers, and a
+    job on several devices that many. A job takes one slot whatever its devices: GPUs are shared only once every
+    one is in use."""
 
     cluster_cap = None
     workers_outlive_trainer = False
@@ -98,19 +100,19 @@ class LocalWorkers:
         self._python = python
 
     @property
-    def offers_gpus(self) -> bool:
-        return bool(self._gpus.pool)
+    def gpu_count(self) -> int:
+        return len(self._gpus.pool)
 
     @contextlib.contextmanager
     def borrow_gpu(self) -> Iterator[str | None]:
-        gpu = self._gpus.pick()
-        if gpu is None:
+        picked = self._gpus.pick()
+        if not picked:
             yield None
             return
         returned = threading.Event()
-        self._gpus.hold(gpu, lambda: not returned.is_set())
+        self._gpus.hold(picked[0], lambda: not returned.is_set())
         try:
-            yield gpu
+            yield picked[0]
         finally:
             returned.set()
 
@@ -128,9 +130,10 @@ class LocalWorkers:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"worker-{record.attempt}.log"
         env = {**worker_environment(self._s3, database_url=self._database_url), **self._extra_env}
-        gpu = self._gpus.pick()
-        if gpu is not None:
-            env[CUDA_VISIBLE_DEVICES] = gpu
+        # A job on several devices (run.devices) gets that many GPUs: its ranks take one each.
+        gpus = self._gpus.pick(devices_of(record.spec_json))
+        if gpus:
+            env[CUDA_VISIBLE_DEVICES] = ",".join(gpus)
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [self._python, "-m", WORKER_MODULE, "--job", record.job_id, "--data-dir", str(self._data_dir)],
@@ -139,7 +142,7 @@ class LocalWorkers:
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
-        if gpu is not None:
+        for gpu in gpus:
             self._gpus.hold(gpu, lambda: proc.poll() is None)
         log.info(
             "job started",
@@ -148,7 +151,7 @@ class LocalWorkers:
                 "attempt": record.attempt,
                 "pid": proc.pid,
                 "log": str(log_path),
-                "gpu": gpu if gpu is not None else "none",
+                "gpus": ",".join(gpus) or "none",
             },
         )
         return LocalWorker(record.job_id, record.attempt, proc, log_path)

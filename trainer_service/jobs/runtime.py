@@ -82,9 +82,10 @@ class WorkerRuntime(Protocol):
         ...
 
     @property
-    def offers_gpus(self) -> bool:
-        """False when a worker can only train on the CPU (local slots on a machine without a GPU): CreateJob then
-        refuses `run.device: CUDA` instead of queueing a job that would fail."""
+    def gpu_count(self) -> int | None:
+        """GPUs a job's worker may be given: 0 where it can only train on the CPU (local slots on a machine without
+        a GPU), None where no fixed number bounds it (Kubernetes: the scheduler finds GPU nodes). CreateJob refuses
+        what could only fail here (`gpus.device_violations`)."""
         ...
 
     def borrow_gpu(self) -> contextlib.AbstractContextManager[str | None]:

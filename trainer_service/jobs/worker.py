@@ -78,8 +78,9 @@ from trainer_service.engine.context import RunContext, run_context
 from trainer_service.engine.epoch import Cancelled
 from trainer_service.engine.hardware import Hardware, device_warnings, out_of_memory_message, probe
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord
-from trainer_service.engine.models import WeightsUnavailable, build_classifier
-from trainer_service.engine.recipe import PreparedData, TrainingResult, train
+from trainer_service.engine.models import WeightsUnavailable
+from trainer_service.engine.parallel import ClassifierFactory, train_on_devices
+from trainer_service.engine.recipe import PreparedData, TrainingResult
 from trainer_service.jobs import artifacts, events, results
 from trainer_service.jobs.runtime import (
     EXIT_CANCELLED,
@@ -369,11 +370,7 @@ class JobWorker:
         self._dataset, self._labels = loaded.summary, loaded.prepared.labels
         try:
             base_state = load_base_weights(config.model, self.store)
-            labels = loaded.prepared.labels
-
-            def make_model(seed: int) -> Any:
-                return build_classifier(config.model, len(labels), base_state)
-
+            make_model = ClassifierFactory(config.model, len(loaded.prepared.labels), base_state)
             resume = artifacts.load_checkpoint(self.store, self.job_id, self.record.checkpoint_sha256)
             if resume is not None:
                 events.record_warning(
@@ -389,7 +386,8 @@ class JobWorker:
                         self._classifier_epochs = resume.classifier_state.completed_epochs
                     elif resume.stage == CLASSIFIER:
                         self._classifier_epochs = resume.stage_state.completed_epochs
-            result = train(config, loaded.prepared, make_model, ctx, self, resume)
+            # run.devices > 1: this process is rank 0 of the job's processes, and the only one that records.
+            result = train_on_devices(config, loaded.prepared, make_model, ctx, self, resume)
             if self.should_stop():
                 raise Cancelled()
             if self.record.study_id is not None:

@@ -286,6 +286,7 @@ class RunConfig:
     device: DeviceKind = field(default=enum_default("run.device", DEVICES))
     data_loader_workers: int = _default("run.data_loader_workers")
     max_retries: int = _default("run.max_retries")
+    devices: int = _default("run.devices")
 
 
 @dataclass(frozen=True)

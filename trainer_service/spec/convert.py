@@ -111,6 +111,7 @@ def config_to_spec(config: TrainingConfig) -> pb.TrainingSpec:
             device=DEVICES.to_proto(r.device),
             data_loader_workers=r.data_loader_workers,
             max_retries=r.max_retries,
+            devices=r.devices,
         ),
         output_model=config.output_model,
     )

@@ -381,6 +381,7 @@ def _run(c: Checker, msg: pb.RunSpec) -> RunConfig:
     repeats = c.number(msg, "run.repeats")
     workers = c.number(msg, "run.data_loader_workers")
     retries = c.number(msg, "run.max_retries")
+    devices = c.number(msg, "run.devices")
     return RunConfig(
         seed=msg.seed,
         repeats=repeats,
@@ -388,6 +389,7 @@ def _run(c: Checker, msg: pb.RunSpec) -> RunConfig:
         device=c.enum(msg, "run.device", DEVICES),
         data_loader_workers=workers,
         max_retries=retries,
+        devices=devices,
     )
 
 

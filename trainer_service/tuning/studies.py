@@ -44,10 +44,10 @@ class Studies:
         default_bucket: str,
         wake_executor: Callable[[], None],
         inputs: InputLocations | None = None,
-        offers_gpus: bool = True,
+        gpus: int | None = None,
     ) -> None:
         self._jobs = jobs
-        self._offers_gpus = offers_gpus  # False: trials cannot get a GPU, so a CUDA base spec is refused
+        self._gpus = gpus  # the GPUs a trial can get (`WorkerRuntime.gpu_count`): a base spec needing more is refused
         self._runner = runner
         self._default_bucket = default_bucket
         self._wake_executor = wake_executor
@@ -85,7 +85,7 @@ class Studies:
                 config = self._config(study.spec, from_client=True)
             except SpecInvalid as err:
                 violations += [FieldViolation(f"study.{v.field}", v.description) for v in err.violations]
-            violations += device_violations(study.spec.base_spec, "study.spec.base_spec", offers_gpus=self._offers_gpus)
+            violations += device_violations(study.spec.base_spec, "study.spec.base_spec", gpus=self._gpus)
         if violations or config is None:
             raise InvalidArgument(violations)
         if validate_only:

@@ -923,6 +923,7 @@ class RunSpec(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     DATA_LOADER_WORKERS_FIELD_NUMBER: _builtins.int
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Seed of every random choice (split, init, augmentation, order)."""
     repeats: _builtins.int
@@ -933,6 +934,12 @@ class RunSpec(_message.Message):
     """Data-loader worker processes."""
     max_retries: _builtins.int
     """Times the job is retried after its worker dies."""
+    devices: _builtins.int
+    """Processes that train the job together (DistributedDataParallel), one per GPU when it runs on GPUs
+    (NCCL), or on the CPU (gloo). Each takes its share of every batch (batch_size stays the global batch) and
+    gradients are averaged, so the result matches one process's within float noise. The job asks its
+    executor for this many GPUs; 1 trains in the worker process alone.
+    """
     def __init__(
         self,
         *,
@@ -942,19 +949,24 @@ class RunSpec(_message.Message):
         device: Global___Device.ValueType = ...,
         data_loader_workers: _builtins.int | None = ...,
         max_retries: _builtins.int | None = ...,
+        devices: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers", "_max_retries", b"_max_retries", "_repeats", b"_repeats", "data_loader_workers", b"data_loader_workers", "max_retries", b"max_retries", "repeats", b"repeats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers", "_devices", b"_devices", "_max_retries", b"_max_retries", "_repeats", b"_repeats", "data_loader_workers", b"data_loader_workers", "devices", b"devices", "max_retries", b"max_retries", "repeats", b"repeats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers", "_max_retries", b"_max_retries", "_repeats", b"_repeats", "data_loader_workers", b"data_loader_workers", "device", b"device", "max_retries", b"max_retries", "precision", b"precision", "repeats", b"repeats", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers", "_devices", b"_devices", "_max_retries", b"_max_retries", "_repeats", b"_repeats", "data_loader_workers", b"data_loader_workers", "device", b"device", "devices", b"devices", "max_retries", b"max_retries", "precision", b"precision", "repeats", b"repeats", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__data_loader_workers: _TypeAlias = _typing.Literal["data_loader_workers"]  # noqa: Y015
     _WhichOneofArgType__data_loader_workers: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers"]  # noqa: Y015
+    _WhichOneofReturnType__devices: _TypeAlias = _typing.Literal["devices"]  # noqa: Y015
+    _WhichOneofArgType__devices: _TypeAlias = _typing.Literal["_devices", b"_devices"]  # noqa: Y015
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
     _WhichOneofReturnType__repeats: _TypeAlias = _typing.Literal["repeats"]  # noqa: Y015
     _WhichOneofArgType__repeats: _TypeAlias = _typing.Literal["_repeats", b"_repeats"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__data_loader_workers) -> _WhichOneofReturnType__data_loader_workers | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__devices) -> _WhichOneofReturnType__devices | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
     @_typing.overload

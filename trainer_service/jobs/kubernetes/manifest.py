@@ -75,8 +75,11 @@ def job_labels(record: JobRecord) -> dict[str, str]:
     return labels
 
 
-def job_manifest(record: JobRecord, device: DeviceKind, settings: KubernetesSettings) -> dict[str, Any]:
-    """The batch/v1 Job of `record`'s current attempt."""
+def job_manifest(
+    record: JobRecord, device: DeviceKind, settings: KubernetesSettings, *, devices: int = 1
+) -> dict[str, Any]:
+    """The batch/v1 Job of `record`'s current attempt. `devices` (the spec's `run.devices`): a GPU job's one pod
+    asks for that many GPUs, one for each of the worker's training processes."""
     name = job_name(record.job_id, record.attempt)
     labels = job_labels(record)
     gpu = wants_gpu(device, settings)
@@ -86,7 +89,7 @@ def job_manifest(record: JobRecord, device: DeviceKind, settings: KubernetesSett
     }
     if gpu:
         # Extended resources are requested through limits (requests follow them).
-        resources["limits"][settings.gpu_resource] = "1"
+        resources["limits"][settings.gpu_resource] = str(devices)
     data_dir = settings.worker_data_dir
     container: dict[str, Any] = {
         "name": CONTAINER,

@@ -33,7 +33,7 @@ from trainer_service.jobs.kubernetes.settings import KubernetesSettings
 from trainer_service.jobs.kubernetes.watch import WatchedObjects
 from trainer_service.jobs.records import JobRecord, WorkerRecord
 from trainer_service.jobs.runtime import WorkerExit
-from trainer_service.spec.config import DeviceKind
+from trainer_service.spec.config import DeviceKind, RunConfig
 from trainer_service.spec.convert import load_stored_spec
 from trainer_service.spec.validate import SpecInvalid
 
@@ -195,7 +195,7 @@ class KubernetesWorkers:
     """The Kubernetes runtime (`--executor kubernetes`)."""
 
     workers_outlive_trainer = True
-    offers_gpus = True  # a CUDA job's pod requests a GPU; the scheduler finds it a GPU node
+    gpu_count = None  # a GPU job's pod requests its GPUs; the scheduler finds it a GPU node
 
     def __init__(
         self,
@@ -237,7 +237,8 @@ class KubernetesWorkers:
     def launch(self, record: JobRecord) -> KubernetesWorker:
         name = manifest.job_name(record.job_id, record.attempt)
         worker = KubernetesWorker(self, name, record.job_id, record.attempt)
-        worker.create(manifest.job_manifest(record, self._device_of(record), self.settings))
+        run = self._run_of(record)
+        worker.create(manifest.job_manifest(record, run.device, self.settings, devices=run.devices))
         return worker
 
     def adopt(self, row: WorkerRecord) -> KubernetesWorker:
@@ -255,11 +256,11 @@ class KubernetesWorkers:
             log.warning("deleting a stray Kubernetes Job", extra={"job": job_id, "k8s_job": job["metadata"]["name"]})
             self.delete_job(job["metadata"]["name"])
 
-    def _device_of(self, record: JobRecord) -> DeviceKind:
+    def _run_of(self, record: JobRecord) -> RunConfig:
         try:
-            return load_stored_spec(record.spec_json, default_bucket=self._default_bucket).config.run.device
+            return load_stored_spec(record.spec_json, default_bucket=self._default_bucket).config.run
         except (json_format.ParseError, SpecInvalid):
-            return DeviceKind.CPU  # its worker fails on the spec at once: no GPU for that
+            return RunConfig(device=DeviceKind.CPU)  # its worker fails on the spec at once: no GPU for that
 
     # -- API calls (one place for the client's arguments)
 

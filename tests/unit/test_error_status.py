@@ -15,6 +15,7 @@ from inference_service.predictions import schema as predictions_schema
 from trainer_service.datasets.listing import DatasetError
 from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.jobs import records
+from trainer_service.jobs.executor import SlotsBusy
 from trainer_service.tuning.studies import StudyPreconditionFailed
 from visiontune import database, errors, outages, status, store_errors
 from visiontune.client import make_channel
@@ -70,6 +71,7 @@ EXPECTED: list[tuple[Callable[[], VisionTuneError], Code]] = [
     (lambda: records.QuotaExceeded("caller 'a' already has 2 jobs queued, the limit is 2"), Code.RESOURCE_EXHAUSTED),
     (lambda: records.SchemaError("x has job store schema version 9"), Code.FAILED_PRECONDITION),
     # the trainer's domain
+    (lambda: SlotsBusy(2, 600.0), Code.RESOURCE_EXHAUSTED),
     (lambda: StudyPreconditionFailed("studies/s has no completed trial yet"), Code.FAILED_PRECONDITION),
     (lambda: DatasetError("dataset s3://b/d: no images found"), Code.FAILED_PRECONDITION),
     (lambda: WeightsUnavailable("model weights s3://b/w.pth are not a torch.save file"), Code.FAILED_PRECONDITION),

@@ -44,7 +44,7 @@ from trainer_service.datasets.splits import stratified_split
 from trainer_service.engine import loop
 from trainer_service.engine.augment import build_eval_transform
 from trainer_service.engine.batches import Split
-from trainer_service.engine.context import resolve_autocast, resolve_device, run_context
+from trainer_service.engine.context import configure_kernels, resolve_autocast, resolve_device, run_context
 from trainer_service.engine.hardware import Gpu, Hardware, device_warnings
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks, StageData
 from trainer_service.engine.models import Classifier, build_classifier, normalization
@@ -1112,6 +1112,30 @@ def test_precision_picks_the_autocast_dtype() -> None:
     assert warning[0] == "emulated_bf16"
     assert "compute capability 7.0" in warning[1]
     assert device_warnings(a100, DeviceKind.CUDA, cuda, torch.bfloat16) == []
+
+
+@covers("run.deterministic")
+def test_deterministic_chooses_the_kernels_and_the_cpu_is_exact_either_way() -> None:
+    fast = recipe_run(_spec())
+    assert torch.backends.cudnn.benchmark  # the default: autotuned cuDNN, TF32 matmuls
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert not torch.are_deterministic_algorithms_enabled()
+    exact = recipe_run(_spec({"run.deterministic": True}))
+    try:
+        assert not torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.deterministic
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        configure_kernels(False)  # process-global: later tests get the default back
+
+    # Those flags only choose GPU kernels: on the CPU both runs give the same numbers to the bit.
+    def numbers(run: RecipeRun) -> list[tuple[float, ...]]:
+        return [(e.train_loss, e.train_accuracy, e.val_loss, e.val_accuracy) for r in run.repeats for e in r.history]
+
+    assert numbers(exact) == numbers(fast)
+    assert _same(exact.head, fast.head)
 
 
 @covers("run.device")

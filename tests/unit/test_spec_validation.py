@@ -164,6 +164,7 @@ def test_defaults_resolve_to_the_documented_values() -> None:
         2,
         1,
     )
+    assert not r.deterministic
     assert config.output_model == "flowers"
 
 
@@ -672,6 +673,7 @@ NON_DEFAULT_CONFIG = TrainingConfig(
         data_loader_workers=4,
         max_retries=5,
         devices=2,
+        deterministic=True,
     ),
 )
 

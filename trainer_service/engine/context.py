@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,20 @@ def run_context(config: TrainingConfig, hardware: Hardware | None = None) -> Run
         mean=mean,
         std=std,
     )
+
+
+def configure_kernels(deterministic: bool) -> None:
+    """This process's kernel choice for a run (`run.deterministic`): the fastest (cuDNN autotuning, TF32 matmuls
+    on Ampere and later), or only deterministic ones for exact replay. Set on every run: the flags are global."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    # warn_only: an op without a deterministic kernel warns rather than failing the job.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; it reads this when its handle is created.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def autocast(ctx: RunContext) -> contextlib.AbstractContextManager[Any]:

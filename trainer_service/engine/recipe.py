@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from trainer_service.engine.batches import Split
-from trainer_service.engine.context import RunContext
+from trainer_service.engine.context import RunContext, configure_kernels
 from trainer_service.engine.distributed import Shard
 from trainer_service.engine.evaluation import (
     ClassificationReport,
@@ -200,6 +200,7 @@ def train(
 ) -> TrainingResult:
     """`shard`: this process is one rank of several training together (`engine/parallel.py` starts them); every
     rank runs this whole function, and only rank 0's callbacks record anything."""
+    configure_kernels(config.run.deterministic)
     progress = _Progress(
         finished=list(resume.finished) if resume else [], best_model=resume.best_model if resume else None
     )

@@ -287,6 +287,7 @@ class RunConfig:
     data_loader_workers: int = _default("run.data_loader_workers")
     max_retries: int = _default("run.max_retries")
     devices: int = _default("run.devices")
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)

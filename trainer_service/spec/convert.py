@@ -112,6 +112,7 @@ def config_to_spec(config: TrainingConfig) -> pb.TrainingSpec:
             data_loader_workers=r.data_loader_workers,
             max_retries=r.max_retries,
             devices=r.devices,
+            deterministic=r.deterministic,
         ),
         output_model=config.output_model,
     )

@@ -390,6 +390,7 @@ def _run(c: Checker, msg: pb.RunSpec) -> RunConfig:
         data_loader_workers=workers,
         max_retries=retries,
         devices=devices,
+        deterministic=msg.deterministic,
     )
 
 

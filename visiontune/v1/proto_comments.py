@@ -210,6 +210,7 @@ COMMENTS: dict[str, str] = {
     'visiontune.v1.ReportFeedbackResponse.duplicate': 'True when feedback for this prediction was already recorded; metrics are counted once.',
     'visiontune.v1.RunSpec': 'How the job runs: seeds, repeats, precision, device, data loading, retries.',
     'visiontune.v1.RunSpec.data_loader_workers': 'Data-loader worker processes.',
+    'visiontune.v1.RunSpec.deterministic': 'Exact replay on GPUs too: deterministic kernels only, no cuDNN autotuning and no TF32 matmuls, so a\nresumed run repeats an uninterrupted one bit for bit (and slower). Off: cudnn.benchmark and TF32 pick the\nfastest kernels, and a resume on a GPU agrees within float noise. On the CPU both are exact.',
     'visiontune.v1.RunSpec.devices': "Processes that train the job together (DistributedDataParallel), one per GPU when it runs on GPUs\n(NCCL), or on the CPU (gloo). Each takes its share of every batch (batch_size stays the global batch) and\ngradients are averaged, so the result matches one process's within float noise. The job asks its\nexecutor for this many GPUs; 1 trains in the worker process alone.",
     'visiontune.v1.RunSpec.max_retries': 'Times the job is retried after its worker dies.',
     'visiontune.v1.RunSpec.repeats': 'Independent runs with seeds seed, seed+1, …; metrics are reported as mean and std.',

@@ -924,6 +924,7 @@ class RunSpec(_message.Message):
     DATA_LOADER_WORKERS_FIELD_NUMBER: _builtins.int
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    DETERMINISTIC_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Seed of every random choice (split, init, augmentation, order)."""
     repeats: _builtins.int
@@ -940,6 +941,11 @@ class RunSpec(_message.Message):
     gradients are averaged, so the result matches one process's within float noise. The job asks its
     executor for this many GPUs; 1 trains in the worker process alone.
     """
+    deterministic: _builtins.bool
+    """Exact replay on GPUs too: deterministic kernels only, no cuDNN autotuning and no TF32 matmuls, so a
+    resumed run repeats an uninterrupted one bit for bit (and slower). Off: cudnn.benchmark and TF32 pick the
+    fastest kernels, and a resume on a GPU agrees within float noise. On the CPU both are exact.
+    """
     def __init__(
         self,
         *,
@@ -950,10 +956,11 @@ class RunSpec(_message.Message):
         data_loader_workers: _builtins.int | None = ...,
         max_retries: _builtins.int | None = ...,
         devices: _builtins.int | None = ...,
+        deterministic: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers", "_devices", b"_devices", "_max_retries", b"_max_retries", "_repeats", b"_repeats", "data_loader_workers", b"data_loader_workers", "devices", b"devices", "max_retries", b"max_retries", "repeats", b"repeats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers", "_devices", b"_devices", "_max_retries", b"_max_retries", "_repeats", b"_repeats", "data_loader_workers", b"data_loader_workers", "device", b"device", "devices", b"devices", "max_retries", b"max_retries", "precision", b"precision", "repeats", b"repeats", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers", "_devices", b"_devices", "_max_retries", b"_max_retries", "_repeats", b"_repeats", "data_loader_workers", b"data_loader_workers", "deterministic", b"deterministic", "device", b"device", "devices", b"devices", "max_retries", b"max_retries", "precision", b"precision", "repeats", b"repeats", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__data_loader_workers: _TypeAlias = _typing.Literal["data_loader_workers"]  # noqa: Y015
     _WhichOneofArgType__data_loader_workers: _TypeAlias = _typing.Literal["_data_loader_workers", b"_data_loader_workers"]  # noqa: Y015

@@ -18,6 +18,9 @@ from trainer_service.engine.hardware import Hardware, autocast_dtype, probe
 from trainer_service.engine.models import normalization
 from trainer_service.spec.config import DeviceKind, Precision, TrainingConfig
 
+CPU_EVAL_BATCH_SIZE = 64
+GPU_EVAL_BATCH_SIZE = 512
+
 
 @dataclass
 class RunContext:
@@ -28,7 +31,9 @@ class RunContext:
     workers: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    eval_batch_size: int = 64
+    eval_batch_size: int = (
+        CPU_EVAL_BATCH_SIZE  # batches of evaluation, feature extraction and prediction (no gradients)
+    )
 
     @property
     def use_scaler(self) -> bool:
@@ -66,6 +71,8 @@ def run_context(config: TrainingConfig, hardware: Hardware | None = None) -> Run
         workers=config.run.data_loader_workers,
         mean=mean,
         std=std,
+        # Without gradients a GPU holds far larger batches, and small ones leave it waiting on the host.
+        eval_batch_size=GPU_EVAL_BATCH_SIZE if device.type == "cuda" else CPU_EVAL_BATCH_SIZE,
     )
 
 

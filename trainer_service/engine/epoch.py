@@ -8,7 +8,6 @@ without gradients) and `compute_features` (the frozen base's bottleneck features
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,17 +56,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # -- one epoch ------------------------------------------------------------------------------------------
 
 
-@dataclass
 class EpochTotals:
-    loss: float = 0.0
-    correct: int = 0
-    seen: int = 0
+    """An epoch's summed loss, correct predictions and images. The sums stay where the batches are (a GPU's):
+    reading a number back each step would make the host wait for the GPU twice a step. They are read once, at the
+    epoch's end; in float64, added in the same order as Python floats would be, so the numbers are the same."""
+
+    def __init__(self, loss: float = 0.0, correct: int = 0, seen: int = 0) -> None:
+        self._loss: Tensor | float = loss
+        self._correct: Tensor | int = correct
+        self.seen = seen
 
     def add(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
-        n = int(targets.shape[0])
-        self.loss += float(loss.detach()) * n
-        self.correct += int((logits.detach().argmax(1) == targets).sum())
+        n = int(targets.shape[0])  # a shape: known on the host without a sync
+        self._loss = self._loss + loss.detach().double() * n
+        self._correct = self._correct + (logits.detach().argmax(1) == targets).sum()
         self.seen += n
+
+    @property
+    def loss(self) -> float:
+        return float(self._loss)
+
+    @property
+    def correct(self) -> int:
+        return int(self._correct)
 
     @property
     def mean_loss(self) -> float:

@@ -94,6 +94,9 @@ class LocalWorkers:
     ) -> None:
         self._s3 = s3
         self._gpus = GpuSlots(gpus)
+        # Jobs launch on the executor's thread, LR range tests borrow on gRPC threads: a GPU is picked and held
+        # under this lock, so two callers never both take the one that was free.
+        self._gpu_lock = threading.Lock()
         self._extra_env = dict(extra_env or {})  # the trainer's limits, which the worker enforces
         self._data_dir = data_dir
         self._database_url = database_url
@@ -105,12 +108,14 @@ class LocalWorkers:
 
     @contextlib.contextmanager
     def borrow_gpu(self) -> Iterator[str | None]:
-        picked = self._gpus.pick()
+        returned = threading.Event()
+        with self._gpu_lock:
+            picked = self._gpus.pick()
+            if picked:
+                self._gpus.hold(picked[0], lambda: not returned.is_set())
         if not picked:
             yield None
             return
-        returned = threading.Event()
-        self._gpus.hold(picked[0], lambda: not returned.is_set())
         try:
             yield picked[0]
         finally:
@@ -130,20 +135,21 @@ class LocalWorkers:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"worker-{record.attempt}.log"
         env = {**worker_environment(self._s3, database_url=self._database_url), **self._extra_env}
-        # A job on several devices (run.devices) gets that many GPUs: its ranks take one each.
-        gpus = self._gpus.pick(devices_of(record.spec_json))
-        if gpus:
-            env[CUDA_VISIBLE_DEVICES] = ",".join(gpus)
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                [self._python, "-m", WORKER_MODULE, "--job", record.job_id, "--data-dir", str(self._data_dir)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        for gpu in gpus:
-            self._gpus.hold(gpu, lambda: proc.poll() is None)
+        with self._gpu_lock:
+            # A job on several devices (run.devices) gets that many GPUs: its ranks take one each.
+            gpus = self._gpus.pick(devices_of(record.spec_json))
+            if gpus:
+                env[CUDA_VISIBLE_DEVICES] = ",".join(gpus)
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(
+                    [self._python, "-m", WORKER_MODULE, "--job", record.job_id, "--data-dir", str(self._data_dir)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                )
+            for gpu in gpus:
+                self._gpus.hold(gpu, lambda: proc.poll() is None)
         log.info(
             "job started",
             extra={

@@ -9,6 +9,7 @@ import re
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,18 +170,23 @@ def test_an_unservable_manifest_is_refused_with_every_problem() -> None:
         assert problem in message
 
 
+def _triton_config(**changes: Any) -> TritonModelConfig:
+    """A model's Triton config: 3x32x32 in, 5 logits out, two instances; `changes` override any field."""
+    fields: dict[str, Any] = {
+        "name": "m__v1",
+        "input_name": "images",
+        "input_dims": (3, 32, 32),
+        "output_name": "logits",
+        "output_dims": (5,),
+        "max_batch_size": 16,
+        "max_queue_delay_us": 2000,
+        "instance_count": 2,
+    }
+    return TritonModelConfig(**{**fields, **changes})
+
+
 def test_triton_model_config_and_atomic_write(tmp_path: Path) -> None:
-    config = TritonModelConfig(
-        name="m__v1",
-        input_name="images",
-        input_dims=(3, 32, 32),
-        output_name="logits",
-        output_dims=(5,),
-        max_batch_size=16,
-        max_queue_delay_us=2000,
-        instance_count=2,
-        torch_threads=1,
-    )
+    config = _triton_config(torch_threads=1)
     text = config.pbtxt()
     for line in (
         'backend: "python"',
@@ -207,15 +213,9 @@ def test_triton_model_config_and_atomic_write(tmp_path: Path) -> None:
 
 
 def test_gpu_triton_config_names_its_gpus_and_takes_uint8() -> None:
-    config = TritonModelConfig(
-        name="m__v1",
-        input_name="images",
-        input_dims=(3, 32, 32),
-        output_name="logits",
-        output_dims=(5,),
+    config = _triton_config(
         max_batch_size=1,
         max_queue_delay_us=0,
-        instance_count=2,
         gpus=(0, 2),
         input_datatype=TRITON_DATATYPES[np.dtype(np.uint8)],
         precision=Precision.FP16.value,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from trainer_service.datasets.cache import materialize
 from trainer_service.datasets.listing import ImageItem
 from trainer_service.datasets.splits import stratified_split
+from trainer_service.engine import batches as engine_batches
 from trainer_service.engine import loop
 from trainer_service.engine.augment import build_eval_transform
 from trainer_service.engine.batches import Split
@@ -286,7 +287,7 @@ class _SpyLoss(nn.Module):
 
 _BUILD_OPTIMIZER = loop.build_optimizer
 _CRITERION = loop._criterion
-_DATA_LOADER = loop.DataLoader
+_DATA_LOADER = engine_batches.DataLoader
 
 
 @dataclass
@@ -389,7 +390,7 @@ def _run_stage(stage_name: str, spec: pb.TrainingSpec) -> StageRun:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "build_optimizer", spy.build_optimizer)
         patch.setattr(loop, "_criterion", spy.criterion)
-        patch.setattr(loop, "DataLoader", spy.data_loader)
+        patch.setattr(engine_batches, "DataLoader", spy.data_loader)
         outcome = loop.run_stage(
             model,
             config,
@@ -1170,12 +1171,18 @@ def test_data_loader_workers_load_in_worker_processes_with_the_same_result() -> 
     assert set(in_process.loader_workers) == {0}
     assert set(one.loader_workers) == {1}
     assert set(default.loader_workers) == {2}
-    # Without random augmentation nothing random happens in a worker (the order is drawn in the main process from
-    # the epoch's seeded generator), so the worker count does not change the result. With random augmentation it
-    # would: each worker process draws from its own seed (DataLoader's base seed + worker id).
+    # Workers only copy uint8 rows: the order is drawn in the main process from the epoch's seeded generator, and
+    # augmentation happens on the device from the epoch's augmentation generator, so the worker count changes
+    # nothing, with random augmentation too.
     for run in (one, default):
         assert _losses(run) == _losses(in_process)
         assert _same(run.head, in_process.head)
+    flips = {"augmentation.horizontal_flip": True, "augmentation.brightness": 0.3}
+    augmented_in_process = stage_run(FINE_TUNING, _spec(flips))
+    augmented_two = stage_run(FINE_TUNING, _spec({**flips, "run.data_loader_workers": 2}))
+    assert set(augmented_two.loader_workers) == {2}
+    assert _losses(augmented_two) == _losses(augmented_in_process) != _losses(in_process)
+    assert _same(augmented_two.head, augmented_in_process.head)
 
 
 @covers("run.max_retries")

@@ -90,6 +90,15 @@ def configure_kernels(deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def to_device(inputs: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+    """A batch on the run's device; image batches [N, 3, S, S] in channels_last on a GPU, as the model is there
+    (a mismatch would make every convolution convert its input first)."""
+    inputs = inputs.to(ctx.device, non_blocking=True)
+    if ctx.device.type == "cuda" and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
 def autocast(ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
     """Mixed precision as the context asks, or nothing for fp32."""
     if ctx.autocast_dtype is None:

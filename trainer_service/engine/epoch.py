@@ -7,20 +7,22 @@ without gradients) and `compute_features` (the frozen base's bottleneck features
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from trainer_service.engine.context import RunContext, autocast
+from trainer_service.engine.context import RunContext, autocast, to_device
 from trainer_service.engine.distributed import Shard
 from trainer_service.engine.models import Classifier
 from trainer_service.engine.schedules import lr_at
 from trainer_service.spec.config import OptimizerType, StageConfig
 
-Batches = Iterator[tuple[Tensor, Tensor]] | DataLoader[Any]
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+# Cached features stay on the GPU when they take at most this share of its free memory (the rest is the model's,
+# its activations' and the optimizer's); otherwise they wait on the host and each batch is copied over.
+FEATURES_ON_GPU_SHARE = 0.25
 
 
 class Cancelled(Exception):
@@ -125,10 +127,8 @@ def train_one_epoch(
         lr = lr_at(stage, epoch_index + step / max(1, steps), steps_per_epoch=max(1, steps)) * lr_scale
         set_lr(optimizer, lr)
         lrs.append(lr)
-        inputs = inputs.to(ctx.device, non_blocking=True)
+        inputs = to_device(inputs, ctx)
         targets = targets.to(ctx.device, non_blocking=True)
-        if ctx.device.type == "cuda" and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(ctx):
             logits = forward(inputs)
             loss = criterion(logits.float(), targets)
@@ -163,7 +163,7 @@ def evaluate(
     totals = EpochTotals()
     all_logits: list[Tensor] = []
     for inputs, targets in batches:
-        inputs = inputs.to(ctx.device, non_blocking=True)
+        inputs = to_device(inputs, ctx)
         targets = targets.to(ctx.device, non_blocking=True)
         with autocast(ctx):
             logits = forward(inputs).float()
@@ -172,17 +172,41 @@ def evaluate(
     return totals, torch.cat(all_logits) if all_logits else torch.empty(0)
 
 
+def features_fit(total_bytes: int, free_bytes: int) -> bool:
+    """Whether cached features of `total_bytes` may stay on a GPU with `free_bytes` free."""
+    return total_bytes <= FEATURES_ON_GPU_SHARE * free_bytes
+
+
+def _feature_home(ctx: RunContext, first: Tensor, rows: int) -> tuple[torch.device, torch.dtype]:
+    """Where cached features live and in what dtype: on the GPU when they fit, in the autocast dtype they were
+    computed in (storing them wider adds no precision); on the host in fp32 otherwise."""
+    if ctx.device.type != "cuda":
+        return torch.device("cpu"), torch.float32
+    dtype = ctx.autocast_dtype or torch.float32
+    per_row = first[0].numel() * torch.empty((), dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    if features_fit(per_row * rows, free):
+        return ctx.device, dtype
+    return torch.device("cpu"), torch.float32
+
+
 @torch.no_grad()
-def compute_features(model: Classifier, loader: DataLoader[Any], ctx: RunContext) -> tuple[Tensor, Tensor]:
-    """The frozen base's bottleneck features of every image the loader yields, on the CPU in fp32."""
+def compute_features(model: Classifier, batches: Batches, ctx: RunContext, rows: int) -> tuple[Tensor, Tensor]:
+    """The frozen base's bottleneck features of every image in `batches` (`rows` of them in all), and the labels.
+
+    On the CPU they are fp32; on a GPU they stay on it (in the autocast dtype) when they fit, see `_feature_home`.
+    """
     model.base.eval()
     feats: list[Tensor] = []
     labels: list[Tensor] = []
-    for inputs, targets in loader:
-        inputs = inputs.to(ctx.device, non_blocking=True)
-        if ctx.device.type == "cuda":
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+    home: tuple[torch.device, torch.dtype] | None = None
+    for inputs, targets in batches:
         with autocast(ctx):
-            feats.append(model.base(inputs).float().cpu())
-        labels.append(targets)
+            out = model.base(to_device(inputs, ctx))
+        if home is None:
+            home = _feature_home(ctx, out, rows)
+        feats.append(out.to(device=home[0], dtype=home[1]))
+        labels.append(targets.to(home[0]))
+    if not feats:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)

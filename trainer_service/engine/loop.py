@@ -22,30 +22,23 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sized
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    Dataset,
-    RandomSampler,
-    Sampler,
-    SequentialSampler,
-    WeightedRandomSampler,
-)
+from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
-from trainer_service.engine.augment import build_eval_transform, build_train_transform, epoch_index_plan
+from trainer_service.engine.augment import epoch_index_plan
+from trainer_service.engine.batch_augment import build_batch_pipeline
 from trainer_service.engine.batches import (
-    ImageArrayDataset,
-    PlanDataset,
     Split,
-    Transform,
+    SplitLoader,
     balanced_sampler,
     class_weights,
+    planned,
+    sequential_plans,
     tensor_batches,
 )
 from trainer_service.engine.context import RunContext, derive_seed, seeded_generator
@@ -163,47 +156,6 @@ class StageOutcome:
     histograms: dict[str, list[tuple[int, list[float], list[float]]]]
 
 
-# -- data loading ---------------------------------------------------------------------------------------
-
-
-def _seed_worker(worker_id: int) -> None:
-    # DataLoader seeds torch per worker from its base seed; numpy is not used for randomness here.
-    torch.set_num_threads(1)
-
-
-def make_loader(
-    dataset: Dataset[Any],
-    ctx: RunContext,
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    sampler: WeightedRandomSampler | None = None,
-    generator: torch.Generator | None = None,
-    shard: Shard | None = None,
-) -> DataLoader[Any]:
-    """`shard`: the loader yields only this rank's rows of each global batch of `batch_size`."""
-    workers = ctx.workers
-    batching: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler}
-    if shard is not None:
-        assert isinstance(dataset, Sized)  # the engine's datasets all are
-        order: Sampler[int] = (
-            sampler
-            if sampler is not None
-            else (RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset))
-        )
-        batching = {"batch_sampler": ShardedBatchSampler(BatchSampler(order, batch_size, drop_last=False), shard)}
-    return DataLoader(
-        dataset,
-        **batching,
-        generator=generator,
-        num_workers=workers,
-        pin_memory=ctx.device.type == "cuda",
-        persistent_workers=False,
-        worker_init_fn=_seed_worker if workers else None,
-        prefetch_factor=4 if workers else None,
-    )
-
-
 # -- the two paths: what one epoch trains on -----------------------------------------------------------
 
 
@@ -218,25 +170,20 @@ class EpochBatches:
 
 def cached_train_features(
     model: Classifier,
-    train: Split,
+    train: SplitLoader,
+    count: int,
     copies_per_original: int,
-    eval_tf: Transform,
-    train_tf: Transform,
     ctx: RunContext,
     copies_seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """The cached-feature path's training set: the frozen base's features of every original, and of
-    `copies_per_original` augmented copies of each (drawn once, from `copies_seed`)."""
-    rows = list(range(len(train)))
-    if copies_per_original == 0:
-        loader = make_loader(ImageArrayDataset(train, rows, eval_tf), ctx, ctx.eval_batch_size)
-        return compute_features(model, loader, ctx)
-    plan = [(i, False) for i in rows] + [(i, True) for _ in range(copies_per_original) for i in rows]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(copies_seed)
-        # Workers would draw their own seeds; the copies must be the same on a resumed run.
-        loader = make_loader(PlanDataset(train, plan, eval_tf, train_tf), replace(ctx, workers=0), ctx.eval_batch_size)
-        return compute_features(model, loader, ctx)
+    """The cached-feature path's training set: the frozen base's features of every original (`count` of them), and
+    of `copies_per_original` augmented copies of each (drawn once, from `copies_seed`)."""
+    rows = list(range(count))
+    plan_rows = rows + [i for _ in range(copies_per_original) for i in rows]
+    augmented = [False] * count + [True] * (count * copies_per_original)
+    plans = sequential_plans(plan_rows, ctx.eval_batch_size, augmented)
+    generator = seeded_generator(copies_seed) if copies_per_original else None
+    return compute_features(model, train.batches(plans, generator), ctx, len(plan_rows))
 
 
 def feature_epoch(
@@ -252,7 +199,7 @@ def feature_epoch(
     rows of each batch under `shard`)."""
     count = int(train_x.shape[0])
     if balancing == ClassBalancing.WEIGHTED_SAMPLER:
-        order = torch.tensor(list(balanced_sampler(train_y.numpy(), num_classes, count, shuffle_seed)))
+        order = torch.tensor(list(balanced_sampler(train_y.cpu().numpy(), num_classes, count, shuffle_seed)))
     else:
         order = torch.randperm(count, generator=seeded_generator(shuffle_seed))
     batches = tensor_batches(train_x, train_y, batch_size, order)
@@ -263,34 +210,36 @@ def feature_epoch(
 
 def image_epoch(
     train: Split,
+    loader: SplitLoader,
     aug: AugmentationConfig,
     balancing: ClassBalancing,
     num_classes: int,
-    eval_tf: Transform,
-    train_tf: Transform,
-    ctx: RunContext,
     batch_size: int,
     shuffle_seed: int,
+    augment_seed: int,
     shard: Shard | None = None,
 ) -> EpochBatches:
-    """The image path's epoch: a DataLoader over the images (and this epoch's augmented copies), shuffled or
-    class-balanced from `shuffle_seed`; the transforms draw from torch's RNG, seeded by the caller."""
-    rows = list(range(len(train)))
-    dataset: ImageArrayDataset | PlanDataset
+    """The image path's epoch: the images (and this epoch's augmented copies) in batches, shuffled or
+    class-balanced from `shuffle_seed`, augmented on the device from `augment_seed`."""
     if aug.copies_per_original > 0:
         epoch_plan = epoch_index_plan(len(train), aug.copies_per_original, seeded_generator(shuffle_seed))
-        dataset = PlanDataset(train, epoch_plan, eval_tf, train_tf)
         rows = [r for r, _ in epoch_plan]
+        augmented = [a for _, a in epoch_plan]
     else:
-        dataset = ImageArrayDataset(train, rows, train_tf)
-    sampler = None
+        rows = list(range(len(train)))
+        augmented = [True] * len(rows)
+    order: Sampler[int]
     if balancing == ClassBalancing.WEIGHTED_SAMPLER:
-        sampler = balanced_sampler(train.targets[rows], num_classes, len(dataset), shuffle_seed)
-    loader = make_loader(
-        dataset, ctx, batch_size, shuffle=True, sampler=sampler, generator=seeded_generator(shuffle_seed), shard=shard
-    )
+        order = balanced_sampler(train.targets[rows], num_classes, len(rows), shuffle_seed)
+    else:
+        order = RandomSampler(range(len(rows)), generator=seeded_generator(shuffle_seed))
+    batches = BatchSampler(order, batch_size, drop_last=False)
+    # Under a shard: this rank's rows of each global batch.
+    plans = planned(batches if shard is None else ShardedBatchSampler(batches, shard), rows, augmented)
     # Steps of the global batches: the schedule advances as one process's would.
-    return EpochBatches(loader, math.ceil(len(dataset) / batch_size), len(dataset))
+    return EpochBatches(
+        loader.batches(plans, seeded_generator(augment_seed)), math.ceil(len(rows) / batch_size), len(rows)
+    )
 
 
 # -- a stage --------------------------------------------------------------------------------------------
@@ -410,9 +359,7 @@ def run_stage(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, stage)
     criterion = _criterion(config, stage, data.train, data.num_classes, ctx.device)
-    image_size = int(data.train.images.shape[-1])
-    eval_tf = build_eval_transform(image_size, ctx.mean, ctx.std)
-    train_tf = build_train_transform(aug, image_size, ctx.mean, ctx.std)
+    pipeline = build_batch_pipeline(aug, int(data.train.images.shape[-1]), ctx.mean, ctx.std)
     plateau = PlateauReducer(stage, higher_is_better=stage.early_stopping.monitor.higher_is_better)
     state = resume if resume is not None else StageState(stage=stage_name)
     if state.optimizer is not None:
@@ -432,34 +379,45 @@ def run_stage(
     callbacks.stage_started(repeat, stage_name, stage.epochs, cache_features)
     # Under a shard each rank validates its rows of the validation set; the totals are summed across ranks.
     val_rows = range(len(data.val)) if shard is None else range(shard.rank, len(data.val), shard.world_size)
-    val_loader = make_loader(ImageArrayDataset(data.val, val_rows, eval_tf), ctx, ctx.eval_batch_size)
+    val_loader = SplitLoader(data.val, ctx, pipeline)
+    val_plans = sequential_plans(val_rows, ctx.eval_batch_size)
     # Stage 1 validates the head on the validation set's features, computed once: the base is frozen.
-    val_features = compute_features(model, val_loader, ctx) if stage_name == CLASSIFIER else None
+    val_features = (
+        compute_features(model, val_loader.batches(val_plans, None), ctx, len(val_rows))
+        if stage_name == CLASSIFIER
+        else None
+    )
+    # One loader for the stage: its workers (run.data_loader_workers) stay up from epoch to epoch.
+    train_loader = SplitLoader(data.train, ctx, pipeline)
 
-    epoch_batches: Callable[[int], EpochBatches]
+    epoch_batches: Callable[[int, int], EpochBatches]
     forward: Callable[[Tensor], Tensor]
     if cache_features:
         train_x, train_y = cached_train_features(
-            model, data.train, aug.copies_per_original, eval_tf, train_tf, ctx, derive_seed(seed, stage_name, "copies")
+            model,
+            train_loader,
+            len(data.train),
+            aug.copies_per_original,
+            ctx,
+            derive_seed(seed, stage_name, "copies"),
         )
 
-        def epoch_batches(shuffle_seed: int) -> EpochBatches:
+        def epoch_batches(shuffle_seed: int, augment_seed: int) -> EpochBatches:
             return feature_epoch(train_x, train_y, balancing, data.num_classes, stage.batch_size, shuffle_seed, shard)
 
         forward = model.head if shard is None else shard.wrap(model.head)
     else:
 
-        def epoch_batches(shuffle_seed: int) -> EpochBatches:
+        def epoch_batches(shuffle_seed: int, augment_seed: int) -> EpochBatches:
             return image_epoch(
                 data.train,
+                train_loader,
                 aug,
                 balancing,
                 data.num_classes,
-                eval_tf,
-                train_tf,
-                ctx,
                 stage.batch_size,
                 shuffle_seed,
+                augment_seed,
                 shard,
             )
 
@@ -469,10 +427,11 @@ def run_stage(
     histograms: dict[str, list[tuple[int, list[float], list[float]]]] = {"early": [], "late": [], "head": []}
     for epoch_index in range(state.completed_epochs, stage.epochs):
         started = time.perf_counter()
-        torch.manual_seed(derive_seed(seed, stage_name, epoch_index, "torch", *(shard.seed_parts if shard else ())))
+        rank_parts = shard.seed_parts if shard else ()
+        torch.manual_seed(derive_seed(seed, stage_name, epoch_index, "torch", *rank_parts))
         shuffle_seed = derive_seed(seed, stage_name, epoch_index, "order")
         model.train()  # a frozen base keeps its BatchNorm in eval mode (Classifier.train)
-        epoch = epoch_batches(shuffle_seed)
+        epoch = epoch_batches(shuffle_seed, derive_seed(seed, stage_name, epoch_index, "augment", *rank_parts))
         totals, lr, epoch_lrs = train_one_epoch(
             forward,
             trainable,
@@ -497,7 +456,7 @@ def run_stage(
                 model.head, tensor_batches(val_x, val_y, ctx.eval_batch_size, None), criterion, ctx
             )
         else:
-            val_totals, _ = evaluate(model, val_loader, criterion, ctx)
+            val_totals, _ = evaluate(model, val_loader.batches(val_plans, None), criterion, ctx)
         if shard is not None:
             totals, val_totals = _summed(totals, shard), _summed(val_totals, shard)
         record = EpochRecord(
@@ -538,10 +497,10 @@ def predict(model: Classifier, split: Split, ctx: RunContext) -> Tensor:
     """
     model.eval()
     model.to(ctx.device)
-    tf = build_eval_transform(int(split.images.shape[-1]), ctx.mean, ctx.std)
-    loader = make_loader(ImageArrayDataset(split, range(len(split)), tf), ctx, ctx.eval_batch_size)
-    outputs: list[Tensor] = []
-    for inputs, _ in loader:
-        inputs = inputs.to(ctx.device, non_blocking=True)
-        outputs.append(model(inputs).float().cpu())
+    pipeline = build_batch_pipeline(AugmentationConfig(), int(split.images.shape[-1]), ctx.mean, ctx.std)
+    loader = SplitLoader(split, ctx, pipeline)
+    outputs = [
+        model(inputs).float().cpu()
+        for inputs, _ in loader.batches(sequential_plans(range(len(split)), ctx.eval_batch_size), None)
+    ]
     return torch.cat(outputs) if outputs else torch.empty(0, 0)

@@ -20,13 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer_service.engine.augment import build_eval_transform
-from trainer_service.engine.batches import ImageArrayDataset, Split, tensor_batches
+from trainer_service.engine.batch_augment import build_batch_pipeline
+from trainer_service.engine.batches import Split, SplitLoader, sequential_plans, tensor_batches
 from trainer_service.engine.context import RunContext, derive_seed, seeded_generator
 from trainer_service.engine.epoch import build_optimizer, compute_features, set_lr
-from trainer_service.engine.loop import make_loader
 from trainer_service.engine.models import Classifier, freeze_base
-from trainer_service.spec.config import StageConfig
+from trainer_service.spec.config import AugmentationConfig, StageConfig
 
 # The suggestion ignores this many points at each end (fastai's plot skips 10 and 5 of 100): the start is
 # dominated by the smoothing's warm-up, the end by divergence. Scaled down for short curves.
@@ -163,9 +162,9 @@ def _check_arguments(train: Split, steps: int, smoothing: float, divergence_fact
 
 
 def _features(model: Classifier, train: Split, rows: list[int], ctx: RunContext) -> tuple[Tensor, Tensor]:
-    eval_tf = build_eval_transform(int(train.images.shape[-1]), ctx.mean, ctx.std)
-    loader = make_loader(ImageArrayDataset(train, rows, eval_tf), ctx, ctx.eval_batch_size)
-    return compute_features(model, loader, ctx)
+    pipeline = build_batch_pipeline(AugmentationConfig(), int(train.images.shape[-1]), ctx.mean, ctx.std)
+    plans = sequential_plans(rows, ctx.eval_batch_size)
+    return compute_features(model, SplitLoader(train, ctx, pipeline).batches(plans, None), ctx, len(rows))
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -231,7 +230,8 @@ def _sweep(
     best = math.inf
     for lr, (inputs, targets) in zip(lrs, batches, strict=False):
         # The head is tiny: fp32 throughout, so no fp16 loss scaler can skip steps and distort the curve.
-        loss = _step(head, optimizer, criterion, inputs.to(ctx.device), targets.to(ctx.device), lr, stage)
+        inputs = inputs.to(device=ctx.device, dtype=torch.float32)  # cached features may be kept in bf16
+        loss = _step(head, optimizer, criterion, inputs, targets.to(ctx.device), lr, stage)
         if not math.isfinite(loss):
             return points, True
         smoothed = smoother.update(loss)

@@ -1,13 +1,17 @@
 """Benchmark: our training loop against torchvision's reference recipe, and stage 1 with and without its cache.
 
-Two comparisons, each against a peer run in the same process, on the same machine, synthetic data, model,
+Three comparisons, each against a peer run in the same process, on the same machine, synthetic data, model,
 batch size, optimizer and threads:
 
 1. Fine-tuning (stage 2, the whole base unfrozen, fp32): images/s of our `run_stage(FINE_TUNING)` against the
    inner loop of torchvision's reference classification recipe (`train_one_epoch` of
    pytorch/vision references/classification/train.py, re-implemented below because the references are not an
    installable package). Ratio ours / reference; above 1 means our loop is faster.
-2. Stage 1 (head on the frozen base): the epoch time of `run_stage(CLASSIFIER)` with bottleneck features
+2. Fine-tuning with augmentation (`AUGMENTED`: flips, zoom, colour jitter): the same two loops, ours augmenting
+   uint8 batches on the device (engine/batch_augment.py), the reference transforming image by image in its
+   DataLoader with the per-sample torchvision.transforms.v2 pipeline (`build_train_transform`) that our loop
+   itself used before. With comparison 1 showing the loops alike, this ratio is the input pipeline's.
+3. Stage 1 (head on the frozen base): the epoch time of `run_stage(CLASSIFIER)` with bottleneck features
    cached (the default without augmentation) against the same stage with `cache_features=False`, plus the
    one-off feature computation the cache costs and the number of epochs after which it has paid for itself.
 
@@ -33,7 +37,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,11 +47,12 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from trainer_service.engine import loop
 from trainer_service.engine.augment import build_train_transform
-from trainer_service.engine.batches import ImageArrayDataset, Split
+from trainer_service.engine.batches import Split
 from trainer_service.engine.context import RunContext, resolve_device
+from trainer_service.engine.epoch import Batches
 from trainer_service.engine.hardware import probe
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks, StageData, run_stage
 from trainer_service.engine.models import Classifier, WeightsUnavailable, build_classifier, normalization
@@ -77,6 +82,11 @@ SCRIPT_COMMAND = ("python", "bench/train_throughput.py")
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 OPTIMIZERS = ("sgd", "adamw")  # what both our config and the reference recipe build identically
+NO_AUGMENTATION = AugmentationConfig()  # comparison 1: stage 1 caches features unless told not to
+# Comparison 2's augmentation: what an image classifier commonly trains with.
+AUGMENTED = AugmentationConfig(
+    horizontal_flip=True, zoom_min_scale=0.6, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05
+)
 
 
 @dataclass(frozen=True)
@@ -219,11 +229,19 @@ class Throughput:
         return self.images / self.seconds
 
 
-def ours_fine_tuning(template: Classifier, config: TrainingConfig, data: StageData, ctx: RunContext) -> Throughput:
-    """Our stage 2 on a fresh copy of the model. Timed by its EpochRecords: an epoch's images / the seconds of
-    its training part (loader, forward, backward, step, LR schedule; validation and checkpoints excluded)."""
+def ours_fine_tuning(
+    template: Classifier,
+    config: TrainingConfig,
+    data: StageData,
+    ctx: RunContext,
+    augmentation: AugmentationConfig = NO_AUGMENTATION,
+) -> Throughput:
+    """Our stage 2 on a fresh copy of the model, with `augmentation`. Timed by its EpochRecords: an epoch's images /
+    the seconds of its training part (loader, forward, backward, step, LR schedule; validation and checkpoints
+    excluded)."""
     model = copy.deepcopy(template)
     recorder = _Recorder()
+    config = replace(config, augmentation=augmentation)
     run_stage(model, config, FINE_TUNING, data, ctx, recorder, repeat=0, seed=config.run.seed)
     count = len(data.train)
     return Throughput(
@@ -288,15 +306,36 @@ def reference_optimizer(params: Iterable[nn.Parameter], settings: Settings) -> t
     return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=WEIGHT_DECAY)
 
 
+class ReferenceImages(Dataset[tuple[Tensor, int]]):
+    """The reference's dataset: our in-memory uint8 rows, one image at a time through a per-sample transform
+    (what ImageFolder + ClassificationPresetTrain amount to once the images are decoded)."""
+
+    def __init__(self, split: Split, transform: Any) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image = torch.from_numpy(np.ascontiguousarray(self.split.images[i]))
+        return self.transform(image), int(self.split.targets[i])
+
+
 def reference_fine_tuning(
-    template: Classifier, settings: Settings, train: Split, ctx: RunContext, epochs: int
+    template: Classifier,
+    settings: Settings,
+    train: Split,
+    ctx: RunContext,
+    epochs: int,
+    augmentation: AugmentationConfig = NO_AUGMENTATION,
 ) -> Throughput:
     """The reference recipe's set-up and epoch loop (train.py `main`) on the same model, data and transform.
 
     Same as upstream: a RandomSampler DataLoader built once, CrossEntropyLoss, the optimizer over
     model.parameters(), StepLR stepped after each epoch. Different from upstream, to time the same work as our
-    loop: the images are our in-memory uint8 arrays through our (augmentation-free) train transform instead of
-    an ImageFolder through ClassificationPresetTrain, and pin_memory only on CUDA (as ours does; on a CPU it
+    loop: the images are our in-memory uint8 arrays through our per-sample v2 train transform (`augmentation`)
+    instead of an ImageFolder through ClassificationPresetTrain, and pin_memory only on CUDA (as ours does; on a CPU it
     only warns). Timed per epoch around train_one_epoch, as our loop times its training part.
     """
     model = copy.deepcopy(template)
@@ -305,8 +344,8 @@ def reference_fine_tuning(
     criterion = nn.CrossEntropyLoss(label_smoothing=0.0)
     optimizer = reference_optimizer(model.parameters(), settings)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1)
-    transform = build_train_transform(AugmentationConfig(), settings.size, ctx.mean, ctx.std)
-    dataset = ImageArrayDataset(train, range(len(train)), transform)
+    transform = build_train_transform(augmentation, settings.size, ctx.mean, ctx.std)
+    dataset = ReferenceImages(train, transform)
     data_loader: DataLoader[tuple[Tensor, int]] = DataLoader(
         dataset,
         batch_size=settings.batch_size,
@@ -342,9 +381,9 @@ def _timed_feature_passes() -> Iterator[list[tuple[int, float]]]:
     calls: list[tuple[int, float]] = []
     original = loop.compute_features
 
-    def timed(model: Classifier, loader: DataLoader[Any], ctx: RunContext) -> tuple[Tensor, Tensor]:
+    def timed(model: Classifier, batches: Batches, ctx: RunContext, rows: int) -> tuple[Tensor, Tensor]:
         started = time.perf_counter()
-        features, labels = original(model, loader, ctx)
+        features, labels = original(model, batches, ctx, rows)
         calls.append((int(labels.shape[0]), time.perf_counter() - started))
         return features, labels
 
@@ -393,6 +432,33 @@ def _epochs_once(config: TrainingConfig) -> TrainingConfig:
     )
 
 
+def _paired_rounds(
+    settings: Settings, label: str, ours: Callable[[], Throughput], reference: Callable[[], Throughput]
+) -> dict[str, Any]:
+    """`settings.rounds` rounds of both sides back to back, alternating which goes first; medians and ratios."""
+    runs: dict[str, list[Throughput]] = {"ours": [], "reference": []}
+    paired: list[float] = []  # ours / reference within each round: both ran back to back, under similar load
+    for round_index in range(settings.rounds):
+        for which in ("ours", "reference") if round_index % 2 == 0 else ("reference", "ours"):
+            result = ours() if which == "ours" else reference()
+            runs[which].append(result)
+            progress(
+                f"{label} round {round_index + 1}/{settings.rounds}: {which:9} {result.images_per_second:8.2f} images/s"
+            )
+        paired.append(runs["ours"][-1].images_per_second / runs["reference"][-1].images_per_second)
+    ours_ips = statistics.median(t.images_per_second for t in runs["ours"])
+    reference_ips = statistics.median(t.images_per_second for t in runs["reference"])
+    return {
+        "ours_images_per_second": ours_ips,
+        "reference_images_per_second": reference_ips,
+        "ratio_ours_over_reference": statistics.median(paired),  # the headline: median of per-round ratios
+        "ratio_of_medians": ours_ips / reference_ips,
+        "ours_rounds": [t.images_per_second for t in runs["ours"]],
+        "reference_rounds": [t.images_per_second for t in runs["reference"]],
+        "paired_ratios": paired,
+    }
+
+
 def benchmark(settings: Settings) -> dict[str, Any]:
     """Run both comparisons; returns every number the report shows, as plain data."""
     settings.check()
@@ -426,26 +492,23 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
     once = _epochs_once(config)
     ours_fine_tuning(template, once, small, ctx)
     reference_fine_tuning(template, settings, small.train, ctx, epochs=1)
+    ours_fine_tuning(template, once, small, ctx, AUGMENTED)
+    reference_fine_tuning(template, settings, small.train, ctx, 1, AUGMENTED)
     ours_stage1(template, once, small, ctx, cache=True)
     ours_stage1(template, once, small, ctx, cache=False)
 
-    ours: list[Throughput] = []
-    reference: list[Throughput] = []
-    paired: list[float] = []  # ours / reference within each round: both ran back to back, under similar load
-    for round_index in range(settings.rounds):
-        order = ["ours", "reference"] if round_index % 2 == 0 else ["reference", "ours"]
-        for which in order:
-            if which == "ours":
-                ours.append(ours_fine_tuning(template, config, data, ctx))
-                result = ours[-1]
-            else:
-                reference.append(reference_fine_tuning(template, settings, data.train, ctx, settings.epochs))
-                result = reference[-1]
-            progress(
-                f"fine-tuning round {round_index + 1}/{settings.rounds}: {which:9} "
-                f"{result.images_per_second:8.2f} images/s"
-            )
-        paired.append(ours[-1].images_per_second / reference[-1].images_per_second)
+    plain = _paired_rounds(
+        settings,
+        "fine-tuning",
+        lambda: ours_fine_tuning(template, config, data, ctx),
+        lambda: reference_fine_tuning(template, settings, data.train, ctx, settings.epochs),
+    )
+    augmented = _paired_rounds(
+        settings,
+        "augmented fine-tuning",
+        lambda: ours_fine_tuning(template, config, data, ctx, AUGMENTED),
+        lambda: reference_fine_tuning(template, settings, data.train, ctx, settings.epochs, AUGMENTED),
+    )
 
     cached: list[Stage1Run] = []
     uncached: list[Stage1Run] = []
@@ -459,8 +522,6 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
                 + (f", features {run.feature_seconds:.3f} s" if cache else "")
             )
 
-    ours_ips = statistics.median(t.images_per_second for t in ours)
-    reference_ips = statistics.median(t.images_per_second for t in reference)
     cached_epoch = statistics.median(s for run in cached for s in run.epoch_seconds)
     uncached_epoch = statistics.median(s for run in uncached for s in run.epoch_seconds)
     feature_seconds = statistics.median(run.feature_seconds for run in cached)
@@ -483,15 +544,8 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
             "load_average": [load_before, load_average()],
         },
         "weights": weights,
-        "fine_tuning": {
-            "ours_images_per_second": ours_ips,
-            "reference_images_per_second": reference_ips,
-            "ratio_ours_over_reference": statistics.median(paired),  # the headline: median of per-round ratios
-            "ratio_of_medians": ours_ips / reference_ips,
-            "ours_rounds": [t.images_per_second for t in ours],
-            "reference_rounds": [t.images_per_second for t in reference],
-            "paired_ratios": paired,
-        },
+        "fine_tuning": plain,
+        "augmented_fine_tuning": augmented,
         "stage1": {
             "cached_epoch_seconds": cached_epoch,
             "uncached_epoch_seconds": uncached_epoch,
@@ -513,6 +567,23 @@ def _benchmark(settings: Settings) -> dict[str, Any]:
 
 def _list(values: Sequence[float], digits: int) -> str:
     return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
+def _paired_table(runs: dict[str, Any], ours: str, reference: str) -> list[str]:
+    return [
+        "| loop | images/s (median) | rounds |",
+        "|---|---:|---|",
+        f"| {ours} | {runs['ours_images_per_second']:.2f} | {_list(runs['ours_rounds'], 2)} |",
+        f"| {reference} | {runs['reference_images_per_second']:.2f} | {_list(runs['reference_rounds'], 2)} |",
+        f"| **ratio ours / reference** (median of the rounds' ratios) | **{runs['ratio_ours_over_reference']:.3f}** "
+        f"| {_list(runs['paired_ratios'], 3)} |",
+        f"| ratio of the two medians above | {runs['ratio_of_medians']:.3f} | |",
+    ]
+
+
+def _augmentation_words(aug: AugmentationConfig) -> str:
+    on = {k: v for k, v in asdict(aug).items() if v != getattr(NO_AUGMENTATION, k)}
+    return ", ".join(f"{k} {v}" for k, v in on.items())
 
 
 def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> str:
@@ -549,15 +620,23 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         "",
         f"## Fine-tuning: our loop vs torchvision's reference recipe ({s['epochs']} epoch(s) per round)",
         "",
-        "| loop | images/s (median) | rounds |",
-        "|---|---:|---|",
-        f"| ours: `run_stage(FINE_TUNING)`, whole base unfrozen | {ft['ours_images_per_second']:.2f} "
-        f"| {_list(ft['ours_rounds'], 2)} |",
-        f"| torchvision references/classification `train_one_epoch` | {ft['reference_images_per_second']:.2f} "
-        f"| {_list(ft['reference_rounds'], 2)} |",
-        f"| **ratio ours / reference** (median of the rounds' ratios) | **{ft['ratio_ours_over_reference']:.3f}** "
-        f"| {_list(ft['paired_ratios'], 3)} |",
-        f"| ratio of the two medians above | {ft['ratio_of_medians']:.3f} | |",
+        *_paired_table(
+            ft,
+            "ours: `run_stage(FINE_TUNING)`, whole base unfrozen",
+            "torchvision references/classification `train_one_epoch`",
+        ),
+        "",
+        f"## Fine-tuning with augmentation: batched on the device vs per sample in the DataLoader "
+        f"({s['epochs']} epoch(s) per round)",
+        "",
+        f"Augmentation: {_augmentation_words(AUGMENTED)}. The same two loops as above; what differs is where the "
+        "images are augmented.",
+        "",
+        *_paired_table(
+            result["augmented_fine_tuning"],
+            "ours: uint8 batches augmented on the device (`BatchPipeline`)",
+            "reference loop, per-sample v2 pipeline in its DataLoader (`build_train_transform`)",
+        ),
         "",
         f"## Stage 1: epoch time with the feature cache vs without ({s['stage1_epochs']} epoch(s) per round)",
         "",
@@ -580,7 +659,10 @@ def render_markdown(result: dict[str, Any], command: str, when: dt.datetime) -> 
         "around `train_one_epoch` (DataLoader, forward, loss, backward, step, `loss.item()`, top-1/top-5 "
         "accuracy). Validation, checkpoints and set-up are outside both.",
         "- The reference runs the same `Classifier` (deep copy of the same initial weights, every parameter "
-        "trainable), the same transform and the same images; it differs only in the loop itself.",
+        "trainable), the same augmentation and the same images. Without augmentation it differs only in the "
+        "loop; with it, also in the input pipeline: ours loads uint8 batches and augments them on the training "
+        "device with per-sample parameters, the reference transforms each image in its DataLoader (in the "
+        "training process with 0 workers), as our loop did before.",
         "- Headline ratio: each round runs both loops back to back (alternating which goes first) and gives "
         "one ratio; the table reports the median of those, which cancels slow drifts in machine load better "
         "than the ratio of the two medians (also shown).",

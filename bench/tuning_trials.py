@@ -8,15 +8,15 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 from unittest import mock
 
 import optuna
 from torch import Tensor
-from torch.utils.data import DataLoader
 from trainer_service.engine import loop
-from trainer_service.engine.batches import ImageArrayDataset
+from trainer_service.engine.batches import DevicePass
 from trainer_service.engine.context import RunContext, run_context
+from trainer_service.engine.epoch import Batches
 from trainer_service.engine.loop import EpochRecord, NoOpCallbacks
 from trainer_service.engine.models import Classifier, build_classifier
 from trainer_service.engine.recipe import PreparedData, TrainingResult, train
@@ -48,18 +48,17 @@ def shared_features(enabled: bool) -> Iterator[FeatureStats]:
     original = loop.compute_features
     cache: dict[tuple[int, tuple[int, ...]], tuple[object, tuple[Tensor, Tensor]]] = {}
 
-    def compute(model: Classifier, loader: DataLoader[Any], ctx: RunContext) -> tuple[Tensor, Tensor]:
-        dataset = loader.dataset
+    def compute(model: Classifier, batches: Batches, ctx: RunContext, rows: int) -> tuple[Tensor, Tensor]:
         key = split = None
-        if enabled and isinstance(dataset, ImageArrayDataset):
-            split = dataset.split
-            key = (id(split), tuple(dataset.indices))
+        if enabled and isinstance(batches, DevicePass) and batches.generator is None:  # no augmented copies
+            split = batches.loader.split
+            key = (id(split), tuple(r for plan in batches.plans for r in plan.rows))
             hit = cache.get(key)
             if hit is not None and hit[0] is split:
                 stats.reused += 1
                 return hit[1]
         started = time.perf_counter()
-        out = original(model, loader, ctx)
+        out = original(model, batches, ctx, rows)
         stats.passes += 1
         stats.seconds += time.perf_counter() - started
         stats.images += int(out[0].shape[0])

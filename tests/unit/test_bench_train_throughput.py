@@ -56,12 +56,13 @@ def tiny_result(bench: ModuleType) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_benchmark_reports_positive_throughputs_and_ratios(tiny_result: dict[str, Any]) -> None:
-    ft, st = tiny_result["fine_tuning"], tiny_result["stage1"]
-    assert ft["ours_images_per_second"] > 0
-    assert ft["reference_images_per_second"] > 0
-    assert ft["ratio_ours_over_reference"] > 0
-    assert ft["ratio_of_medians"] > 0
-    assert len(ft["ours_rounds"]) == len(ft["reference_rounds"]) == len(ft["paired_ratios"]) == 1
+    st = tiny_result["stage1"]
+    for ft in (tiny_result["fine_tuning"], tiny_result["augmented_fine_tuning"]):
+        assert ft["ours_images_per_second"] > 0
+        assert ft["reference_images_per_second"] > 0
+        assert ft["ratio_ours_over_reference"] > 0
+        assert ft["ratio_of_medians"] > 0
+        assert len(ft["ours_rounds"]) == len(ft["reference_rounds"]) == len(ft["paired_ratios"]) == 1
     assert st["cached_epoch_seconds"] > 0
     assert st["uncached_epoch_seconds"] > 0
     assert st["ratio_cached_over_uncached"] > 0
@@ -81,6 +82,8 @@ def test_main_writes_the_markdown_report(
     assert "python -m bench.train_throughput --images 16" in report
     assert "ratio ours / reference" in report
     assert "ratio cached / uncached epoch" in report
+    assert "augmented on the device" in report
+    assert "horizontal_flip True" in report
 
 
 def test_bad_settings_are_refused(bench: ModuleType) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.colour_data import LABELS, colour_config, colour_split, cpu_context
 from torch.utils.data import BatchSampler, SequentialSampler
 from trainer_service.engine.batches import Split
 from trainer_service.engine.context import RunContext
@@ -25,40 +26,12 @@ from trainer_service.engine.models import normalization
 from trainer_service.engine.parallel import ClassifierFactory, _SplitRef, train_on_devices
 from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, checkpoint_bytes
 from trainer_service.spec.config import (
-    Architecture,
-    DatasetConfig,
-    ModelConfig,
     RunConfig,
-    StageConfig,
-    TrainingConfig,
-    WeightsSource,
 )
 
-SIZE = 32
 CPU = torch.device("cpu")
-
-
-def _split(n: int, seed: int) -> Split:
-    """Three labels, each a bright colour channel over noise: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    targets = np.arange(n, dtype=np.int64) % 3
-    images = rng.integers(0, 120, size=(n, 3, SIZE, SIZE), dtype=np.uint8)
-    for i, t in enumerate(targets):
-        images[i, t] = 240
-    return Split(images=images, targets=targets)
-
-
-DATA = PreparedData(labels=["red", "green", "blue"], train=_split(48, 1), val=_split(25, 2), test=_split(12, 3))
-
-CONFIG = TrainingConfig(
-    dataset=DatasetConfig(uri="datasets/colours", image_size=SIZE),
-    output_model="colours",
-    model=ModelConfig(
-        architecture=Architecture.MOBILENET_V3_SMALL, weights=WeightsSource.NONE, classifier_dim=32, dropout=0.0
-    ),
-    classifier=StageConfig(epochs=3, batch_size=16, learning_rate=0.01),
-    run=RunConfig(data_loader_workers=0, repeats=2),
-)
+DATA = PreparedData(labels=LABELS, train=colour_split(48, 1), val=colour_split(25, 2), test=colour_split(12, 3))
+CONFIG = colour_config(dropout=0.0, run=RunConfig(data_loader_workers=0, repeats=2))
 
 
 class Recorder(NoOpCallbacks):
@@ -75,9 +48,9 @@ class Recorder(NoOpCallbacks):
 
 def _run(devices: int, recorder: Recorder, resume: ResumeState | None = None) -> TrainingResult:
     config = dataclasses.replace(CONFIG, run=dataclasses.replace(CONFIG.run, devices=devices))
-    mean, std = normalization(config.model)
-    ctx = RunContext(device=CPU, autocast_dtype=None, workers=0, mean=mean, std=std)
-    return train_on_devices(config, DATA, ClassifierFactory(config.model, 3, None), ctx, recorder, resume)
+    return train_on_devices(
+        config, DATA, ClassifierFactory(config.model, 3, None), cpu_context(config), recorder, resume
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,57 +8,26 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.colour_data import LABELS, SIZE, colour_config, colour_split, cpu_context
 from trainer_service.engine.augment import build_eval_transform
-from trainer_service.engine.batches import Split
 from trainer_service.engine.context import RunContext
 from trainer_service.engine.epoch import Cancelled
 from trainer_service.engine.loop import CLASSIFIER, FINE_TUNING, EpochRecord, NoOpCallbacks, predict
 from trainer_service.engine.models import build_classifier, normalization
 from trainer_service.engine.recipe import PreparedData, ResumeState, TrainingResult, checkpoint_bytes, train
 from trainer_service.spec.config import (
-    Architecture,
     AugmentationConfig,
-    DatasetConfig,
     EarlyStoppingConfig,
     FineTuningConfig,
     Metric,
-    ModelConfig,
     RunConfig,
     StageConfig,
     TrainingConfig,
-    WeightsSource,
 )
 
-SIZE = 32
-
-
-def _split(n: int, seed: int) -> Split:
-    """Three labels, each a bright colour channel over noise: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    targets = np.arange(n, dtype=np.int64) % 3
-    images = rng.integers(0, 120, size=(n, 3, SIZE, SIZE), dtype=np.uint8)
-    for i, t in enumerate(targets):
-        images[i, t] = 240
-    return Split(images=images, targets=targets)
-
-
-DATA = PreparedData(labels=["red", "green", "blue"], train=_split(48, 1), val=_split(24, 2))
-
-
-def _config(**changes: Any) -> TrainingConfig:
-    base = TrainingConfig(
-        dataset=DatasetConfig(uri="datasets/colours", image_size=SIZE),
-        output_model="colours",
-        model=ModelConfig(architecture=Architecture.MOBILENET_V3_SMALL, weights=WeightsSource.NONE, classifier_dim=32),
-        classifier=StageConfig(epochs=3, batch_size=16, learning_rate=0.01),
-        run=RunConfig(data_loader_workers=0),
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def _ctx(config: TrainingConfig) -> RunContext:
-    mean, std = normalization(config.model)
-    return RunContext(device=torch.device("cpu"), autocast_dtype=None, workers=0, mean=mean, std=std)
+DATA = PreparedData(labels=LABELS, train=colour_split(48, 1), val=colour_split(24, 2))
+_config = colour_config
+_ctx = cpu_context
 
 
 class Recorder(NoOpCallbacks):
@@ -177,9 +146,12 @@ def test_cancel_stops_between_batches() -> None:
         _run(_config(), Recorder(stop_after_epochs=1))
 
 
+# Random augmentation on the device, with one augmented copy per original: stage 1 caches the copies' features,
+# stage 2 augments every epoch's batches.
 RESUME_CONFIG = _config(
     classifier=StageConfig(epochs=2, batch_size=16, learning_rate=0.01),
     fine_tuning=FineTuningConfig(enabled=True, stage=StageConfig(epochs=1, batch_size=16, learning_rate=0.001)),
+    augmentation=AugmentationConfig(horizontal_flip=True, zoom_min_scale=0.7, brightness=0.2, copies_per_original=1),
     run=RunConfig(data_loader_workers=0, repeats=2),
 )
 
@@ -194,8 +166,9 @@ def uninterrupted_run() -> tuple[TrainingResult, Recorder]:
 def test_resuming_from_any_checkpoint_reaches_the_uninterrupted_result(
     cut: int, uninterrupted_run: tuple[TrainingResult, Recorder]
 ) -> None:
-    """Checkpoints 0-2 are repeat 1's stage 1/2, 3+ are repeat 2: resume lands on the same numbers."""
-    config = RESUME_CONFIG
+    """Checkpoints 0-2 are repeat 1's stage 1/2, 3+ are repeat 2: resume lands on the same numbers. The resumed run
+    loads in a worker process, the uninterrupted one in-process: the batches depend on neither."""
+    config = dataclasses.replace(RESUME_CONFIG, run=dataclasses.replace(RESUME_CONFIG.run, data_loader_workers=1))
     uninterrupted, whole = uninterrupted_run
     assert len(whole.checkpoints) == 6
 

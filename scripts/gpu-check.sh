@@ -80,6 +80,16 @@ echo "== 4. train with AMP (precision left at its default: bf16 where native, el
 train gpu-amp
 
 echo
+if [ "$GPUS" = 1 ]; then
+  echo "== 4b. one GPU here: no multi-GPU job (run.devices needs at least 2)"
+else
+  # Every visible GPU (the smoke run: 2 processes on the CPU, gloo).
+  DDP_DEVICES=$([ "$GPUS" = 0 ] && echo 2 || echo "$GPUS")
+  echo "== 4b. one job on $DDP_DEVICES devices (run.devices: DistributedDataParallel, NCCL on GPUs)"
+  train gpu-ddp --set "run.devices=$DDP_DEVICES"
+fi
+
+echo
 echo "== 5. deploy it to Triton (on the GPU where there is one) and classify images it has not seen"
 visiontune deploy models/gpu-check --replace
 visiontune deployments | tee "$RESULTS/deployments.txt"

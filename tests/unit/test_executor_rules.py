@@ -194,3 +194,62 @@ def test_a_borrowed_slot_waits_for_a_free_one_and_holds_claims_back(tmp_path: Pa
             assert runtime.launched[1].job_id == "queued"
         finally:
             executor.stop()
+
+
+def _spec_on(devices: int) -> str:
+    spec = tiny_spec()
+    spec.run.devices = devices
+    return json_format.MessageToJson(spec)
+
+
+def _finish(jobs: JobStore, worker: PlainWorker) -> None:
+    jobs.update_state(worker.job_id, JobState.SUCCEEDED)  # what the worker itself records
+    worker.ended, worker.gone = WorkerExit(0, "exit code 0", ""), True
+
+
+def test_a_job_on_several_local_gpus_takes_a_slot_per_gpu_and_waits_its_turn(tmp_path: Path) -> None:
+    """Two GPUs, a slot each: a two-GPU job queued behind a one-GPU job waits for both (and the one-GPU job
+    queued after it does not overtake it); a job on more GPUs than the replica has runs alone."""
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        runtime = PlainRuntime(gpu_count=2)
+        executor = _executor(jobs, runtime, slots=2)
+        try:
+            jobs.create_job("one", _spec_on(1))
+            _until(lambda: len(runtime.launched) == 1)
+            jobs.create_job("two", _spec_on(2))
+            jobs.create_job("after", _spec_on(1))
+            time.sleep(0.5)
+            assert [w.job_id for w in runtime.launched] == ["one"]  # one GPU free: "two" waits, "after" behind it
+            _finish(jobs, runtime.launched[0])
+            _until(lambda: len(runtime.launched) == 2)
+            assert runtime.launched[1].job_id == "two"
+            time.sleep(0.5)
+            assert len(runtime.launched) == 2  # "two" holds both slots
+            _finish(jobs, runtime.launched[1])
+            _until(lambda: len(runtime.launched) == 3)
+            assert runtime.launched[2].job_id == "after"
+            jobs.create_job("four", _spec_on(4))
+            _finish(jobs, runtime.launched[2])
+            _until(lambda: len(runtime.launched) == 4)  # larger than the replica: it runs once the replica is idle
+            jobs.create_job("next", _spec_on(1))
+            time.sleep(0.5)
+            assert len(runtime.launched) == 4
+        finally:
+            executor.stop(requeue=False)
+
+
+def test_without_a_gpu_pool_a_job_takes_one_slot_whatever_its_devices(tmp_path: Path) -> None:
+    """On the CPU (gloo ranks share the cores) and on Kubernetes (the scheduler finds a pod's GPUs) the slots
+    count workers, not devices."""
+    with JobStore(tmp_path / "jobs.sqlite3") as jobs:
+        for gpus in (0, None):
+            runtime = PlainRuntime(gpu_count=gpus)
+            executor = _executor(jobs, runtime, replica=f"r{gpus}", slots=2)
+            try:
+                jobs.create_job(f"a{gpus}", _spec_on(2))
+                jobs.create_job(f"b{gpus}", _spec_on(2))
+                _until(lambda r=runtime: len(r.launched) == 2)
+                for worker in runtime.launched:
+                    _finish(jobs, worker)
+            finally:
+                executor.stop(requeue=False)

@@ -43,6 +43,7 @@ from visiontune.errors import ResourceExhausted, VisionTuneError
 from visiontune.settings import DEFAULT_BUCKET
 
 from trainer_service.jobs import events
+from trainer_service.jobs.gpus import devices_of, slots_taken
 from trainer_service.jobs.runtime import (
     EXIT_DATABASE_UNAVAILABLE,
     EXIT_SUPERSEDED,
@@ -79,6 +80,7 @@ class _Running:
     # Set once the worker's end is handled (recorded or left to its new attempt); it stays here until cleaned up.
     handled: bool = False
     worker_row: str | None = None  # the worker row it holds (runtimes with a cluster cap)
+    slots: int = 1  # of this replica's job slots (`gpus.slots_taken`: a job on several local GPUs takes that many)
 
     @property
     def job_id(self) -> str:
@@ -249,7 +251,7 @@ class JobExecutor:
         with self._lock:
             self._borrowers_waiting += 1
             try:
-                while len(self._running) + self._borrowed >= self._slots:
+                while self._slots_used() >= self._slots:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise SlotsBusy(self._slots, timeout_s)
@@ -265,6 +267,10 @@ class JobExecutor:
                 self._borrowed -= 1
                 self._slot_freed.notify_all()
             self.wake()
+
+    def _slots_used(self) -> int:
+        """Slots taken by workers (until their runs are dropped) and by borrowers (the caller holds the lock)."""
+        return sum(run.slots for run in self._running.values()) + self._borrowed
 
     def running_jobs(self) -> list[str]:
         """Jobs whose worker this replica looks after and whose end is not handled yet."""
@@ -330,10 +336,15 @@ class JobExecutor:
         claim = None if cap is None else WorkerClaim(self._workers.worker_name, cap)
         while not self._stop.is_set():
             with self._lock:
-                if len(self._running) + self._borrowed + self._borrowers_waiting >= self._slots:
-                    return
+                free = self._slots - self._slots_used() - self._borrowers_waiting
+            if free <= 0:
+                return
+            # A job on more GPUs than are free waits for them; an idle replica takes any job (it runs alone).
+            fits = free if free < self._slots and self._workers.gpu_count else None
             # The claim counts the attempt in its own transaction: no job is left RUNNING on its previous attempt.
-            record = self._jobs.claim_next_queued(owner=self.replica_id, start_attempt=True, worker=claim)
+            record = self._jobs.claim_next_queued(
+                owner=self.replica_id, start_attempt=True, worker=claim, max_devices=fits
+            )
             if record is None:
                 return
             self._launch(record)
@@ -349,8 +360,9 @@ class JobExecutor:
         worker = self._workers.launch(record)
         name = self._workers.worker_name(record.job_id, record.attempt)
         row = None if self._workers.cluster_cap is None else name
+        slots = slots_taken(devices_of(record.spec_json), self._workers.gpu_count, self._slots)
         with self._lock:
-            self._running[name] = _Running(worker, name, worker_row=row)
+            self._running[name] = _Running(worker, name, worker_row=row, slots=slots)
 
     def _reap(self) -> None:
         with self._lock:

@@ -47,6 +47,15 @@ def devices_of(spec_json: str) -> int:
     return int(run.get("devices", 1))
 
 
+def slots_taken(devices: int, gpus: int | None, slots: int) -> int:
+    """Executor slots a job on `devices` processes takes: where the trainer hands out a fixed pool of GPUs (local
+    workers, `gpus` > 0) one per GPU its ranks get, never more than the replica has (a larger job runs alone); one
+    elsewhere (on the CPU, or a Kubernetes pod whose GPUs the cluster's scheduler finds)."""
+    if not gpus:
+        return 1
+    return max(1, min(devices, slots))
+
+
 def gpu_pool(environ: Mapping[str, str], device_count: int) -> tuple[str, ...]:
     """The GPUs the trainer may hand out, each as a `CUDA_VISIBLE_DEVICES` entry.
 

@@ -76,8 +76,8 @@ class LocalWorker:
 class LocalWorkers:
     """The default runtime: worker subprocesses, bounded by the executor's slots. Each worker gets a GPU of `gpus`
     (`CUDA_VISIBLE_DEVICES` entries, `gpus.gpu_pool`) to itself while there are as many as running workers, and a
-    job on several devices that many. A job takes one slot whatever its devices: GPUs are shared only once every
-    one is in use."""
+    job on several devices that many; such a job also takes that many of the executor's slots (`gpus.slots_taken`),
+    so with a slot per GPU (the default) no two workers share a GPU."""
 
     cluster_cap = None
     workers_outlive_trainer = False

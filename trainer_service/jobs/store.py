@@ -43,6 +43,7 @@ from visiontune import pagination
 from visiontune.database import Database, DatabaseClosed, DatabaseConfigError
 from visiontune.outages import OutageListener, OutagePolicy
 
+from trainer_service.jobs.gpus import devices_of
 from trainer_service.jobs.records import (
     AlreadyExists,
     Conflict,
@@ -549,7 +550,12 @@ class JobStore:
         return self._write(run)
 
     def claim_next_queued(
-        self, owner: str | None = None, *, start_attempt: bool = False, worker: WorkerClaim | None = None
+        self,
+        owner: str | None = None,
+        *,
+        start_attempt: bool = False,
+        worker: WorkerClaim | None = None,
+        max_devices: int | None = None,
     ) -> JobRecord | None:
         """Atomically move the oldest QUEUED job to RUNNING, owned by replica ``owner``; None when none is queued.
 
@@ -558,20 +564,22 @@ class JobStore:
         attempt counter goes up by one in the same transaction (the executor's claim: a database lost between the
         claim and the count cannot leave a job RUNNING on its previous attempt); otherwise it is left to
         increment_attempt. With ``worker`` (the Kubernetes executor), the claim also takes a worker row for the new
-        attempt, and claims nothing while ``worker.cap`` rows exist (all replicas' Jobs together).
+        attempt, and claims nothing while ``worker.cap`` rows exist (all replicas' Jobs together). With
+        ``max_devices``, the oldest job is claimed only if its ``run.devices`` fit in that many; otherwise nothing is
+        (queue order holds: a job on several GPUs waits for them rather than being overtaken forever).
         """
 
         def run(conn: Connection) -> JobRecord | None:
             if worker is not None and self._workers_at_cap(conn, worker.cap):
                 return None
             query = (
-                sa.select(_J.job_id)
+                sa.select(_J.job_id, _J.spec_json)
                 .where(_J.state == JobState.QUEUED.value)
                 .order_by(_J.create_time, _J.job_id)
                 .limit(1)
             )
             row = conn.execute(self._skip_locked(query)).first()
-            if row is None:
+            if row is None or (max_devices is not None and devices_of(row.spec_json) > max_devices):
                 return None
             extra: dict[str, Any] = {"owner": owner}
             if start_attempt:

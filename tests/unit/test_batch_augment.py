@@ -17,6 +17,7 @@ from trainer_service.engine.batch_augment import (
     AugmentParams,
     BatchPipeline,
     build_batch_pipeline,
+    colour_jitter,
     draw_params,
 )
 from trainer_service.spec.config import AugmentationConfig
@@ -159,6 +160,22 @@ def test_parity_with_v2_functional_ops(name: str) -> None:
     growth = 1.5 if name != "all" else 1.2**3
     assert diff.max().item() <= max(steps, 1e-3) * growth * unit + 1e-5
     assert diff.mean().item() <= 0.5 * max(steps, 1) * unit
+
+
+def test_hue_equals_v2_on_float_images_with_grey_black_and_primaries() -> None:
+    """Without uint8 rounding in between, the fused hue step is v2's adjust_hue to float precision, including the
+    pixels its closed form treats specially: grey and black (no hue), white, the primaries and ties for max."""
+    special = torch.tensor(
+        [[0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]]
+    )
+    images = torch.rand(N, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    images[:, :, 0, : len(special)] = special.T  # the special pixels along the first row of every image
+    pipe = _pipeline(hue=0.5)
+    params = draw_params(pipe.aug, N, SIZE, torch.Generator().manual_seed(2))
+    got = colour_jitter(images, params.jitter, params.order, (False, False, False, True))
+    expected = torch.stack([TF.adjust_hue(images[i], float(params.jitter[i, HUE])) for i in range(N)])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(got[:, :, 0, :3], images[:, :, 0, :3])  # black, white and grey keep their value
 
 
 def test_draws_match_v2_distributions() -> None:

@@ -191,60 +191,71 @@ def _blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     return (factor * images + (1 - factor) * other).clamp(0.0, 1.0)
 
 
-def rgb_to_hsv(images: Tensor) -> Tensor:
-    """Float RGB in [0, 1] [N, 3, H, W] -> HSV, h in [0, 1) (v2's algorithm; grey pixels get h = s = 0)."""
-    r, g, b = images.unbind(dim=-3)
-    minc, maxc = torch.aminmax(images, dim=-3)
+# Where each of R, G, B sits on the hue circle (in sixths), for `_hue`'s closed form.
+_HUE_OFFSETS = (5.0, 3.0, 1.0)
+_TINY = 1e-12  # keeps 0/0 out of grey and black pixels
+
+
+def _hue(x: Tensor, factor: Tensor) -> Tensor:
+    """RGB [M, 3, H, W] in [0, 1] with each row's hue turned by `factor` [M, 1, 1, 1] (of a full turn).
+
+    v2's adjust_hue (RGB -> HSV, h + factor mod 1, HSV -> RGB, Pillow's algorithm) fused into one pass: hue is
+    kept in sixths and each channel comes from the closed form c = v - v * s * clamp(min(k, 4 - k), 0, 1),
+    k = (offset + 6h) mod 6, which equals v2's sector table (v, p, q, t) without building HSV or gathering.
+    Grey pixels (s = 0) come out as v whatever their hue. About twice as fast as v2 image by image.
+    """
+    r, g, b = x.unbind(dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)  # two reductions beat one aminmax over dim 1 several times over
     span = maxc - minc
-    grey = span == 0
-    s = span / torch.where(grey, torch.ones_like(maxc), maxc)
-    span = torch.where(grey, torch.ones_like(span), span)
-    rc, gc, bc = (maxc - r) / span, (maxc - g) / span, (maxc - b) / span
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(grey, torch.zeros_like(h), h)
-    return torch.stack(((h / 6.0 + 1.0).fmod(1.0), s, maxc), dim=-3)
+    s = span / maxc.clamp(min=_TINY)  # black: span = 0, so s = 0
+    # Which channel is the max (r before g before b, as v2), as 0/1 weights: cheaper than nested where.
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    # Grey pixels: every difference and span are 0, so sixths = 0 (not 0/0).
+    sixths = ((g - b) * is_r + (b - r + 2.0 * span) * is_g + (r - g + 4.0 * span) * is_b) / span.clamp(min=_TINY)
+    offsets = torch.tensor(_HUE_OFFSETS, device=x.device, dtype=x.dtype)[None, :, None, None]
+    k = (sixths[:, None] + (factor * 6.0 + offsets)).remainder_(6.0)  # [M, 3, H, W]
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc[:, None] * (1.0 - s[:, None] * ramp)
 
 
-def hsv_to_rgb(images: Tensor) -> Tensor:
-    """HSV [N, 3, H, W] (h in [0, 1)) -> RGB in [0, 1]."""
-    h, s, v = images.unbind(dim=-3)
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    sector = i.long().remainder(6)
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    # Per sector (0..5) which of v, p, q, t each of r, g, b takes.
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=images.device)
-    index = select[:, sector].movedim(0, -3)  # [N, 3, H, W]
-    return vpqt.gather(-3, index)
+def _brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return (x * factor).clamp(0.0, 1.0)
+
+
+def _contrast(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, _grey(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def _saturation(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, _grey(x), factor)
+
+
+# Indexed by step number: each takes float rows [M, 3, H, W] and their factors [M, 1, 1, 1].
+_JITTER_STEPS = (_brightness, _contrast, _saturation, _hue)
 
 
 def colour_jitter(images: Tensor, jitter: Tensor, order: Tensor, enabled: tuple[bool, bool, bool, bool]) -> Tensor:
     """Float [N, 3, H, W] in [0, 1] -> the enabled jitter steps applied in each row's own order.
 
-    Each position computes every enabled step for the whole batch and keeps, per row, the one that row's
-    order puts there (4 positions x at most 4 steps, no loop over images).
+    At each of the 4 positions, every enabled step runs on just the rows whose order puts it there, so each
+    row goes through each step once (the hue step's HSV round trip dominates; running it on the whole batch
+    at every position cost 4x). The row sets come from `order` on the CPU: no device sync.
     """
-    dev, dtype = images.device, images.dtype
-    factors = jitter.to(device=dev, dtype=dtype)[:, :, None, None, None]  # [N, 4, 1, 1, 1]
-    order = order.to(dev)
-    x = images
+    factors = jitter.to(device=images.device, dtype=images.dtype)[:, :, None, None, None]  # [N, 4, 1, 1, 1]
+    x = images.clone()
+    n = images.shape[0]
     for position in range(4):
-        step = order[:, position][:, None, None, None]
-        if enabled[BRIGHTNESS]:
-            x = torch.where(step == BRIGHTNESS, (x * factors[:, BRIGHTNESS]).clamp(0.0, 1.0), x)
-        if enabled[CONTRAST]:
-            mean = _grey(x).mean(dim=(-3, -2, -1), keepdim=True)
-            x = torch.where(step == CONTRAST, _blend(x, mean, factors[:, CONTRAST]), x)
-        if enabled[SATURATION]:
-            x = torch.where(step == SATURATION, _blend(x, _grey(x), factors[:, SATURATION]), x)
-        if enabled[HUE]:
-            hsv = rgb_to_hsv(x)
-            hue = (hsv[:, :1] + factors[:, HUE]).remainder(1.0)
-            x = torch.where(step == HUE, hsv_to_rgb(torch.cat((hue, hsv[:, 1:]), dim=1)), x)
+        for step, on in enumerate(enabled):
+            if not on:
+                continue
+            rows = torch.nonzero(order[:, position] == step, as_tuple=True)[0]
+            if rows.numel() == n:
+                x = _JITTER_STEPS[step](x, factors[:, step])
+            elif rows.numel() > 0:
+                index = rows.to(images.device)
+                x[index] = _JITTER_STEPS[step](x[index], factors[index, step])
     return x
 
 

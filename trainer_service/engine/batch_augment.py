@@ -168,19 +168,33 @@ def _inverse_affine(angle: Tensor, shear: Tensor) -> Tensor:
     return torch.stack((torch.stack((d, -b, zero), 1), torch.stack((-c, a, zero), 1)), 1)
 
 
+def _edge_weight(coordinate: Tensor, size: int) -> Tensor:
+    """What bilinear sampling of an all-ones image with zero padding gives at pixel `coordinate` (0..size-1 are the
+    pixel centres): 1 inside, falling linearly to 0 over the pixel beyond either edge."""
+    return torch.minimum(coordinate + 1.0, size - coordinate).clamp_(0.0, 1.0)
+
+
 def rotate_shear(images: Tensor, angle: Tensor, shear: Tensor) -> Tensor:
     """Float [N, C, S, S] -> per-row rotation/shear about the centre, bilinear, fill 0, as v2's affine.
 
     v2 with a fill (RandomAffine's default 0 is one) samples a ones mask channel alongside and multiplies
-    by it, so edge pixels that straddle the border are darkened twice; matched here. For square images
-    v2's pixel-space grid equals affine_grid's with the translation-free matrix.
+    by it, so edge pixels that straddle the border are darkened twice; matched here with that mask in closed
+    form (separable, `_edge_weight`) instead of a fourth sampled channel. The grid is affine_grid's
+    (align_corners=False), written out as two broadcast products; for square images it equals v2's pixel-space
+    grid with the translation-free matrix.
     """
-    n, c, h, w = images.shape
-    theta = _inverse_affine(angle, shear).to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
-    with_mask = torch.cat((images, torch.ones_like(images[:, :1])), dim=1)
-    sampled = F.grid_sample(with_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return sampled[:, :c] * sampled[:, c:]
+    h, w = images.shape[-2:]
+    dev, dtype = images.device, images.dtype
+    theta = _inverse_affine(angle, shear).to(device=dev, dtype=dtype)[:, :, :, None, None]  # [N, 2, 3, 1, 1]
+    xs = (torch.arange(w, device=dev, dtype=dtype) * 2 + 1) / w - 1  # pixel centres in (-1, 1)
+    ys = ((torch.arange(h, device=dev, dtype=dtype) * 2 + 1) / h - 1)[:, None]
+    gx = theta[:, 0, 0] * xs + theta[:, 0, 1] * ys  # [N, H, W]
+    gy = theta[:, 1, 0] * xs + theta[:, 1, 1] * ys
+    sampled = F.grid_sample(
+        images, torch.stack((gx, gy), dim=-1), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    mask = _edge_weight(((gx + 1) * w - 1) / 2, w) * _edge_weight(((gy + 1) * h - 1) / 2, h)
+    return sampled * mask[:, None]
 
 
 def _grey(images: Tensor) -> Tensor:

@@ -76,6 +76,10 @@ def report(results: Path) -> str:
         lines += [f"Classified {len(rows)} unseen images through Triton ({unknown} called unknown).", ""]
     lines += _included("Training throughput on this device", results / "train_throughput.md")
     lines += _included("Serving on this device", results / "serve.md")
+    parity = results / "jpeg_parity.txt"
+    # pytest's last line: how many parity tests passed, failed or were skipped on this device.
+    outcome = (parity.read_text().strip().splitlines() or ["(no output)"])[-1] if parity.exists() else "(not run)"
+    lines += ["## JPEG decoding on this device (nvJPEG) against the trainer's decoder", "", outcome, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 from visiontune.auth import TokenRegistry
 from visiontune.bootstrap import StartupError, run_service
 from visiontune.database import DatabaseError
+from visiontune.jpeg_on_device import DeviceJpegDecoder
 from visiontune.preprocessing import MAX_IMAGE_PIXELS
 from visiontune.server import ServiceBinding
 from visiontune.settings import DEFAULT_INFERENCE_PORT, FEEDBACK_DATABASE_URL_ENV, ServerSettings
@@ -104,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
         help="decoded pixels per image; more is refused as a decompression bomb (default 64 Mi)",
     )
+    serving.add_argument(
+        "--gpu-jpeg-min-pixels",
+        type=int,
+        default=_env_int("GPU_JPEG_MIN_PIXELS", 0),
+        help="decode RGB/grey JPEGs of at least this many pixels on the GPU (nvJPEG), the rest on the CPU; "
+        "0 = every image on the CPU (default); needs CUDA [VISIONTUNE_GPU_JPEG_MIN_PIXELS]",
+    )
     feedback = parser.add_argument_group("feedback")
     feedback.add_argument(
         "--feedback-database-url",
@@ -166,6 +174,16 @@ def placement(args: argparse.Namespace) -> Placement:
         raise StartupError(str(err)) from err
 
 
+def jpeg_decoder(args: argparse.Namespace) -> DeviceJpegDecoder | None:
+    """--gpu-jpeg-min-pixels as a decoder on the first GPU torch sees; StartupError without CUDA (the flag asks for
+    GPU decoding, and silently decoding on the CPU would hide that it is not happening)."""
+    if args.gpu_jpeg_min_pixels <= 0:
+        return None
+    if not torch.cuda.is_available():
+        raise StartupError("--gpu-jpeg-min-pixels is set, but torch sees no CUDA device to decode JPEGs on")
+    return DeviceJpegDecoder(torch.device("cuda"), args.gpu_jpeg_min_pixels)
+
+
 def open_predictions(settings: ServerSettings, args: argparse.Namespace) -> SqlPredictionStore:
     """The prediction store of --feedback-database-url; StartupError (one line, naming the host) if unusable."""
     url = args.feedback_database_url or database_url_for(settings.data_dir / PREDICTIONS_FILE)
@@ -192,6 +210,7 @@ def build(
     settings: ServerSettings, store: ArtifactStore, args: argparse.Namespace, registry: TokenRegistry | None = None
 ) -> tuple[list[ServiceBinding], Callable[[], None]]:
     where = placement(args)
+    decoder = jpeg_decoder(args)
     # First: a database it cannot use stops the service before Triton starts.
     predictions = open_predictions(settings, args)
     workdir = settings.data_dir / "inference"
@@ -238,6 +257,7 @@ def build(
         limits=Limits(
             max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels
         ),
+        jpeg_decoder=decoder,
     )
     threading.Thread(target=engine.restore, name="restore-deployments", daemon=True).start()
     janitor = Janitor(predictions)

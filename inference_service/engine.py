@@ -42,6 +42,7 @@ from visiontune.errors import (
     Unavailable,
     VisionTuneError,
 )
+from visiontune.jpeg_on_device import DeviceJpegDecoder
 from visiontune.names import ModelVersionName
 from visiontune.openset import is_known, open_set_scores
 from visiontune.outages import NO_WAIT
@@ -124,6 +125,7 @@ class InferenceEngine:
         limits: Limits = Limits(),
         registry: DeploymentRegistry | None = None,
         decode_threads: int | None = None,
+        jpeg_decoder: DeviceJpegDecoder | None = None,  # large JPEGs on the GPU; None: every image on the CPU
     ) -> None:
         # Requests (DeployModel, UndeployModel) must not hang on an S3 outage: they fail at once, UNAVAILABLE with
         # the store's one-line cause, and the client retries. So does a restore's deploy, which holds the version's
@@ -139,6 +141,7 @@ class InferenceEngine:
         self.weights_dir = workdir / "weights"
         self.predictions = predictions
         self.registry = registry or DeploymentRegistry()
+        self.jpeg_decoder = jpeg_decoder
         self._decoder = ThreadPoolExecutor(
             max_workers=decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
         )
@@ -448,9 +451,15 @@ class InferenceEngine:
     def _preprocess(self, images: Sequence[bytes], served: ServedModel, labels: dict[str, str]) -> np.ndarray:
         started = time.perf_counter()
 
+        size, max_pixels = served.resize_size, self.limits.max_image_pixels
+
         def one(content: bytes) -> np.ndarray | str:
             try:
-                return decode_hwc(content, served.resize_size, max_pixels=self.limits.max_image_pixels)
+                if self.jpeg_decoder is not None:
+                    on_device = self.jpeg_decoder.decode(content, size, max_pixels=max_pixels)
+                    if on_device is not None:
+                        return on_device
+                return decode_hwc(content, size, max_pixels=max_pixels)
             except ImageRejected as err:
                 return str(err)
 

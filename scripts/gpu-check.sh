@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a GPU box can show (`make gpu-check`): the GPU training path with AMP as a real job on the local stack,
-# a multi-GPU job on every visible GPU, the model in Triton on the GPU, classification through it, and the training
-# and serving benches on the GPU; everything it measured goes to bench/results/gpu.md.
+# a multi-GPU job on every visible GPU, the model in Triton on the GPU, classification through it, the training
+# and serving benches on the GPU, and the parity tests of JPEG decoding on it; everything it measured goes to
+# bench/results/gpu.md.
 #
 # Needs the project set up (`make setup`) and an NVIDIA GPU that torch can use; it stops at once, saying so,
 # without one. GPU_CHECK_ALLOW_CPU=1 runs the same steps on the CPU at toy size (a smoke test of the script itself:
@@ -105,6 +106,15 @@ echo "== 6. the training bench on this device"
 echo
 echo "== 7. the serving bench (Triton vs the model in-process) on this device"
 "$PYTHON" -m bench.serve "${SERVE_ARGS[@]}" --output "$RESULTS/serve.md"
+
+echo
+if [ "$GPUS" = 0 ]; then
+  JPEG_PARITY=(tests/unit/test_jpeg_on_device.py -k cpu)
+else
+  JPEG_PARITY=(tests/unit/test_jpeg_on_device.py tests/integration/test_inference_parity.py -k "cuda or jpeg-on-gpu")
+fi
+echo "== 7b. JPEG decoding on the device (nvJPEG) against the trainer's decoder: the train/serve parity tests"
+"$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rs "${JPEG_PARITY[@]}" | tee "$RESULTS/jpeg_parity.txt"
 
 echo
 echo "== 8. the report: $REPORT"

@@ -67,7 +67,7 @@ class ImageRejected(ValueError):
 # (UnidentifiedImageError and "image file is truncated" included) or ValueError, some SyntaxError,
 # EOFError or struct.error on malformed headers, TypeError on odd metadata. DecompressionBombError
 # derives from Exception alone.
-_DECODE_ERRORS: Final = (
+DECODE_ERRORS: Final = (
     OSError,
     ValueError,
     TypeError,
@@ -96,7 +96,7 @@ def _to_reducible(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _rejection(exc: BaseException) -> str:
+def rejection_message(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, Image.DecompressionBombError):
         return f"image too large, refused as a decompression bomb: {text}"
@@ -135,9 +135,9 @@ def decode_hwc(data: bytes, size: int, *, max_pixels: int = MAX_IMAGE_PIXELS) ->
             return np.asarray(resized, dtype=np.uint8)
     except ImageRejected:
         raise
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         log.debug("not a decodable image: %s: %s", type(exc).__name__, exc)
-        raise ImageRejected(_rejection(exc)) from exc
+        raise ImageRejected(rejection_message(exc)) from exc
 
 
 def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor | None:

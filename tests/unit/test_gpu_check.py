@@ -50,10 +50,12 @@ def test_the_report_names_the_device_precision_and_throughput(tmp_path: Path) ->
     }
     (tmp_path / "gpu-amp.json").write_text(json.dumps(job))
     (tmp_path / "serve.md").write_text("# Serving\n\n| a | b |\n")
+    (tmp_path / "jpeg_parity.txt").write_text("...........\n11 passed in 9.1s\n")
     text = report(tmp_path)
     assert "Machine: NVIDIA H200; torch 2.14.1, CUDA build 13.0, driver 580.1" in text
     assert "`jobs/gpu-amp`: succeeded; device cuda 1 x NVIDIA H200, precision amp_bf16" in text
     assert "| fine_tuning | 1 | 2,346 | 0.5000 |" in text
     assert "Final validation accuracy 0.975." in text
     assert "## Serving on this device\n\n## Serving" in text  # the bench's own report, its title a level down
+    assert "against the trainer's decoder\n\n11 passed in 9.1s\n" in text
     assert "(not run: no train_throughput.md)" in text  # a step that did not run is said, not left out

@@ -4,6 +4,7 @@ prediction store has its own suite, test_prediction_store.py)."""
 
 from __future__ import annotations
 
+import argparse
 import random
 import re
 import threading
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from inference_service.__main__ import add_arguments, jpeg_decoder
 from inference_service.deployments import Deployment, DeploymentRegistry, DeploymentState, DeploySettings, NoLiveVersion
 from inference_service.engine import input_dtype, network_input
 from inference_service.feedback import Outcome, outcome
@@ -22,6 +24,7 @@ from inference_service.placement import ALL_GPUS, Placement, Precision, placemen
 from inference_service.served_model import ManifestInvalid, from_manifest
 from inference_service.triton.repository import TritonModelConfig, triton_model_name, write_model
 from inference_service.triton.server import TRITON_DATATYPES
+from visiontune.bootstrap import StartupError
 from visiontune.names import ModelVersionName
 from visiontune.openset import OpenSetScore
 from visiontune.v1 import job_pb2, manifest_pb2, training_spec_pb2
@@ -256,6 +259,15 @@ def test_placement_refuses_what_triton_could_not_honour(
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         placement_for(device, gpus, precision, visible)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_jpeg_decoding_is_off_by_default_and_refused_without_cuda() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert jpeg_decoder(parser.parse_args([])) is None
+    with pytest.raises(StartupError, match="--gpu-jpeg-min-pixels is set, but torch sees no CUDA device"):
+        jpeg_decoder(parser.parse_args(["--gpu-jpeg-min-pixels", "1000000"]))
 
 
 # -- metrics -----------------------------------------------------------------------------------------------

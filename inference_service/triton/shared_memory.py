@@ -23,6 +23,7 @@ import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,6 +35,7 @@ from tritonclient.utils import shared_memory as system_shm
 log = logging.getLogger(__name__)
 
 DEFAULT_REGION_PAIRS: Final = 4
+_UNREGISTER_WAIT_S: Final = 2.0
 
 # tritonclient.utils.shared_memory counts its handles in a module-level dict without a lock: every create and
 # destroy goes through this one.
@@ -248,8 +250,21 @@ class RegionPool:
 
 
 def _unregister(client: Any, region: Region) -> None:
-    try:
-        client.unregister_system_shared_memory(region.name)
-    except InferenceServerException as err:
-        # Triton may be gone (shutdown, crash) or have lost the registration already; the region is ours to free.
-        log.info("could not unregister shared memory region %s from Triton: %s", region.name, err.message())
+    deadline = time.monotonic() + _UNREGISTER_WAIT_S
+    delay = 0.005
+    while True:
+        try:
+            client.unregister_system_shared_memory(region.name)
+            return
+        except InferenceServerException as err:
+            message = err.message() or ""
+            # Triton releases a request's regions just after its answer is sent, so a region that has just served
+            # a call may be "currently in use" for a few milliseconds: wait for that, and only that.
+            if "in use" in message and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                continue
+            # Triton may be gone (shutdown, crash) or have lost the registration already; the region is ours
+            # to free either way.
+            log.info("could not unregister shared memory region %s from Triton: %s", region.name, message)
+            return

@@ -344,8 +344,11 @@ class TritonModels:
         self._clients: list[triton_grpc.InferenceServerClient] = []
         self._lock = threading.Lock()
         self._pool: RegionPool | None = None
+        # What this client's region names start with (kept after shared memory is turned off or closed).
+        self.shared_memory_prefix: str | None = None
         if self.shared_memory_min_bytes is not None:
-            self._pool = RegionPool(region_prefix(), shared_memory_regions)
+            self.shared_memory_prefix = region_prefix()
+            self._pool = RegionPool(self.shared_memory_prefix, shared_memory_regions)
         self.shared_memory_off: str | None = None  # why shared memory was turned off, once it was
         self._lost_registrations = False  # since the last call through shared memory that worked
         self._outputs: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}  # (model, output): shape, datatype
@@ -361,12 +364,6 @@ class TritonModels:
             with self._lock:
                 self._clients.append(client)
         return client
-
-    @property
-    def shared_memory_prefix(self) -> str | None:
-        """What the names of this client's shared memory regions start with (None: shared memory is off)."""
-        pool = self._pool
-        return None if pool is None else pool.prefix
 
     def load(self, name: str) -> None:
         """Load (or reload) model `name` from the repository; returns once it is ready."""

@@ -3,7 +3,7 @@ test_inference.py, shared memory off there), with the colour model deployed; eac
 `TritonModels` of its own, on shared memory, and reads Triton's registrations through its status API.
 
 The colour model takes float32 [N, 3, 16, 16] (3 KiB an image) and answers 10 x each channel's mean, so every
-answer is known exactly.
+answer is known exactly. The last test starts a service of its own with --triton-shared-memory-min-bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from inference_service.triton import server as triton_server
 from inference_service.triton.server import TritonModels
-from tests.integration.inference_helpers import Inference, publish_color_model, start_inference
+from tests.integration.inference_helpers import (
+    BLUE,
+    GREEN,
+    GREY,
+    RED,
+    Inference,
+    publish_color_model,
+    solid_image,
+    start_inference,
+)
 from tritonclient.utils import InferenceServerException
 from visiontune.devstack.s3server import S3ServerProcess
 from visiontune.store import ArtifactStore
@@ -34,9 +43,16 @@ DEV_SHM = Path("/dev/shm")
 
 
 @pytest.fixture(scope="module")
-def service(s3_server: S3ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inference]:
-    bucket = ArtifactStore.connect(s3_server.settings("shm-" + secrets.token_hex(4)))
-    bucket.ensure_bucket()
+def bucket(s3_server: S3ServerProcess) -> ArtifactStore:
+    store = ArtifactStore.connect(s3_server.settings("shm-" + secrets.token_hex(4)))
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture(scope="module")
+def service(
+    bucket: ArtifactStore, s3_server: S3ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Inference]:
     running = start_inference(bucket, s3_server, tmp_path_factory.mktemp("inference"))
     try:
         running.deploy(publish_color_model(bucket, "shm"), max_batch_size=32)
@@ -250,3 +266,24 @@ def test_regions_triton_lost_are_registered_again(
     registered = _regions(triton, models.shared_memory_prefix)
     assert len(registered) == 2
     assert not set(registered) & set(lost)
+
+
+def test_a_service_started_with_the_flag_classifies_through_shared_memory(
+    bucket: ArtifactStore, s3_server: S3ServerProcess, tmp_path: Path
+) -> None:
+    flagged = start_inference(bucket, s3_server, tmp_path / "inference", "--triton-shared-memory-min-bytes", "1")
+    try:
+        flagged.deploy(publish_color_model(bucket, "flagged"))
+        response = flagged.classify("models/flagged", *(solid_image(c) for c in (RED, GREEN, BLUE, GREY)))
+        assert [c.top_k[0].label for c in response.classifications[:3]] == ["red", "green", "blue"]
+        assert [c.unknown for c in response.classifications] == [False, False, False, True]
+        triton = triton_grpc.InferenceServerClient(flagged.process.triton_grpc)
+        try:
+            regions = triton.get_system_shared_memory_status().regions
+        finally:
+            triton.close()
+        assert sorted(name.rpartition("-")[2] for name in regions) == ["input", "output"]
+        assert all(name.startswith(f"visiontune-{flagged.process.proc.pid}-") for name in regions)
+    finally:
+        flagged.stop()
+    assert "through system shared memory" in flagged.process.log.read_text()

@@ -268,3 +268,8 @@ def _unregister(client: Any, region: Region) -> None:
             # to free either way.
             log.info("could not unregister shared memory region %s from Triton: %s", region.name, message)
             return
+        except ValueError as err:
+            # grpc's "Cannot invoke RPC on closed channel": TritonModels.close closed this thread's client while
+            # its call was in flight; close() has asked Triton to unregister what it could.
+            log.info("could not unregister shared memory region %s from Triton: %s", region.name, err)
+            return

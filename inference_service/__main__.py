@@ -162,6 +162,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     triton.add_argument("--triton-http-port", type=int, default=_env_int("TRITON_HTTP_PORT", http_port))
     triton.add_argument("--triton-metrics-port", type=int, default=_env_int("TRITON_METRICS_PORT", metrics_port))
     triton.add_argument("--triton-startup-timeout", type=float, default=120.0, help="seconds (default 120)")
+    triton.add_argument(
+        "--triton-shared-memory-min-bytes",
+        type=int,
+        default=_env_int("TRITON_SHARED_MEMORY_MIN_BYTES", 0),
+        help="batches of at least this many input bytes reach Triton through system shared memory (/dev/shm) "
+        "instead of inline in gRPC messages; 0 (default) = never. Only for a Triton that shares this host's "
+        "/dev/shm; one that cannot use it is warned about once and batches go inline "
+        "[VISIONTUNE_TRITON_SHARED_MEMORY_MIN_BYTES]",
+    )
 
 
 def placement(args: argparse.Namespace) -> Placement:
@@ -211,6 +220,10 @@ def build(
 ) -> tuple[list[ServiceBinding], Callable[[], None]]:
     where = placement(args)
     decoder = jpeg_decoder(args)
+    if args.triton_shared_memory_min_bytes < 0:
+        raise StartupError(
+            f"--triton-shared-memory-min-bytes must be 0 (off) or more, not {args.triton_shared_memory_min_bytes}"
+        )
     # First: a database it cannot use stops the service before Triton starts.
     predictions = open_predictions(settings, args)
     workdir = settings.data_dir / "inference"
@@ -246,7 +259,11 @@ def build(
         raise StartupError(f"metrics port {settings.host}:{args.metrics_port}: {err}") from err
     log.info("metrics on http://%s:%d/metrics", settings.host, metrics_server.server_port)
 
-    models = TritonModels(ports.grpc_url)
+    models = TritonModels(ports.grpc_url, args.triton_shared_memory_min_bytes or None)
+    if models.shared_memory_min_bytes is not None:
+        log.info(
+            "batches of %d bytes or more go to Triton through system shared memory", models.shared_memory_min_bytes
+        )
     engine = InferenceEngine(
         store,
         models,

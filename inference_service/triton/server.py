@@ -33,6 +33,17 @@ from typing import IO, Any, Final
 import numpy as np
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
+from tritonclient.utils import shared_memory as system_shm
+
+from inference_service.triton.shared_memory import (
+    DEFAULT_REGION_PAIRS,
+    RegionPair,
+    RegionPool,
+    SharedMemoryUnavailable,
+    output_byte_size,
+    region_prefix,
+    uses_shared_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -309,13 +320,40 @@ class TritonServer:
 
 
 class TritonModels:
-    """What the service asks of Triton: load, unload and run models. Safe to call from many threads."""
+    """What the service asks of Triton: load, unload and run models. Safe to call from many threads.
 
-    def __init__(self, grpc_url: str) -> None:
+    With `shared_memory_min_bytes` set, a batch of at least that many input bytes goes through Triton's system
+    shared memory (`triton/shared_memory.py`) rather than inline in the gRPC messages: only for a Triton that
+    maps this host's /dev/shm (its child process, a sidecar in the pod). If Triton cannot use the regions (it
+    runs elsewhere, /dev/shm is full), one warning says why and every batch goes inline from then on: a request
+    never fails because of shared memory. `shared_memory_infers` and `inline_infers` count the calls each way.
+    """
+
+    def __init__(
+        self,
+        grpc_url: str,
+        shared_memory_min_bytes: int | None = None,
+        *,
+        shared_memory_regions: int = DEFAULT_REGION_PAIRS,
+    ) -> None:
+        if shared_memory_min_bytes is not None and shared_memory_min_bytes < 0:
+            raise ValueError(f"shared_memory_min_bytes must be 0 (off) or more, got {shared_memory_min_bytes}")
         self.grpc_url = grpc_url
+        self.shared_memory_min_bytes = shared_memory_min_bytes or None
         self._local = threading.local()
         self._clients: list[triton_grpc.InferenceServerClient] = []
         self._lock = threading.Lock()
+        self._pool: RegionPool | None = None
+        # What this client's region names start with (kept after shared memory is turned off or closed).
+        self.shared_memory_prefix: str | None = None
+        if self.shared_memory_min_bytes is not None:
+            self.shared_memory_prefix = region_prefix()
+            self._pool = RegionPool(self.shared_memory_prefix, shared_memory_regions)
+        self.shared_memory_off: str | None = None  # why shared memory was turned off, once it was
+        self._lost_registrations = False  # since the last call through shared memory that worked
+        self._outputs: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}  # (model, output): shape, datatype
+        self.shared_memory_infers = 0
+        self.inline_infers = 0
 
     def _client(self) -> triton_grpc.InferenceServerClient:
         # tritonclient documents its client objects as not thread-safe: one per thread.
@@ -329,12 +367,14 @@ class TritonModels:
 
     def load(self, name: str) -> None:
         """Load (or reload) model `name` from the repository; returns once it is ready."""
+        self._forget_outputs(name)  # a reload may bring another config
         try:
             self._client().load_model(name)
         except InferenceServerException as err:
             raise TritonError(f"Triton could not load {name}: {err.message()}") from err
 
     def unload(self, name: str) -> None:
+        self._forget_outputs(name)
         try:
             self._client().unload_model(name)
         except InferenceServerException as err:
@@ -348,8 +388,19 @@ class TritonModels:
 
     def infer(self, name: str, input_name: str, output_name: str, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """Run `batch` ([N, ...], float32 or uint8 as TRITON_DATATYPES) through model `name`; returns its output."""
+        batch = np.ascontiguousarray(batch)
+        pool = self._pool
+        if pool is not None and uses_shared_memory(batch.nbytes, self.shared_memory_min_bytes):
+            output = self._infer_shared(pool, name, input_name, output_name, batch)
+            if output is not None:
+                return output
+        return self._infer_inline(name, input_name, output_name, batch)
+
+    def _infer_inline(
+        self, name: str, input_name: str, output_name: str, batch: np.ndarray[Any, Any]
+    ) -> np.ndarray[Any, Any]:
         tensor = triton_grpc.InferInput(input_name, list(batch.shape), TRITON_DATATYPES[batch.dtype])
-        tensor.set_data_from_numpy(np.ascontiguousarray(batch))
+        tensor.set_data_from_numpy(batch)
         try:
             result = self._client().infer(name, [tensor], outputs=[triton_grpc.InferRequestedOutput(output_name)])
         except InferenceServerException as err:
@@ -357,10 +408,140 @@ class TritonModels:
         output = result.as_numpy(output_name)
         if output is None:
             raise TritonError(f"Triton's answer from {name} has no output {output_name!r}")
+        with self._lock:
+            self.inline_infers += 1
         return np.asarray(output)
 
+    def _infer_shared(
+        self, pool: RegionPool, name: str, input_name: str, output_name: str, batch: np.ndarray[Any, Any]
+    ) -> np.ndarray[Any, Any] | None:
+        """The output of `batch` through shared memory, or None when it goes inline: the output's size is not
+        known in advance, every region pair is lent, or shared memory has just been turned off."""
+        output_bytes = self._output_bytes(name, output_name, len(batch))
+        if output_bytes is None:
+            return None
+        pair = pool.acquire()
+        if pair is None:
+            return None
+        client = self._client()
+        try:
+            pool.fit(pair, client, batch.nbytes, output_bytes)
+        except SharedMemoryUnavailable as err:
+            pool.discard(pair, client)
+            self._turn_off(str(err))
+            return None
+        try:
+            output = self._run_shared(client, pair, name, input_name, output_name, batch, output_bytes)
+        except (InferenceServerException, system_shm.SharedMemoryException) as err:
+            # Asked again inline: an error of the model (or of Triton) fails that call as well, and is the
+            # request's; one of shared memory does not, and turns shared memory off.
+            try:
+                output = self._infer_inline(name, input_name, output_name, batch)
+            except TritonError:
+                pool.release(pair, client)
+                raise
+            self._shared_call_failed(pool, pair, client, name, err)
+            return output
+        except BaseException:
+            pool.release(pair, client)
+            raise
+        pool.release(pair, client)
+        with self._lock:
+            self.shared_memory_infers += 1
+            self._lost_registrations = False
+        return output
+
+    def _run_shared(
+        self,
+        client: triton_grpc.InferenceServerClient,
+        pair: RegionPair,
+        name: str,
+        input_name: str,
+        output_name: str,
+        batch: np.ndarray[Any, Any],
+        output_bytes: int,
+    ) -> np.ndarray[Any, Any]:
+        assert pair.input is not None  # fitted
+        assert pair.output is not None
+        pair.input.write(batch)
+        tensor = triton_grpc.InferInput(input_name, list(batch.shape), TRITON_DATATYPES[batch.dtype])
+        tensor.set_shared_memory(pair.input.name, batch.nbytes)
+        requested = triton_grpc.InferRequestedOutput(output_name)
+        requested.set_shared_memory(pair.output.name, output_bytes)
+        result = client.infer(name, [tensor], outputs=[requested])
+        written = result.get_output(output_name)  # the data is in the region; the answer says its shape
+        if written is None:
+            raise TritonError(f"Triton's answer from {name} has no output {output_name!r}")
+        return pair.output.read(written.datatype, [int(d) for d in written.shape])
+
+    def _shared_call_failed(
+        self,
+        pool: RegionPool,
+        pair: RegionPair,
+        client: triton_grpc.InferenceServerClient,
+        name: str,
+        err: InferenceServerException | system_shm.SharedMemoryException,
+    ) -> None:
+        """A call through shared memory failed where the same call inline did not: why decides what follows."""
+        message = err.message() if isinstance(err, InferenceServerException) else str(err)
+        if not self._registered(client, pair):
+            with self._lock:
+                again, self._lost_registrations = self._lost_registrations, True
+            if not again:
+                # Triton no longer knows the regions: the supervisor restarted it. New ones are registered next.
+                log.info("Triton lost its shared memory registrations (restarted?); registering them again")
+                pool.discard(pair, None)
+                pool.discard_free()
+                return
+        pool.discard(pair, client)
+        self._turn_off(f"Triton could not run {name} on shared memory: {message}")
+
+    def _registered(self, client: triton_grpc.InferenceServerClient, pair: RegionPair) -> bool:
+        try:
+            status = client.get_system_shared_memory_status()
+        except InferenceServerException:
+            return False
+        return all(region.name in status.regions for region in pair.regions())
+
+    def _turn_off(self, reason: str) -> None:
+        """Send every batch inline from now on, saying why once; free the regions."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            if pool is None:
+                return  # another thread turned it off first
+            self.shared_memory_off = reason
+        log.warning("Triton system shared memory is off, batches go inline over gRPC: %s", reason)
+        pool.close(self._client())
+
+    def _output_bytes(self, name: str, output_name: str, batch: int) -> int | None:
+        """The bytes of model `name`'s output for `batch` items, from its metadata (asked once per model)."""
+        key = (name, output_name)
+        with self._lock:
+            known = self._outputs.get(key)
+        if known is None:
+            try:
+                metadata = self._client().get_model_metadata(name)
+            except InferenceServerException:
+                return None  # not loaded, say: the inline call gets (and reports) the same error
+            found = next((o for o in metadata.outputs if o.name == output_name), None)
+            if found is None:
+                return None
+            known = (tuple(int(d) for d in found.shape), str(found.datatype))
+            with self._lock:
+                self._outputs[key] = known
+        return output_byte_size(known[0], known[1], batch)
+
+    def _forget_outputs(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._outputs if k[0] == name]:
+                del self._outputs[key]
+
     def close(self) -> None:
+        """Unregister and destroy the shared memory regions, then close the clients."""
         with self._lock:
             clients, self._clients = self._clients, []
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(clients[0] if clients else None)  # registrations are server-wide: any client unregisters
         for client in clients:
             client.close()

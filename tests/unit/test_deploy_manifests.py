@@ -695,3 +695,23 @@ def test_the_inference_service_refuses_to_put_tritons_api_off_loopback() -> None
         TritonPorts(grpc=8001, http=8000, metrics=8002, address="0.0.0.0")
     published = TritonPorts(grpc=8001, http=8000, metrics=8002, metrics_address="0.0.0.0")
     assert published.metrics_url == "http://127.0.0.1:8002/metrics"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_triton_shared_memory_is_on_only_where_triton_maps_the_same_memory_backed_dev_shm(target: str) -> None:
+    """Batches go through /dev/shm only because Triton is the inference container's child (one container, no
+    sidecar in another mount namespace) and /dev/shm is a memory-backed emptyDir large enough for the regions."""
+    pod = _one(target, "Deployment", "visiontune-inference")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {**_settings(target), **{k: v or "" for k, v in _env(container).items()}}
+    threshold = int(env.get("VISIONTUNE_TRITON_SHARED_MEMORY_MIN_BYTES") or 0)
+    if not threshold:
+        return
+    assert threshold >= 1 << 20, "smaller batches gain nothing over gRPC on loopback"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "/dev/shm" in mounts, target
+    dshm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert dshm["medium"] == "Memory", target
+    assert dshm["sizeLimit"].endswith("Gi"), target
+    assert int(dshm["sizeLimit"].removesuffix("Gi")) >= 1, target

@@ -68,6 +68,7 @@ DEFAULT_REPLICAS: Final = 1
 DEFAULT_S3_PORT: Final = 9000
 DEFAULT_METRICS_PORT: Final = 9464
 DEFAULT_TRITON_PORTS: Final = (8001, 8000, 8002)  # gRPC, HTTP, metrics
+TRITON_SHARED_MEMORY_MIN_BYTES: Final = 1 << 20  # batches from 1 MiB reach Triton through /dev/shm
 DEFAULT_POSTGRES_PORT: Final = 5433  # not 5432: a machine's own PostgreSQL usually listens there
 POSTGRES_DATABASE: Final = "visiontune"  # both stores' tables, apart by name (docs/architecture.md §6)
 TRAINER: Final = "trainer"
@@ -611,6 +612,10 @@ def up(
                 str(t_http),
                 "--triton-metrics-port",
                 str(t_metrics),
+                # Each replica's Triton is its own child on this machine, mapping the same /dev/shm: batches of
+                # 1 MiB or more (about 7 uint8 images at 224 px) skip the copies through gRPC.
+                "--triton-shared-memory-min-bytes",
+                str(TRITON_SHARED_MEMORY_MIN_BYTES),
             ]
             started = _start_service(state, name, INFERENCE, "inference_service", args, port, logs, replica_env)
             started[0].endpoints = {

@@ -205,6 +205,11 @@ def test_resuming_after_stage_one_ended_restores_its_best_weights_as_the_uninter
     last_of_stage_one = _resume_state(whole.checkpoints[1])
     assert (last_of_stage_one.stage, last_of_stage_one.stage_state.completed_epochs) == (CLASSIFIER, 2)
     assert last_of_stage_one.stage_state.best_epoch == 1
+    in_stage_two = _resume_state(whole.checkpoints[2])
+    assert in_stage_two.classifier_state is not None
+    assert in_stage_two.classifier_state.completed_epochs == 2
+    assert in_stage_two.classifier_state.best_weights is None  # stage 1 is over: nothing of its weights is needed
+    assert in_stage_two.classifier_state.optimizer is None
 
     resumed_recorder = Recorder()
     resumed = _run(RESTORE_CONFIG, resumed_recorder, last_of_stage_one)

@@ -212,6 +212,12 @@ def _fresh_model(make_model: ModelFactory, seed: int) -> Classifier:
     return make_model(seed)
 
 
+def _ended(state: StageState) -> StageState:
+    """A stage that has ended, as later checkpoints carry it: a resume reads its history and how it ended, never
+    again its best weights or its optimizer's state (which stage 2 checkpoints would otherwise repeat)."""
+    return dataclasses.replace(state, best_weights=None, optimizer=None, scaler=None, plateau=None)
+
+
 def _merge_histograms(
     into: dict[str, list[tuple[int, list[float], list[float]]]],
     more: dict[str, list[tuple[int, list[float], list[float]]]],
@@ -324,7 +330,7 @@ def train(
                     repeat=repeat,
                     stage=FINE_TUNING,
                     base_digest=base_digest,
-                    classifier_state=stage1,
+                    classifier_state=_ended(stage1),
                     lrs=lrs,
                     histograms=histograms,
                 ),

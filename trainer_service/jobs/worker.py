@@ -261,11 +261,12 @@ class JobWorker:
 
     def _settle_checkpoints(self) -> None:
         """`_flush_checkpoints` when training already ended in an error (a cancel, a prune, a failure), which is
-        the one the job ends with: a failed upload is logged, and the job's checkpoint stays the one before."""
+        the one the job ends with: a failed upload is only logged (the job store then names the checkpoint before
+        it, or this one if only deleting the one it replaced failed)."""
         try:
             self._flush_checkpoints()
         except (StoreError, OutageTooLong, DatabaseError) as err:
-            log.warning("the last checkpoint was not committed: %s", err, extra={"job": self.job_id})
+            log.warning("the last checkpoint's upload failed: %s", err, extra={"job": self.job_id})
 
     # -- the job
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from tests.integration.trainer_helpers import (
     Trainer,
+    committed_checkpoint,
     create_job,
     tiny_spec,
     watch_job,
@@ -86,11 +87,14 @@ def test_a_resumed_job_whose_checkpoint_was_replaced_fails_with_an_integrity_err
     os.kill(pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 30
-        while not (keys := [o.key for o in shapes.list(artifacts.checkpoints_prefix("tampered"))]):
-            assert time.monotonic() < deadline, "no checkpoint was written"
+        # Until the job store names a checkpoint (committed in the background, after its object was put): the
+        # retry must find one to load.
+        while committed_checkpoint(trainer, "tampered") is None:
+            assert time.monotonic() < deadline, "no checkpoint was committed"
             os.kill(pid, signal.SIGCONT)
             time.sleep(0.2)
             os.kill(pid, signal.SIGSTOP)
+        keys = [o.key for o in shapes.list(artifacts.checkpoints_prefix("tampered"))]
         marker = tmp_path / "pwned"
         for key in keys:
             shapes.put_bytes(key, malicious_checkpoint(marker))

@@ -164,6 +164,12 @@ def test_past_the_window_the_worker_exits_and_the_job_resumes_or_fails_when_the_
         jobs = {"resumes": create_job(trainer, resumes, "resumes"), "fails": create_job(trainer, fails, "fails")}
         for job in jobs.values():
             watch_job_until(trainer, job.name, lambda e: e.HasField("epoch_ended"))
+        # Committed in the background after the epoch: the retry must find a checkpoint to resume from.
+        with JobStore(url) as store:
+            deadline = time.monotonic() + 60
+            while store.get_job("resumes").checkpoint_sha256 is None:
+                assert time.monotonic() < deadline, "no checkpoint was committed"
+                time.sleep(0.05)
         postgres.kill()
         # Each worker waits one window, then exits: it cannot record anything, not even FAILED.
         deadline = time.monotonic() + window_s + 60

@@ -16,7 +16,7 @@ import grpc
 import pytest
 import torch
 from google.protobuf import json_format
-from tests.integration.trainer_helpers import Trainer, tiny_spec, worker_pid
+from tests.integration.trainer_helpers import Trainer, tiny_spec, wait_for_checkpoint, worker_pid
 from visiontune.devstack.dataset_upload import plan_upload, upload
 from visiontune.devstack.sample_data import SHAPES, write_shapes_dataset
 from visiontune.status import field_violations
@@ -176,6 +176,7 @@ def test_kill_9_of_the_worker_resumes_and_matches_an_uninterrupted_run(trainer: 
     for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
         if event.HasField("epoch_ended") and event.epoch_ended.epoch == 2:
             break
+    wait_for_checkpoint(trainer, "killed")  # committed in the background: the kill must find one to resume from
     pid = worker_pid("killed")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -219,6 +220,7 @@ def test_a_job_on_two_processes_trains_once_and_resumes_after_kill_9_of_its_rank
     for event in trainer.stub.WatchJob(training_service_pb2.WatchJobRequest(name=job.name), timeout=120):
         if event.HasField("epoch_ended") and event.epoch_ended.epoch == 2:
             break
+    wait_for_checkpoint(trainer, "ddp-killed")
     pid = worker_pid("ddp-killed")
     assert pid is not None
     followers = _children(pid)

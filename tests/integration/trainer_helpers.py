@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from trainer_service.jobs.store import JobStore, default_database_path
 from visiontune.client import is_serving
 from visiontune.devstack.dataset_upload import plan_upload, upload
 from visiontune.devstack.launch import service_environment
@@ -140,3 +141,20 @@ def watch_job_until(trainer: Trainer, name: str, until: Callable[[job_pb2.JobEve
 
 def get_job(trainer: Trainer, name: str) -> job_pb2.Job:
     return trainer.stub.GetJob(training_service_pb2.GetJobRequest(name=name), timeout=10)
+
+
+def committed_checkpoint(trainer: Trainer, job_id: str) -> str | None:
+    """The digest of the checkpoint the trainer's job store names for `job_id` (what a resume loads); None: none."""
+    with JobStore(default_database_path(trainer.data_dir)) as jobs:
+        return jobs.get_job(job_id).checkpoint_sha256
+
+
+def wait_for_checkpoint(trainer: Trainer, job_id: str, timeout: float = 60) -> str:
+    """Wait until the job store names a checkpoint of `job_id`: checkpoints are committed in the background, so an
+    `epoch_ended` event does not mean that a checkpoint a resume could load exists yet."""
+    deadline = time.monotonic() + timeout
+    while (digest := committed_checkpoint(trainer, job_id)) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{job_id} committed no checkpoint within {timeout} s")
+        time.sleep(0.05)
+    return digest

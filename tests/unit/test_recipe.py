@@ -183,6 +183,74 @@ def test_resuming_from_any_checkpoint_reaches_the_uninterrupted_result(
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
 
 
+# Stage 1 stops early after its second epoch, its first one the best (min_delta 10: nothing later counts as better),
+# and restores that epoch's weights before stage 2 goes on from them.
+RESTORE_CONFIG = _config(
+    classifier=StageConfig(
+        epochs=6,
+        batch_size=16,
+        learning_rate=0.01,
+        early_stopping=EarlyStoppingConfig(
+            enabled=True, monitor=Metric.VALIDATION_LOSS, patience=1, min_delta=10.0, restore_best_weights=True
+        ),
+    ),
+    fine_tuning=FineTuningConfig(enabled=True, stage=StageConfig(epochs=1, batch_size=16, learning_rate=0.001)),
+)
+
+
+def test_resuming_after_stage_one_ended_restores_its_best_weights_as_the_uninterrupted_run_did() -> None:
+    whole = Recorder()
+    uninterrupted = _run(RESTORE_CONFIG, whole)
+    assert whole.ended[0] == (0, CLASSIFIER, 2, True)
+    last_of_stage_one = _resume_state(whole.checkpoints[1])
+    assert (last_of_stage_one.stage, last_of_stage_one.stage_state.completed_epochs) == (CLASSIFIER, 2)
+    assert last_of_stage_one.stage_state.best_epoch == 1
+    in_stage_two = _resume_state(whole.checkpoints[2])
+    assert in_stage_two.classifier_state is not None
+    assert in_stage_two.classifier_state.completed_epochs == 2
+    assert in_stage_two.classifier_state.best_weights is None  # stage 1 is over: nothing of its weights is needed
+    assert in_stage_two.classifier_state.optimizer is None
+
+    resumed_recorder = Recorder()
+    resumed = _run(RESTORE_CONFIG, resumed_recorder, last_of_stage_one)
+    assert [(r.stage, r.epoch) for _, r in resumed_recorder.epochs] == [(FINE_TUNING, 1)]
+    for key, (mean, _) in uninterrupted.summary.items():
+        assert resumed.summary[key][0] == pytest.approx(mean, rel=1e-5, abs=1e-6), key
+    for a, b in zip(uninterrupted.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_a_stage_one_checkpoint_holds_the_head_not_the_frozen_base() -> None:
+    recorder = Recorder()
+    result = _run(dataclasses.replace(RESTORE_CONFIG, fine_tuning=FineTuningConfig()), recorder)
+    resume = _resume_state(recorder.checkpoints[0])
+    head = {f"head.{k}" for k in result.model.head.state_dict()}
+    assert set(resume.model) == head
+    assert resume.stage_state.best_weights is not None
+    assert set(resume.stage_state.best_weights) == head
+    whole_model = len(checkpoint_bytes({"model": result.model.state_dict()}))
+    assert len(recorder.checkpoints[0]) * 10 < whole_model, (len(recorder.checkpoints[0]), whole_model)
+
+
+def test_a_checkpoint_trained_from_other_base_weights_is_refused() -> None:
+    config = _config(classifier=StageConfig(epochs=2, batch_size=16, learning_rate=0.01))
+    whole = Recorder()
+    _run(config, whole)
+    resume = _resume_state(whole.checkpoints[0])
+    assert resume.base_digest is not None
+    with pytest.raises(ValueError, match="other base weights"):
+        _run(config, Recorder(), dataclasses.replace(resume, base_digest="0" * 64))
+    # A checkpoint from before the digest was kept lacks it, and resumes unchecked.
+    saved = {f.name: getattr(resume, f.name) for f in dataclasses.fields(resume) if f.name != "base_digest"}
+    older = ResumeState.from_bytes(checkpoint_bytes(saved))
+    assert older.base_digest is None
+    resumed = Recorder()
+    _run(config, resumed, older)
+    last, expected = _resume_state(resumed.checkpoints[-1]).model, _resume_state(whole.checkpoints[-1]).model
+    assert last.keys() == expected.keys()
+    assert all(torch.equal(last[k], expected[k]) for k in expected)
+
+
 @dataclasses.dataclass
 class _ScaledContext(RunContext):
     """Stands in for fp16 on a GPU (none here): the loop gets a loss scaler, which torch runs on the CPU too."""

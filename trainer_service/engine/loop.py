@@ -19,7 +19,6 @@ exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from trainer_service.engine.epoch import (
     evaluate,
     train_one_epoch,
 )
-from trainer_service.engine.models import Classifier, freeze_base, unfreeze
+from trainer_service.engine.models import Classifier, freeze_base, load_trained_state, trained_state, unfreeze
 from trainer_service.engine.plots import weight_histogram
 from trainer_service.engine.schedules import PlateauReducer
 from trainer_service.spec.config import (
@@ -301,7 +300,7 @@ def _end_epoch(
         state.best_value, state.best_epoch = value, record.epoch
         state.epochs_without_improvement = 0
         if stage.early_stopping.enabled and stage.early_stopping.restore_best_weights:
-            state.best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            state.best_weights = trained_state(model)  # the frozen base is no part of what an epoch changed
     else:
         state.epochs_without_improvement += 1
     stop_now = stage.early_stopping.enabled and state.epochs_without_improvement >= stage.early_stopping.patience
@@ -474,14 +473,21 @@ def run_stage(
         stop_now = _end_epoch(state, record, stage, model, optimizer, scaler, plateau, histograms)
         callbacks.epoch_ended(repeat, record)
         extra = checkpoint_extra(state) if checkpoint_extra is not None else {}
-        callbacks.checkpoint({**extra, "stage_state": state, "model": model.state_dict()})
+        # What trains, not the frozen base: a resume builds the model again and loads this on top (recipe.train).
+        callbacks.checkpoint({**extra, "stage_state": state, "model": trained_state(model)})
         if stop_now:
             break
 
-    if stage.early_stopping.enabled and stage.early_stopping.restore_best_weights and state.best_weights is not None:
-        model.load_state_dict(state.best_weights)
+    restore_best_weights(model, stage, state)
     callbacks.stage_ended(repeat, stage_name, state.completed_epochs, state.stopped_early)
     return StageOutcome(state=state, lrs=lrs, histograms=histograms)
+
+
+def restore_best_weights(model: Classifier, stage: StageConfig, state: StageState) -> None:
+    """What a stage ends with under `early_stopping.restore_best_weights`: its best epoch's weights put back (from
+    `state`, after its last completed epoch; a resume whose stage had already ended does it too)."""
+    if stage.early_stopping.enabled and stage.early_stopping.restore_best_weights and state.best_weights is not None:
+        load_trained_state(model, state.best_weights)
 
 
 def _summed(totals: EpochTotals, shard: Shard) -> EpochTotals:

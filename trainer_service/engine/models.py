@@ -12,6 +12,7 @@ this code (docs/architecture.md §5).
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import pickle
@@ -242,6 +243,65 @@ def unfreeze(model: Classifier, last_n_blocks: int | None) -> None:
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that require a gradient, in module order: what the optimizer gets."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# -- what training changes ------------------------------------------------------------------------------------
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """The part of `model`'s state_dict that training can change, as detached CPU copies: every parameter that
+    requires a gradient, and the buffers (BatchNorm running statistics) of each module that owns one.
+
+    The rest is the frozen base, unchanged since the model was built: its parameters get no gradient, and a
+    BatchNorm without a trainable parameter of its own stays in eval mode (`Classifier.train`), so its statistics
+    stay too. Building the model again from the same base weights and seed restores that part, and
+    `load_trained_state` puts this one back on top: a stage-1 checkpoint of a frozen base is the head alone.
+    Copies, never views: a caller may keep or serialise them while the model trains on.
+    """
+    keys: set[str] = set()
+    for prefix, module in model.named_modules():
+        own = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if own:
+            dot = f"{prefix}." if prefix else ""
+            keys.update(dot + name for name in own)
+            keys.update(dot + name for name, _ in module.named_buffers(recurse=False))
+    # state_dict's order, and only what it holds (a non-persistent buffer is no part of a model's state).
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in keys}
+
+
+def load_trained_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Put a `trained_state` back onto `model`, which must be built as the one it came from was (same base
+    weights, same seed): the keys `state` lacks are that frozen base and stay as built.
+
+    Raises ValueError, before anything is changed, on a key `model` does not have or a tensor of another shape
+    (a state of another architecture or head).
+    """
+    expected = model.state_dict()
+    unknown = set(state) - set(expected)
+    mismatched = {
+        f"{k} {_shape(state[k])} instead of {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if not isinstance(state[k], Tensor) or state[k].shape != expected[k].shape
+    }
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown keys ({_names(unknown)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} keys of the wrong shape ({_names(mismatched)})")
+    if problems:
+        raise ValueError("the trained state does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over `model`'s whole state_dict (names, dtypes, shapes and values): a fresh model's digest says
+    whether one built again later is the same, which a resume from a `trained_state` relies on."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(value.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 # -- pretrained weights ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Rank 0 is the caller's process and keeps its callbacks: events, checkpoints, art
 written by it alone. `train_on_devices` starts `devices - 1` followers (torch.multiprocessing, spawn) that run
 the same `recipe.train` with callbacks that record nothing; all ranks meet on a rendezvous on 127.0.0.1 (NCCL
 on GPUs, one GPU a rank; gloo on the CPU) and train as `engine/distributed.py` says. A checkpoint holds the
-unwrapped model as with one process, so a checkpoint resumes with any number of devices.
+unwrapped model's trained part as with one process, so a checkpoint resumes with any number of devices.
 
 When rank 0 leaves `train` (done, failed, cancelled, pruned) it stops the followers: one waiting in a
 collective would otherwise wait for a rank that is not coming, and what they have left (the final evaluation)

@@ -36,9 +36,16 @@ from trainer_service.engine.loop import (
     StageData,
     StageState,
     predict,
+    restore_best_weights,
     run_stage,
 )
-from trainer_service.engine.models import Classifier
+from trainer_service.engine.models import (
+    Classifier,
+    freeze_base,
+    load_trained_state,
+    trained_state,
+    weights_digest,
+)
 from trainer_service.spec.config import OpenSetScore, TrainingConfig
 
 
@@ -103,7 +110,13 @@ class TrainingResult:
 
 @dataclass
 class ResumeState:
-    """What a checkpoint carries: where the run was, and what it had finished."""
+    """What a checkpoint carries: where the run was, and what it had finished.
+
+    `model` and `best_model` are `trained_state`s, not whole state_dicts: a resume builds the repeat's model
+    again (same base weights, same seed) and loads them on top. `base_digest` is that fresh model's
+    `weights_digest`, so a resume onto other base weights (an unpinned `model.weights_uri` whose object changed)
+    fails instead of training on silently.
+    """
 
     repeat: int
     stage: str
@@ -111,14 +124,20 @@ class ResumeState:
     model: dict[str, Tensor]
     finished: list[RepeatResult] = field(default_factory=list)
     best_model: dict[str, Tensor] | None = None
+    base_digest: str | None = None  # None: a checkpoint written before the digest was kept
     classifier_state: StageState | None = None  # stage 1's history while stage 2 runs
     lrs: dict[str, list[float]] = field(default_factory=dict)
     histograms: dict[str, list[tuple[int, list[float], list[float]]]] = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(cls, state: Mapping[str, Any]) -> ResumeState:
-        """The resume state in a checkpoint: the dict `Callbacks.checkpoint` was given, read back."""
-        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+        """The resume state in a checkpoint: the dict `Callbacks.checkpoint` was given, read back. A field with a
+        default may be missing (a checkpoint from before it existed)."""
+        required = {f.name for f in dataclasses.fields(cls) if _required(f)}
+        missing = required - set(state)
+        if missing:
+            raise ValueError(f"the checkpoint lacks {sorted(missing)}")
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ResumeState:
@@ -127,6 +146,10 @@ class ResumeState:
         with torch.serialization.safe_globals(list(CHECKPOINT_TYPES)):
             state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         return cls.from_checkpoint(state)
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def checkpoint_bytes(state: Mapping[str, Any]) -> bytes:
@@ -162,6 +185,7 @@ def _checkpoint_extra(
     *,
     repeat: int,
     stage: str,
+    base_digest: str,
     classifier_state: StageState | None,
     lrs: dict[str, list[float]],
     histograms: dict[str, list[tuple[int, list[float], list[float]]]],
@@ -171,6 +195,7 @@ def _checkpoint_extra(
         "stage": stage,
         "finished": progress.finished,
         "best_model": progress.best_model,
+        "base_digest": base_digest,
         "classifier_state": classifier_state,
         "lrs": lrs,
         "histograms": histograms,
@@ -178,6 +203,19 @@ def _checkpoint_extra(
 
 
 ModelFactory = Callable[[int], Classifier]  # seed -> a fresh model (base weights loaded, head initialised)
+
+
+def _fresh_model(make_model: ModelFactory, seed: int) -> Classifier:
+    """The repeat's model as built before it trained, the same every time it is built: the head's initialisation
+    (and a base without pretrained weights) is drawn from `seed`. A `trained_state` loads onto it."""
+    torch.manual_seed(seed)
+    return make_model(seed)
+
+
+def _ended(state: StageState) -> StageState:
+    """A stage that has ended, as later checkpoints carry it: a resume reads its history and how it ended, never
+    again its best weights or its optimizer's state (which stage 2 checkpoints would otherwise repeat)."""
+    return dataclasses.replace(state, best_weights=None, optimizer=None, scaler=None, plateau=None)
 
 
 def _merge_histograms(
@@ -210,8 +248,8 @@ def train(
 
     for repeat in range(first_repeat, config.run.repeats):
         seed = config.run.seed + repeat
-        torch.manual_seed(seed)  # the head's initialisation
-        model = make_model(seed)
+        model = _fresh_model(make_model, seed)
+        base_digest = weights_digest(model)
         resuming = resume is not None and repeat == resume.repeat
         lrs: dict[str, list[float]] = dict(resume.lrs) if resuming and resume else {}
         histograms: dict[str, list[tuple[int, list[float], list[float]]]] = (
@@ -220,7 +258,13 @@ def train(
         stage1_resume: StageState | None = None
         stage2_resume: StageState | None = None
         if resuming and resume is not None:
-            model.load_state_dict(resume.model)
+            if resume.base_digest is not None and resume.base_digest != base_digest:
+                raise ValueError(
+                    f"the checkpoint of repeat {repeat + 1} was trained from other base weights than the ones "
+                    "loaded now (has the object at model.weights_uri changed? model.weights_sha256 pins it), so "
+                    "the job cannot resume from it"
+                )
+            load_trained_state(model, resume.model)
             if resume.stage == CLASSIFIER:
                 stage1_resume = resume.stage_state
             else:
@@ -234,6 +278,11 @@ def train(
         )
         if stage1_done and stage1_resume is not None:
             stage1 = stage1_resume
+            if stage2_resume is None:
+                # The checkpoint is stage 1's last epoch: the model is left as run_stage leaves it after that
+                # epoch (base frozen, the best epoch's weights back), as an uninterrupted run goes on from.
+                freeze_base(model)
+                restore_best_weights(model, config.classifier, stage1)
         else:
             outcome = run_stage(
                 model,
@@ -251,6 +300,7 @@ def train(
                     progress,
                     repeat=repeat,
                     stage=CLASSIFIER,
+                    base_digest=base_digest,
                     classifier_state=None,
                     lrs=lrs,
                     histograms=histograms,
@@ -279,7 +329,8 @@ def train(
                     progress,
                     repeat=repeat,
                     stage=FINE_TUNING,
-                    classifier_state=stage1,
+                    base_digest=base_digest,
+                    classifier_state=_ended(stage1),
                     lrs=lrs,
                     histograms=histograms,
                 ),
@@ -292,13 +343,16 @@ def train(
         result = evaluate(config, data, model, ctx, repeat=repeat, seed=seed)
         result.history, result.lrs, result.histograms, result.stopped_early = history, lrs, histograms, stopped_early
         if progress.best_model is None or result.validation.accuracy > max(r.validation.accuracy for r in finished):
-            progress.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # What the repeat's last stage trains is everything any of its stages changed: every stage trains
+            # the head, and stage 2 freezes no more of the base than stage 1 (all of it) did. So this holds the
+            # union, and the rest is the base as `_fresh_model` builds it.
+            progress.best_model = trained_state(model)
         finished.append(result)
 
     best = max(finished, key=lambda r: (r.validation.accuracy, -r.repeat))
-    model = make_model(best.seed)
+    model = _fresh_model(make_model, best.seed)
     assert progress.best_model is not None
-    model.load_state_dict(progress.best_model)
+    load_trained_state(model, progress.best_model)
     model.eval()
     return TrainingResult(repeats=finished, best=best, model=model, summary=aggregate([r.metrics() for r in finished]))
 

@@ -109,7 +109,11 @@ class CheckpointIntegrityError(RuntimeError):
 def save_checkpoint(store: ArtifactStore, job_id: str, state: dict[str, Any]) -> str:
     """Upload a checkpoint; returns its sha256, which the caller commits to the job store (the commit point: until
     then a resume still loads the previous one, so a crash between the two tears nothing)."""
-    data = checkpoint_bytes(state)
+    return put_checkpoint(store, job_id, checkpoint_bytes(state))
+
+
+def put_checkpoint(store: ArtifactStore, job_id: str, data: bytes) -> str:
+    """Upload a checkpoint already serialised by `checkpoint_bytes`; returns its sha256 (see `save_checkpoint`)."""
     digest = hashlib.sha256(data).hexdigest()
     store.put_bytes(checkpoint_key(job_id, digest), data)
     return digest

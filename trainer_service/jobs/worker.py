@@ -15,6 +15,10 @@ stops it like SIGTERM does, and an attempt number other than its own means the j
 replica (this one was taken for dead), so it exits at once without writing anything more. Its final state change
 is fenced by its attempt number too.
 
+A checkpoint is serialised on the training thread and uploaded on one of its own (`jobs/checkpoints.py`) while the
+next epoch trains: one upload at a time, in order; its error surfaces at the next checkpoint or when training ends,
+which waits for the last upload before the job's end is written.
+
 An outage of S3 is waited through (docs/architecture.md §6): the worker's store tells the job's event log when a
 wait starts and ends (`events.OutageEvents`), and the job carries on in this process where it was. Past the
 outage window the job ends FAILED with the store's one-line message; a CancelJob during a wait ends the wait.
@@ -36,6 +40,7 @@ Kubernetes Job's termination message).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -82,6 +87,7 @@ from trainer_service.engine.models import WeightsUnavailable
 from trainer_service.engine.parallel import ClassifierFactory, train_on_devices
 from trainer_service.engine.recipe import PreparedData, TrainingResult
 from trainer_service.jobs import artifacts, events, results
+from trainer_service.jobs.checkpoints import CheckpointUploader, upload_checkpoint
 from trainer_service.jobs.runtime import (
     EXIT_CANCELLED,
     EXIT_DATABASE_UNAVAILABLE,
@@ -161,6 +167,10 @@ class JobWorker:
         self._ctx: RunContext | None = None
         self._device: job_pb2.ComputeDevice | None = None
         self._stage: str | None = None
+        # Put, committed and the replaced one deleted on a thread of their own while the next epoch trains.
+        self._checkpoints = CheckpointUploader(
+            functools.partial(upload_checkpoint, self.store, jobs, job_id, self.record.attempt)
+        )
 
     # -- Callbacks
 
@@ -234,14 +244,29 @@ class JobWorker:
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         self._check_fence()  # a superseded attempt must not replace the checkpoint the new one resumes from
-        digest = artifacts.save_checkpoint(self.store, self.job_id, state)
+        # Serialised here, uploaded and committed in the background (the commit point: the job store names the
+        # checkpoint a resume may load, by its digest). The previous upload's error surfaces here.
         try:
-            # The commit point: the job store names the checkpoint a resume may load, by its digest.
-            previous = self.jobs.commit_checkpoint(self.job_id, self.record.attempt, digest)
+            self._checkpoints.submit(state)
         except Conflict:
             self._superseded(self.jobs.get_job(self.job_id).attempt)
-        if previous is not None and previous != digest:
-            artifacts.delete_checkpoint(self.store, self.job_id, previous)
+
+    def _flush_checkpoints(self) -> None:
+        """Wait for the last checkpoint's upload: committed, or its error raised here as the upload's would have
+        been on this thread (another attempt took the job over: exit without writing)."""
+        try:
+            self._checkpoints.flush()
+        except Conflict:
+            self._superseded(self.jobs.get_job(self.job_id).attempt)
+
+    def _settle_checkpoints(self) -> None:
+        """`_flush_checkpoints` when training already ended in an error (a cancel, a prune, a failure), which is
+        the one the job ends with: a failed upload is only logged (the job store then names the checkpoint before
+        it, or this one if only deleting the one it replaced failed)."""
+        try:
+            self._flush_checkpoints()
+        except (StoreError, OutageTooLong, DatabaseError) as err:
+            log.warning("the last checkpoint's upload failed: %s", err, extra={"job": self.job_id})
 
     # -- the job
 
@@ -387,7 +412,14 @@ class JobWorker:
                     elif resume.stage == CLASSIFIER:
                         self._classifier_epochs = resume.stage_state.completed_epochs
             # run.devices > 1: this process is rank 0 of the job's processes, and the only one that records.
-            result = train_on_devices(config, loaded.prepared, make_model, ctx, self, resume)
+            try:
+                result = train_on_devices(config, loaded.prepared, make_model, ctx, self, resume)
+            except BaseException:
+                # However training ends, the last upload is waited for: nothing of this attempt may reach the
+                # bucket or the job store after its end (or its clean-up) is written. Re-raised, never swallowed.
+                self._settle_checkpoints()
+                raise
+            self._flush_checkpoints()  # its error fails the job, as when the upload ran on this thread
             if self.should_stop():
                 raise Cancelled()
             if self.record.study_id is not None:

@@ -17,7 +17,7 @@ from visiontune.v1 import study_pb2
 
 from trainer_service.jobs import events
 from trainer_service.jobs.gpus import device_violations
-from trainer_service.jobs.store import CreatorQuota, JobRecord, JobState, JobStore, StudyState
+from trainer_service.jobs.store import Conflict, CreatorQuota, JobRecord, JobState, JobStore, StudyState
 from trainer_service.resources import study_to_proto
 from trainer_service.spec.convert import config_to_spec
 from trainer_service.spec.validate import SpecInvalid, validate_spec
@@ -118,13 +118,17 @@ class Studies:
 
     def cancel(self, study_id: str) -> study_pb2.Study:
         record = self._jobs.get_study(study_id)
+        if record.state == StudyState.RUNNING:
+            try:
+                self._jobs.update_study_state(study_id, StudyState.CANCELLING, expected={StudyState.RUNNING})
+                self._runner.wake()
+            except Conflict:
+                # It ended (or another cancel came) between the read and the update: answer from its state now.
+                record = self._jobs.get_study(study_id)
         if record.state.is_terminal:
             raise StudyPreconditionFailed(
                 f"studies/{study_id} already ended ({record.state.value}); there is nothing to cancel"
             )
-        if record.state != StudyState.CANCELLING:
-            self._jobs.update_study_state(study_id, StudyState.CANCELLING, expected={StudyState.RUNNING})
-            self._runner.wake()
         return self.get(study_id)
 
     def watch(self, study_id: str, after: int, is_active: Callable[[], bool]) -> Iterator[study_pb2.StudyEvent]:

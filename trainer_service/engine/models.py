@@ -23,7 +23,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
 import torch.hub
@@ -181,6 +181,15 @@ def _names(keys: set[str], limit: int = 5) -> str:
     return f"{listed} and {more} more" if more > 0 else listed
 
 
+def _shape_mismatches(given: Mapping[str, Any], expected: Mapping[str, Tensor]) -> set[str]:
+    """The keys both have whose value in `given` is not a tensor of the expected shape, each in words."""
+    return {
+        f"{k} {_shape(given[k])} instead of {tuple(expected[k].shape)}"
+        for k in set(given) & set(expected)
+        if not isinstance(given[k], Tensor) or given[k].shape != expected[k].shape
+    }
+
+
 def _shape(value: object) -> str:
     return str(tuple(value.shape)) if isinstance(value, Tensor) else f"a {type(value).__name__}"
 
@@ -192,11 +201,7 @@ def _load_base_state(
     expected = base.state_dict()
     missing = set(expected) - set(given)
     unexpected = set(given) - set(expected)
-    mismatched = {
-        f"{k} {_shape(given[k])} instead of {tuple(expected[k].shape)}"
-        for k in set(given) & set(expected)
-        if not isinstance(given[k], Tensor) or given[k].shape != expected[k].shape
-    }
+    mismatched = _shape_mismatches(given, expected)
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys ({_names(missing)})")
@@ -278,11 +283,7 @@ def load_trained_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """
     expected = model.state_dict()
     unknown = set(state) - set(expected)
-    mismatched = {
-        f"{k} {_shape(state[k])} instead of {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if not isinstance(state[k], Tensor) or state[k].shape != expected[k].shape
-    }
+    mismatched = _shape_mismatches(state, expected)
     problems = []
     if unknown:
         problems.append(f"{len(unknown)} unknown keys ({_names(unknown)})")
